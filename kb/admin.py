@@ -1,0 +1,434 @@
+"""The editors' admin: upload, watch progress, preview chunks, reprocess, re-embed.
+
+Admin classes stay declarative; every action queues a service and returns.
+"""
+
+from __future__ import annotations
+
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.db.models import Count, F, Q
+from django.http import HttpRequest, JsonResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.translation import ngettext
+
+from kb import embeddings, selectors, services, tasks
+from kb.authentication import api_key_generate, api_key_hash
+from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel, UsageRecord
+from kb.providers import registry
+
+
+def _elapsed(document: Document) -> str:
+    if not document.processing_started_at:
+        return ""
+    end = document.processing_finished_at or timezone.now()
+    seconds = max(0, int((end - document.processing_started_at).total_seconds()))
+    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def document_progress_payload(document: Document) -> dict:
+    """What the admin shows of a document's progress; also served as JSON for polling."""
+    return {
+        "id": document.pk,
+        "status": document.status,
+        "status_label": document.get_status_display(),
+        "stage": document.get_stage_display(),
+        "chunks_embedded": document.chunks_embedded,
+        "chunks_total": document.chunks_total,
+        "elapsed": _elapsed(document),
+        "error": document.error_message,
+        "active": document.status in {Document.Status.PENDING, Document.Status.PROCESSING},
+    }
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""
+
+
+class CollectionForm(forms.ModelForm):
+    class Meta:
+        model = Collection
+        fields = ["name", "slug", "description", "text_search_config", "is_public"]
+
+    def clean_text_search_config(self) -> str:
+        value = self.cleaned_data["text_search_config"]
+        available = selectors.text_search_configs()
+        if value not in available:
+            raise forms.ValidationError(
+                f"Unknown text-search configuration. Available: {', '.join(sorted(available))}."
+            )
+        return value
+
+
+@admin.register(Collection)
+class CollectionAdmin(admin.ModelAdmin):
+    form = CollectionForm
+    list_display = ["name", "slug", "text_search_config", "is_public", "documents", "ready",
+                    "chunks", "updated_at"]
+    search_fields = ["name", "slug"]
+    prepopulated_fields = {"slug": ["name"]}
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(
+            document_count=Count("documents", distinct=True),
+            ready_count=Count("documents", filter=Q(documents__status=Document.Status.READY),
+                              distinct=True),
+            chunk_count=Count("documents__chunks", filter=Q(documents__chunks__searchable=True),
+                              distinct=True),
+        )
+
+    @admin.display(ordering="document_count")
+    def documents(self, obj):
+        return obj.document_count
+
+    @admin.display(ordering="ready_count")
+    def ready(self, obj):
+        return obj.ready_count
+
+    @admin.display(ordering="chunk_count", description="Searchable chunks")
+    def chunks(self, obj):
+        return obj.chunk_count
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and "text_search_config" in form.changed_data:
+            count = services.collection_reindex(collection=obj)
+            self.message_user(request, f"Re-indexed {count} chunks with “{obj.text_search_config}”.")
+
+
+class ChunkInline(admin.TabularInline):
+    model = Chunk
+    fields = ["ordinal", "preview", "token_count", "heading", "pages"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+    verbose_name_plural = "Chunks (current version, read-only)"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).filter(generation=F("document__chunk_generation"))
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="Text")
+    def preview(self, obj):
+        return format_html('<div class="kb-chunk-text">{}</div>', obj.text)
+
+    @admin.display(description="Heading path")
+    def heading(self, obj):
+        return obj.heading_path_text
+
+    @admin.display(description="Page")
+    def pages(self, obj):
+        if obj.page_start is None:
+            return "–"
+        if obj.page_end and obj.page_end != obj.page_start:
+            return f"{obj.page_start}–{obj.page_end}"
+        return obj.page_start
+
+
+class UploadForm(forms.Form):
+    collection = forms.ModelChoiceField(queryset=Collection.objects.all(), empty_label=None)
+    files = forms.FileField(
+        widget=forms.ClearableFileInput(attrs={"allow_multiple_selected": True}),
+        help_text="PDF, DOCX, HTML, Markdown, text, or a zip of these. Several files at once are fine.",
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["files"].widget.allow_multiple_selected = True
+
+
+@admin.register(Document)
+class DocumentAdmin(admin.ModelAdmin):
+    list_display = ["title_or_name", "collection", "status_badge", "progress", "mime_type",
+                    "size", "created_at"]
+    list_filter = ["status", "collection", "mime_type"]
+    search_fields = ["title", "original_filename"]
+    list_select_related = ["collection"]
+    date_hierarchy = "created_at"
+    readonly_fields = ["original_filename", "mime_type", "size", "content_hash", "status_badge",
+                       "progress", "error_message", "attempts", "metadata", "created_at",
+                       "updated_at", "source_link"]
+    fields = ["title", "collection", "source_link", *readonly_fields[:-1]]
+    inlines = [ChunkInline]
+    actions = ["reprocess", "retry_failed", "disable", "enable"]
+    change_list_template = "admin/kb/document/change_list.html"
+
+    class Media:
+        js = ["kb/admin_progress.js"]
+        css = {"all": ["kb/admin.css"]}
+
+    def has_add_permission(self, request):
+        return False  # uploads go through the upload page, which handles many files and zips
+
+    def get_urls(self):
+        return [
+            path("upload/", self.admin_site.admin_view(self.upload_view), name="kb_document_upload"),
+            path("progress/", self.admin_site.admin_view(self.progress_view),
+                 name="kb_document_progress"),
+            *super().get_urls(),
+        ]
+
+    @admin.display(description="Title", ordering="title")
+    def title_or_name(self, obj):
+        return obj.title or obj.original_filename
+
+    @admin.display(description="Status", ordering="status")
+    def status_badge(self, obj):
+        return format_html(
+            '<span class="kb-status kb-status-{}" data-document-status="{}" title="{}">{}</span>',
+            obj.status, obj.pk, obj.error_message, obj.get_status_display(),
+        )
+
+    @admin.display(description="Progress")
+    def progress(self, obj):
+        data = document_progress_payload(obj)
+        if obj.status == Document.Status.FAILED:
+            text = obj.error_message[:200]
+        elif data["active"]:
+            text = f"{data['stage']}: {data['chunks_embedded']}/{data['chunks_total']} chunks, {data['elapsed']}"
+        else:
+            text = f"{obj.chunks_total} chunks embedded in {data['elapsed']}" if obj.chunks_total else ""
+        return format_html(
+            '<span data-document-progress="{}" data-active="{}">{}</span>',
+            obj.pk, "1" if data["active"] else "0", text,
+        )
+
+    @admin.display(description="Size", ordering="size_bytes")
+    def size(self, obj):
+        return human_size(obj.size_bytes)
+
+    @admin.display(description="Source")
+    def source_link(self, obj):
+        if not obj.pk or obj.chunk_generation == 0:
+            return "–"
+        return format_html('<a href="{}">View extracted text</a>', obj.get_absolute_url())
+
+    def progress_view(self, request: HttpRequest) -> JsonResponse:
+        ids = [int(x) for x in request.GET.get("ids", "").split(",") if x.strip().isdigit()][:500]
+        documents = Document.objects.filter(pk__in=ids)
+        return JsonResponse({"documents": [document_progress_payload(d) for d in documents]})
+
+    def upload_view(self, request: HttpRequest):
+        if not self.has_change_permission(request):
+            return redirect("admin:index")
+        form = UploadForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            outcomes = []
+            for upload in request.FILES.getlist("files"):
+                outcomes += services.documents_upload(
+                    collection=form.cleaned_data["collection"],
+                    filename=upload.name,
+                    data=upload.read(),
+                    uploaded_by=request.user,
+                )
+            self._report_outcomes(request, outcomes)
+            return redirect("admin:kb_document_changelist")
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "form": form,
+            "title": "Upload documents",
+            "max_mb": settings.KB_MAX_UPLOAD_BYTES // (1024 * 1024),
+        }
+        return TemplateResponse(request, "admin/kb/document/upload.html", context)
+
+    def _report_outcomes(self, request, outcomes) -> None:
+        counts = {name: sum(1 for o in outcomes if o.outcome == name)
+                  for name in ("created", "updated", "duplicate", "rejected")}
+        self.message_user(
+            request,
+            f"{counts['created']} new, {counts['updated']} updated, {counts['duplicate']} "
+            f"duplicates, {counts['rejected']} rejected.",
+            messages.SUCCESS if not counts["rejected"] else messages.WARNING,
+        )
+        for outcome in outcomes:
+            if outcome.outcome in {"duplicate", "rejected"}:
+                level = messages.INFO if outcome.outcome == "duplicate" else messages.ERROR
+                self.message_user(request, f"{outcome.filename}: {outcome.message}", level)
+
+    @admin.action(description="Reprocess selected documents")
+    def reprocess(self, request, queryset):
+        queued = sum(services.document_retry(document=d) for d in queryset)
+        self.message_user(request, ngettext("%d document queued.", "%d documents queued.", queued) % queued)
+
+    @admin.action(description="Retry failed documents")
+    def retry_failed(self, request, queryset):
+        queued = sum(
+            services.document_retry(document=d)
+            for d in queryset.filter(status=Document.Status.FAILED)
+        )
+        self.message_user(request, ngettext("%d document queued.", "%d documents queued.", queued) % queued)
+
+    @admin.action(description="Disable (remove from search, keep)")
+    def disable(self, request, queryset):
+        for document in queryset:
+            services.document_disable(document=document)
+        self.message_user(request, f"Disabled {queryset.count()} documents.")
+
+    @admin.action(description="Enable (put back into search)")
+    def enable(self, request, queryset):
+        for document in queryset.filter(status=Document.Status.DISABLED):
+            services.document_enable(document=document)
+        self.message_user(request, "Enabled the selected disabled documents.")
+
+    def delete_model(self, request, obj):
+        services.document_delete(document=obj)
+
+    def delete_queryset(self, request, queryset):
+        for document in queryset:
+            services.document_delete(document=document)
+
+
+class ReembedForm(forms.Form):
+    key = forms.ChoiceField(label="Embedding model")
+    activate = forms.BooleanField(
+        required=False, initial=True,
+        help_text="Switch search to the new model as soon as every chunk has a vector in it.",
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        active = selectors.embedding_model_active()
+        self.fields["key"].choices = [
+            (key, f"{key} — {registry.embedding_entry(key).get('MODEL', '')}")
+            for key in registry.embedding_model_keys()
+            if active is None or key != active.key
+        ]
+
+
+@admin.register(EmbeddingModel)
+class EmbeddingModelAdmin(admin.ModelAdmin):
+    list_display = ["key", "model_name", "dimensions", "status", "is_active", "progress",
+                    "created_at", "activated_at"]
+    readonly_fields = ["key", "backend", "model_name", "dimensions", "status", "is_active",
+                       "chunks_total", "chunks_embedded", "error_message", "created_at",
+                       "activated_at"]
+    actions = ["activate", "cancel", "drop_vectors"]
+    change_list_template = "admin/kb/embeddingmodel/change_list.html"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # vectors are dropped with the action, which refuses the active model
+
+    def get_urls(self):
+        return [
+            path("reembed/", self.admin_site.admin_view(self.reembed_view),
+                 name="kb_embeddingmodel_reembed"),
+            *super().get_urls(),
+        ]
+
+    @admin.display(description="Progress")
+    def progress(self, obj):
+        if not obj.chunks_total:
+            return "–"
+        return f"{obj.chunks_embedded}/{obj.chunks_total} ({100 * obj.chunks_embedded // obj.chunks_total}%)"
+
+    def reembed_view(self, request: HttpRequest):
+        form = ReembedForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                model = embeddings.reembed_start(key=form.cleaned_data["key"])
+            except embeddings.EmbeddingModelError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                tasks.enqueue("kb.tasks.reembed_task", model.pk, form.cleaned_data["activate"])
+                self.message_user(
+                    request,
+                    f"Re-embedding with {model.key} started in the background; search keeps "
+                    "using the active model until it is complete.",
+                )
+            return redirect("admin:kb_embeddingmodel_changelist")
+        context = {**self.admin_site.each_context(request), "opts": self.model._meta,
+                   "form": form, "title": "Re-embed the knowledge base"}
+        return TemplateResponse(request, "admin/kb/embeddingmodel/reembed.html", context)
+
+    @admin.action(description="Activate (switch search to this model)")
+    def activate(self, request, queryset):
+        for model in queryset:
+            try:
+                embeddings.embedding_model_activate(model=model)
+                self.message_user(request, f"Search now uses {model.key}.")
+            except embeddings.EmbeddingModelError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+
+    @admin.action(description="Cancel re-embedding")
+    def cancel(self, request, queryset):
+        for model in queryset:
+            embeddings.reembed_cancel(model=model)
+        self.message_user(request, "Cancelled; the job stops after its current page.")
+
+    @admin.action(description="Drop vectors (inactive models only)")
+    def drop_vectors(self, request, queryset):
+        for model in queryset:
+            try:
+                count = embeddings.embedding_model_drop_vectors(model=model)
+                self.message_user(request, f"Dropped {count} vectors of {model.key}.")
+            except embeddings.EmbeddingModelError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "kind", "provider", "model", "input_tokens", "output_tokens",
+                    "cost_usd", "latency_ms", "time_to_first_token_ms", "cache_hit", "status"]
+    list_filter = ["kind", "provider", "model", "cache_hit", "status"]
+    date_hierarchy = "created_at"
+    list_select_related = ["user", "api_key"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class ApiKeyForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ["name", "user"]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    form = ApiKeyForm
+    list_display = ["name", "prefix", "user", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["revoked_at"]
+    readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke"]
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            raw_key, obj.prefix = api_key_generate()
+            obj.hashed_key = api_key_hash(raw_key)
+            super().save_model(request, obj, form, change)
+            self.message_user(
+                request,
+                f"API key created. Copy it now, it is not shown again: {raw_key}",
+                messages.WARNING,
+            )
+            return
+        super().save_model(request, obj, form, change)
+
+    @admin.action(description="Revoke selected keys")
+    def revoke(self, request, queryset):
+        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"Revoked {count} keys.")
+
+
+admin.site.site_header = "Knowledge base"
+admin.site.site_title = "Knowledge base admin"
+admin.site.index_title = "Content and operations"

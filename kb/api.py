@@ -1,0 +1,163 @@
+"""Read endpoints for collections, documents and chunks, and multipart document upload."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics, parsers, serializers, status
+from rest_framework.exceptions import ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from kb import services
+from kb.models import Chunk, Collection, Document
+from kb.ratelimits import rate_limit_enforce
+from search.selectors import collections_visible_to
+
+
+class CollectionSerializer(serializers.ModelSerializer):
+    document_count = serializers.IntegerField(read_only=True)
+    chunk_count = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Collection
+        fields = ["id", "slug", "name", "description", "text_search_config", "is_public",
+                  "document_count", "chunk_count", "created_at", "updated_at"]
+
+
+class DocumentSerializer(serializers.ModelSerializer):
+    collection = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+
+    class Meta:
+        model = Document
+        fields = ["id", "collection", "title", "original_filename", "mime_type", "size_bytes",
+                  "content_hash", "status", "stage", "error_message", "metadata", "chunks_total",
+                  "chunks_embedded", "processing_started_at", "processing_finished_at",
+                  "created_at", "updated_at"]
+
+
+class ChunkSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Chunk
+        fields = ["id", "document", "ordinal", "text", "token_count", "heading_path",
+                  "char_start", "char_end", "page_start", "page_end"]
+
+
+class UploadSerializer(serializers.Serializer):
+    file = serializers.ListField(child=serializers.FileField(allow_empty_file=True), min_length=1,
+                                 max_length=settings.DATA_UPLOAD_MAX_NUMBER_FILES)
+    collection = serializers.SlugField(default="default")
+
+
+class UploadOutcomeSerializer(serializers.Serializer):
+    filename = serializers.CharField()
+    outcome = serializers.ChoiceField(choices=["created", "updated", "duplicate", "rejected"])
+    message = serializers.CharField()
+    document = DocumentSerializer(allow_null=True)
+
+
+class UploadResponseSerializer(serializers.Serializer):
+    results = UploadOutcomeSerializer(many=True)
+
+
+def _visible_documents(request: Request):
+    return Document.objects.filter(
+        collection__in=Collection.objects.filter(collections_visible_to(user=request.user))
+    ).select_related("collection")
+
+
+class CollectionList(generics.ListAPIView):
+    serializer_class = CollectionSerializer
+
+    def get_queryset(self):
+        from django.db.models import Count, Q
+
+        return Collection.objects.filter(collections_visible_to(user=self.request.user)).annotate(
+            document_count=Count("documents", distinct=True),
+            chunk_count=Count("documents__chunks", filter=Q(documents__chunks__searchable=True),
+                              distinct=True),
+        ).order_by("name")
+
+
+class DocumentListCreate(generics.ListAPIView):
+    """List documents, or upload one or more files (multipart field `file`, repeatable)."""
+
+    serializer_class = DocumentSerializer
+    parser_classes = [parsers.MultiPartParser, parsers.FormParser, parsers.JSONParser]
+
+    def get_queryset(self):
+        queryset = _visible_documents(self.request)
+        collection = self.request.query_params.get("collection")
+        if collection:
+            queryset = queryset.filter(collection__slug=collection)
+        status_filter = self.request.query_params.get("status")
+        if status_filter:
+            queryset = queryset.filter(status=status_filter)
+        return queryset.order_by("-created_at", "-pk")
+
+    @extend_schema(request=UploadSerializer, responses={202: UploadResponseSerializer})
+    def post(self, request: Request) -> Response:
+        rate_limit_enforce(request, group="upload")
+        serializer = UploadSerializer(data={
+            "file": request.FILES.getlist("file"),
+            "collection": request.data.get("collection", "default"),
+        })
+        serializer.is_valid(raise_exception=True)
+        slug = serializer.validated_data["collection"]
+        collection = Collection.objects.filter(
+            collections_visible_to(user=request.user), slug=slug
+        ).first()
+        if collection is None:
+            raise ValidationError({"collection": [f"No collection “{slug}” that you can write to."]})
+        outcomes = []
+        for upload in serializer.validated_data["file"]:
+            if upload.size > settings.KB_MAX_UPLOAD_BYTES:
+                # Recorded without reading it into memory.
+                outcomes.append(services.document_record_failure(
+                    collection=collection, filename=services.filename_sanitize(upload.name),
+                    size=upload.size, uploaded_by=request.user,
+                    reason=f"The file is over the {settings.KB_MAX_UPLOAD_BYTES // 2**20} MB limit.",
+                ))
+                continue
+            outcomes += services.documents_upload(
+                collection=collection, filename=upload.name, data=upload.read(),
+                uploaded_by=request.user,
+            )
+        body = {"results": [
+            {"filename": o.filename, "outcome": o.outcome, "message": o.message,
+             "document": DocumentSerializer(o.document).data if o.document else None}
+            for o in outcomes
+        ]}
+        return Response(body, status=status.HTTP_202_ACCEPTED)
+
+
+class DocumentDetail(generics.RetrieveAPIView):
+    serializer_class = DocumentSerializer
+
+    def get_queryset(self):
+        return _visible_documents(self.request)
+
+
+class ChunkList(generics.ListAPIView):
+    """Searchable chunks, optionally of one document (`?document=ID`)."""
+
+    serializer_class = ChunkSerializer
+
+    def get_queryset(self):
+        queryset = Chunk.objects.filter(
+            searchable=True,
+            document__in=_visible_documents(self.request),
+        ).order_by("document_id", "ordinal")
+        document = self.request.query_params.get("document")
+        if document:
+            if not document.isdigit():
+                raise ValidationError({"document": ["Must be a document id."]})
+            queryset = queryset.filter(document_id=int(document))
+        return queryset
+
+
+class ChunkDetail(generics.RetrieveAPIView):
+    serializer_class = ChunkSerializer
+
+    def get_queryset(self):
+        return Chunk.objects.filter(document__in=_visible_documents(self.request))

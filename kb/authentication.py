@@ -1,0 +1,56 @@
+"""API-key authentication: `Authorization: Bearer kb_...`, stored only as a sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from django.utils import timezone
+from rest_framework import authentication, exceptions
+
+from kb.models import ApiKey
+
+API_KEY_PREFIX = "kb_"
+
+
+def api_key_hash(raw_key: str) -> str:
+    """The stored form of a key: keys are long random strings, so one sha256 is enough."""
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def api_key_generate() -> tuple[str, str]:
+    """A new raw key and its public prefix (shown in the admin to tell keys apart)."""
+    prefix = secrets.token_hex(4)
+    return f"{API_KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}", prefix
+
+
+class ApiKeyAuthentication(authentication.BaseAuthentication):
+    """Authenticates `Authorization: Bearer <key>`; request.auth is the ApiKey row."""
+
+    keyword = "Bearer"
+
+    def authenticate(self, request):
+        header = authentication.get_authorization_header(request).decode("latin-1")
+        if not header:
+            return None
+        scheme, _, raw_key = header.partition(" ")
+        if scheme.lower() != self.keyword.lower():
+            return None
+        raw_key = raw_key.strip()
+        if not raw_key:
+            raise exceptions.AuthenticationFailed("Empty API key.")
+        key = (
+            ApiKey.objects.select_related("user")
+            .filter(hashed_key=api_key_hash(raw_key), revoked_at__isnull=True)
+            .first()
+        )
+        if key is None or not key.user.is_active:
+            raise exceptions.AuthenticationFailed("Invalid or revoked API key.")
+        now = timezone.now()
+        # One write a minute at most: a hot key must not turn every read into a write.
+        if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
+            ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        return key.user, key
+
+    def authenticate_header(self, request) -> str:
+        return self.keyword

@@ -1,0 +1,145 @@
+"""Where the database lives: an external server from DATABASE_URL, or an embedded one.
+
+The embedded server comes from the `pgserver` package (PostgreSQL 16 with pgvector).
+It is started lazily by the `kb.embedded_postgres` database engine on the first
+connection, never at import time, and pgserver's inter-process lock makes concurrent
+starts from several processes (web, workers, tests) safe: the first one starts the
+server, the others attach to it, and the last process to exit stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE_NAME = "kb"
+
+_servers: dict[Path, object] = {}
+_servers_lock = threading.Lock()
+
+
+class DatabaseSetupError(ImproperlyConfigured):
+    """The database cannot be reached or prepared; the message says how to fix it."""
+
+
+def database_settings_from_url(url: str) -> dict:
+    """Translate a postgres:// URL into a Django DATABASES entry."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"postgres", "postgresql", "pgsql", "postgresql+psycopg"}:
+        raise ImproperlyConfigured(
+            f"DATABASE_URL must be a postgresql:// URL (got scheme {parts.scheme!r}); "
+            "PostgreSQL with pgvector is the only supported database."
+        )
+    query = dict(parse_qsl(parts.query))
+    host = query.pop("host", None) or (unquote(parts.hostname) if parts.hostname else "")
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": unquote(parts.path.lstrip("/")) or "postgres",
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": host,
+        "PORT": str(parts.port or ""),
+        "OPTIONS": query,
+    }
+
+
+def embedded_database_settings(data_dir: Path) -> dict:
+    """A DATABASES entry for the embedded server whose data lives in data_dir."""
+    return {
+        "ENGINE": "kb.embedded_postgres",
+        "NAME": EMBEDDED_DATABASE_NAME,
+        "USER": "postgres",
+        "PASSWORD": "",
+        "HOST": "",  # filled in with the server's socket directory at connect time
+        "PORT": "",
+        "OPTIONS": {},
+        "EMBEDDED_PGDATA": str(data_dir),
+    }
+
+
+def embedded_server_start(pgdata: Path):
+    """Start (or attach to) the embedded server for pgdata and make sure our database exists.
+
+    Returns the pgserver handle. Raises DatabaseSetupError with a one-line fix on failure.
+    """
+    pgdata = pgdata.expanduser().resolve()
+    with _servers_lock:
+        if pgdata in _servers:
+            return _servers[pgdata]
+        _check_data_dir(pgdata)
+        # pgserver logs its whole startup at INFO; it is noise for our users.
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(_runtime_dir()))
+        import pgserver
+
+        try:
+            server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        except Exception as exc:  # pgserver raises bare CalledProcessError/AssertionError
+            log_file = pgdata / "log"
+            raise DatabaseSetupError(
+                f"The embedded PostgreSQL in {pgdata} did not start ({exc.__class__.__name__}). "
+                f"See {log_file}; if the directory is damaged, move it away and start again."
+            ) from exc
+        _create_database_if_missing(server)
+        _servers[pgdata] = server
+        return server
+
+
+def embedded_server_socket_dir(pgdata: Path) -> str:
+    """The unix-socket directory clients use to reach the embedded server."""
+    server = embedded_server_start(pgdata)
+    return str(server.get_postmaster_info().socket_dir)
+
+
+def embedded_server_stop(pgdata: Path) -> None:
+    """Release this process's handle; the server stops when no process holds one."""
+    pgdata = pgdata.expanduser().resolve()
+    with _servers_lock:
+        server = _servers.pop(pgdata, None)
+    if server is not None:
+        server.cleanup()
+
+
+def _runtime_dir() -> Path:
+    # pgserver keeps its lock file in the user's runtime dir; root on a server often has none.
+    path = Path("/tmp") / f"kb-runtime-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _check_data_dir(pgdata: Path) -> None:
+    try:
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseSetupError(
+            f"Cannot create the data directory {pgdata.parent} ({exc.strerror}). "
+            "Set KB_DATA_DIR to a writable directory, or set DATABASE_URL to use an external server."
+        ) from exc
+    probe_dir = pgdata if pgdata.exists() else pgdata.parent
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise DatabaseSetupError(
+            f"The data directory {probe_dir} is not writable. "
+            "Set KB_DATA_DIR to a writable directory, or set DATABASE_URL to use an external server."
+        )
+
+
+def _create_database_if_missing(server) -> None:
+    import psycopg
+    from psycopg import errors
+
+    with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", [EMBEDDED_DATABASE_NAME]
+        ).fetchone()
+        if not exists:
+            # Another process may win the race to create it; that is fine.
+            with contextlib.suppress(errors.DuplicateDatabase):
+                conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE_NAME}"')

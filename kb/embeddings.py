@@ -1,0 +1,285 @@
+"""Embedding spaces: registering models, the embedding cache, per-model HNSW indexes,
+and zero-downtime re-embedding with an atomic cutover."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from django.db import connection, transaction
+from django.db.models import Exists, F, OuterRef
+from django.utils import timezone
+
+from kb.models import Chunk, ChunkEmbedding, EmbeddingModel, UsageRecord
+from kb.providers import registry
+from kb.providers.base import EmbeddingBackend
+from kb.usage import tracked_model_call
+
+logger = logging.getLogger(__name__)
+
+# How many chunks a re-embedding pass loads, embeds and writes at a time.
+REEMBED_PAGE_SIZE = 256
+
+
+class EmbeddingModelError(Exception):
+    """An embedding-model operation was refused; the message says why."""
+
+
+def embedding_model_register(*, key: str) -> EmbeddingModel:
+    """The EmbeddingModel row for a configured key, created (status building) if new."""
+    existing = EmbeddingModel.objects.filter(key=key).first()
+    if existing is not None:
+        return existing
+    entry = registry.embedding_entry(key)
+    backend = registry.embedding_backend(key)
+    model, _ = EmbeddingModel.objects.get_or_create(
+        key=key,
+        defaults={
+            "backend": entry["BACKEND"],
+            "model_name": entry.get("MODEL", ""),
+            "dimensions": backend.dimensions,
+        },
+    )
+    return model
+
+
+def embedding_model_active_or_bootstrap() -> EmbeddingModel:
+    """The active model; on a new install, the default model becomes active at once."""
+    from django.conf import settings
+
+    active = EmbeddingModel.objects.filter(is_active=True).first()
+    if active is not None:
+        return active
+    model = embedding_model_register(key=settings.KB_DEFAULT_EMBEDDING_MODEL)
+    with transaction.atomic():
+        locked = EmbeddingModel.objects.select_for_update().get(pk=model.pk)
+        if not EmbeddingModel.objects.filter(is_active=True).exists():
+            locked.is_active = True
+            locked.status = EmbeddingModel.Status.ACTIVE
+            locked.activated_at = timezone.now()
+            locked.save(update_fields=["is_active", "status", "activated_at"])
+    embedding_model_index_create(model=locked)
+    return EmbeddingModel.objects.get(is_active=True)
+
+
+def embedding_models_written_on_ingest() -> list[EmbeddingModel]:
+    """Models every newly ingested chunk must be embedded with: the active one, and any
+    being built, so a re-embedding stays complete while documents keep arriving."""
+    active = embedding_model_active_or_bootstrap()
+    building = list(EmbeddingModel.objects.filter(status=EmbeddingModel.Status.BUILDING))
+    return [active, *[m for m in building if m.pk != active.pk]]
+
+
+def backend_for(model: EmbeddingModel) -> EmbeddingBackend:
+    """The provider backend that produces this model's vectors."""
+    return registry.embedding_backend(model.key)
+
+
+def embedding_model_index_create(*, model: EmbeddingModel) -> None:
+    """Create the model's own HNSW index: a partial index over `embedding::vector(d)`.
+
+    The column is dimensionless so models of any size share the table; the cast gives
+    HNSW its fixed dimension and the WHERE clause keeps each model's graph separate.
+    Queries must repeat the same expression and predicate (search.vector does).
+    """
+    dimensions = int(model.dimensions)
+    concurrently = "" if connection.in_atomic_block else "CONCURRENTLY"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE INDEX {concurrently} IF NOT EXISTS {model.hnsw_index_name} "
+            f"ON kb_chunkembedding USING hnsw ((embedding::vector({dimensions})) vector_cosine_ops) "
+            f"WITH (m = 16, ef_construction = 64) "
+            f"WHERE embedding_model_id = {int(model.pk)}"
+        )
+
+
+def embedding_model_index_drop(*, model: EmbeddingModel) -> None:
+    """Drop the model's HNSW index."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP INDEX IF EXISTS {model.hnsw_index_name}")
+
+
+def cached_vectors(*, model: EmbeddingModel, input_hashes: Sequence[str]) -> dict[str, list[float]]:
+    """Vectors already computed by this model for any of these embedding inputs.
+
+    The cache is the vectors we already store: an identical passage anywhere in the base
+    (or in an earlier generation of the same document) is copied, never re-embedded.
+    """
+    if not input_hashes:
+        return {}
+    rows = (
+        ChunkEmbedding.objects.filter(
+            embedding_model=model, chunk__embedding_input_hash__in=set(input_hashes)
+        )
+        .order_by("chunk__embedding_input_hash")
+        .distinct("chunk__embedding_input_hash")
+        .values_list("chunk__embedding_input_hash", "embedding")
+    )
+    return {input_hash: vector for input_hash, vector in rows}
+
+
+def embed_texts(
+    *,
+    model: EmbeddingModel,
+    texts: Sequence[str],
+    document=None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[float]]:
+    """Embed texts in the backend's batch size, writing one UsageRecord per batch."""
+    backend = backend_for(model)
+    vectors: list[list[float]] = []
+    for start in range(0, len(texts), backend.batch_size):
+        batch = texts[start : start + backend.batch_size]
+        with tracked_model_call(
+            kind=UsageRecord.Kind.EMBEDDING,
+            provider=backend.provider_name,
+            model=model.model_name or model.key,
+            document=document,
+        ) as call:
+            result = backend.embed_batch(batch)
+            call.input_tokens = result.input_tokens
+        vectors.extend(result.vectors)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return vectors
+
+
+def embed_query(*, model: EmbeddingModel, text: str, **record_fields) -> list[float]:
+    """Embed one search query, recorded in the usage ledger."""
+    backend = backend_for(model)
+    with tracked_model_call(
+        kind=UsageRecord.Kind.EMBEDDING,
+        provider=backend.provider_name,
+        model=model.model_name or model.key,
+        **record_fields,
+    ) as call:
+        result = backend.embed_query(text)
+        call.input_tokens = result.input_tokens
+    return result.vectors[0]
+
+
+def chunks_missing_embedding(*, model: EmbeddingModel):
+    """Chunks of each document's current generation that have no vector in this model yet."""
+    return Chunk.objects.filter(generation=F("document__chunk_generation")).exclude(
+        Exists(ChunkEmbedding.objects.filter(chunk=OuterRef("pk"), embedding_model=model))
+    )
+
+
+def reembed_start(*, key: str) -> EmbeddingModel:
+    """Register the model for key and mark it building; the caller queues reembed_run."""
+    model = embedding_model_register(key=key)
+    if model.is_active:
+        raise EmbeddingModelError(f"{key} is already the active embedding model.")
+    model.status = EmbeddingModel.Status.BUILDING
+    model.error_message = ""
+    model.chunks_total, model.chunks_embedded = _reembed_progress(model=model)
+    model.save(update_fields=["status", "error_message", "chunks_total", "chunks_embedded"])
+    return model
+
+
+def _reembed_progress(*, model: EmbeddingModel) -> tuple[int, int]:
+    total = Chunk.objects.filter(generation=F("document__chunk_generation")).count()
+    return total, total - chunks_missing_embedding(model=model).count()
+
+
+def reembed_run(*, model_id: int, activate: bool = False) -> EmbeddingModel:
+    """Embed every chunk with the model, page by page; resumable and cancellable.
+
+    Search keeps using the active model throughout. A cancelled model stops at the next
+    page. When complete, the model's HNSW index is built, then it is marked ready, and
+    activated if asked.
+    """
+    model = EmbeddingModel.objects.get(pk=model_id)
+    try:
+        while True:
+            model.refresh_from_db(fields=["status"])
+            if model.status != EmbeddingModel.Status.BUILDING:
+                logger.info("Re-embedding with %s stopped: status is %s", model.key, model.status)
+                return model
+            page = list(
+                chunks_missing_embedding(model=model)
+                .select_related("document")
+                .order_by("pk")[:REEMBED_PAGE_SIZE]
+            )
+            if not page:
+                break
+            _embed_chunks(model=model, chunks=page)
+            total, done = _reembed_progress(model=model)
+            EmbeddingModel.objects.filter(pk=model.pk).update(chunks_total=total, chunks_embedded=done)
+        embedding_model_index_create(model=model)
+        EmbeddingModel.objects.filter(pk=model.pk, status=EmbeddingModel.Status.BUILDING).update(
+            status=EmbeddingModel.Status.READY
+        )
+    except Exception as exc:
+        EmbeddingModel.objects.filter(pk=model.pk).update(
+            error_message=f"{exc.__class__.__name__}: {exc}"[:2000]
+        )
+        raise
+    model.refresh_from_db()
+    if activate and model.status == EmbeddingModel.Status.READY:
+        model = embedding_model_activate(model=model)
+    return model
+
+
+def _embed_chunks(*, model: EmbeddingModel, chunks: Sequence[Chunk]) -> None:
+    from kb.ingestion.chunking import embedding_input
+
+    inputs = [
+        embedding_input(title=c.document.title, heading_path=c.heading_path, text=c.text)
+        for c in chunks
+    ]
+    cached = cached_vectors(model=model, input_hashes=[c.embedding_input_hash for c in chunks])
+    missing = [i for i, c in enumerate(chunks) if c.embedding_input_hash not in cached]
+    fresh = embed_texts(model=model, texts=[inputs[i] for i in missing])
+    vectors = {chunks[i].pk: vector for i, vector in zip(missing, fresh, strict=True)}
+    for chunk in chunks:
+        vectors.setdefault(chunk.pk, cached.get(chunk.embedding_input_hash))
+    ChunkEmbedding.objects.bulk_create(
+        [ChunkEmbedding(chunk_id=pk, embedding_model=model, embedding=v) for pk, v in vectors.items()],
+        ignore_conflicts=True,  # a chunk embedded meanwhile by ingestion keeps its vector
+    )
+
+
+def embedding_model_activate(*, model: EmbeddingModel) -> EmbeddingModel:
+    """Make a complete model the one search uses, in one transaction.
+
+    Refused unless every chunk has a vector in it. The previous model keeps its vectors
+    and index (status ready) until they are dropped explicitly.
+    """
+    with transaction.atomic():
+        locked = EmbeddingModel.objects.select_for_update().get(pk=model.pk)
+        if locked.status not in {EmbeddingModel.Status.READY, EmbeddingModel.Status.ACTIVE}:
+            raise EmbeddingModelError(
+                f"{locked.key} is {locked.get_status_display().lower()}; only a complete model "
+                "can be activated."
+            )
+        missing = chunks_missing_embedding(model=locked).count()
+        if missing:
+            raise EmbeddingModelError(f"{locked.key} still lacks vectors for {missing} chunks.")
+        EmbeddingModel.objects.filter(is_active=True).exclude(pk=locked.pk).update(
+            is_active=False, status=EmbeddingModel.Status.READY
+        )
+        locked.is_active = True
+        locked.status = EmbeddingModel.Status.ACTIVE
+        locked.activated_at = timezone.now()
+        locked.save(update_fields=["is_active", "status", "activated_at"])
+    return locked
+
+
+def reembed_cancel(*, model: EmbeddingModel) -> None:
+    """Stop a re-embedding at its next page; vectors written so far stay until dropped."""
+    EmbeddingModel.objects.filter(pk=model.pk, status=EmbeddingModel.Status.BUILDING).update(
+        status=EmbeddingModel.Status.CANCELLED
+    )
+
+
+def embedding_model_drop_vectors(*, model: EmbeddingModel) -> int:
+    """Delete an inactive model's vectors and index; returns how many vectors went."""
+    if model.is_active:
+        raise EmbeddingModelError("The active model's vectors serve search; activate another first.")
+    embedding_model_index_drop(model=model)
+    deleted, _ = ChunkEmbedding.objects.filter(embedding_model=model).delete()
+    EmbeddingModel.objects.filter(pk=model.pk).update(
+        status=EmbeddingModel.Status.RETIRED, chunks_embedded=0
+    )
+    return deleted

@@ -1,0 +1,119 @@
+"""`manage.py serve`: database, migrations, workers and the ASGI server in one command."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
+
+from kb import bootstrap
+from kb.database import DatabaseSetupError
+
+
+class Command(BaseCommand):
+    help = "Start PostgreSQL (embedded unless DATABASE_URL is set), migrate, start workers, serve."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default=os.environ.get("KB_HOST", "127.0.0.1"))
+        parser.add_argument("--port", type=int, default=int(os.environ.get("KB_PORT", "8000")))
+        parser.add_argument("--no-workers", action="store_true", help="Do not start qcluster.")
+        parser.add_argument("--no-demo", action="store_true", help="Do not load the demo corpus.")
+
+    def handle(self, *args, host: str, port: int, no_workers: bool, no_demo: bool, **options):
+        port_problem = _port_problem(host, port)
+        if port_problem:
+            raise CommandError(port_problem)
+        try:
+            bootstrap.database_prepare()
+        except DatabaseSetupError as exc:
+            raise CommandError(str(exc)) from None
+        call_command("migrate", interactive=False, verbosity=0)
+        bootstrap.schedules_ensure()
+        self._first_run()
+        connection.close()  # the worker and server processes open their own
+
+        workers = None
+        if not no_workers:
+            workers = subprocess.Popen(
+                [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "qcluster"],
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        try:
+            self._print_urls(host, port)
+            _run_uvicorn(host, port)
+        finally:
+            if workers is not None:
+                _stop(workers)
+            self.stdout.write("Stopped.")
+
+    def _first_run(self) -> None:
+        user_model = get_user_model()
+        if not user_model.objects.filter(is_superuser=True).exists():
+            password = os.environ.get("KB_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+            user_model.objects.create_superuser("admin", "admin@localhost", password)
+            shown = "from KB_ADMIN_PASSWORD" if os.environ.get("KB_ADMIN_PASSWORD") else password
+            self.stdout.write(self.style.SUCCESS(
+                f"Created the admin user. Username: admin  Password: {shown}\n"
+                "  (shown once; change it in the admin)"
+            ))
+        loaded = bootstrap.demo_corpus_load()
+        if loaded:
+            self.stdout.write(f"Queued {loaded} demo documents from fixtures/demo for ingestion.")
+
+    def _print_urls(self, host: str, port: int) -> None:
+        shown_host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
+        base = f"http://{shown_host}:{port}"
+        self.stdout.write(self.style.SUCCESS(f"Knowledge base running at {base}/"))
+        self.stdout.write(f"  Admin:    {base}/admin/")
+        self.stdout.write(f"  Chat:     {base}/chat/")
+        self.stdout.write(f"  API docs: {base}/api/docs/")
+        self.stdout.write("  Press Ctrl-C to stop.")
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return (
+                f"Cannot listen on {host}:{port} ({exc.strerror}). Another program is using it: "
+                f"stop it, or pick another port with --port or KB_PORT."
+            )
+    return None
+
+
+def _run_uvicorn(host: str, port: int) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(
+        "kb.asgi:application",
+        host=host,
+        port=port,
+        lifespan="off",
+        log_level=os.environ.get("KB_UVICORN_LOG_LEVEL", "warning"),
+        timeout_graceful_shutdown=5,
+    )
+    uvicorn.Server(config).run()
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

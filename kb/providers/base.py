@@ -1,0 +1,134 @@
+"""The contracts every model provider implements: one ABC per capability.
+
+Backends are plain Python objects with no ORM access. Accounting (UsageRecord rows,
+caches, budgets) happens in the services that call them, so every backend is
+accounted the same way and a new backend cannot forget to record its usage.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+
+class ProviderError(Exception):
+    """A model provider failed after its own retries; safe to show to an operator."""
+
+    def __init__(self, message: str, *, retryable: bool = False, status_code: int | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.status_code = status_code
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: list[list[float]]
+    input_tokens: int
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    # One score per input document, in input order; higher is more relevant.
+    scores: list[float]
+    input_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ChatUsage:
+    """Sent once, last, by a chat stream. Token counts are None when the provider gave none."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    model: str | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass
+class BackendOptions:
+    """Whatever a settings entry carried besides BACKEND, passed through to the backend."""
+
+    values: dict = field(default_factory=dict)
+
+
+class EmbeddingBackend(ABC):
+    """Turns texts into vectors. Implementations must be thread-safe for embed_batch."""
+
+    provider_name: str = "unknown"
+    batch_size: int = 64
+    # Whether embed_batch goes over the network (and so may rate-limit, time out, cost money).
+    remote: bool = False
+
+    def __init__(self, *, model: str, **options):
+        self.model = model
+        self.options = options
+
+    @property
+    @abstractmethod
+    def dimensions(self) -> int:
+        """The length of every vector this backend returns."""
+
+    @abstractmethod
+    def embed_batch(self, texts: Sequence[str]) -> EmbeddingResult:
+        """Embed up to batch_size texts; vectors are L2-normalised, in input order."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Count tokens the way this model's tokenizer does (used to size chunks)."""
+
+    def embed_query(self, text: str) -> EmbeddingResult:
+        """Embed one search query; backends with query instructions override this."""
+        return self.embed_batch([text])
+
+
+class RerankBackend(ABC):
+    """Scores (query, passage) pairs; used over the top-N fused candidates."""
+
+    provider_name: str = "unknown"
+    remote: bool = False
+
+    def __init__(self, *, model: str = "", **options):
+        self.model = model
+        self.options = options
+
+    @abstractmethod
+    def rerank(self, query: str, documents: Sequence[str]) -> RerankResult:
+        """Return one relevance score per document, in input order."""
+
+
+class ChatBackend(ABC):
+    """Streams a chat completion as ChatDelta items followed by exactly one ChatUsage."""
+
+    provider_name: str = "unknown"
+    remote: bool = True
+    # An extractive backend quotes sources rather than generating; the UI labels it so.
+    generative: bool = True
+
+    def __init__(self, *, model: str = "", **options):
+        self.model = model
+        self.options = options
+
+    @abstractmethod
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> AsyncIterator[ChatDelta | ChatUsage]:
+        """Yield the answer as it arrives. Raise ProviderError before the first delta on failure."""
+
+    def count_tokens(self, text: str) -> int:
+        """A sensible token count for budgets and prompts: about four characters a token."""
+        return max(1, (len(text) + 3) // 4) if text else 0

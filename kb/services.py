@@ -1,0 +1,443 @@
+"""Writes of the core domain: uploading, ingesting, disabling and deleting documents.
+
+Views, the API, admin actions, commands and tasks call these; none of them holds
+business logic of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import PurePath
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from kb import embeddings
+from kb.ingestion.archives import ArchiveLimits, extract_archive
+from kb.ingestion.chunking import chunk_document, embedding_input
+from kb.ingestion.parsing import ParseError, ParseLimits, parse_document, sniff_mime_type
+from kb.models import Chunk, ChunkEmbedding, Collection, Document
+from kb.providers.base import ProviderError
+
+logger = logging.getLogger(__name__)
+
+ZIP_MIME_TYPE = "application/zip"
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    """What happened to one uploaded file (or one member of an uploaded zip)."""
+
+    filename: str
+    outcome: str  # "created" | "updated" | "duplicate" | "rejected"
+    document: Document | None = None
+    message: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome in {"created", "updated", "duplicate"}
+
+
+def filename_sanitize(filename: str) -> str:
+    """A display-safe base name: no directories, control characters or absurd length."""
+    name = PurePath(filename.replace("\\", "/")).name
+    name = unicodedata.normalize("NFC", name)
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    name = re.sub(r"\s+", " ", name).strip(" .")
+    if len(name) > 200:
+        stem, dot, suffix = name.rpartition(".")
+        name = (stem[: 200 - len(suffix) - 1] + dot + suffix) if dot and len(suffix) < 10 else name[:200]
+    return name or "unnamed"
+
+
+def collection_get_or_create(*, slug: str, name: str | None = None) -> Collection:
+    """The collection with this slug, created with default settings if missing."""
+    collection, _ = Collection.objects.get_or_create(
+        slug=slug, defaults={"name": name or slug.replace("-", " ").title()}
+    )
+    return collection
+
+
+def collection_reindex(*, collection: Collection) -> int:
+    """Recompute every chunk's lexemes after the collection's text-search config changed.
+
+    Touching `text` fires the trigger that rebuilds search_vector, and the statement
+    trigger moves the BM25 statistics over in the same transaction.
+    """
+    with transaction.atomic():
+        count = Chunk.objects.filter(collection=collection).update(text=F("text"))
+        Collection.objects.filter(pk=collection.pk).update(updated_at=timezone.now())
+    return count
+
+
+def documents_upload(
+    *, collection: Collection, filename: str, data: bytes, uploaded_by=None
+) -> list[UploadOutcome]:
+    """Store an upload and queue its ingestion; a zip becomes one document per member.
+
+    Never raises for bad input: each file's outcome says what happened, and one bad
+    file does not stop the others.
+    """
+    filename = filename_sanitize(filename)
+    if len(data) <= settings.KB_MAX_UPLOAD_BYTES and sniff_mime_type(
+        filename=filename, head=data[:4096]
+    ) == ZIP_MIME_TYPE:
+        return _archive_upload(
+            collection=collection, filename=filename, data=data, uploaded_by=uploaded_by
+        )
+    return [document_upload(collection=collection, filename=filename, data=data, uploaded_by=uploaded_by)]
+
+
+def _archive_upload(
+    *, collection: Collection, filename: str, data: bytes, uploaded_by
+) -> list[UploadOutcome]:
+    limits = ArchiveLimits(
+        max_total_uncompressed_bytes=settings.KB_ZIP_MAX_TOTAL_BYTES,
+        max_entries=settings.KB_ZIP_MAX_ENTRIES,
+        max_member_bytes=settings.KB_MAX_UPLOAD_BYTES,
+    )
+    try:
+        members, skipped = extract_archive(filename=filename, data=data, limits=limits)
+    except ParseError as exc:
+        return [document_record_failure(
+            collection=collection, filename=filename, size=len(data), reason=str(exc),
+            uploaded_by=uploaded_by,
+        )]
+    outcomes = [
+        UploadOutcome(filename=f"{filename}/{item.name}", outcome="rejected", message=item.reason)
+        for item in skipped
+    ]
+    for member in members:
+        outcomes.append(document_upload(
+            collection=collection, filename=member.name, data=member.data,
+            uploaded_by=uploaded_by, display_name=f"{filename}/{member.name}",
+        ))
+    return outcomes
+
+
+def document_upload(
+    *,
+    collection: Collection,
+    filename: str,
+    data: bytes,
+    uploaded_by=None,
+    display_name: str | None = None,
+) -> UploadOutcome:
+    """Store one file and queue its ingestion, unless it is a duplicate.
+
+    - identical bytes already in the collection: reported as a duplicate, nothing new;
+    - same file name with new bytes: a new version of that document, re-ingested (its
+      unchanged passages keep their vectors through the embedding cache);
+    - otherwise a new document.
+    """
+    shown = display_name or filename
+    if not data:
+        return document_record_failure(
+            collection=collection, filename=shown, size=0, reason="The file is empty.",
+            uploaded_by=uploaded_by,
+        )
+    if len(data) > settings.KB_MAX_UPLOAD_BYTES:
+        limit_mb = settings.KB_MAX_UPLOAD_BYTES // (1024 * 1024)
+        return document_record_failure(
+            collection=collection, filename=shown, size=len(data), uploaded_by=uploaded_by,
+            reason=f"The file is {len(data) / 1024 / 1024:.1f} MB, over the {limit_mb} MB limit.",
+        )
+    content_hash = hashlib.sha256(data).hexdigest()
+    duplicate = (
+        Document.objects.filter(collection=collection, content_hash=content_hash)
+        .exclude(status=Document.Status.FAILED)
+        .order_by("pk")
+        .first()
+    )
+    if duplicate is not None:
+        return UploadOutcome(
+            filename=shown, outcome="duplicate", document=duplicate,
+            message=f"Identical to “{duplicate}” (document {duplicate.pk}); not ingested again.",
+        )
+    previous = (
+        Document.objects.filter(collection=collection, original_filename=shown)
+        .order_by("-pk")
+        .first()
+    )
+    with transaction.atomic():
+        if previous is not None:
+            document = Document.objects.select_for_update().get(pk=previous.pk)
+            old_file = document.file.name if document.file else None
+            outcome = "updated"
+        else:
+            document = Document(collection=collection, original_filename=shown, uploaded_by=uploaded_by)
+            old_file = None
+            outcome = "created"
+        document.content_hash = content_hash
+        document.size_bytes = len(data)
+        document.mime_type = sniff_mime_type(filename=filename, head=data[:4096])
+        if document.status != Document.Status.DISABLED:
+            document.status = Document.Status.PENDING
+        document.stage = Document.Stage.QUEUED
+        document.error_message = ""
+        document.file.save(filename, ContentFile(data), save=False)
+        document.save()
+        if old_file and old_file != document.file.name:
+            transaction.on_commit(lambda: document.file.storage.delete(old_file))
+        document_queue_ingest(document=document)
+    message = "New version queued for ingestion." if outcome == "updated" else "Queued for ingestion."
+    return UploadOutcome(filename=shown, outcome=outcome, document=document, message=message)
+
+
+def document_record_failure(
+    *, collection: Collection, filename: str, size: int, reason: str, uploaded_by=None
+) -> UploadOutcome:
+    """Keep a rejected upload visible as a failed document with its reason."""
+    document = Document.objects.create(
+        collection=collection,
+        original_filename=filename,
+        title=filename,
+        size_bytes=size,
+        content_hash="",
+        status=Document.Status.FAILED,
+        stage=Document.Stage.QUEUED,
+        error_message=reason,
+        uploaded_by=uploaded_by,
+    )
+    return UploadOutcome(filename=filename, outcome="rejected", document=document, message=reason)
+
+
+def document_queue_ingest(*, document: Document) -> None:
+    """Queue the document's ingestion once the current transaction commits."""
+    from kb import tasks
+
+    Document.objects.filter(pk=document.pk).update(
+        status=_status_while_processing(document), stage=Document.Stage.QUEUED, error_message=""
+    )
+    transaction.on_commit(lambda: tasks.enqueue("kb.tasks.document_ingest_task", document.pk))
+
+
+def _status_while_processing(document: Document) -> str:
+    return Document.Status.DISABLED if document.status == Document.Status.DISABLED else Document.Status.PENDING
+
+
+def document_retry(*, document: Document) -> bool:
+    """Queue a failed (or stalled) document again; False if it has no file to retry."""
+    if not document.file or not document.content_hash:
+        return False
+    document.status = Document.Status.PENDING
+    document_queue_ingest(document=document)
+    return True
+
+
+def _progress(document: Document, **fields) -> None:
+    fields.setdefault("heartbeat_at", timezone.now())
+    Document.objects.filter(pk=document.pk).update(**fields)
+    for name, value in fields.items():
+        if not hasattr(value, "resolve_expression"):
+            setattr(document, name, value)
+
+
+def document_ingest(*, document_id: int) -> Document:
+    """Parse, chunk, embed and index one document; safe to run again after any failure.
+
+    The new chunks are written as a new, unsearchable generation, embedded page by page
+    (vectors are committed as they come, so a killed run resumes from the cache), then
+    swapped in for the old generation in one transaction.
+    """
+    document = Document.objects.select_related("collection").filter(pk=document_id).first()
+    if document is None:
+        logger.info("Document %s was deleted before ingestion.", document_id)
+        return None
+    keep_disabled = document.status == Document.Status.DISABLED
+    generation = document.chunk_generation + 1
+    _progress(
+        document,
+        status=Document.Status.DISABLED if keep_disabled else Document.Status.PROCESSING,
+        stage=Document.Stage.PARSING,
+        attempts=F("attempts") + 1,
+        processing_started_at=timezone.now(),
+        processing_finished_at=None,
+        error_message="",
+        chunks_embedded=0,
+        chunks_total=0,
+    )
+    try:
+        _ingest_generation(document=document, generation=generation, keep_disabled=keep_disabled)
+    except (ParseError, ProviderError) as exc:
+        _ingest_failed(document=document, generation=generation, reason=str(exc))
+    except Exception as exc:
+        logger.exception("Ingestion of document %s failed", document.pk)
+        _ingest_failed(
+            document=document, generation=generation,
+            reason=f"Unexpected error while {document.stage}: {exc.__class__.__name__}: {exc}",
+        )
+    document.refresh_from_db()
+    return document
+
+
+def _ingest_generation(*, document: Document, generation: int, keep_disabled: bool) -> None:
+    with document.file.open("rb") as handle:
+        data = handle.read()
+    parsed = parse_document(
+        filename=document.original_filename,
+        data=data,
+        limits=ParseLimits(
+            max_file_bytes=settings.KB_MAX_UPLOAD_BYTES,
+            parse_timeout_seconds=settings.KB_PARSE_TIMEOUT_SECONDS,
+        ),
+    )
+    _progress(document, stage=Document.Stage.CHUNKING)
+    models = embeddings.embedding_models_written_on_ingest()
+    backend = embeddings.backend_for(models[0])
+    drafts = chunk_document(
+        parsed=parsed,
+        count_tokens=backend.count_tokens,
+        max_tokens=settings.KB_CHUNK_MAX_TOKENS,
+        overlap_tokens=settings.KB_CHUNK_OVERLAP_TOKENS,
+    )
+    if not drafts:
+        raise ParseError("No text could be extracted from this file.")
+    title = (parsed.title or PurePath(document.original_filename).stem)[:500]
+    inputs = [embedding_input(title=title, heading_path=d.heading_path, text=d.text) for d in drafts]
+    input_hashes = [hashlib.sha256(text.encode()).hexdigest() for text in inputs]
+    context = [" › ".join([title, *d.heading_path]) for d in drafts]
+
+    # Look the cache up before clearing a killed run's leftovers: they are part of it.
+    cached = {m.pk: embeddings.cached_vectors(model=m, input_hashes=input_hashes) for m in models}
+    with transaction.atomic():
+        Chunk.objects.filter(document=document, generation=generation).delete()
+        chunks = Chunk.objects.bulk_create([
+            Chunk(
+                document=document,
+                collection_id=document.collection_id,
+                generation=generation,
+                ordinal=draft.ordinal,
+                text=draft.text,
+                search_context=context[i],
+                embedding_input_hash=input_hashes[i],
+                token_count=draft.token_count,
+                heading_path=list(draft.heading_path),
+                char_start=draft.char_start,
+                char_end=draft.char_end,
+                page_start=draft.page_start,
+                page_end=draft.page_end,
+                searchable=False,
+            )
+            for i, draft in enumerate(drafts)
+        ])
+    total = len(chunks) * len(models)
+    _progress(
+        document,
+        title=title,
+        mime_type=parsed.mime_type,
+        metadata={**document.metadata, **parsed.metadata},
+        extracted_text=parsed.text,
+        stage=Document.Stage.EMBEDDING,
+        chunks_total=total,
+        chunks_embedded=0,
+    )
+    embedded = 0
+    for model in models:
+        hits = cached[model.pk]
+        ChunkEmbedding.objects.bulk_create([
+            ChunkEmbedding(chunk=c, embedding_model=model, embedding=hits[c.embedding_input_hash])
+            for c in chunks
+            if c.embedding_input_hash in hits
+        ])
+        embedded += sum(1 for c in chunks if c.embedding_input_hash in hits)
+        _progress(document, chunks_embedded=embedded)
+        missing = [i for i, c in enumerate(chunks) if c.embedding_input_hash not in hits]
+        page = embeddings.backend_for(model).batch_size
+        for start in range(0, len(missing), page):
+            indexes = missing[start : start + page]
+            vectors = embeddings.embed_texts(
+                model=model, texts=[inputs[i] for i in indexes], document=document
+            )
+            ChunkEmbedding.objects.bulk_create([
+                ChunkEmbedding(chunk=chunks[i], embedding_model=model, embedding=vector)
+                for i, vector in zip(indexes, vectors, strict=True)
+            ])
+            embedded += len(indexes)
+            _progress(document, chunks_embedded=embedded)
+
+    _progress(document, stage=Document.Stage.INDEXING)
+    with transaction.atomic():
+        current = Document.objects.select_for_update().filter(pk=document.pk).first()
+        if current is None:
+            return  # deleted while we worked; its chunks went with it
+        keep_disabled = keep_disabled or current.status == Document.Status.DISABLED
+        Chunk.objects.filter(document=document).exclude(generation=generation).delete()
+        if not keep_disabled:
+            Chunk.objects.filter(document=document, generation=generation).update(searchable=True)
+        Document.objects.filter(pk=document.pk).update(
+            chunk_generation=generation,
+            status=Document.Status.DISABLED if keep_disabled else Document.Status.READY,
+            stage=Document.Stage.DONE,
+            processing_finished_at=timezone.now(),
+            heartbeat_at=timezone.now(),
+        )
+        Collection.objects.filter(pk=document.collection_id).update(updated_at=timezone.now())
+
+
+def _ingest_failed(*, document: Document, generation: int, reason: str) -> None:
+    # The failed generation's chunks stay, unsearchable: their committed vectors are the
+    # cache a retry starts from, and the retry replaces them. The previous generation, if
+    # any, keeps serving search.
+    Document.objects.filter(pk=document.pk).update(
+        status=Document.Status.FAILED,
+        error_message=reason[:4000],
+        processing_finished_at=timezone.now(),
+        heartbeat_at=timezone.now(),
+    )
+
+
+def document_disable(*, document: Document) -> None:
+    """Take a document out of search without deleting anything."""
+    with transaction.atomic():
+        Document.objects.filter(pk=document.pk).update(status=Document.Status.DISABLED)
+        Chunk.objects.filter(document=document, searchable=True).update(searchable=False)
+        Collection.objects.filter(pk=document.collection_id).update(updated_at=timezone.now())
+
+
+def document_enable(*, document: Document) -> None:
+    """Put a disabled document back into search (or back in the queue if it never finished)."""
+    with transaction.atomic():
+        current = Document.objects.select_for_update().get(pk=document.pk)
+        if current.chunk_generation == 0:
+            current.status = Document.Status.PENDING
+            current.save(update_fields=["status"])
+            document_queue_ingest(document=current)
+            return
+        Document.objects.filter(pk=document.pk).update(status=Document.Status.READY)
+        Chunk.objects.filter(
+            document=document, generation=current.chunk_generation, searchable=False
+        ).update(searchable=True)
+        Collection.objects.filter(pk=document.collection_id).update(updated_at=timezone.now())
+
+
+def document_delete(*, document: Document) -> None:
+    """Delete a document, its chunks, vectors and stored file."""
+    file_name = document.file.name if document.file else None
+    storage = document.file.storage if document.file else None
+    with transaction.atomic():
+        collection_id = document.collection_id
+        document.delete()
+        Collection.objects.filter(pk=collection_id).update(updated_at=timezone.now())
+        if file_name:
+            transaction.on_commit(lambda: storage.delete(file_name))
+
+
+def documents_mark_stalled(*, older_than_seconds: int) -> int:
+    """Fail documents whose worker stopped beating (killed mid-document); they can be retried."""
+    cutoff = timezone.now() - timezone.timedelta(seconds=older_than_seconds)
+    return Document.objects.filter(
+        status=Document.Status.PROCESSING, heartbeat_at__lt=cutoff
+    ).update(
+        status=Document.Status.FAILED,
+        error_message="The worker stopped while processing this document (it may have been "
+        "restarted or killed). Retry to finish it; work already done is reused.",
+        processing_finished_at=timezone.now(),
+    )

@@ -1,0 +1,334 @@
+"""Django settings: the only module that reads the environment.
+
+Every variable is listed in README.md's configuration table. Nothing here connects to
+anything: the embedded database starts on first connection, and model providers are
+built lazily from KB_PROVIDERS by kb.providers.registry.
+"""
+
+import os
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+from kb.database import database_settings_from_url, embedded_database_settings
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if value.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be true or false, got {value!r}")
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from None
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from None
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+# --- Core ---------------------------------------------------------------------------------
+
+DEBUG = env_bool("DEBUG", False)
+KB_DATA_DIR = Path(env_str("KB_DATA_DIR", str(BASE_DIR / ".kb"))).expanduser()
+SECRET_KEY = env_str("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG and env_bool("KB_REQUIRE_SECRET_KEY", False):
+        raise ImproperlyConfigured("SECRET_KEY must be set in production.")
+    # A per-install key kept beside the data, so sessions survive restarts without config.
+    _key_file = KB_DATA_DIR / "secret_key"
+    try:
+        SECRET_KEY = _key_file.read_text().strip()
+    except OSError:
+        import secrets
+
+        SECRET_KEY = "insecure-local-" + secrets.token_urlsafe(40)
+        try:
+            KB_DATA_DIR.mkdir(parents=True, exist_ok=True)
+            _key_file.write_text(SECRET_KEY)
+            _key_file.chmod(0o600)
+        except OSError:
+            pass  # an unwritable data dir is reported clearly when the database starts
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_q",
+    "kb",
+    "search",
+    "chat",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "kb.urls"
+ASGI_APPLICATION = "kb.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -----------------------------------------------------------------------------
+
+DATABASE_URL = env_str("DATABASE_URL")
+if DATABASE_URL:
+    DATABASES = {"default": database_settings_from_url(DATABASE_URL)}
+else:
+    DATABASES = {
+        "default": embedded_database_settings(
+            Path(env_str("KB_PGDATA", str(KB_DATA_DIR / "pgdata"))).expanduser()
+        )
+    }
+DATABASES["default"]["CONN_MAX_AGE"] = env_int("KB_DB_CONN_MAX_AGE", 0)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DATABASES["default"].setdefault("OPTIONS", {})
+# A statement that runs away must not hold a request or a worker forever.
+DATABASES["default"]["OPTIONS"].setdefault(
+    "options", f"-c statement_timeout={env_int('KB_DB_STATEMENT_TIMEOUT_MS', 60_000)}"
+)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Caches -------------------------------------------------------------------------------
+
+REDIS_URL = env_str("REDIS_URL")
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                          "LOCATION": REDIS_URL}}
+else:
+    # One web process in the embedded setup, so a local-memory cache is shared by all
+    # requests; deployments with several processes set REDIS_URL (docs/DEPLOY.md).
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                          "LOCATION": "kb"}}
+    SILENCED_SYSTEM_CHECKS = ["django_ratelimit.E003", "django_ratelimit.W001"]
+
+# --- Auth, i18n, static -------------------------------------------------------------------
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "/admin/login/"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = KB_DATA_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "kb" / "static"]
+MEDIA_URL = "media/"
+MEDIA_ROOT = Path(env_str("KB_MEDIA_ROOT", str(KB_DATA_DIR / "media"))).expanduser()
+DATA_UPLOAD_MAX_NUMBER_FILES = 1000
+FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
+
+# --- Background tasks (django-q2, ORM broker on the same Postgres) ------------------------
+
+KB_TASKS_SYNC = env_bool("KB_TASKS_SYNC", False)
+KB_TASK_TIMEOUT_SECONDS = env_int("KB_TASK_TIMEOUT_SECONDS", 3600)
+Q_CLUSTER = {
+    "name": "kb",
+    "orm": "default",
+    "workers": env_int("KB_WORKERS", 2),
+    "recycle": 200,
+    # retry must exceed timeout, or a long job is handed to a second worker while the
+    # first is still running it. Failed jobs are not retried automatically (max_attempts
+    # 1): the services are idempotent and an editor retries from the admin.
+    "timeout": KB_TASK_TIMEOUT_SECONDS,
+    "retry": KB_TASK_TIMEOUT_SECONDS + 300,
+    "max_attempts": 1,
+    "ack_failures": True,
+    "save_limit": 1000,
+    "catch_up": False,
+    "poll": 0.5,
+    "label": "Background tasks",
+}
+
+# --- REST API -----------------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "kb.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "kb.api_errors.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Knowledge base API",
+    "DESCRIPTION": "Hybrid BM25 + vector search, documents, and cited RAG chat.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Swagger UI is served from the sidecar package's static files, never from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+RATELIMIT_ENABLE = env_bool("KB_RATELIMIT_ENABLE", True)
+KB_RATELIMITS = {
+    "search": env_str("KB_RATELIMIT_SEARCH", "120/m"),
+    "chat": env_str("KB_RATELIMIT_CHAT", "30/m"),
+    "upload": env_str("KB_RATELIMIT_UPLOAD", "60/m"),
+}
+
+# --- Model providers ----------------------------------------------------------------------
+# Each entry names its backend by dotted path; options are passed to the backend as
+# keyword arguments. Embedding models are keyed: the key is what `kb_reembed --model`
+# takes, and several can hold vectors at once while one serves search.
+
+OPENAI_API_KEY = env_str("OPENAI_API_KEY")
+OPENAI_BASE_URL = env_str("OPENAI_BASE_URL")  # Ollama, vLLM, LM Studio, llama.cpp, TEI...
+
+KB_PROVIDERS = {
+    "embedding": {
+        "minilm": {
+            "BACKEND": "kb.providers.local.SentenceTransformerEmbeddings",
+            "MODEL": env_str("KB_LOCAL_EMBEDDING_MODEL", "bundled:all-MiniLM-L6-v2"),
+        },
+        "openai": {
+            "BACKEND": "kb.providers.openai.OpenAIEmbeddings",
+            "MODEL": env_str("KB_OPENAI_EMBEDDING_MODEL", "text-embedding-3-small"),
+            "base_url": OPENAI_BASE_URL or None,
+            "api_key": OPENAI_API_KEY or None,
+        },
+    },
+    "chat": [
+        # Tried in order: primary, cheaper, then the extractive answerer, which cannot fail.
+        *(
+            [
+                {
+                    "BACKEND": "kb.providers.openai.OpenAIChat",
+                    "MODEL": env_str("KB_CHAT_MODEL", "gpt-4o-mini"),
+                    "base_url": OPENAI_BASE_URL or None,
+                    "api_key": OPENAI_API_KEY or None,
+                },
+                *(
+                    [{
+                        "BACKEND": "kb.providers.openai.OpenAIChat",
+                        "MODEL": env_str("KB_CHAT_FALLBACK_MODEL"),
+                        "base_url": OPENAI_BASE_URL or None,
+                        "api_key": OPENAI_API_KEY or None,
+                    }]
+                    if env_str("KB_CHAT_FALLBACK_MODEL")
+                    else []
+                ),
+            ]
+            if OPENAI_API_KEY or OPENAI_BASE_URL
+            else []
+        ),
+        {"BACKEND": "kb.providers.extractive.ExtractiveChat", "MODEL": "extractive"},
+    ],
+    "reranker": None,
+}
+if env_str("KB_EMBEDDING_BACKEND"):
+    KB_PROVIDERS["embedding"]["custom"] = {
+        "BACKEND": env_str("KB_EMBEDDING_BACKEND"),
+        "MODEL": env_str("KB_EMBEDDING_BACKEND_MODEL"),
+    }
+KB_DEFAULT_EMBEDDING_MODEL = env_str("KB_EMBEDDING_MODEL", "minilm")
+
+# USD per million tokens. Local models cost nothing but still record tokens and latency.
+KB_MODEL_PRICES = {
+    "text-embedding-3-small": {"input": 0.02, "output": 0.0},
+    "text-embedding-3-large": {"input": 0.13, "output": 0.0},
+    "gpt-4o-mini": {"input": 0.15, "output": 0.60},
+    "gpt-4o": {"input": 2.50, "output": 10.00},
+    "gpt-4.1-mini": {"input": 0.40, "output": 1.60},
+}
+
+# --- Ingestion ----------------------------------------------------------------------------
+
+KB_MAX_UPLOAD_BYTES = env_int("KB_MAX_UPLOAD_MB", 50) * 1024 * 1024
+KB_ZIP_MAX_TOTAL_BYTES = env_int("KB_ZIP_MAX_TOTAL_MB", 500) * 1024 * 1024
+KB_ZIP_MAX_ENTRIES = env_int("KB_ZIP_MAX_ENTRIES", 10_000)
+KB_PARSE_TIMEOUT_SECONDS = env_float("KB_PARSE_TIMEOUT_SECONDS", 120.0)
+KB_CHUNK_MAX_TOKENS = env_int("KB_CHUNK_MAX_TOKENS", 256)
+KB_CHUNK_OVERLAP_TOKENS = env_int("KB_CHUNK_OVERLAP_TOKENS", 32)
+
+# --- Retrieval ----------------------------------------------------------------------------
+
+KB_BM25_K1 = env_float("KB_BM25_K1", 0.9)
+KB_BM25_B = env_float("KB_BM25_B", 0.4)
+KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 100)
+KB_RRF_K = env_int("KB_RRF_K", 60)
+KB_CONVEX_ALPHA = env_float("KB_CONVEX_ALPHA", 0.5)
+KB_SEARCH_CANDIDATES = env_int("KB_SEARCH_CANDIDATES", 100)
+# Off by default: no offline reranker improved nDCG@10 on scifact (docs/RETRIEVAL.md).
+KB_RERANK_DEFAULT = env_bool("KB_RERANK_DEFAULT", False)
+KB_RERANK_TOP_N = env_int("KB_RERANK_TOP_N", 50)
+
+# --- Logging ------------------------------------------------------------------------------
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "django-q": {"level": "WARNING"},
+        "pgserver": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,20 @@
+"""URL map: the admin, the API, the chat page, health probes."""
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from kb import health, views
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    path("admin/", admin.site.urls),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("api/v1/", include("kb.api_urls")),
+    path("api/v1/", include("search.urls")),
+    path("", include("chat.urls")),
+    path("documents/<int:pk>/", views.document_source, name="document-source"),
+]

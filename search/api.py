@@ -1,0 +1,165 @@
+"""`/api/v1/search`: hybrid search over the API, GET with query parameters or POST JSON."""
+
+from __future__ import annotations
+
+import json
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from kb.models import ApiKey
+from kb.ratelimits import rate_limit_enforce
+from search import services
+
+
+class SearchFiltersSerializer(serializers.Serializer):
+    document_ids = serializers.ListField(child=serializers.IntegerField(min_value=1),
+                                         required=False, max_length=1000)
+    metadata = serializers.DictField(required=False, help_text="Document metadata must contain these pairs.")
+    created_after = serializers.DateTimeField(required=False)
+    created_before = serializers.DateTimeField(required=False)
+
+
+class JSONObjectField(serializers.Field):
+    """Accepts a JSON object, or a JSON string of one (for GET query parameters)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str):
+            try:
+                data = json.loads(data) if data.strip() else {}
+            except ValueError:
+                raise serializers.ValidationError("Must be a JSON object.") from None
+        if not isinstance(data, dict):
+            raise serializers.ValidationError("Must be a JSON object.")
+        nested = SearchFiltersSerializer(data=data)
+        nested.is_valid(raise_exception=True)
+        return nested.validated_data
+
+    def to_representation(self, value):
+        return value
+
+
+class SearchRequestSerializer(serializers.Serializer):
+    query = serializers.CharField(allow_blank=True, trim_whitespace=False, max_length=20000)
+    k = serializers.IntegerField(min_value=1, max_value=100, default=10)
+    mode = serializers.ChoiceField(choices=services.MODES, default="hybrid")
+    rerank = serializers.BooleanField(required=False, allow_null=True, default=None,
+                                      help_text="Rerank the fused top-N. Off by default (see docs/RETRIEVAL.md).")
+    collection = serializers.ListField(
+        child=serializers.SlugField(), required=False, default=list, max_length=50,
+        help_text="Collection slugs; all visible collections when empty.",
+    )
+    filters = JSONObjectField(required=False, default=dict)
+    fusion = serializers.ChoiceField(choices=services.FUSIONS, default="rrf")
+    explain = serializers.BooleanField(default=False)
+
+    def to_internal_value(self, data):
+        # GET passes `collection` once or repeated, or comma-separated.
+        if hasattr(data, "getlist"):
+            plain = {key: data.get(key) for key in data}
+            collections = []
+            for value in data.getlist("collection"):
+                collections += [part for part in value.split(",") if part]
+            plain["collection"] = collections
+            data = plain
+        elif isinstance(data, dict) and isinstance(data.get("collection"), str):
+            data = {**data, "collection": [data["collection"]]}
+        return super().to_internal_value(data)
+
+
+class SearchHitSerializer(serializers.Serializer):
+    chunk_id = serializers.IntegerField()
+    document_id = serializers.IntegerField()
+    document_title = serializers.CharField()
+    text = serializers.CharField()
+    snippet = serializers.CharField(help_text="HTML-escaped text with query terms in <mark>.")
+    score = serializers.FloatField()
+    heading_path = serializers.ListField(child=serializers.CharField())
+    page_start = serializers.IntegerField(allow_null=True)
+    page_end = serializers.IntegerField(allow_null=True)
+    url = serializers.CharField()
+    stages = serializers.DictField(required=False, help_text="Per-stage scores and ranks (explain=true).")
+
+
+class SearchResponseSerializer(serializers.Serializer):
+    query = serializers.CharField()
+    mode = serializers.CharField()
+    reranked = serializers.BooleanField()
+    results = SearchHitSerializer(many=True)
+    notices = serializers.ListField(child=serializers.CharField())
+    timings_ms = serializers.DictField(child=serializers.FloatField(), required=False)
+
+
+class SearchView(APIView):
+    """Hybrid search: BM25 in PostgreSQL + pgvector HNSW, fused with RRF, optionally reranked."""
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("query", OpenApiTypes.STR, required=True),
+            OpenApiParameter("k", OpenApiTypes.INT),
+            OpenApiParameter("mode", OpenApiTypes.STR, enum=list(services.MODES)),
+            OpenApiParameter("rerank", OpenApiTypes.BOOL),
+            OpenApiParameter("collection", OpenApiTypes.STR, many=True),
+            OpenApiParameter("filters", OpenApiTypes.STR, description="JSON object"),
+            OpenApiParameter("fusion", OpenApiTypes.STR, enum=list(services.FUSIONS)),
+            OpenApiParameter("explain", OpenApiTypes.BOOL),
+        ],
+        responses=SearchResponseSerializer,
+    )
+    def get(self, request: Request) -> Response:
+        return self._search(request, request.query_params)
+
+    @extend_schema(request=SearchRequestSerializer, responses=SearchResponseSerializer)
+    def post(self, request: Request) -> Response:
+        return self._search(request, request.data)
+
+    def _search(self, request: Request, data) -> Response:
+        rate_limit_enforce(request, group="search")
+        serializer = SearchRequestSerializer(data=data)
+        serializer.is_valid(raise_exception=True)
+        values = serializer.validated_data
+        filters = values["filters"]
+        params = services.SearchParams(
+            query=values["query"],
+            k=values["k"],
+            mode=values["mode"],
+            rerank=values["rerank"],
+            collections=tuple(values["collection"]),
+            document_ids=tuple(filters.get("document_ids", ())),
+            metadata=filters.get("metadata", {}),
+            created_after=filters.get("created_after"),
+            created_before=filters.get("created_before"),
+            fusion=values["fusion"],
+            explain=values["explain"],
+        )
+        api_key = request.auth if isinstance(request.auth, ApiKey) else None
+        result = services.search(params=params, user=request.user, api_key=api_key)
+        body = {
+            "query": values["query"],
+            "mode": result.mode,
+            "reranked": result.reranked,
+            "results": [
+                {
+                    "chunk_id": hit.chunk_id,
+                    "document_id": hit.document_id,
+                    "document_title": hit.document_title,
+                    "text": hit.text,
+                    "snippet": hit.snippet,
+                    "score": hit.score,
+                    "heading_path": hit.heading_path,
+                    "page_start": hit.page_start,
+                    "page_end": hit.page_end,
+                    "url": f"/documents/{hit.document_id}/#chunk-{hit.chunk_id}",
+                    **({"stages": hit.stages} if values["explain"] else {}),
+                }
+                for hit in result.hits
+            ],
+            "notices": result.notices,
+        }
+        if values["explain"]:
+            body["timings_ms"] = result.timings_ms
+        return Response(body)

@@ -1,0 +1,59 @@
+"""Snippets with the query's terms marked, built from the lexemes BM25 matched."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from django.utils.html import escape
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def highlighted_snippet(text: str, lexemes: Sequence[str], *, width: int = 240) -> str:
+    """An HTML-safe window of text around the densest run of query terms, terms in <mark>.
+
+    English stemming maps words to lexemes that are (almost always) prefixes of them, so
+    a word matches when it starts with a query lexeme; exact for the `simple` config.
+    """
+    stems = sorted({lexeme.lower() for lexeme in lexemes if len(lexeme) >= 2}, key=len, reverse=True)
+    spans = []
+    if stems:
+        for match in _WORD.finditer(text):
+            word = match.group().lower()
+            if any(word.startswith(stem) for stem in stems):
+                spans.append((match.start(), match.end()))
+    start = _best_window_start(text, spans, width)
+    end = min(len(text), start + width)
+    if start > 0:
+        space = text.find(" ", start, start + 30)
+        start = space + 1 if space != -1 else start
+    if end < len(text):
+        space = text.rfind(" ", end - 30, end)
+        end = space if space > start else end
+    pieces = []
+    cursor = start
+    for span_start, span_end in spans:
+        if span_start < start or span_end > end:
+            continue
+        pieces.append(escape(text[cursor:span_start]))
+        pieces.append(f"<mark>{escape(text[span_start:span_end])}</mark>")
+        cursor = span_end
+    pieces.append(escape(text[cursor:end]))
+    prefix = "… " if start > 0 else ""
+    suffix = " …" if end < len(text) else ""
+    return prefix + "".join(pieces).strip() + suffix
+
+
+def _best_window_start(text: str, spans: list[tuple[int, int]], width: int) -> int:
+    if not spans or len(text) <= width:
+        return 0
+    best_start, best_count = 0, -1
+    right = 0
+    for left, (span_start, _) in enumerate(spans):
+        while right < len(spans) and spans[right][1] <= span_start + width:
+            right += 1
+        if right - left > best_count:
+            best_count, best_start = right - left, span_start
+    # Lead in a little so the first term is not the first word.
+    return max(0, min(best_start - width // 5, len(text) - width))

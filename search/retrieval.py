@@ -1,0 +1,269 @@
+"""Candidate retrieval in PostgreSQL: BM25 over the postings index and HNSW vector search,
+both in one statement, so hybrid search costs one database round trip.
+
+This module is the one place where search SQL is hand-written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.conf import settings
+from django.db import connection
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Restrictions applied inside the SQL of both retrievers, so k results still come back."""
+
+    collection_ids: tuple[int, ...]
+    document_ids: tuple[int, ...] = ()
+    # Document.metadata must contain these key/value pairs (JSON containment, @>).
+    metadata: dict = field(default_factory=dict)
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+    @property
+    def needs_chunk_join(self) -> bool:
+        return bool(self.document_ids or self.metadata or self.created_after or self.created_before)
+
+
+@dataclass
+class Candidate:
+    chunk_id: int
+    bm25_score: float | None = None
+    bm25_rank: int | None = None
+    vector_similarity: float | None = None
+    vector_rank: int | None = None
+    document_id: int = 0
+    document_title: str = ""
+    text: str = ""
+    heading_path: list = field(default_factory=list)
+    page_start: int | None = None
+    page_end: int | None = None
+
+
+@dataclass
+class Retrieved:
+    candidates: list[Candidate]
+    query_lexemes: list[str]
+    vector_count: int = 0
+    bm25_count: int = 0
+
+
+def _filter_sql(filters: SearchFilters, params: dict, chunk: str = "c", document: str = "d") -> str:
+    clauses = []
+    if filters.document_ids:
+        params["f_documents"] = list(filters.document_ids)
+        clauses.append(f"{chunk}.document_id = ANY(%(f_documents)s)")
+    if filters.metadata:
+        params["f_metadata"] = json.dumps(filters.metadata)
+        clauses.append(f"{document}.metadata @> %(f_metadata)s::jsonb")
+    if filters.created_after:
+        params["f_after"] = filters.created_after
+        clauses.append(f"{document}.created_at >= %(f_after)s")
+    if filters.created_before:
+        params["f_before"] = filters.created_before
+        clauses.append(f"{document}.created_at < %(f_before)s")
+    return "".join(f" AND {clause}" for clause in clauses)
+
+
+def _bm25_ctes(filters: SearchFilters, params: dict) -> str:
+    """BM25 as Lucene scores it, over the lexemes PostgreSQL's text search produces:
+
+        score(D, Q) = Σ_{t ∈ Q} idf(t) · tf(t, D) · (k1 + 1) / (tf(t, D) + k1 · (1 − b + b · |D| / avgdl))
+        idf(t)      = ln(1 + (N − df(t) + 0.5) / (df(t) + 0.5))
+
+    Q is the set of distinct lexemes of to_tsvector(collection config, query); tf(t, D) is
+    the number of positions of t in the chunk's tsvector; |D| the chunk's lexeme count; N,
+    df and avgdl are per collection and cover searchable chunks only. The query is never
+    parsed as a tsquery, so no user input can be a syntax error.
+    """
+    join = ""
+    where = ""
+    if filters.needs_chunk_join:
+        join = (" JOIN kb_chunk c ON c.id = p.chunk_id"
+                " JOIN kb_document d ON d.id = c.document_id")
+        where = " WHERE TRUE" + _filter_sql(filters, params)
+    return f"""
+    query_terms AS (
+        SELECT col.id AS collection_id, u.lexeme
+        FROM kb_collection col
+        CROSS JOIN LATERAL unnest(to_tsvector(col.text_search_config::regconfig, %(query)s)) AS u
+        WHERE col.id = ANY(%(collections)s)
+    ),
+    weighted_terms AS (
+        SELECT t.collection_id, t.lexeme,
+               ln(1 + (s.chunk_count - t.document_frequency + 0.5) / (t.document_frequency + 0.5)) AS idf,
+               s.total_length::float8 / s.chunk_count AS avgdl
+        FROM query_terms q
+        JOIN search_termstatistic t ON t.collection_id = q.collection_id AND t.lexeme = q.lexeme
+        JOIN search_collectionstatistic s ON s.collection_id = q.collection_id
+        WHERE t.document_frequency > 0 AND s.chunk_count > 0
+    ),
+    bm25 AS (
+        SELECT p.chunk_id,
+               sum(w.idf * p.term_frequency * (%(k1)s + 1)
+                   / (p.term_frequency + %(k1)s * (1 - %(b)s + %(b)s * p.chunk_length / w.avgdl))) AS score
+        FROM weighted_terms w
+        JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme{join}{where}
+        GROUP BY p.chunk_id
+        ORDER BY score DESC, p.chunk_id
+        LIMIT %(limit)s
+    ),
+    bm25_ranked AS (
+        SELECT chunk_id, score, row_number() OVER (ORDER BY score DESC, chunk_id) AS rank FROM bm25
+    )"""
+
+
+def _vector_ctes(filters: SearchFilters, params: dict, *, model_id: int, dimensions: int,
+                 exact: bool) -> str:
+    """Cosine similarity on the model's own HNSW index (partial, over embedding::vector(d)).
+
+    The ORDER BY repeats the index expression and the WHERE its predicate, so the planner
+    can use the index; `exact` adds 0 to the distance, which no index can serve, to get an
+    exact scan over the filtered rows when HNSW's candidate list was starved by filters.
+    """
+    distance = f"(e.embedding::vector({dimensions})) <=> %(qvec)s::vector({dimensions})"
+    order = f"({distance}) + 0" if exact else distance
+    document_join = (" JOIN kb_document d ON d.id = c.document_id"
+                     if filters.metadata or filters.created_after or filters.created_before else "")
+    return f"""
+    vec AS (
+        SELECT e.chunk_id, {distance} AS distance
+        FROM kb_chunkembedding e
+        JOIN kb_chunk c ON c.id = e.chunk_id{document_join}
+        WHERE e.embedding_model_id = {int(model_id)}
+          AND c.searchable AND c.collection_id = ANY(%(collections)s){_filter_sql(filters, params)}
+        ORDER BY {order}
+        LIMIT %(limit)s
+    ),
+    vec_ranked AS (
+        SELECT chunk_id, 1 - distance AS similarity,
+               row_number() OVER (ORDER BY distance, chunk_id) AS rank
+        FROM vec
+    )"""
+
+
+def retrieve_candidates(
+    *,
+    query: str,
+    query_vector: list[float] | None,
+    filters: SearchFilters,
+    use_bm25: bool,
+    model_id: int | None = None,
+    dimensions: int | None = None,
+    limit: int = 100,
+    exact_vector: bool = False,
+) -> Retrieved:
+    """Top-`limit` BM25 and/or vector candidates with their chunk data, in one statement."""
+    use_vector = query_vector is not None and model_id is not None
+    if not filters.collection_ids or not (use_bm25 or use_vector):
+        return Retrieved(candidates=[], query_lexemes=[])
+    params: dict = {
+        "query": query,
+        "collections": list(filters.collection_ids),
+        "limit": limit,
+        "k1": float(settings.KB_BM25_K1),
+        "b": float(settings.KB_BM25_B),
+    }
+    ctes = []
+    if use_bm25:
+        ctes.append(_bm25_ctes(filters, params))
+    if use_vector:
+        params["qvec"] = "[" + ",".join(repr(float(x)) for x in query_vector) + "]"
+        ctes.append(_vector_ctes(filters, params, model_id=model_id, dimensions=dimensions,
+                                 exact=exact_vector))
+    if use_bm25 and use_vector:
+        candidates = """
+    candidates AS (
+        SELECT coalesce(b.chunk_id, v.chunk_id) AS chunk_id, b.score AS bm25_score, b.rank AS bm25_rank,
+               v.similarity, v.rank AS vector_rank
+        FROM bm25_ranked b FULL OUTER JOIN vec_ranked v ON v.chunk_id = b.chunk_id
+    )"""
+    elif use_bm25:
+        candidates = """
+    candidates AS (
+        SELECT chunk_id, score AS bm25_score, rank AS bm25_rank,
+               NULL::float8 AS similarity, NULL::bigint AS vector_rank
+        FROM bm25_ranked
+    )"""
+    else:
+        candidates = """
+    candidates AS (
+        SELECT chunk_id, NULL::float8 AS bm25_score, NULL::bigint AS bm25_rank,
+               similarity, rank AS vector_rank
+        FROM vec_ranked
+    )"""
+    lexemes = (
+        "(SELECT array_agg(DISTINCT lexeme) FROM query_terms)" if use_bm25 else "NULL::text[]"
+    )
+    sql = f"""
+    WITH {",".join([*ctes, candidates])}
+    SELECT k.chunk_id, k.bm25_score, k.bm25_rank, k.similarity, k.vector_rank,
+           c.document_id, coalesce(nullif(d.title, ''), d.original_filename), c.text,
+           c.heading_path, c.page_start, c.page_end, {lexemes}
+    FROM candidates k
+    JOIN kb_chunk c ON c.id = k.chunk_id
+    JOIN kb_document d ON d.id = c.document_id
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    candidates_out = []
+    lexemes_out: list[str] = []
+    for row in rows:
+        heading_path = row[8]
+        if isinstance(heading_path, str):
+            heading_path = json.loads(heading_path)
+        candidates_out.append(Candidate(
+            chunk_id=row[0], bm25_score=row[1], bm25_rank=row[2], vector_similarity=row[3],
+            vector_rank=row[4], document_id=row[5], document_title=row[6], text=row[7],
+            heading_path=heading_path or [], page_start=row[9], page_end=row[10],
+        ))
+        lexemes_out = row[11] or lexemes_out
+    if use_bm25 and not rows:
+        lexemes_out = query_lexemes(query=query, collection_ids=filters.collection_ids)
+    return Retrieved(
+        candidates=candidates_out,
+        query_lexemes=list(lexemes_out),
+        vector_count=sum(1 for c in candidates_out if c.vector_rank is not None),
+        bm25_count=sum(1 for c in candidates_out if c.bm25_rank is not None),
+    )
+
+
+def query_lexemes(*, query: str, collection_ids: tuple[int, ...]) -> list[str]:
+    """The lexemes a query reduces to under the collections' text-search configurations."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT DISTINCT u.lexeme FROM kb_collection col "
+            "CROSS JOIN LATERAL unnest(to_tsvector(col.text_search_config::regconfig, %s)) AS u "
+            "WHERE col.id = ANY(%s)",
+            [query, list(collection_ids)],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def ts_rank_top(*, query: str, collection_id: int, limit: int = 10) -> list[tuple[int, float]]:
+    """Postgres ts_rank over the same tsvectors and matches as BM25, for the benchmark.
+
+    ts_rank is not BM25 (no idf, no length saturation); it is here only as a baseline.
+    """
+    sql = """
+    WITH q AS (
+        SELECT to_tsquery('simple', string_agg(quote_literal(u.lexeme), ' | ')) AS tsq
+        FROM kb_collection col
+        CROSS JOIN LATERAL unnest(to_tsvector(col.text_search_config::regconfig, %(query)s)) AS u
+        WHERE col.id = %(collection)s
+    )
+    SELECT c.id, ts_rank(c.search_vector, q.tsq) AS rank
+    FROM kb_chunk c, q
+    WHERE c.collection_id = %(collection)s AND c.searchable AND c.search_vector @@ q.tsq
+    ORDER BY rank DESC, c.id
+    LIMIT %(limit)s
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {"query": query, "collection": collection_id, "limit": limit})
+        return cursor.fetchall()

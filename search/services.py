@@ -1,0 +1,257 @@
+"""The search service: the one path every caller (API, chat, kb_eval) goes through."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from threading import Lock
+
+from django.conf import settings
+
+from kb import embeddings
+from kb.models import EmbeddingModel, UsageRecord
+from kb.providers import registry
+from kb.providers.base import ProviderError
+from kb.usage import usage_record_create
+from search import selectors
+from search.fusion import convex_fusion, reciprocal_rank_fusion
+from search.highlight import highlighted_snippet
+from search.retrieval import Candidate, SearchFilters, retrieve_candidates
+
+logger = logging.getLogger(__name__)
+
+MODES = ("bm25", "vector", "hybrid")
+FUSIONS = ("rrf", "convex")
+MAX_QUERY_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    query: str
+    k: int = 10
+    mode: str = "hybrid"
+    # None means "the configured default" (settings.KB_RERANK_DEFAULT).
+    rerank: bool | None = None
+    collections: tuple[str, ...] = ()
+    document_ids: tuple[int, ...] = ()
+    metadata: dict = field(default_factory=dict)
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    fusion: str = "rrf"
+    explain: bool = False
+    candidates: int = 100
+
+
+@dataclass
+class SearchHit:
+    chunk_id: int
+    document_id: int
+    document_title: str
+    text: str
+    snippet: str
+    score: float
+    heading_path: list
+    page_start: int | None
+    page_end: int | None
+    stages: dict = field(default_factory=dict)
+
+
+@dataclass
+class SearchResult:
+    hits: list[SearchHit]
+    mode: str
+    reranked: bool
+    timings_ms: dict
+    notices: list[str] = field(default_factory=list)
+    query_lexemes: list[str] = field(default_factory=list)
+
+
+class QueryVectorCache:
+    """A small in-process LRU of query embeddings: repeated queries skip the model."""
+
+    def __init__(self, size: int = 2048):
+        self.size = size
+        self._items: OrderedDict[tuple, list[float]] = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, key: tuple) -> list[float] | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: list[float]) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+query_vector_cache = QueryVectorCache()
+
+
+def query_vector(*, model: EmbeddingModel, text: str, user=None, api_key=None) -> list[float]:
+    """The query's embedding, from the LRU when seen before (recorded as a cache hit)."""
+    key = (model.pk, text)
+    cached = query_vector_cache.get(key)
+    if cached is not None:
+        usage_record_create(
+            kind=UsageRecord.Kind.EMBEDDING, provider=embeddings.backend_for(model).provider_name,
+            model=model.model_name or model.key, cache_hit=True, user=user, api_key=api_key,
+        )
+        return cached
+    vector = embeddings.embed_query(model=model, text=text, user=user, api_key=api_key)
+    query_vector_cache.put(key, vector)
+    return vector
+
+
+def search(*, params: SearchParams, user=None, api_key=None, record_usage: bool = True) -> SearchResult:
+    """Hybrid (or single-mode) retrieval, fusion and optional reranking, with timings."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    notices: list[str] = []
+    text = params.query[:MAX_QUERY_CHARS]
+    collection_ids = selectors.collection_ids_for_search(user=user, slugs=params.collections)
+    filters = SearchFilters(
+        collection_ids=tuple(collection_ids),
+        document_ids=tuple(params.document_ids),
+        metadata=params.metadata,
+        created_after=params.created_after,
+        created_before=params.created_before,
+    )
+    mode = params.mode
+    model = None
+    vector = None
+    if mode in {"vector", "hybrid"} and text.strip():
+        model = selectors.embedding_model_for_search()
+        if model is None:
+            notices.append("No embedding model is active yet; showing keyword (BM25) results.")
+            mode = "bm25"
+        else:
+            t = time.perf_counter()
+            try:
+                vector = query_vector(model=model, text=text, user=user, api_key=api_key)
+            except ProviderError as exc:
+                logger.warning("Query embedding failed, falling back to BM25: %s", exc)
+                notices.append("The embedding service is unavailable; showing keyword (BM25) results only.")
+                mode = "bm25"
+            timings["embed"] = _ms(t)
+    elif mode in {"vector", "hybrid"}:
+        vector = None
+    limit = max(params.k, params.candidates)
+    t = time.perf_counter()
+    retrieved = retrieve_candidates(
+        query=text,
+        query_vector=vector,
+        filters=filters,
+        use_bm25=mode in {"bm25", "hybrid"},
+        model_id=model.pk if model and vector is not None else None,
+        dimensions=model.dimensions if model else None,
+        limit=limit,
+    )
+    timings["retrieve"] = _ms(t)
+    if vector is not None and retrieved.vector_count < min(limit, params.k) and filters.needs_chunk_join:
+        # HNSW returns ef_search neighbours before filtering; a selective filter can starve
+        # it. Re-run exactly over the filtered rows so k matching rows give k results.
+        t = time.perf_counter()
+        retrieved = retrieve_candidates(
+            query=text, query_vector=vector, filters=filters, use_bm25=mode in {"bm25", "hybrid"},
+            model_id=model.pk, dimensions=model.dimensions, limit=limit, exact_vector=True,
+        )
+        timings["retrieve_exact"] = _ms(t)
+
+    t = time.perf_counter()
+    scored = _fuse(retrieved.candidates, mode=mode, fusion=params.fusion)
+    timings["fuse"] = _ms(t)
+
+    use_rerank = settings.KB_RERANK_DEFAULT if params.rerank is None else params.rerank
+    reranked = False
+    rerank_scores: dict[int, tuple[float, int]] = {}
+    if use_rerank and scored:
+        backend = registry.reranker_backend()
+        if backend is None:
+            notices.append("Reranking is not configured (KB_PROVIDERS['reranker']); results are fused only.")
+        else:
+            t = time.perf_counter()
+            try:
+                scored, rerank_scores = _rerank(
+                    backend, text, scored, top_n=settings.KB_RERANK_TOP_N, user=user, api_key=api_key
+                )
+                reranked = True
+            except ProviderError as exc:
+                logger.warning("Reranker failed, keeping fused order: %s", exc)
+                notices.append("The reranker is unavailable; results are in fused order.")
+            timings["rerank"] = _ms(t)
+
+    hits = []
+    for rank, (candidate, score) in enumerate(scored[: params.k], start=1):
+        hit = SearchHit(
+            chunk_id=candidate.chunk_id,
+            document_id=candidate.document_id,
+            document_title=candidate.document_title,
+            text=candidate.text,
+            snippet=highlighted_snippet(candidate.text, retrieved.query_lexemes),
+            score=score,
+            heading_path=candidate.heading_path,
+            page_start=candidate.page_start,
+            page_end=candidate.page_end,
+        )
+        if params.explain:
+            hit.stages = _explain(candidate, fused_score=score, fused_rank=rank,
+                                  rerank=rerank_scores.get(candidate.chunk_id), scored=scored)
+        hits.append(hit)
+    timings["total"] = _ms(started)
+    if record_usage:
+        usage_record_create(
+            kind=UsageRecord.Kind.SEARCH, provider="postgres", model=mode,
+            latency_ms=timings["total"], user=user, api_key=api_key,
+        )
+    return SearchResult(hits=hits, mode=mode, reranked=reranked, timings_ms=timings,
+                        notices=notices, query_lexemes=retrieved.query_lexemes)
+
+
+def _fuse(candidates: list[Candidate], *, mode: str, fusion: str) -> list[tuple[Candidate, float]]:
+    if mode == "bm25":
+        return sorted(((c, c.bm25_score or 0.0) for c in candidates if c.bm25_rank is not None),
+                      key=lambda pair: (-pair[1], pair[0].chunk_id))
+    if mode == "vector":
+        return sorted(((c, c.vector_similarity or 0.0) for c in candidates if c.vector_rank is not None),
+                      key=lambda pair: (-pair[1], pair[0].chunk_id))
+    if fusion == "convex":
+        return convex_fusion(candidates, alpha=settings.KB_CONVEX_ALPHA)
+    return reciprocal_rank_fusion(candidates, k=settings.KB_RRF_K)
+
+
+def _rerank(backend, query: str, scored, *, top_n: int, user, api_key):
+    from kb.usage import tracked_model_call
+
+    head, tail = scored[:top_n], scored[top_n:]
+    with tracked_model_call(
+        kind=UsageRecord.Kind.RERANK, provider=backend.provider_name, model=backend.model,
+        user=user, api_key=api_key,
+    ) as call:
+        result = backend.rerank(query, [c.text for c, _ in head])
+        call.input_tokens = result.input_tokens
+    order = sorted(range(len(head)), key=lambda i: (-result.scores[i], i))
+    details = {head[i][0].chunk_id: (result.scores[i], rank) for rank, i in enumerate(order, start=1)}
+    return [(head[i][0], result.scores[i]) for i in order] + tail, details
+
+
+def _explain(candidate: Candidate, *, fused_score: float, fused_rank: int, rerank, scored) -> dict:
+    stages = {
+        "bm25": {"score": candidate.bm25_score, "rank": candidate.bm25_rank},
+        "vector": {"similarity": candidate.vector_similarity, "rank": candidate.vector_rank},
+        "fused": {"score": fused_score, "rank": fused_rank},
+    }
+    if rerank is not None:
+        stages["rerank"] = {"score": rerank[0], "rank": rerank[1]}
+    return stages
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
