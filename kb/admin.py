@@ -137,16 +137,28 @@ class ChunkInline(admin.TabularInline):
         return obj.page_start
 
 
-class UploadForm(forms.Form):
-    collection = forms.ModelChoiceField(queryset=Collection.objects.all(), empty_label=None)
-    files = forms.FileField(
-        widget=forms.ClearableFileInput(attrs={"allow_multiple_selected": True}),
-        help_text="PDF, DOCX, HTML, Markdown, text, or a zip of these. Several files at once are fine.",
-    )
+class MultipleFileInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleFileField(forms.FileField):
+    """A file field that takes several files (Django's documented pattern)."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("widget", MultipleFileInput())
         super().__init__(*args, **kwargs)
-        self.fields["files"].widget.allow_multiple_selected = True
+
+    def clean(self, data, initial=None):
+        files = data if isinstance(data, list | tuple) else [data]
+        return [super(MultipleFileField, self).clean(item, initial) for item in files]
+
+
+class UploadForm(forms.Form):
+    collection = forms.ModelChoiceField(queryset=Collection.objects.all(), empty_label=None)
+    files = MultipleFileField(
+        allow_empty_file=True,
+        help_text="PDF, DOCX, HTML, Markdown, text, or a zip of these. Several files at once are fine.",
+    )
 
 
 @admin.register(Document)
@@ -226,7 +238,7 @@ class DocumentAdmin(admin.ModelAdmin):
         form = UploadForm(request.POST or None, request.FILES or None)
         if request.method == "POST" and form.is_valid():
             outcomes = []
-            for upload in request.FILES.getlist("files"):
+            for upload in form.cleaned_data["files"]:
                 outcomes += services.documents_upload(
                     collection=form.cleaned_data["collection"],
                     filename=upload.name,

@@ -9,7 +9,9 @@ server, the others attach to it, and the last process to exit stops it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -79,7 +81,9 @@ def embedded_server_start(pgdata: Path):
         logging.getLogger("pgserver").setLevel(logging.WARNING)
         os.environ.setdefault("XDG_RUNTIME_DIR", str(_runtime_dir()))
         import pgserver
+        from pgserver.postgres_server import PostgresServer
 
+        _prune_dead_handles(pgdata, PostgresServer._lock)
         try:
             server = pgserver.get_server(pgdata, cleanup_mode="stop")
         except Exception as exc:  # pgserver raises bare CalledProcessError/AssertionError
@@ -89,6 +93,9 @@ def embedded_server_start(pgdata: Path):
                 f"See {log_file}; if the directory is damaged, move it away and start again."
             ) from exc
         _create_database_if_missing(server)
+        # atexit runs last-registered first: prune before pgserver's own cleanup decides
+        # whether this is the last process holding the server.
+        atexit.register(_prune_dead_handles, pgdata, PostgresServer._lock)
         _servers[pgdata] = server
         return server
 
@@ -106,6 +113,22 @@ def embedded_server_stop(pgdata: Path) -> None:
         server = _servers.pop(pgdata, None)
     if server is not None:
         server.cleanup()
+
+
+def _prune_dead_handles(pgdata: Path, lock) -> None:
+    """Forget processes that died without releasing the server (killed, or forked workers
+    that exit without running atexit); otherwise the last real process never stops it."""
+    import psutil
+
+    handles = pgdata / ".handle_pids.json"
+    with lock:
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if pid == os.getpid() or psutil.pid_exists(pid)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
 
 
 def _runtime_dir() -> Path:

@@ -85,6 +85,10 @@ def embedding_model_index_create(*, model: EmbeddingModel) -> None:
     dimensions = int(model.dimensions)
     concurrently = "" if connection.in_atomic_block else "CONCURRENTLY"
     with connection.cursor() as cursor:
+        if connection.in_atomic_block:
+            # Inside a transaction (tests, or a caller's atomic block) the index is built
+            # plainly, and deferred foreign-key checks must run first or Postgres refuses.
+            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
         cursor.execute(
             f"CREATE INDEX {concurrently} IF NOT EXISTS {model.hnsw_index_name} "
             f"ON kb_chunkembedding USING hnsw ((embedding::vector({dimensions})) vector_cosine_ops) "
@@ -224,20 +228,26 @@ def reembed_run(*, model_id: int, activate: bool = False) -> EmbeddingModel:
 def _embed_chunks(*, model: EmbeddingModel, chunks: Sequence[Chunk]) -> None:
     from kb.ingestion.chunking import embedding_input
 
-    inputs = [
-        embedding_input(title=c.document.title, heading_path=c.heading_path, text=c.text)
-        for c in chunks
-    ]
     cached = cached_vectors(model=model, input_hashes=[c.embedding_input_hash for c in chunks])
-    missing = [i for i, c in enumerate(chunks) if c.embedding_input_hash not in cached]
-    fresh = embed_texts(model=model, texts=[inputs[i] for i in missing])
-    vectors = {chunks[i].pk: vector for i, vector in zip(missing, fresh, strict=True)}
-    for chunk in chunks:
-        vectors.setdefault(chunk.pk, cached.get(chunk.embedding_input_hash))
     ChunkEmbedding.objects.bulk_create(
-        [ChunkEmbedding(chunk_id=pk, embedding_model=model, embedding=v) for pk, v in vectors.items()],
+        [ChunkEmbedding(chunk=c, embedding_model=model, embedding=cached[c.embedding_input_hash])
+         for c in chunks if c.embedding_input_hash in cached],
         ignore_conflicts=True,  # a chunk embedded meanwhile by ingestion keeps its vector
     )
+    missing = [c for c in chunks if c.embedding_input_hash not in cached]
+    batch_size = backend_for(model).batch_size
+    # Vectors are committed batch by batch, so a failure loses at most one batch of work.
+    for start in range(0, len(missing), batch_size):
+        batch = missing[start : start + batch_size]
+        vectors = embed_texts(model=model, texts=[
+            embedding_input(title=c.document.title, heading_path=c.heading_path, text=c.text)
+            for c in batch
+        ])
+        ChunkEmbedding.objects.bulk_create(
+            [ChunkEmbedding(chunk=c, embedding_model=model, embedding=v)
+             for c, v in zip(batch, vectors, strict=True)],
+            ignore_conflicts=True,
+        )
 
 
 def embedding_model_activate(*, model: EmbeddingModel) -> EmbeddingModel:

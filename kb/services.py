@@ -10,6 +10,7 @@ import hashlib
 import logging
 import re
 import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 
@@ -78,7 +79,8 @@ def collection_reindex(*, collection: Collection) -> int:
 
 
 def documents_upload(
-    *, collection: Collection, filename: str, data: bytes, uploaded_by=None
+    *, collection: Collection, filename: str, data: bytes, uploaded_by=None,
+    metadata: dict | None = None, queue: bool = True,
 ) -> list[UploadOutcome]:
     """Store an upload and queue its ingestion; a zip becomes one document per member.
 
@@ -92,7 +94,8 @@ def documents_upload(
         return _archive_upload(
             collection=collection, filename=filename, data=data, uploaded_by=uploaded_by
         )
-    return [document_upload(collection=collection, filename=filename, data=data, uploaded_by=uploaded_by)]
+    return [document_upload(collection=collection, filename=filename, data=data,
+                            uploaded_by=uploaded_by, metadata=metadata, queue=queue)]
 
 
 def _archive_upload(
@@ -129,6 +132,8 @@ def document_upload(
     data: bytes,
     uploaded_by=None,
     display_name: str | None = None,
+    metadata: dict | None = None,
+    queue: bool = True,
 ) -> UploadOutcome:
     """Store one file and queue its ingestion, unless it is a duplicate.
 
@@ -136,6 +141,9 @@ def document_upload(
     - same file name with new bytes: a new version of that document, re-ingested (its
       unchanged passages keep their vectors through the embedding cache);
     - otherwise a new document.
+
+    metadata is stored on the document (a "title" key overrides the parsed title). With
+    queue=False the caller ingests it itself (documents_ingest_batch).
     """
     shown = display_name or filename
     if not data:
@@ -182,11 +190,14 @@ def document_upload(
             document.status = Document.Status.PENDING
         document.stage = Document.Stage.QUEUED
         document.error_message = ""
+        if metadata:
+            document.metadata = {**document.metadata, **metadata}
         document.file.save(filename, ContentFile(data), save=False)
         document.save()
         if old_file and old_file != document.file.name:
             transaction.on_commit(lambda: document.file.storage.delete(old_file))
-        document_queue_ingest(document=document)
+        if queue:
+            document_queue_ingest(document=document)
     message = "New version queued for ingestion." if outcome == "updated" else "Queued for ingestion."
     return UploadOutcome(filename=shown, outcome=outcome, document=document, message=message)
 
@@ -240,13 +251,73 @@ def _progress(document: Document, **fields) -> None:
             setattr(document, name, value)
 
 
-def document_ingest(*, document_id: int) -> Document:
-    """Parse, chunk, embed and index one document; safe to run again after any failure.
+def document_ingest(*, document_id: int) -> Document | None:
+    """Parse, chunk, embed and index one document; safe to run again after any failure."""
+    documents = documents_ingest_batch(document_ids=[document_id])
+    return documents[0] if documents else None
 
-    The new chunks are written as a new, unsearchable generation, embedded page by page
-    (vectors are committed as they come, so a killed run resumes from the cache), then
-    swapped in for the old generation in one transaction.
+
+@dataclass
+class _PreparedDocument:
+    """A document parsed and chunked, its new generation written, waiting for vectors."""
+
+    document: Document
+    generation: int
+    keep_disabled: bool
+    chunks: list[Chunk]
+    inputs: list[str]
+    # Per embedding model id: indexes into chunks that still need a vector.
+    missing: dict[int, list[int]]
+    embedded: int = 0
+    total: int = 0
+    failed: bool = False
+
+
+def documents_ingest_batch(
+    *, document_ids: Sequence[int], on_embedded: Callable[[int], None] | None = None
+) -> list[Document]:
+    """Ingest several documents, embedding their chunks together in full model batches.
+
+    Small documents would otherwise give the model tiny batches; here the chunks of all
+    documents share batches, which keeps the pipeline close to the raw embedder's speed.
+    Each document still succeeds or fails on its own:
+
+    1. parse and chunk; write the chunks as a new, unsearchable generation, copying any
+       vectors the cache already has (including those a killed run committed);
+    2. embed the rest in batches, committing vectors as they come;
+    3. swap the new generation in for the old one in one transaction per document.
     """
+    models = embeddings.embedding_models_written_on_ingest()
+    prepared: list[_PreparedDocument] = []
+    for document_id in document_ids:
+        item = _ingest_prepare(document_id=document_id, models=models)
+        if item is not None:
+            prepared.append(item)
+    for model in models:
+        _ingest_embed(prepared=prepared, model=model, on_embedded=on_embedded)
+    for item in prepared:
+        if not item.failed:
+            _ingest_finalize(item)
+    documents = Document.objects.in_bulk([item for item in document_ids])
+    return [documents[pk] for pk in document_ids if pk in documents]
+
+
+def _ingest_guarded(item_document: Document, generation: int, work: Callable[[], object]):
+    """Run one step for one document; a failure marks only that document failed."""
+    try:
+        return work()
+    except (ParseError, ProviderError) as exc:
+        _ingest_failed(document=item_document, generation=generation, reason=str(exc))
+    except Exception as exc:
+        logger.exception("Ingestion of document %s failed", item_document.pk)
+        _ingest_failed(
+            document=item_document, generation=generation,
+            reason=f"Unexpected error while {item_document.stage}: {exc.__class__.__name__}: {exc}",
+        )
+    return None
+
+
+def _ingest_prepare(*, document_id: int, models: list) -> _PreparedDocument | None:
     document = Document.objects.select_related("collection").filter(pk=document_id).first()
     if document is None:
         logger.info("Document %s was deleted before ingestion.", document_id)
@@ -264,21 +335,14 @@ def document_ingest(*, document_id: int) -> Document:
         chunks_embedded=0,
         chunks_total=0,
     )
-    try:
-        _ingest_generation(document=document, generation=generation, keep_disabled=keep_disabled)
-    except (ParseError, ProviderError) as exc:
-        _ingest_failed(document=document, generation=generation, reason=str(exc))
-    except Exception as exc:
-        logger.exception("Ingestion of document %s failed", document.pk)
-        _ingest_failed(
-            document=document, generation=generation,
-            reason=f"Unexpected error while {document.stage}: {exc.__class__.__name__}: {exc}",
-        )
-    document.refresh_from_db()
-    return document
+    return _ingest_guarded(document, generation, lambda: _prepare_generation(
+        document=document, generation=generation, keep_disabled=keep_disabled, models=models,
+    ))
 
 
-def _ingest_generation(*, document: Document, generation: int, keep_disabled: bool) -> None:
+def _prepare_generation(
+    *, document: Document, generation: int, keep_disabled: bool, models: list
+) -> _PreparedDocument:
     with document.file.open("rb") as handle:
         data = handle.read()
     parsed = parse_document(
@@ -290,7 +354,6 @@ def _ingest_generation(*, document: Document, generation: int, keep_disabled: bo
         ),
     )
     _progress(document, stage=Document.Stage.CHUNKING)
-    models = embeddings.embedding_models_written_on_ingest()
     backend = embeddings.backend_for(models[0])
     drafts = chunk_document(
         parsed=parsed,
@@ -300,10 +363,10 @@ def _ingest_generation(*, document: Document, generation: int, keep_disabled: bo
     )
     if not drafts:
         raise ParseError("No text could be extracted from this file.")
-    title = (parsed.title or PurePath(document.original_filename).stem)[:500]
+    title = (document.metadata.get("title") or parsed.title
+             or PurePath(document.original_filename).stem)[:500]
     inputs = [embedding_input(title=title, heading_path=d.heading_path, text=d.text) for d in drafts]
     input_hashes = [hashlib.sha256(text.encode()).hexdigest() for text in inputs]
-    context = [" › ".join([title, *d.heading_path]) for d in drafts]
 
     # Look the cache up before clearing a killed run's leftovers: they are part of it.
     cached = {m.pk: embeddings.cached_vectors(model=m, input_hashes=input_hashes) for m in models}
@@ -316,7 +379,7 @@ def _ingest_generation(*, document: Document, generation: int, keep_disabled: bo
                 generation=generation,
                 ordinal=draft.ordinal,
                 text=draft.text,
-                search_context=context[i],
+                search_context=" › ".join([title, *draft.heading_path]),
                 embedding_input_hash=input_hashes[i],
                 token_count=draft.token_count,
                 heading_path=list(draft.heading_path),
@@ -328,52 +391,83 @@ def _ingest_generation(*, document: Document, generation: int, keep_disabled: bo
             )
             for i, draft in enumerate(drafts)
         ])
+        missing: dict[int, list[int]] = {}
+        embedded = 0
+        for model in models:
+            hits = cached[model.pk]
+            ChunkEmbedding.objects.bulk_create([
+                ChunkEmbedding(chunk=c, embedding_model=model, embedding=hits[c.embedding_input_hash])
+                for c in chunks
+                if c.embedding_input_hash in hits
+            ])
+            missing[model.pk] = [i for i, c in enumerate(chunks) if c.embedding_input_hash not in hits]
+            embedded += len(chunks) - len(missing[model.pk])
     total = len(chunks) * len(models)
     _progress(
         document,
         title=title,
         mime_type=parsed.mime_type,
-        metadata={**document.metadata, **parsed.metadata},
+        metadata={**parsed.metadata, **document.metadata},
         extracted_text=parsed.text,
         stage=Document.Stage.EMBEDDING,
         chunks_total=total,
-        chunks_embedded=0,
+        chunks_embedded=embedded,
     )
-    embedded = 0
-    for model in models:
-        hits = cached[model.pk]
-        ChunkEmbedding.objects.bulk_create([
-            ChunkEmbedding(chunk=c, embedding_model=model, embedding=hits[c.embedding_input_hash])
-            for c in chunks
-            if c.embedding_input_hash in hits
-        ])
-        embedded += sum(1 for c in chunks if c.embedding_input_hash in hits)
-        _progress(document, chunks_embedded=embedded)
-        missing = [i for i, c in enumerate(chunks) if c.embedding_input_hash not in hits]
-        page = embeddings.backend_for(model).batch_size
-        for start in range(0, len(missing), page):
-            indexes = missing[start : start + page]
-            vectors = embeddings.embed_texts(
-                model=model, texts=[inputs[i] for i in indexes], document=document
-            )
-            ChunkEmbedding.objects.bulk_create([
-                ChunkEmbedding(chunk=chunks[i], embedding_model=model, embedding=vector)
-                for i, vector in zip(indexes, vectors, strict=True)
-            ])
-            embedded += len(indexes)
-            _progress(document, chunks_embedded=embedded)
+    return _PreparedDocument(
+        document=document, generation=generation, keep_disabled=keep_disabled, chunks=chunks,
+        inputs=inputs, missing=missing, embedded=embedded, total=total,
+    )
 
+
+def _ingest_embed(*, prepared: list[_PreparedDocument], model, on_embedded) -> None:
+    pending = [(item, i) for item in prepared if not item.failed for i in item.missing[model.pk]]
+    batch_size = embeddings.backend_for(model).batch_size
+    for start in range(0, len(pending), batch_size):
+        batch = [(item, i) for item, i in pending[start : start + batch_size] if not item.failed]
+        if not batch:
+            continue
+        documents = list({id(item): item for item, _ in batch}.values())
+        try:
+            vectors = embeddings.embed_texts(
+                model=model,
+                texts=[item.inputs[i] for item, i in batch],
+                document=documents[0].document if len(documents) == 1 else None,
+            )
+        except Exception as exc:
+            # The provider failed after its own retries: these documents fail (their
+            # committed vectors stay as cache for the retry); the others go on.
+            reason = str(exc) if isinstance(exc, ProviderError) else (
+                f"Embedding failed: {exc.__class__.__name__}: {exc}")
+            if not isinstance(exc, ProviderError):
+                logger.exception("Embedding batch failed")
+            for item in documents:
+                item.failed = True
+                _ingest_failed(document=item.document, generation=item.generation, reason=reason)
+            continue
+        ChunkEmbedding.objects.bulk_create([
+            ChunkEmbedding(chunk=item.chunks[i], embedding_model=model, embedding=vector)
+            for (item, i), vector in zip(batch, vectors, strict=True)
+        ])
+        for item in documents:
+            item.embedded += sum(1 for other, _ in batch if other is item)
+            _progress(item.document, chunks_embedded=item.embedded)
+        if on_embedded is not None:
+            on_embedded(len(batch))
+
+
+def _ingest_finalize(item: _PreparedDocument) -> None:
+    document = item.document
     _progress(document, stage=Document.Stage.INDEXING)
     with transaction.atomic():
         current = Document.objects.select_for_update().filter(pk=document.pk).first()
         if current is None:
             return  # deleted while we worked; its chunks went with it
-        keep_disabled = keep_disabled or current.status == Document.Status.DISABLED
-        Chunk.objects.filter(document=document).exclude(generation=generation).delete()
+        keep_disabled = item.keep_disabled or current.status == Document.Status.DISABLED
+        Chunk.objects.filter(document=document).exclude(generation=item.generation).delete()
         if not keep_disabled:
-            Chunk.objects.filter(document=document, generation=generation).update(searchable=True)
+            Chunk.objects.filter(document=document, generation=item.generation).update(searchable=True)
         Document.objects.filter(pk=document.pk).update(
-            chunk_generation=generation,
+            chunk_generation=item.generation,
             status=Document.Status.DISABLED if keep_disabled else Document.Status.READY,
             stage=Document.Stage.DONE,
             processing_finished_at=timezone.now(),

@@ -1,7 +1,8 @@
 """Builds provider backends from settings.KB_PROVIDERS, lazily, once per process.
 
 Like Django's CACHES: each entry names a BACKEND by dotted path and carries options.
-Backends are cached per entry so a model is loaded once, not per request.
+Backends are cached per entry (the key includes the entry's options, so a changed
+setting builds a new backend) so a model is loaded once, not per request.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 from kb.providers.base import ChatBackend, EmbeddingBackend, RerankBackend
@@ -83,12 +83,3 @@ def reranker_backend() -> RerankBackend | None:
 def reranker_backend_for(entry: dict) -> RerankBackend:
     """A reranker from an explicit entry (used by kb_eval to compare rerankers)."""
     return _cached(("reranker", repr(sorted(entry.items()))), entry, RerankBackend)
-
-
-def _clear_on_settings_change(*, setting: str, **kwargs) -> None:
-    if setting == "KB_PROVIDERS":
-        with _lock:
-            _cache.clear()
-
-
-setting_changed.connect(_clear_on_settings_change)

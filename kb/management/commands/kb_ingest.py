@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import glob
-from contextlib import nullcontext
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
-from django.test.utils import override_settings
 from tqdm import tqdm
 
 from kb import services
@@ -42,11 +40,15 @@ class Command(BaseCommand):
         files = expand_paths(paths)
         target = services.collection_get_or_create(slug=collection)
         outcomes = []
-        with override_settings(KB_TASKS_SYNC=True) if sync else nullcontext():
-            for path in tqdm(files, desc="Ingesting", unit="file", disable=not files):
-                outcomes += services.documents_upload(
-                    collection=target, filename=path.name, data=path.read_bytes()
-                )
+        for path in tqdm(files, desc="Uploading", unit="file", disable=not files):
+            outcomes += services.documents_upload(
+                collection=target, filename=path.name, data=path.read_bytes(), queue=not sync
+            )
+        if sync:
+            # One batch for everything, so small files share full embedding batches.
+            pending = [o.document.pk for o in outcomes if o.outcome in {"created", "updated"}]
+            with tqdm(desc="Embedding", unit="chunk", disable=not pending) as bar:
+                services.documents_ingest_batch(document_ids=pending, on_embedded=bar.update)
         failures = []
         for outcome in outcomes:
             document = outcome.document

@@ -1,0 +1,554 @@
+/* The chat page: streams answers over SSE, links [n] citations to a source panel, keeps history.
+ * Model output is only ever inserted as text nodes; citation links are built with the DOM API. */
+(function () {
+  "use strict";
+
+  const root = document.getElementById("chat");
+  if (!root) return;
+
+  const $ = (sel) => root.querySelector(sel);
+  const els = {
+    list: $('[data-testid="message-list"]'),
+    form: $(".composer"),
+    input: $('[data-testid="question-input"]'),
+    send: $('[data-testid="send-button"]'),
+    stop: $('[data-testid="stop-button"]'),
+    newChat: $('[data-testid="new-chat-button"]'),
+    collection: $('[data-testid="collection-select"]'),
+    conversations: $('[data-testid="conversation-list"]'),
+    sidebarStatus: $(".sidebar-status"),
+    sidebarToggle: $(".sidebar-toggle"),
+    sidebarClose: $(".sidebar-close"),
+    backdrop: $(".chat-backdrop"),
+    panel: $('[data-testid="source-panel"]'),
+    panelN: $(".source-n"),
+    panelTitle: $('[data-testid="source-panel-title"]'),
+    panelMeta: $(".source-meta"),
+    panelText: $('[data-testid="source-panel-text"]'),
+    panelOpen: $(".source-open"),
+    panelClose: $(".source-close"),
+  };
+  const urls = {
+    chat: root.dataset.chatUrl || "/api/v1/chat",
+    conversations: root.dataset.conversationsUrl || "/api/v1/conversations",
+    messages: root.dataset.messagesUrl || "/api/v1/chat/messages",
+  };
+  const emptyState = els.list.querySelector(".empty-state");
+  const state = { conversationId: null, controller: null, panelOpener: null };
+
+  // --- Small helpers ------------------------------------------------------------------------
+
+  function el(tag, attrs, text) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v !== null && v !== undefined) node.setAttribute(k, v);
+    }
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function csrfToken() {
+    const m = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+    if (m) return decodeURIComponent(m[1]);
+    const input = root.querySelector('input[name="csrfmiddlewaretoken"]');
+    return input ? input.value : "";
+  }
+
+  async function getJSON(url) {
+    const response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+    if (!response.ok) throw new Error(await errorText(response));
+    return response.json();
+  }
+
+  // A non-2xx response is JSON {"error": {"code", "message"}}; fall back to the status line.
+  async function errorText(response) {
+    try {
+      const body = await response.json();
+      if (body && body.error && body.error.message) return body.error.message;
+      if (body && body.detail) return String(body.detail);
+    } catch (e) { /* not JSON */ }
+    if (response.status === 429) return "Too many requests. Please wait a moment and try again.";
+    return `The server answered ${response.status} ${response.statusText}.`.replace(" .", ".");
+  }
+
+  function nearBottom() {
+    const l = els.list;
+    return l.scrollHeight - l.scrollTop - l.clientHeight < 80;
+  }
+
+  function scrollToBottom() {
+    els.list.scrollTop = els.list.scrollHeight;
+  }
+
+  // Below this width the source panel floats over the conversation instead of taking a column.
+  const isOverlay = () => window.matchMedia("(max-width: 1023px)").matches;
+
+  // --- Rendering messages --------------------------------------------------------------------
+
+  function clearMessages() {
+    els.list.replaceChildren(emptyState);
+    emptyState.hidden = false;
+  }
+
+  function addUserMessage(text) {
+    emptyState.hidden = true;
+    const node = el("div", { class: "message message-user", "data-testid": "user-message" });
+    node.append(el("div", { class: "message-body" }, text));
+    els.list.append(node);
+    return node;
+  }
+
+  // One assistant bubble: its raw text, citations and status live on this object.
+  function addAssistantMessage() {
+    emptyState.hidden = true;
+    const node = el("article", { class: "message message-assistant", "data-testid": "assistant-message", "aria-label": "Answer" });
+    const bubble = {
+      node, text: "", citations: new Map(), messageId: null, rendered: false,
+      header: el("div", { class: "message-header" }),
+      body: el("div", { class: "message-body" }),
+      footer: el("div", { class: "message-footer" }),
+    };
+    node.append(bubble.header, bubble.body, bubble.footer);
+    els.list.append(node);
+    setStatus(bubble, "streaming");
+    return bubble;
+  }
+
+  function setStatus(bubble, status) {
+    bubble.node.dataset.status = status;
+    bubble.node.setAttribute("aria-busy", status === "streaming" ? "true" : "false");
+  }
+
+  function setMode(bubble, mode, notice) {
+    bubble.header.replaceChildren();
+    if (mode === "extracted") {
+      bubble.header.append(el("span", { class: "mode-label", "data-testid": "mode-label" }, "Extracted from sources (not generated)"));
+    }
+    if (notice) bubble.header.append(el("p", { class: "message-notice" }, notice));
+  }
+
+  function setCitations(bubble, citations) {
+    bubble.citations = new Map((citations || []).map((c) => [Number(c.n), c]));
+  }
+
+  // Text with [n] (or [1, 2]) markers → text nodes and citation links; unknown n stay plain text.
+  function renderBody(bubble) {
+    const active = document.activeElement;
+    const refocus = active && bubble.body.contains(active) ? active.dataset.n : null;
+    const frag = document.createDocumentFragment();
+    const pattern = /\[(\d+(?:\s*,\s*\d+)*)\]/g;
+    let last = 0;
+    for (const match of bubble.text.matchAll(pattern)) {
+      const nums = match[1].split(",").map((s) => Number(s.trim()));
+      if (!nums.some((n) => bubble.citations.has(n))) continue;
+      frag.append(bubble.text.slice(last, match.index));
+      nums.forEach((n, i) => {
+        if (i > 0) frag.append(" ");
+        frag.append(bubble.citations.has(n) ? citationLink(bubble.citations.get(n)) : `[${n}]`);
+      });
+      last = match.index + match[0].length;
+    }
+    frag.append(bubble.text.slice(last));
+    bubble.body.replaceChildren(frag);
+    if (refocus) {
+      const again = bubble.body.querySelector(`[data-n="${refocus}"]`);
+      if (again) again.focus();
+    }
+    bubble.rendered = true;
+  }
+
+  function citationLink(c) {
+    const link = el("a", {
+      class: "cite", href: c.url || "#", "data-testid": "citation-link", "data-n": String(c.n),
+      "aria-controls": "source-panel", title: c.document_title || "",
+      "aria-label": `Source ${c.n}: ${c.document_title || "passage"}`,
+    }, `[${c.n}]`);
+    link._citation = c;
+    return link;
+  }
+
+  // Under a finished answer: the sources it actually cites, as buttons into the source panel.
+  function renderSources(bubble, cited) {
+    bubble.node.querySelector(".message-sources")?.remove();
+    const ns = (cited && cited.length ? cited : [...bubble.citations.keys()]).filter((n) => bubble.citations.has(Number(n)));
+    if (!ns.length) return;
+    const list = el("ol", { class: "message-sources", "aria-label": "Sources" });
+    for (const n of ns) {
+      const c = bubble.citations.get(Number(n));
+      const button = el("button", { type: "button", class: "source-chip", "aria-controls": "source-panel" });
+      button.append(el("span", { class: "source-chip-n" }, `[${c.n}]`), ` ${c.document_title || "Untitled"}${c.page ? `, p. ${c.page}` : ""}`);
+      button._citation = c;
+      const item = el("li");
+      item.append(button);
+      list.append(item);
+    }
+    bubble.body.after(list);
+  }
+
+  // A state line under the bubble (Stopped, an error, Connection lost) with optional actions.
+  function showNotice(bubble, kind, message, actions) {
+    bubble.footer.replaceChildren();
+    const attrs = { class: `message-state state-${kind}` };
+    if (kind === "error") Object.assign(attrs, { "data-testid": "error-message", role: "alert" });
+    const line = el("p", attrs, message);
+    for (const [label, handler] of actions || []) {
+      const button = el("button", { type: "button", class: "state-action" }, label);
+      button.addEventListener("click", handler);
+      line.append(" ", button);
+    }
+    bubble.footer.append(line);
+  }
+
+  const STATUS_FROM_SERVER = { complete: "complete", interrupted: "stopped", streaming: "streaming", error: "error" };
+
+  function renderStoredAssistant(bubble, message) {
+    bubble.messageId = message.id || bubble.messageId;
+    bubble.text = message.content || "";
+    setCitations(bubble, message.citations);
+    if (message.mode) setMode(bubble, message.mode, message.notice);
+    renderBody(bubble);
+    renderSources(bubble);
+    const status = STATUS_FROM_SERVER[message.status] || "complete";
+    setStatus(bubble, status === "streaming" ? "stopped" : status);
+    bubble.footer.replaceChildren();
+    if (message.status === "interrupted") showNotice(bubble, "stopped", "Stopped");
+    if (message.status === "streaming") {
+      showNotice(bubble, "info", "This answer is still being written.", [["Load final answer", () => loadFinal(bubble)]]);
+    }
+  }
+
+  // --- Sending and streaming ------------------------------------------------------------------
+
+  // Incremental SSE parser: feed it decoded text; it calls onEvent(name, data) per complete event.
+  function sseParser(onEvent) {
+    let buffer = "", name = "", data = [];
+    function line(text) {
+      if (text === "") {
+        if (data.length) onEvent(name || "message", data.join("\n"));
+        name = ""; data = [];
+      } else if (text[0] === ":") {
+        // heartbeat / comment
+      } else {
+        const i = text.indexOf(":");
+        const field = i === -1 ? text : text.slice(0, i);
+        let value = i === -1 ? "" : text.slice(i + 1);
+        if (value[0] === " ") value = value.slice(1);
+        if (field === "event") name = value;
+        else if (field === "data") data.push(value);
+      }
+    }
+    return {
+      push(chunk) {
+        buffer += chunk;
+        // A trailing "\r" may be the first half of "\r\n" split across reads: hold it back.
+        const hold = buffer.endsWith("\r") ? "\r" : "";
+        const lines = (hold ? buffer.slice(0, -1) : buffer).split(/\r\n|\r|\n/);
+        buffer = lines.pop() + hold;
+        lines.forEach(line);
+      },
+      end() {
+        if (buffer.replace(/\r$/, "")) line(buffer.replace(/\r$/, ""));
+        buffer = "";
+        line("");
+      },
+    };
+  }
+
+  function setStreaming(on) {
+    els.send.disabled = on;
+    els.stop.disabled = !on;
+    els.list.setAttribute("aria-busy", on ? "true" : "false");
+    // The focused Stop button is about to be disabled: keep keyboard focus somewhere useful.
+    if (!on && document.activeElement === els.stop) els.input.focus();
+  }
+
+  async function send(message) {
+    if (state.controller || !message) return;
+    const userNode = addUserMessage(message);
+    const bubble = addAssistantMessage();
+    scrollToBottom();
+    const controller = new AbortController();
+    state.controller = controller;
+    setStreaming(true);
+    let finished = false;
+    let frame = 0;
+    const handle = (name, raw) => {
+      let data;
+      try { data = JSON.parse(raw); } catch (e) { return; }
+      const stick = nearBottom();
+      if (name === "meta") {
+        if (data.conversation_id) state.conversationId = data.conversation_id;
+        bubble.messageId = data.message_id || bubble.messageId;
+        setMode(bubble, data.mode, data.notice);
+      } else if (name === "citations") {
+        setCitations(bubble, data.citations);
+        renderBody(bubble);
+      } else if (name === "delta") {
+        bubble.text += data.text || "";
+        // Re-render at most once per frame; long answers stream many small deltas.
+        if (!frame) frame = requestAnimationFrame(() => { frame = 0; renderBody(bubble); if (stick) scrollToBottom(); });
+      } else if (name === "done") {
+        finished = true;
+        if (data.message_id) bubble.messageId = data.message_id;
+        renderBody(bubble);
+        renderSources(bubble, data.cited);
+        setStatus(bubble, "complete");
+      } else if (name === "error") {
+        finished = true;
+        renderBody(bubble);
+        setStatus(bubble, "error");
+        showNotice(bubble, "error", data.message || "Something went wrong while answering.");
+      }
+      if (stick) scrollToBottom();
+    };
+    const retry = () => {
+      if (state.controller) return;
+      userNode.remove();
+      bubble.node.remove();
+      send(message);
+    };
+    try {
+      const response = await fetch(urls.chat, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json", Accept: "text/event-stream", "X-CSRFToken": csrfToken() },
+        body: JSON.stringify({ message, conversation_id: state.conversationId, collection: els.collection.value || null, stream: true }),
+        signal: controller.signal,
+      });
+      if (!response.ok) {
+        finished = true;
+        const text = await errorText(response);
+        showNotice(bubble, "error", text, response.status >= 500 ? [["Retry", retry]] : []);
+        setStatus(bubble, "error");
+        return;
+      }
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      const parser = sseParser(handle);
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        parser.push(decoder.decode(value, { stream: true }));
+      }
+      parser.push(decoder.decode());
+      parser.end();
+      if (!finished) connectionLost(bubble, retry);
+    } catch (err) {
+      cancelAnimationFrame(frame);
+      frame = 0;
+      if (!finished) {
+        renderBody(bubble);
+        if (err.name === "AbortError") {
+          setStatus(bubble, "stopped");
+          showNotice(bubble, "stopped", "Stopped");
+        } else {
+          connectionLost(bubble, retry);
+        }
+      }
+    } finally {
+      if (state.controller === controller) state.controller = null;
+      setStreaming(false);
+      loadConversations();
+    }
+  }
+
+  function connectionLost(bubble, retry) {
+    if (bubble.text) renderBody(bubble);
+    setStatus(bubble, "error");
+    if (bubble.messageId) {
+      showNotice(bubble, "error", "Connection lost.", [["Load final answer", () => loadFinal(bubble)]]);
+    } else {
+      showNotice(bubble, "error", "Could not reach the server. Check your connection.", [["Retry", retry]]);
+    }
+  }
+
+  async function loadFinal(bubble) {
+    showNotice(bubble, "info", "Loading the final answer…");
+    try {
+      const message = await getJSON(`${urls.messages}/${encodeURIComponent(bubble.messageId)}`);
+      renderStoredAssistant(bubble, message);
+    } catch (err) {
+      setStatus(bubble, "error");
+      showNotice(bubble, "error", `Could not load the answer: ${err.message}`, [["Try again", () => loadFinal(bubble)]]);
+    }
+  }
+
+  function stop() {
+    if (state.controller) state.controller.abort();
+  }
+
+  // --- History --------------------------------------------------------------------------------
+
+  async function loadConversations() {
+    try {
+      const data = await getJSON(urls.conversations);
+      const items = Array.isArray(data) ? data : data.results || [];
+      els.conversations.replaceChildren(...items.map(conversationItem));
+      els.sidebarStatus.textContent = items.length ? "" : "No conversations yet.";
+    } catch (err) {
+      els.sidebarStatus.textContent = `Could not load history: ${err.message}`;
+    }
+  }
+
+  function conversationItem(c) {
+    const button = el("button", { type: "button", class: "conversation", "data-id": c.id });
+    if (c.id === state.conversationId) button.setAttribute("aria-current", "true");
+    button.append(el("span", { class: "conversation-title" }, c.title || "Untitled conversation"));
+    if (c.updated_at) {
+      const when = new Date(c.updated_at);
+      if (!isNaN(when)) button.append(el("time", { class: "conversation-time", datetime: c.updated_at }, when.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" })));
+    }
+    button.addEventListener("click", () => openConversation(c.id));
+    const li = el("li");
+    li.append(button);
+    return li;
+  }
+
+  async function openConversation(id) {
+    stop();
+    closeSidebar();
+    closePanel(false);
+    try {
+      const conv = await getJSON(`${urls.conversations}/${encodeURIComponent(id)}`);
+      state.conversationId = conv.id;
+      clearMessages();
+      for (const m of conv.messages || []) {
+        if (m.role === "user") addUserMessage(m.content || "");
+        else if (m.role === "assistant") renderStoredAssistant(addAssistantMessage(), m);
+      }
+      if (conv.collection && [...els.collection.options].some((o) => o.value === conv.collection)) els.collection.value = conv.collection;
+      markCurrent();
+      scrollToBottom();
+      els.input.focus();
+    } catch (err) {
+      els.sidebarStatus.textContent = `Could not open the conversation: ${err.message}`;
+    }
+  }
+
+  function markCurrent() {
+    for (const b of els.conversations.querySelectorAll(".conversation")) {
+      if (b.dataset.id === state.conversationId) b.setAttribute("aria-current", "true");
+      else b.removeAttribute("aria-current");
+    }
+  }
+
+  function newChat() {
+    stop();
+    state.conversationId = null;
+    clearMessages();
+    closePanel(false);
+    closeSidebar();
+    markCurrent();
+    els.input.value = "";
+    autosize();
+    els.input.focus();
+  }
+
+  // --- Source panel and sidebar ------------------------------------------------------------------
+
+  function openPanel(citation, opener) {
+    state.panelOpener = opener || null;
+    els.panelN.textContent = `[${citation.n}]`;
+    els.panelTitle.textContent = citation.document_title || "Untitled document";
+    const meta = [];
+    if (citation.page) meta.push(`Page ${citation.page}`);
+    if (citation.heading_path && citation.heading_path.length) meta.push(citation.heading_path.join(" › "));
+    els.panelMeta.textContent = meta.join(" · ");
+    els.panelMeta.hidden = !meta.length;
+    els.panelText.textContent = citation.text || "";
+    els.panelOpen.href = citation.url || "#";
+    els.panelOpen.hidden = !citation.url;
+    for (const a of els.list.querySelectorAll(".cite.is-active")) a.classList.remove("is-active");
+    if (opener && opener.classList.contains("cite")) opener.classList.add("is-active");
+    els.panel.hidden = false;
+    root.classList.add("has-source");
+    syncBackdrop();
+    els.panel.scrollTop = 0;
+    // Move focus where it is useful: into the overlay on small screens, keep reading flow on desktop.
+    if (isOverlay()) els.panelClose.focus();
+    else els.panel.focus({ preventScroll: true });
+  }
+
+  function closePanel(restoreFocus = true) {
+    if (els.panel.hidden) return;
+    els.panel.hidden = true;
+    root.classList.remove("has-source");
+    for (const a of els.list.querySelectorAll(".cite.is-active")) a.classList.remove("is-active");
+    syncBackdrop();
+    if (restoreFocus && state.panelOpener && document.contains(state.panelOpener)) state.panelOpener.focus();
+    state.panelOpener = null;
+  }
+
+  function openSidebar() {
+    root.classList.add("sidebar-open");
+    els.sidebarToggle.setAttribute("aria-expanded", "true");
+    syncBackdrop();
+    els.newChat.focus();
+  }
+
+  function closeSidebar() {
+    if (!root.classList.contains("sidebar-open")) return;
+    root.classList.remove("sidebar-open");
+    els.sidebarToggle.setAttribute("aria-expanded", "false");
+    syncBackdrop();
+  }
+
+  function syncBackdrop() {
+    const overlay = root.classList.contains("sidebar-open") || (!els.panel.hidden && isOverlay());
+    els.backdrop.hidden = !overlay;
+  }
+
+  // --- Wiring ---------------------------------------------------------------------------------
+
+  function autosize() {
+    els.input.style.height = "auto";
+    els.input.style.height = `${Math.min(els.input.scrollHeight, 200)}px`;
+  }
+
+  function submit() {
+    const message = els.input.value.trim();
+    if (!message || state.controller) return;
+    els.input.value = "";
+    autosize();
+    send(message);
+  }
+
+  els.form.addEventListener("submit", (e) => { e.preventDefault(); submit(); });
+  els.input.addEventListener("input", autosize);
+  els.input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submit(); }
+  });
+  els.stop.addEventListener("click", stop);
+  els.newChat.addEventListener("click", newChat);
+  els.panelClose.addEventListener("click", () => closePanel());
+  els.sidebarToggle.addEventListener("click", () => (root.classList.contains("sidebar-open") ? closeSidebar() : openSidebar()));
+  els.sidebarClose.addEventListener("click", () => { closeSidebar(); els.sidebarToggle.focus(); });
+  els.backdrop.addEventListener("click", () => { closePanel(); closeSidebar(); });
+  window.addEventListener("resize", syncBackdrop);
+
+  // Citation links are real links (middle-click opens the document); a plain click opens the panel.
+  els.list.addEventListener("click", (e) => {
+    const target = e.target.closest(".cite, .source-chip");
+    if (!target || !target._citation) return;
+    if (e.button !== 0 || e.metaKey || e.ctrlKey || e.shiftKey || e.altKey) return;
+    e.preventDefault();
+    openPanel(target._citation, target);
+  });
+
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Escape" || e.defaultPrevented) return;
+    if (!els.panel.hidden) closePanel();
+    else if (state.controller) stop();
+    else if (root.classList.contains("sidebar-open")) { closeSidebar(); els.sidebarToggle.focus(); }
+    else return;
+    e.preventDefault();
+  });
+
+  // ?collection=<slug> (links from the home page) wins over the server's default.
+  const wanted = new URLSearchParams(window.location.search).get("collection") || root.dataset.defaultCollection;
+  if (wanted && [...els.collection.options].some((o) => o.value === wanted)) els.collection.value = wanted;
+
+  setStreaming(false);
+  autosize();
+  loadConversations();
+})();

@@ -1,0 +1,121 @@
+"""Management commands: kb_ingest's summary and exit status, and `serve` as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from http.cookiejar import CookieJar
+from pathlib import Path
+
+import psutil
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from kb.models import Document
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "fixtures" / "samples"
+
+
+@pytest.mark.django_db
+def test_kb_ingest_sync_ingests_a_directory_and_summarises(capsys):
+    """Files from a directory are ingested in this process and summarised."""
+    call_command("kb_ingest", str(SAMPLES), "--collection", "cli", "--sync")
+
+    out = capsys.readouterr().out
+    assert "5 files: 5 new" in out and "0 failed" in out
+    assert Document.objects.filter(collection__slug="cli", status="ready").count() == 5
+
+
+@pytest.mark.django_db
+def test_kb_ingest_names_each_failure_and_exits_non_zero(tmp_path, capsys):
+    """A bad file makes the command fail, naming the file and its reason; good files still land."""
+    (tmp_path / "good.md").write_text("# Title\n\nSome real text about tides and harbours.\n")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(CommandError) as error:
+        call_command("kb_ingest", str(tmp_path / "*"), "--sync")
+
+    assert error.value.returncode == 1
+    assert "FAILED empty.txt: The file is empty." in capsys.readouterr().err
+    assert Document.objects.filter(original_filename="good.md", status="ready").exists()
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except (urllib.error.URLError, ConnectionError):
+        return 0, b""
+
+
+@pytest.mark.slow
+def test_serve_starts_everything_and_stops_cleanly(tmp_path):
+    """`serve` on a fresh data dir: admin password printed, demo ingested, clean Ctrl-C."""
+    port = 18000 + os.getpid() % 1000
+    env = {**os.environ, "KB_DATA_DIR": str(tmp_path / "data"), "KB_ADMIN_PASSWORD": "",
+           "KB_WORKERS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("DATABASE_URL", None)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            output.append(line)
+            if "Press Ctrl-C" in line or process.poll() is not None:
+                break
+        text = "".join(output)
+        assert "Password:" in text, text
+        password = text.split("Password:")[1].split()[0]
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while _get(f"{base}/healthz")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _get(f"{base}/readyz")[0] == 200
+
+        # Log in to the admin with the printed credentials, as a new user would.
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        login_page = opener.open(f"{base}/admin/login/").read().decode()
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', login_page).group(1)
+        form = urllib.parse.urlencode({"username": "admin", "password": password,
+                                       "csrfmiddlewaretoken": token, "next": "/admin/"})
+        opener.open(urllib.request.Request(f"{base}/admin/login/", data=form.encode(),
+                                           headers={"Referer": f"{base}/admin/login/"}))
+        # The workers ingest the demo corpus in the background.
+        demo_files = len(list((ROOT / "fixtures" / "demo").iterdir()))
+        deadline = time.monotonic() + 240
+        page = ""
+        while time.monotonic() < deadline:
+            page = opener.open(f"{base}/admin/kb/document/?status__exact=ready").read().decode()
+            if f"{demo_files} documents" in page:
+                break
+            time.sleep(2)
+        assert f"{demo_files} documents" in page
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    pgdata = str(tmp_path / "data" / "pgdata")
+    time.sleep(1)
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if p.info["cmdline"] and any(pgdata in part for part in p.info["cmdline"])]
+    assert not leftovers, leftovers
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if p.info["cmdline"] and "qcluster" in p.info["cmdline"] and str(ROOT) in " ".join(p.info["cmdline"])
+                and p.ppid() == process.pid]

@@ -1,0 +1,54 @@
+"""Health probes and the clear one-line errors of database setup."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from kb.database import DatabaseSetupError, database_settings_from_url, embedded_server_start
+
+
+def test_healthz_reports_the_process(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.django_db
+def test_readyz_reports_database_vector_and_migrations(client):
+    body = client.get("/readyz").json()
+    assert body["status"] == "ready"
+    assert body["database"] and body["vector_extension"] and body["migrations_applied"]
+
+
+def test_database_url_is_parsed_into_settings():
+    entry = database_settings_from_url("postgresql://kb:s%40cret@db.example:6543/knowledge?sslmode=require")
+    assert entry["HOST"] == "db.example" and entry["PORT"] == "6543"
+    assert entry["USER"] == "kb" and entry["PASSWORD"] == "s@cret" and entry["NAME"] == "knowledge"
+    assert entry["OPTIONS"] == {"sslmode": "require"}
+
+
+def test_a_non_postgres_url_is_refused():
+    with pytest.raises(Exception, match="PostgreSQL"):
+        database_settings_from_url("sqlite:///db.sqlite3")
+
+
+def test_unwritable_data_directory_gives_one_clear_line(tmp_path):
+    """A data directory that cannot be created says so and how to fix it."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DatabaseSetupError) as error:
+        embedded_server_start(blocker / "sub" / "pgdata")
+    message = str(error.value)
+    assert "KB_DATA_DIR" in message and "\n" not in message
+
+
+def test_serve_refuses_a_port_in_use():
+    """A busy port is reported in one line before anything starts."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(CommandError, match=f"127.0.0.1:{port}"):
+            call_command("serve", "--port", str(port), "--no-workers")
