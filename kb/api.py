@@ -12,7 +12,7 @@ from rest_framework.response import Response
 from kb import services
 from kb.models import Chunk, Collection, Document
 from kb.ratelimits import rate_limit_enforce
-from search.selectors import collections_visible_to
+from kb.selectors import collections_visible_to
 
 
 class CollectionSerializer(serializers.ModelSerializer):

@@ -18,9 +18,20 @@ def collection_list_with_counts() -> QuerySet[Collection]:
     ).order_by("name")
 
 
+def collections_visible_to(*, user) -> Q:
+    """The filter for collections a user may read: public ones, or all for superusers."""
+    if user is not None and getattr(user, "is_superuser", False):
+        return Q()
+    return Q(is_public=True)
+
+
 def document_get_visible(*, pk: int, user) -> Document:
-    """A document the user may read, or 404."""
-    document = Document.objects.select_related("collection").filter(pk=pk).first()
+    """A document the user may read, or 404 (never 403, which would confirm it exists)."""
+    document = (
+        Document.objects.select_related("collection")
+        .filter(pk=pk, collection__in=Collection.objects.filter(collections_visible_to(user=user)))
+        .first()
+    )
     if document is None:
         raise Http404("No such document.")
     return document

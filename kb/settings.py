@@ -332,3 +332,37 @@ LOGGING = {
         "httpx": {"level": "WARNING"},
     },
 }
+
+# --- Chat (owned by chat/) ----------------------------------------------------------------
+# docs/CHAT.md explains each of these; every one can be set from the environment.
+
+# Tokens of the whole prompt (system + passages + question) given to the model; the
+# lowest-ranked passages are dropped until it fits.
+KB_CHAT_CONTEXT_TOKENS = env_int("KB_CHAT_CONTEXT_TOKENS", 3000)
+KB_CHAT_MAX_OUTPUT_TOKENS = env_int("KB_CHAT_MAX_OUTPUT_TOKENS", 700)
+KB_CHAT_TEMPERATURE = env_float("KB_CHAT_TEMPERATURE", 0.2)
+# Passages retrieved per question before the token budget trims them.
+KB_CHAT_TOP_K = env_int("KB_CHAT_TOP_K", 8)
+# Earlier turns shown to the query rewriter (a turn is one question and its answer).
+KB_CHAT_HISTORY_TURNS = env_int("KB_CHAT_HISTORY_TURNS", 3)
+# Cosine similarity above which a cached answer to another question is reused. Chosen for
+# precision >= 0.98 on fixtures/paraphrases.jsonl by benchmarks/semantic_cache_threshold.py.
+KB_SEMANTIC_CACHE_THRESHOLD = env_float("KB_SEMANTIC_CACHE_THRESHOLD", 0.93)
+# Cached answers older than this are ignored (0 keeps them until the documents change).
+KB_CACHE_TTL_SECONDS = env_int("KB_CACHE_TTL_SECONDS", 7 * 24 * 3600)
+# An SSE comment is sent this often while the model is silent, so proxies keep the stream.
+KB_CHAT_HEARTBEAT_SECONDS = env_float("KB_CHAT_HEARTBEAT_SECONDS", 10.0)
+# A backend that has produced nothing after this long is abandoned for the next one.
+KB_CHAT_FIRST_TOKEN_TIMEOUT = env_float("KB_CHAT_FIRST_TOKEN_TIMEOUT", 60.0)
+# Each database step of a chat request (and retrieval) must finish within this.
+KB_CHAT_DB_TIMEOUT_SECONDS = env_float("KB_CHAT_DB_TIMEOUT_SECONDS", 30.0)
+# A chat backend failing this many times in a row is skipped for the cooldown, then probed.
+KB_CIRCUIT_FAILURES = env_int("KB_CIRCUIT_FAILURES", 3)
+KB_CIRCUIT_COOLDOWN_SECONDS = env_float("KB_CIRCUIT_COOLDOWN_SECONDS", 30.0)
+# Daily limits when no Budget row (admin) says otherwise; 0 means no limit.
+KB_BUDGET_GLOBAL_DAILY_TOKENS = env_int("KB_BUDGET_GLOBAL_DAILY_TOKENS", 0)
+KB_BUDGET_GLOBAL_DAILY_COST_USD = env_float("KB_BUDGET_GLOBAL_DAILY_COST_USD", 0.0)
+KB_BUDGET_USER_DAILY_TOKENS = env_int("KB_BUDGET_USER_DAILY_TOKENS", 0)
+KB_BUDGET_USER_DAILY_COST_USD = env_float("KB_BUDGET_USER_DAILY_COST_USD", 0.0)
+KB_BUDGET_API_KEY_DAILY_TOKENS = env_int("KB_BUDGET_API_KEY_DAILY_TOKENS", 0)
+KB_BUDGET_API_KEY_DAILY_COST_USD = env_float("KB_BUDGET_API_KEY_DAILY_COST_USD", 0.0)

@@ -1,5 +1,6 @@
 """Server-rendered pages of the core app: the landing page and a document's source view."""
 
+from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
@@ -11,6 +12,7 @@ def home(request: HttpRequest) -> HttpResponse:
     return render(request, "kb/home.html", {"collections": selectors.collection_list_with_counts()})
 
 
+@login_required
 def document_source(request: HttpRequest, pk: int) -> HttpResponse:
     """A document's extracted text with each chunk anchored, the target of citation links."""
     document = selectors.document_get_visible(pk=pk, user=request.user)

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from django.db.models import Q
-
 from kb.models import Collection, EmbeddingModel
-
-
-def collections_visible_to(*, user) -> Q:
-    """The filter for collections a user may read: public ones, or all for superusers."""
-    if user is not None and getattr(user, "is_superuser", False):
-        return Q()
-    return Q(is_public=True)
+from kb.selectors import collections_visible_to
 
 
 def collection_ids_for_search(*, user, slugs: Sequence[str] = ()) -> list[int]:

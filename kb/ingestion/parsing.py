@@ -48,7 +48,7 @@ class ParseLimits:
 
 @dataclass(frozen=True)
 class Block:
-    """One structural unit of a document; text is exactly ParsedDocument.text[char_start:char_end]."""
+    """One structural unit of a document: exactly ParsedDocument.text[char_start:char_end]."""
 
     text: str
     kind: str  # "heading" | "paragraph" | "code" | "table_row" | "list_item"
@@ -199,8 +199,10 @@ def _looks_binary(head: bytes) -> bool:
     return controls > 0.1 * max(1, len(head))
 
 
-_HTML_STRONG = re.compile(rb"^\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html)[\s>]",
-                          re.IGNORECASE | re.DOTALL)
+_HTML_STRONG = re.compile(
+    rb"^\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html)[\s>]",
+    re.IGNORECASE | re.DOTALL,
+)
 _HTML_WEAK = re.compile(
     rb"^\s*(?:<!--.*?-->\s*)*<(?:head|body|title|meta|script|style|div|p|table|h[1-6]|a|b|br|font|"
     rb"iframe)[\s/>]",
@@ -372,6 +374,11 @@ _CHARSET_IN_HTML = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.
                               re.IGNORECASE)
 
 
+_NON_ASCII = re.compile("[^\x00-\x7f]")
+# Bytes where cp1252 has printable characters (curly quotes, euro) but latin-1 has controls.
+_C1_BYTES = re.compile(b"[\x80-\x9f]")
+
+
 def _decode(name: str, data: bytes, *, declared: str | None = None) -> tuple[str, str]:
     """Decode text bytes and name the encoding; ParseError if they are not text."""
     encoding = _bom_encoding(data) or _utf16_without_bom(data[:4096])
@@ -388,10 +395,10 @@ def _decode(name: str, data: bytes, *, declared: str | None = None) -> tuple[str
         pass
     # Mostly-valid UTF-8 with a stray byte (a bad copy-paste) is still UTF-8, not cp1252
     # mojibake; legacy 8-bit text fails on nearly every non-ASCII byte instead.
-    lenient = data.decode("utf-8", errors="replace")
-    errors = lenient.count("\ufffd")
-    if sum(1 for ch in lenient if ch > "\x7f" and ch != "\ufffd") >= 10 * errors:
-        return _checked_text(name, lenient), "utf-8"
+    sample = data[:1_000_000].decode("utf-8", errors="replace")
+    errors = sample.count("\ufffd")
+    if len(_NON_ASCII.findall(sample)) - errors >= 10 * errors:
+        return _checked_text(name, data.decode("utf-8", errors="replace")), "utf-8"
     if declared:
         try:
             return _checked_text(name, data.decode(declared)), declared.lower()
@@ -408,7 +415,7 @@ def _decode(name: str, data: bytes, *, declared: str | None = None) -> tuple[str
     except UnicodeDecodeError:
         western = None
     if western is not None and mess_ratio(western[:65536], 1.0) < 0.15:
-        has_c1 = any(0x80 <= b <= 0x9F for b in data)
+        has_c1 = _C1_BYTES.search(data) is not None
         return _checked_text(name, western), "cp1252" if has_c1 else "latin-1"
     best = from_bytes(data).best()
     if best is None:
@@ -464,7 +471,8 @@ def _html_fragment_text(fragment: str) -> str:
 def _table_row_text(header: list[str], cells: list[str]) -> str:
     # Each row carries its column names so a row retrieved on its own still makes sense.
     if header and len(header) == len(cells):
-        return " | ".join(f"{h}: {c}" if h else c for h, c in zip(header, cells, strict=True) if c or h)
+        return " | ".join(f"{h}: {c}" if h else c
+                          for h, c in zip(header, cells, strict=True) if c or h)
     return " | ".join(cells)
 
 
@@ -593,6 +601,21 @@ def _flat_html(soup: Any, builder: _Builder) -> None:
         builder.add(line, "paragraph")
 
 
+def _html_text(tag: Any) -> str:
+    """Text of an element; block children and <br> separate words, inline tags do not."""
+    from bs4 import NavigableString, Tag
+    from bs4.element import Comment, Doctype, ProcessingInstruction
+
+    parts = []
+    for node in tag.descendants:
+        if isinstance(node, NavigableString):
+            if not isinstance(node, (Comment, Doctype, ProcessingInstruction)):
+                parts.append(str(node))
+        elif isinstance(node, Tag) and (node.name in _BLOCK_TAGS or node.name == "br"):
+            parts.append(" ")
+    return "".join(parts)
+
+
 def _walk_html(node: Any, builder: _Builder) -> None:
     """Structural fallback: headings, pre, list items and table rows from the cleaned DOM."""
     from bs4 import NavigableString, Tag
@@ -616,14 +639,14 @@ def _walk_html(node: Any, builder: _Builder) -> None:
         name = child.name.lower() if child.name else ""
         if name in ("h1", "h2", "h3", "h4", "h5", "h6"):
             flush()
-            builder.heading(child.get_text(" "), int(name[1]))
+            builder.heading(_html_text(child), int(name[1]))
         elif name == "pre":
             flush()
             builder.add(child.get_text(), "code")
         elif name == "li":
             flush()
             nested = [n.extract() for n in child.find_all(["ul", "ol", "table", "pre"])]
-            builder.add(child.get_text(" "), "list_item")
+            builder.add(_html_text(child), "list_item")
             for sub in nested:
                 _walk_html_container(sub, builder)
         elif name == "table":
@@ -633,13 +656,13 @@ def _walk_html(node: Any, builder: _Builder) -> None:
             inline.append(" ")
         elif name == "p":
             flush()
-            builder.add(child.get_text(" "), "paragraph")
+            builder.add(_html_text(child), "paragraph")
         elif name in _BLOCK_TAGS or name == "head":
             flush()
             if name != "head":
                 _walk_html(child, builder)
         else:
-            inline.append(child.get_text(" "))
+            inline.append(_html_text(child))
     flush()
 
 
@@ -659,7 +682,7 @@ def _html_table(table: Any, builder: _Builder) -> None:
         if tr.find_parent("table") is not table:
             continue  # nested tables are read with their own rows
         cells = tr.find_all(["th", "td"], recursive=False)
-        texts = [_prose(cell.get_text(" ")) for cell in cells]
+        texts = [_prose(_html_text(cell)) for cell in cells]
         if not any(texts):
             continue
         if cells and all(cell.name == "th" for cell in cells) and not header:
@@ -882,7 +905,16 @@ def _extract_pdf(data: bytes, max_pages: int) -> tuple[str, Any]:
         page_count = len(reader.pages)
         if page_count > max_pages:
             return "error", f"it has {page_count} pages; the limit is {max_pages}"
-        pages = [page.extract_text() or "" for page in reader.pages]
+        pages: list[str] = []
+        failed: list[int] = []
+        for number, page in enumerate(reader.pages, start=1):
+            try:
+                pages.append(page.extract_text() or "")
+            except Exception:  # one broken page should not cost the rest of the document
+                pages.append("")
+                failed.append(number)
+        if pages and len(failed) == len(pages):
+            return "error", "it is damaged: no page could be read"
         outline: list[tuple[int, str, int]] = []
         try:
             _collect_outline(reader, reader.outline, 0, outline)
@@ -898,11 +930,12 @@ def _extract_pdf(data: bytes, max_pages: int) -> tuple[str, Any]:
                         meta[key] = str(value)
         except Exception:
             pass  # metadata is optional
-        return "ok", {"pages": pages, "outline": outline, "meta": meta}
+        return "ok", {"pages": pages, "outline": outline, "meta": meta, "failed": failed}
     except FileNotDecryptedError:
         return "error", "it is password-protected; remove the password and upload again"
     except Exception as exc:  # pypdf raises anything on hostile input
-        return "error", f"it is damaged or not a valid PDF ({type(exc).__name__}: {exc})"
+        detail = f"{type(exc).__name__}: {exc}"[:200]
+        return "error", f"it is damaged or not a valid PDF ({detail})"
 
 
 def _collect_outline(reader: Any, items: Any, depth: int,
@@ -1077,6 +1110,8 @@ def _parse_pdf(name: str, data: bytes, limits: ParseLimits) -> ParsedDocument:
     empty = [i + 1 for i, lines in enumerate(pages) if not any(lines)]
     if empty:
         metadata["pages_without_text"] = empty
+    if payload.get("failed"):
+        metadata["unreadable_pages"] = payload["failed"]
     return builder.build(title=title, mime_type=PDF_MIME, metadata=metadata)
 
 

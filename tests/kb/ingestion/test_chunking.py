@@ -220,7 +220,8 @@ def test_oversized_code_block_splits_on_lines():
 
 def test_huge_single_paragraph_splits_on_sentences():
     """A paragraph far over max_tokens is cut at sentence ends, quickly."""
-    sentences = [f"Sentence number {i} talks about topic {i % 7} in some detail." for i in range(3000)]
+    sentences = [f"Sentence number {i} talks about topic {i % 7} in some detail."
+                 for i in range(3000)]
     parsed = make_doc((" ".join(sentences), "paragraph", ()))
     started = time.perf_counter()
     chunks = chunk_document(parsed=parsed, count_tokens=words, max_tokens=128, overlap_tokens=16)

@@ -487,6 +487,29 @@ def test_short_html_page_keeps_headings():
     assert parsed.blocks[3].heading_path == ("Opening hours", "Holidays")
 
 
+def test_html_inline_markup_does_not_split_words():
+    """Inline tags join their text; <br> and block children separate words."""
+    html = (b"<html><body><p>Hel<b>lo</b> wor<i>ld</i>, line<br>two</p>"
+            b"<table><tr><td><p>a</p><p>b</p></td><td>c</td></tr></table>"
+            b"<ul><li>One <a href=x>link</a><ul><li>nested</li></ul></li></ul></body></html>")
+    parsed = _parse("inline.html", html)
+    assert [(b.kind, b.text) for b in parsed.blocks] == [
+        ("paragraph", "Hello world, line two"),
+        ("table_row", "a b | c"),
+        ("list_item", "One link"),
+        ("list_item", "nested"),
+    ]
+
+
+def test_deeply_nested_html_is_read_quickly():
+    """Thousands of nested elements neither hang nor crash the parser."""
+    html = b"<html><body>" + b"<div>" * 20000 + b"deep text" + b"</div>" * 20000 + b"</body></html>"
+    started = time.monotonic()
+    parsed = _parse("deep.html", html)
+    assert time.monotonic() - started < 10
+    assert parsed.text == "deep text"
+
+
 @pytest.mark.parametrize(("head", "body", "title"), [
     ('<meta property="og:title" content="From OG">', "<h1>From H1</h1><p>Body text.</p>",
      "From OG"),
@@ -531,7 +554,8 @@ def test_markdown_structure():
 def test_markdown_table_rows_carry_the_header():
     """Each table row is one block that names its columns."""
     rows = _texts(_parse("guide.md"), "table_row")
-    assert rows[0] == "Variable: TIDES_PORT | Default: 8080 | Meaning: Port the HTTP server listens on"
+    assert rows[0] == ("Variable: TIDES_PORT | Default: 8080 | "
+                       "Meaning: Port the HTTP server listens on")
     assert len(rows) == 3
 
 
