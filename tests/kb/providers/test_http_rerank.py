@@ -21,11 +21,6 @@ DOCUMENTS = [
 EXPECTED = [word_overlap(QUERY, document) for document in DOCUMENTS]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_settings():
-    """Override tests/conftest.py's Django settings fixture: these tests need no Django."""
-
-
 @pytest.fixture
 def server() -> Iterator[FakeOpenAIServer]:
     with FakeOpenAIServer() as fake:

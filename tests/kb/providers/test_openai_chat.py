@@ -20,11 +20,6 @@ MESSAGES = [
 LONG_REPLY = " ".join(f"word{i}" for i in range(60))
 
 
-@pytest.fixture(autouse=True)
-def _isolated_settings():
-    """Override tests/conftest.py's Django settings fixture: these tests need no Django."""
-
-
 @pytest.fixture
 def server() -> Iterator[FakeOpenAIServer]:
     with FakeOpenAIServer() as fake:

@@ -25,11 +25,6 @@ from tests.fakes.openai_server import FakeOpenAIServer, Fault
 POLICY = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=20.0, timeout=1.0)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_settings():
-    """Override tests/conftest.py's Django settings fixture: these tests need no Django."""
-
-
 @pytest.fixture
 def server() -> Iterator[FakeOpenAIServer]:
     with FakeOpenAIServer() as fake:
