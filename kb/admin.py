@@ -77,8 +77,12 @@ class CollectionAdmin(admin.ModelAdmin):
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
 
+    filter_horizontal = ["allowed_users", "allowed_groups"]
+
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(
+        return super().get_queryset(request).filter(
+            selectors.collections_visible_to(user=request.user)
+        ).annotate(
             document_count=Count("documents", distinct=True),
             ready_count=Count("documents", filter=Q(documents__status=Document.Status.READY),
                               distinct=True),
@@ -184,6 +188,17 @@ class DocumentAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False  # uploads go through the upload page, which handles many files and zips
 
+    def get_queryset(self, request):
+        # Editors who are not superusers see only the collections they may read.
+        return super().get_queryset(request).filter(
+            collection__in=selectors.collections_visible(user=request.user)
+        )
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "collection":
+            kwargs["queryset"] = selectors.collections_visible(user=request.user)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
     def get_urls(self):
         return [
             path("upload/", self.admin_site.admin_view(self.upload_view), name="kb_document_upload"),
@@ -229,13 +244,14 @@ class DocumentAdmin(admin.ModelAdmin):
 
     def progress_view(self, request: HttpRequest) -> JsonResponse:
         ids = [int(x) for x in request.GET.get("ids", "").split(",") if x.strip().isdigit()][:500]
-        documents = Document.objects.filter(pk__in=ids)
+        documents = self.get_queryset(request).filter(pk__in=ids)
         return JsonResponse({"documents": [document_progress_payload(d) for d in documents]})
 
     def upload_view(self, request: HttpRequest):
         if not self.has_change_permission(request):
             return redirect("admin:index")
         form = UploadForm(request.POST or None, request.FILES or None)
+        form.fields["collection"].queryset = selectors.collections_visible(user=request.user)
         if request.method == "POST" and form.is_valid():
             outcomes = []
             for upload in form.cleaned_data["files"]:
@@ -411,13 +427,25 @@ class UsageRecordAdmin(admin.ModelAdmin):
 class ApiKeyForm(forms.ModelForm):
     class Meta:
         model = ApiKey
-        fields = ["name", "user"]
+        fields = ["name", "user", "collections", "rate_limit"]
+
+    def clean_rate_limit(self) -> str:
+        value = self.cleaned_data["rate_limit"].strip()
+        if value:
+            from django_ratelimit.core import _split_rate
+
+            try:
+                _split_rate(value)
+            except (ValueError, KeyError):
+                raise forms.ValidationError("Use the form N/s, N/m, N/h or N/d, e.g. 600/m.") from None
+        return value
 
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     form = ApiKeyForm
-    list_display = ["name", "prefix", "user", "created_at", "last_used_at", "revoked_at"]
+    list_display = ["name", "prefix", "user", "rate_limit", "created_at", "last_used_at", "revoked_at"]
+    filter_horizontal = ["collections"]
     list_filter = ["revoked_at"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke"]

@@ -10,9 +10,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from kb import services
-from kb.models import Chunk, Collection, Document
+from kb.models import ApiKey, Chunk, Collection, Document
 from kb.ratelimits import rate_limit_enforce
-from kb.selectors import collections_visible_to
+from kb.selectors import collections_visible, documents_visible
 
 
 class CollectionSerializer(serializers.ModelSerializer):
@@ -60,10 +60,12 @@ class UploadResponseSerializer(serializers.Serializer):
     results = UploadOutcomeSerializer(many=True)
 
 
+def _api_key(request: Request) -> ApiKey | None:
+    return request.auth if isinstance(request.auth, ApiKey) else None
+
+
 def _visible_documents(request: Request):
-    return Document.objects.filter(
-        collection__in=Collection.objects.filter(collections_visible_to(user=request.user))
-    ).select_related("collection")
+    return documents_visible(user=request.user, api_key=_api_key(request))
 
 
 class CollectionList(generics.ListAPIView):
@@ -72,7 +74,7 @@ class CollectionList(generics.ListAPIView):
     def get_queryset(self):
         from django.db.models import Count, Q
 
-        return Collection.objects.filter(collections_visible_to(user=self.request.user)).annotate(
+        return collections_visible(user=self.request.user, api_key=_api_key(self.request)).annotate(
             document_count=Count("documents", distinct=True),
             chunk_count=Count("documents__chunks", filter=Q(documents__chunks__searchable=True),
                               distinct=True),
@@ -104,8 +106,8 @@ class DocumentListCreate(generics.ListAPIView):
         })
         serializer.is_valid(raise_exception=True)
         slug = serializer.validated_data["collection"]
-        collection = Collection.objects.filter(
-            collections_visible_to(user=request.user), slug=slug
+        collection = collections_visible(user=request.user, api_key=_api_key(request)).filter(
+            slug=slug
         ).first()
         if collection is None:
             raise ValidationError({"collection": [f"No collection “{slug}” that you can write to."]})

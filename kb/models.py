@@ -22,7 +22,14 @@ class Collection(models.Model):
     # A PostgreSQL text-search configuration (english, simple, german, ...). It decides
     # the lexemes BM25 is computed over, so changing it re-indexes the collection.
     text_search_config = models.CharField(max_length=63, default="english")
+    # Public collections are readable by every signed-in user and API key; restricted
+    # ones only by the users and groups listed (and superusers). Every read path filters
+    # by kb.selectors.collections_visible_to inside its SQL.
     is_public = models.BooleanField(default=True)
+    allowed_users = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, blank=True, related_name="kb_collections"
+    )
+    allowed_groups = models.ManyToManyField("auth.Group", blank=True, related_name="kb_collections")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -216,6 +223,10 @@ class ApiKey(models.Model):
     prefix = models.CharField(max_length=16, unique=True, editable=False)
     hashed_key = models.CharField(max_length=64, unique=True, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
+    # Narrows the key to these collections (within what its user may see); empty: no narrowing.
+    collections = models.ManyToManyField(Collection, blank=True, related_name="api_keys")
+    # Overrides KB_RATELIMITS for this key, e.g. "600/m"; empty: the defaults.
+    rate_limit = models.CharField(max_length=32, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)

@@ -24,13 +24,14 @@ def caller_key(group: str, request) -> str:
 
 def rate_limit_enforce(request, *, group: str) -> None:
     """Count this request against its group's limit; raise a 429 with Retry-After past it."""
-    usage = get_usage(
-        request, group=f"kb.{group}", key=caller_key, rate=settings.KB_RATELIMITS[group],
-        increment=True,
-    )
+    auth = getattr(request, "auth", None)
+    # A key may carry its own limit (set in the admin), which replaces the default.
+    rate = (auth.rate_limit if isinstance(auth, ApiKey) and auth.rate_limit
+            else settings.KB_RATELIMITS[group])
+    usage = get_usage(request, group=f"kb.{group}", key=caller_key, rate=rate, increment=True)
     if usage is not None and usage["should_limit"]:
         raise Throttled(
             wait=max(1, math.ceil(usage["time_left"])),
-            detail=f"Rate limit for {group} reached ({settings.KB_RATELIMITS[group]}). "
+            detail=f"Rate limit for {group} reached ({rate}). "
             "Retry after the number of seconds in Retry-After.",
         )

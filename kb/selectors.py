@@ -6,7 +6,7 @@ from django.db import connection
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404
 
-from kb.models import Chunk, Collection, Document, EmbeddingModel
+from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel
 
 
 def collection_list_with_counts() -> QuerySet[Collection]:
@@ -18,20 +18,48 @@ def collection_list_with_counts() -> QuerySet[Collection]:
     ).order_by("name")
 
 
-def collections_visible_to(*, user) -> Q:
-    """The filter for collections a user may read: public ones, or all for superusers."""
-    if user is not None and getattr(user, "is_superuser", False):
-        return Q()
-    return Q(is_public=True)
+def collections_visible_to(*, user, api_key=None) -> Q:
+    """The filter for collections a caller may read, as one SQL condition.
+
+    Superusers read everything; other signed-in users read public collections and those
+    that list them or one of their groups; an API key reads what its user may, narrowed
+    to the key's collections when it has any. Subqueries rather than joins, so the
+    condition never duplicates rows.
+    """
+    if user is None or not getattr(user, "is_authenticated", False):
+        condition = Q(pk__in=[])
+    elif user.is_superuser:
+        condition = Q()
+    else:
+        condition = (
+            Q(is_public=True)
+            | Q(pk__in=Collection.allowed_users.through.objects.filter(user_id=user.pk)
+                .values("collection_id"))
+            | Q(pk__in=Collection.allowed_groups.through.objects.filter(
+                group_id__in=user.groups.values("pk")).values("collection_id"))
+        )
+    if api_key is not None:
+        scoped = ApiKey.collections.through.objects.filter(apikey_id=api_key.pk)
+        if scoped.exists():
+            condition &= Q(pk__in=scoped.values("collection_id"))
+    return condition
 
 
-def document_get_visible(*, pk: int, user) -> Document:
-    """A document the user may read, or 404 (never 403, which would confirm it exists)."""
-    document = (
-        Document.objects.select_related("collection")
-        .filter(pk=pk, collection__in=Collection.objects.filter(collections_visible_to(user=user)))
-        .first()
-    )
+def collections_visible(*, user, api_key=None) -> QuerySet[Collection]:
+    """Collections the caller may read."""
+    return Collection.objects.filter(collections_visible_to(user=user, api_key=api_key))
+
+
+def documents_visible(*, user, api_key=None) -> QuerySet[Document]:
+    """Documents in collections the caller may read."""
+    return Document.objects.filter(
+        collection__in=collections_visible(user=user, api_key=api_key)
+    ).select_related("collection")
+
+
+def document_get_visible(*, pk: int, user, api_key=None) -> Document:
+    """A document the caller may read, or 404 (never 403, which would confirm it exists)."""
+    document = documents_visible(user=user, api_key=api_key).filter(pk=pk).first()
     if document is None:
         raise Http404("No such document.")
     return document

@@ -8,9 +8,9 @@ from kb.models import Collection, EmbeddingModel
 from kb.selectors import collections_visible_to
 
 
-def collection_ids_for_search(*, user, slugs: Sequence[str] = ()) -> list[int]:
-    """Ids of the named collections (all when none are named) that the user may search."""
-    queryset = Collection.objects.filter(collections_visible_to(user=user))
+def collection_ids_for_search(*, user, slugs: Sequence[str] = (), api_key=None) -> list[int]:
+    """Ids of the named collections (all when none are named) that the caller may search."""
+    queryset = Collection.objects.filter(collections_visible_to(user=user, api_key=api_key))
     if slugs:
         queryset = queryset.filter(slug__in=list(slugs))
     return list(queryset.values_list("pk", flat=True))
