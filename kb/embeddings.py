@@ -13,6 +13,7 @@ from django.utils import timezone
 from kb.models import Chunk, ChunkEmbedding, EmbeddingModel, UsageRecord
 from kb.providers import registry
 from kb.providers.base import EmbeddingBackend
+from kb.tracing import span
 from kb.usage import tracked_model_call
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ def embed_texts(
     vectors: list[list[float]] = []
     for start in range(0, len(texts), backend.batch_size):
         batch = texts[start : start + backend.batch_size]
-        with tracked_model_call(
+        with span("embed", provider=backend.provider_name, model=model.model_name or model.key,
+                  texts=len(batch)), tracked_model_call(
             kind=UsageRecord.Kind.EMBEDDING,
             provider=backend.provider_name,
             model=model.model_name or model.key,
@@ -151,7 +153,8 @@ def embed_texts(
 def embed_query(*, model: EmbeddingModel, text: str, **record_fields) -> list[float]:
     """Embed one search query, recorded in the usage ledger."""
     backend = backend_for(model)
-    with tracked_model_call(
+    with span("embed", provider=backend.provider_name, model=model.model_name or model.key,
+              texts=1, query=True), tracked_model_call(
         kind=UsageRecord.Kind.EMBEDDING,
         provider=backend.provider_name,
         model=model.model_name or model.key,

@@ -22,11 +22,15 @@ def collections_visible_to(*, user, api_key=None) -> Q:
     """The filter for collections a caller may read, as one SQL condition.
 
     Superusers read everything; other signed-in users read public collections and those
-    that list them or one of their groups; an API key reads what its user may, narrowed
-    to the key's collections when it has any. Subqueries rather than joins, so the
-    condition never duplicates rows.
+    that list them or one of their groups; anonymous users read nothing; an API key reads
+    what its user may, narrowed to the key's collections when it has any. `user=None` is
+    the system itself (management commands, evaluation), never a request: views always
+    pass request.user, which is AnonymousUser when nobody is signed in. Subqueries rather
+    than joins, so the condition never duplicates rows.
     """
-    if user is None or not getattr(user, "is_authenticated", False):
+    if user is None:
+        condition = Q()
+    elif not user.is_authenticated:
         condition = Q(pk__in=[])
     elif user.is_superuser:
         condition = Q()

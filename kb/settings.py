@@ -80,6 +80,35 @@ if not SECRET_KEY:
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
+# --- Security -----------------------------------------------------------------------------
+# KB_PRODUCTION=true turns on everything `manage.py check --deploy` asks for: it expects
+# HTTPS (directly or behind a proxy, see KB_TRUST_X_FORWARDED_PROTO) and a real SECRET_KEY.
+
+KB_PRODUCTION = env_bool("KB_PRODUCTION", False)
+if KB_PRODUCTION and (DEBUG or not env_str("SECRET_KEY")):
+    raise ImproperlyConfigured("KB_PRODUCTION needs DEBUG=false and a SECRET_KEY of your own.")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+KB_CONTENT_SECURITY_POLICY = env_bool("KB_CONTENT_SECURITY_POLICY", True)
+if KB_PRODUCTION:
+    SECURE_SSL_REDIRECT = env_bool("KB_SSL_REDIRECT", True)
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("KB_HSTS_SECONDS", 31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("KB_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("KB_HSTS_PRELOAD", True)
+
+# CORS for the API only: origins allowed to call it from a browser (none by default).
+CORS_ALLOWED_ORIGINS = env_list("KB_CORS_ALLOWED_ORIGINS")
+CORS_URLS_REGEX = r"^/(api|v1)/.*$"
+CORS_ALLOW_HEADERS = ["authorization", "content-type", "x-request-id", "x-csrftoken"]
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -92,13 +121,18 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_q",
+    "corsheaders",
     "kb",
     "search",
     "chat",
 ]
 
 MIDDLEWARE = [
+    "kb.observability.RequestIdMiddleware",
+    "kb.metrics.PrometheusMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
+    "kb.security.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -318,18 +352,76 @@ KB_SEARCH_CANDIDATES = env_int("KB_SEARCH_CANDIDATES", 100)
 KB_RERANK_DEFAULT = env_bool("KB_RERANK_DEFAULT", False)
 KB_RERANK_TOP_N = env_int("KB_RERANK_TOP_N", 50)
 
-# --- Logging ------------------------------------------------------------------------------
+# --- Operations ---------------------------------------------------------------------------
+# docs/DEPLOY.md describes each of these.
 
+# /metrics answers a bearer token equal to KB_METRICS_TOKEN (when set), or any request from
+# an address or network in KB_METRICS_ALLOWED_IPS (the direct peer: behind nginx, the proxy
+# must refuse /metrics from outside, as deploy/nginx.conf does).
+KB_METRICS_TOKEN = env_str("KB_METRICS_TOKEN")
+KB_METRICS_ALLOWED_IPS = env_list("KB_METRICS_ALLOWED_IPS", "127.0.0.1,::1")
+# Set with several web processes (uvicorn --workers N): an empty directory they all write
+# their request metrics to, so any one scrape reports the sum (prometheus_client reads it
+# too, at import).
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR")
+# OpenTelemetry tracing (kb.tracing): "console", "otlp", or off. Setting the standard
+# OTEL_EXPORTER_OTLP_ENDPOINT switches it on over OTLP/HTTP.
+KB_TRACING = env_str("KB_TRACING").lower() or ("otlp" if env_str("OTEL_EXPORTER_OTLP_ENDPOINT") else "")
+if KB_TRACING not in {"", "off", "console", "otlp"}:
+    raise ImproperlyConfigured(f"KB_TRACING must be console, otlp or off, got {KB_TRACING!r}")
+KB_TRACING = "" if KB_TRACING == "off" else KB_TRACING
+OTEL_SERVICE_NAME = env_str("OTEL_SERVICE_NAME", "kb")
+# Behind a proxy that terminates TLS (deploy/nginx.conf), trust its X-Forwarded-Proto so
+# request.is_secure() and CSRF see https. Only when the app port is unreachable otherwise.
+if env_bool("KB_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# With REDIS_URL, the task queue moves to Redis too: several web and worker processes then
+# share no table polling, and queued tasks no longer wait on the ORM broker's poll.
+# KB_TASK_BROKER=orm keeps the queue in PostgreSQL (its retry/ack survives a killed worker;
+# Redis's list does not: docs/DEPLOY.md).
+KB_TASK_BROKER = env_str("KB_TASK_BROKER", "redis" if REDIS_URL else "orm")
+if KB_TASK_BROKER not in {"orm", "redis"}:
+    raise ImproperlyConfigured(f"KB_TASK_BROKER must be orm or redis, got {KB_TASK_BROKER!r}")
+if KB_TASK_BROKER == "redis":
+    if not REDIS_URL:
+        raise ImproperlyConfigured("KB_TASK_BROKER=redis needs REDIS_URL.")
+    Q_CLUSTER.pop("orm", None)
+    Q_CLUSTER["redis"] = REDIS_URL
+
+# --- Logging ------------------------------------------------------------------------------
+# KB_LOG_FORMAT=json writes one JSON object per line (ts, level, logger, message,
+# request_id, extras) for a log collector; the default, plain, is for a terminal. Both
+# carry the request id (kb.observability).
+
+KB_LOG_FORMAT = env_str("KB_LOG_FORMAT", "plain").lower()
+if KB_LOG_FORMAT not in {"plain", "json"}:
+    raise ImproperlyConfigured(f"KB_LOG_FORMAT must be plain or json, got {KB_LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "kb.observability.RequestIdFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s [%(request_id)s] %(name)s %(message)s"},
+        "json": {"()": "kb.observability.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": KB_LOG_FORMAT,
+            "filters": ["request_id"],
+        },
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "django-q": {"level": "WARNING"},
         "pgserver": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
+        # uvicorn configures its own handlers before Django starts; route them through ours
+        # so a JSON deployment has no plain-text lines. kb.request logs each request with
+        # its id, so uvicorn's access log (which cannot see the id) is left at WARNING.
+        "uvicorn": {"handlers": ["console"], "propagate": False},
+        "uvicorn.error": {"handlers": ["console"], "propagate": False, "level": "INFO"},
+        "uvicorn.access": {"handlers": ["console"], "propagate": False, "level": "WARNING"},
     },
 }
 
@@ -347,7 +439,7 @@ KB_CHAT_TOP_K = env_int("KB_CHAT_TOP_K", 8)
 KB_CHAT_HISTORY_TURNS = env_int("KB_CHAT_HISTORY_TURNS", 3)
 # Cosine similarity above which a cached answer to another question is reused. Chosen for
 # precision >= 0.98 on fixtures/paraphrases.jsonl by benchmarks/semantic_cache_threshold.py.
-KB_SEMANTIC_CACHE_THRESHOLD = env_float("KB_SEMANTIC_CACHE_THRESHOLD", 0.93)
+KB_SEMANTIC_CACHE_THRESHOLD = env_float("KB_SEMANTIC_CACHE_THRESHOLD", 0.90)
 # Cached answers older than this are ignored (0 keeps them until the documents change).
 KB_CACHE_TTL_SECONDS = env_int("KB_CACHE_TTL_SECONDS", 7 * 24 * 3600)
 # An SSE comment is sent this often while the model is silent, so proxies keep the stream.

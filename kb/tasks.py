@@ -5,14 +5,20 @@ from __future__ import annotations
 from django.conf import settings
 from django_q.tasks import async_task
 
-from kb import embeddings, services
+from kb import embeddings, observability, services
+
+# Queued tasks carry the current request id to the worker, which sets it while they run.
+observability.task_signals_connect()
 
 # A document whose worker has not reported progress for this long is presumed dead.
 STALLED_AFTER_SECONDS = 600
 
 
 def enqueue(task_path: str, *args, **kwargs) -> str:
-    """Queue a task by dotted path; runs inline when KB_TASKS_SYNC is set (tests, --sync)."""
+    """Queue a task by dotted path; runs inline when KB_TASKS_SYNC is set (tests, --sync).
+
+    The current request id travels with the task (kb.observability).
+    """
     return async_task(task_path, *args, sync=settings.KB_TASKS_SYNC, **kwargs)
 
 

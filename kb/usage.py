@@ -11,6 +11,7 @@ from decimal import Decimal
 from django.conf import settings
 
 from kb.models import UsageRecord
+from kb.observability import current_request_id
 
 _MILLION = Decimal(1_000_000)
 
@@ -72,7 +73,8 @@ def usage_record_create(
         api_key=api_key,
         document=document,
         conversation_id=conversation_id,
-        request_id=request_id,
+        # The id of the request or task this call serves (kb.observability), unless given.
+        request_id=request_id or current_request_id(),
     )
 
 

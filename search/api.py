@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -24,6 +24,7 @@ class SearchFiltersSerializer(serializers.Serializer):
     created_before = serializers.DateTimeField(required=False)
 
 
+@extend_schema_field(SearchFiltersSerializer)
 class JSONObjectField(serializers.Field):
     """Accepts a JSON object, or a JSON string of one (for GET query parameters)."""
 

@@ -15,6 +15,7 @@ from kb import embeddings
 from kb.models import EmbeddingModel, UsageRecord
 from kb.providers import registry
 from kb.providers.base import ProviderError
+from kb.tracing import span, traced
 from kb.usage import usage_record_create
 from search import selectors
 from search.fusion import convex_fusion, reciprocal_rank_fusion
@@ -110,13 +111,17 @@ def query_vector(*, model: EmbeddingModel, text: str, user=None, api_key=None) -
     return vector
 
 
+@traced("search")
 def search(*, params: SearchParams, user=None, api_key=None, record_usage: bool = True) -> SearchResult:
     """Hybrid (or single-mode) retrieval, fusion and optional reranking, with timings."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
     notices: list[str] = []
-    text = params.query[:MAX_QUERY_CHARS]
-    collection_ids = selectors.collection_ids_for_search(user=user, slugs=params.collections)
+    # PostgreSQL text cannot hold NUL; anything else, however odd, goes through as data.
+    text = params.query[:MAX_QUERY_CHARS].replace("\x00", " ")
+    collection_ids = selectors.collection_ids_for_search(
+        user=user, slugs=params.collections, api_key=api_key
+    )
     filters = SearchFilters(
         collection_ids=tuple(collection_ids),
         document_ids=tuple(params.document_ids),
@@ -145,28 +150,34 @@ def search(*, params: SearchParams, user=None, api_key=None, record_usage: bool 
         vector = None
     limit = max(params.k, params.candidates)
     t = time.perf_counter()
-    retrieved = retrieve_candidates(
-        query=text,
-        query_vector=vector,
-        filters=filters,
-        use_bm25=mode in {"bm25", "hybrid"},
-        model_id=model.pk if model and vector is not None else None,
-        dimensions=model.dimensions if model else None,
-        limit=limit,
-    )
+    # BM25 and vector retrieval are one SQL statement, so one span (kb.tracing explains).
+    with span(_retrieve_span_name(mode, vector), mode=mode, limit=limit) as retrieve_span:
+        retrieved = retrieve_candidates(
+            query=text,
+            query_vector=vector,
+            filters=filters,
+            use_bm25=mode in {"bm25", "hybrid"},
+            model_id=model.pk if model and vector is not None else None,
+            dimensions=model.dimensions if model else None,
+            limit=limit,
+        )
+        if retrieve_span is not None:
+            retrieve_span.set_attribute("candidates", len(retrieved.candidates))
     timings["retrieve"] = _ms(t)
     if vector is not None and retrieved.vector_count < min(limit, params.k) and filters.needs_chunk_join:
         # HNSW returns ef_search neighbours before filtering; a selective filter can starve
         # it. Re-run exactly over the filtered rows so k matching rows give k results.
         t = time.perf_counter()
-        retrieved = retrieve_candidates(
-            query=text, query_vector=vector, filters=filters, use_bm25=mode in {"bm25", "hybrid"},
-            model_id=model.pk, dimensions=model.dimensions, limit=limit, exact_vector=True,
-        )
+        with span(_retrieve_span_name(mode, vector), mode=mode, limit=limit, exact_vector=True):
+            retrieved = retrieve_candidates(
+                query=text, query_vector=vector, filters=filters, use_bm25=mode in {"bm25", "hybrid"},
+                model_id=model.pk, dimensions=model.dimensions, limit=limit, exact_vector=True,
+            )
         timings["retrieve_exact"] = _ms(t)
 
     t = time.perf_counter()
-    scored = _fuse(retrieved.candidates, mode=mode, fusion=params.fusion)
+    with span("fuse", mode=mode, fusion=params.fusion, candidates=len(retrieved.candidates)):
+        scored = _fuse(retrieved.candidates, mode=mode, fusion=params.fusion)
     timings["fuse"] = _ms(t)
 
     use_rerank = settings.KB_RERANK_DEFAULT if params.rerank is None else params.rerank
@@ -231,10 +242,13 @@ def _rerank(backend, query: str, scored, *, top_n: int, user, api_key):
     from kb.usage import tracked_model_call
 
     head, tail = scored[:top_n], scored[top_n:]
-    with tracked_model_call(
-        kind=UsageRecord.Kind.RERANK, provider=backend.provider_name, model=backend.model,
-        user=user, api_key=api_key,
-    ) as call:
+    with (
+        span("rerank", provider=backend.provider_name, model=backend.model, documents=len(head)),
+        tracked_model_call(
+            kind=UsageRecord.Kind.RERANK, provider=backend.provider_name, model=backend.model,
+            user=user, api_key=api_key,
+        ) as call,
+    ):
         result = backend.rerank(query, [c.text for c, _ in head])
         call.input_tokens = result.input_tokens
     order = sorted(range(len(head)), key=lambda i: (-result.scores[i], i))
@@ -251,6 +265,12 @@ def _explain(candidate: Candidate, *, fused_score: float, fused_rank: int, reran
     if rerank is not None:
         stages["rerank"] = {"score": rerank[0], "rank": rerank[1]}
     return stages
+
+
+def _retrieve_span_name(mode: str, vector) -> str:
+    parts = [name for name, used in (("bm25", mode in {"bm25", "hybrid"}), ("vector", vector is not None))
+             if used]
+    return "retrieve." + ("+".join(parts) or "none")
 
 
 def _ms(started: float) -> float:

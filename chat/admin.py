@@ -1,0 +1,88 @@
+"""Admin for chat: budgets are edited here; conversations and the cache are read and cleared."""
+
+from django.contrib import admin, messages
+from django.db.models import Count
+from django.utils.text import Truncator
+
+from chat import caches
+from chat.models import AnswerCacheEntry, Budget, Conversation, Message
+
+
+class _ReadOnly:
+    """Rows written only by the chat pipeline: visible, never edited by hand."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "scope", "user", "api_key", "daily_token_limit",
+                    "daily_cost_limit_usd", "updated_at"]
+    list_filter = ["scope"]
+    list_select_related = ["user", "api_key"]
+    fields = ["scope", "user", "api_key", "daily_token_limit", "daily_cost_limit_usd"]
+
+
+class MessageInline(_ReadOnly, admin.TabularInline):
+    model = Message
+    extra = 0
+    fields = ["created_at", "role", "status", "mode", "short_content", "provider", "model",
+              "input_tokens", "output_tokens", "cache_hit"]
+    readonly_fields = fields
+    ordering = ["created_at"]
+    show_change_link = True
+
+    @admin.display(description="Content")
+    def short_content(self, obj: Message) -> str:
+        return Truncator(obj.content).chars(160)
+
+
+@admin.register(Conversation)
+class ConversationAdmin(_ReadOnly, admin.ModelAdmin):
+    list_display = ["__str__", "user", "api_key", "collection", "message_count", "updated_at"]
+    list_filter = ["collection"]
+    list_select_related = ["user", "api_key", "collection"]
+    search_fields = ["title", "user__username"]
+    date_hierarchy = "updated_at"
+    inlines = [MessageInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(message_total=Count("messages"))
+
+    @admin.display(description="Messages", ordering="message_total")
+    def message_count(self, obj: Conversation) -> int:
+        return obj.message_total
+
+
+@admin.register(Message)
+class MessageAdmin(_ReadOnly, admin.ModelAdmin):
+    list_display = ["created_at", "role", "status", "mode", "short_content", "provider", "model",
+                    "cache_hit"]
+    list_filter = ["role", "status", "mode", "cache_hit", "provider"]
+    list_select_related = ["conversation"]
+    search_fields = ["content"]
+    date_hierarchy = "created_at"
+
+    @admin.display(description="Content")
+    def short_content(self, obj: Message) -> str:
+        return Truncator(obj.content).chars(100)
+
+
+@admin.register(AnswerCacheEntry)
+class AnswerCacheEntryAdmin(_ReadOnly, admin.ModelAdmin):
+    list_display = ["__str__", "collection", "hits", "cost_usd", "model", "embedding_model",
+                    "created_at", "last_hit_at"]
+    list_filter = ["collection", "model"]
+    list_select_related = ["collection"]
+    search_fields = ["question", "answer"]
+    exclude = ["embedding"]
+    actions = ["clear"]
+
+    @admin.action(description="Clear selected cached answers")
+    def clear(self, request, queryset):
+        deleted = caches.cache_clear(entry_ids=list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"Cleared {deleted} cached answers.", messages.SUCCESS)

@@ -1,0 +1,306 @@
+"""The chat API: POST /api/v1/chat (SSE or JSON), and reading messages and conversations.
+
+POST /api/v1/chat is a plain async Django view, not a DRF one: DRF's APIView is sync,
+and a stream must be an async generator served by the ASGI handler. It authenticates
+itself (API key, or the session with CSRF enforced), validates with a DRF serializer,
+and only wraps chat.services.answer_stream. The read endpoints are ordinary DRF views.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
+from rest_framework import exceptions, generics, serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from chat import selectors, services
+from chat.models import Conversation, Message
+from kb.authentication import ApiKeyAuthentication
+from kb.ratelimits import rate_limit_enforce
+
+MAX_MESSAGE_CHARS = 4000
+
+
+# --- Serializers -----------------------------------------------------------------------------
+
+
+class ChatRequestSerializer(serializers.Serializer):
+    message = serializers.CharField(max_length=MAX_MESSAGE_CHARS)
+    conversation_id = serializers.UUIDField(required=False, allow_null=True, default=None)
+    collection = serializers.SlugField(
+        required=False, allow_null=True, allow_blank=True, default=None, max_length=64
+    )
+    stream = serializers.BooleanField(required=False, default=True)
+
+
+class CitationSerializer(serializers.Serializer):
+    n = serializers.IntegerField()
+    chunk_id = serializers.IntegerField()
+    document_id = serializers.IntegerField()
+    document_title = serializers.CharField()
+    page = serializers.IntegerField(allow_null=True)
+    heading_path = serializers.ListField(child=serializers.CharField())
+    text = serializers.CharField()
+    url = serializers.CharField()
+
+
+class MessageSerializer(serializers.ModelSerializer):
+    citations = CitationSerializer(many=True, read_only=True)
+    cited = serializers.ListField(child=serializers.IntegerField(), read_only=True)
+    invalid_citations = serializers.ListField(child=serializers.IntegerField(), read_only=True)
+
+    class Meta:
+        model = Message
+        fields = ["id", "conversation_id", "role", "content", "status", "mode", "notice",
+                  "citations", "cited", "invalid_citations", "created_at"]
+
+
+class ConversationListSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Conversation
+        fields = ["id", "title", "updated_at"]
+
+
+class ConversationSerializer(serializers.ModelSerializer):
+    collection = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    messages = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Conversation
+        fields = ["id", "title", "collection", "created_at", "updated_at", "messages"]
+
+    @extend_schema_field(MessageSerializer(many=True))
+    def get_messages(self, conversation: Conversation) -> list[dict]:
+        return MessageSerializer(selectors.message_list(conversation=conversation), many=True).data
+
+
+# --- POST /api/v1/chat -----------------------------------------------------------------------
+
+
+def error_response(
+    status: int, code: str, message: str, *, fields: dict | None = None,
+    headers: dict[str, str] | None = None,
+) -> JsonResponse:
+    """The API's one error shape: {"error": {"code", "message", "fields"?}}."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if fields:
+        error["fields"] = fields
+    response = JsonResponse({"error": error}, status=status)
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
+class _CsrfCheck(CsrfViewMiddleware):
+    def _reject(self, request: HttpRequest, reason: str) -> str:  # type: ignore[override]
+        return reason
+
+
+def csrf_failure(request: HttpRequest) -> str | None:
+    """Why a session-authenticated request fails CSRF, or None if it passes."""
+    check = _CsrfCheck(lambda req: HttpResponse())
+    check.process_request(request)
+    return check.process_view(request, None, (), {})  # type: ignore[return-value]
+
+
+async def authenticate(
+    request: HttpRequest, *, allow_session: bool = True
+) -> tuple[Any, Any] | JsonResponse:
+    """(user, api_key) for a bearer key or (with allow_session) a logged-in session.
+
+    Session callers must pass CSRF: the view is csrf_exempt only so that API-key callers,
+    which send no cookie and cannot be forged cross-site, need no token.
+    """
+    if request.headers.get("Authorization"):
+        try:
+            result = await sync_to_async(ApiKeyAuthentication().authenticate)(request)
+        except exceptions.AuthenticationFailed as exc:
+            return error_response(401, "authentication_failed", str(exc.detail),
+                                  headers={"WWW-Authenticate": "Bearer"})
+        if result is not None:
+            return result
+    if allow_session:
+        user = await request.auser()
+        if user.is_authenticated:
+            reason = csrf_failure(request)
+            if reason:
+                return error_response(403, "permission_denied", f"CSRF Failed: {reason}")
+            return user, None
+    return error_response(401, "not_authenticated", "Authentication credentials were not provided.",
+                          headers={"WWW-Authenticate": "Bearer"})
+
+
+async def enforce_rate_limit(request: HttpRequest, *, user, api_key) -> JsonResponse | None:
+    """A 429 response if the caller is over the chat rate limit."""
+    request.user = user
+    request.auth = api_key  # type: ignore[attr-defined]
+    try:
+        await sync_to_async(rate_limit_enforce)(request, group="chat")
+    except exceptions.Throttled as exc:
+        wait = int(exc.wait or 60)
+        return error_response(429, "throttled", str(exc.detail), headers={"Retry-After": str(wait)})
+    return None
+
+
+def chat_error_response(exc: Exception) -> JsonResponse:
+    """The JSON answer for an error raised before the first event."""
+    if isinstance(exc, services.BudgetExceeded):
+        return error_response(429, "budget_exceeded", str(exc),
+                              headers={"Retry-After": str(exc.retry_after)})
+    assert isinstance(exc, services.ChatError)
+    if exc.field:
+        return error_response(exc.status, exc.code, "Some parameters are invalid.",
+                              fields={exc.field: [str(exc)]})
+    return error_response(exc.status, exc.code, str(exc))
+
+
+def request_id_for(request: HttpRequest) -> str:
+    """The request's id (set from a sane X-Request-ID by kb.observability), else a new one."""
+    return (getattr(request, "request_id", "") or uuid.uuid4().hex)[:64]
+
+
+def sse_event(event: services.ChatEvent) -> str:
+    """One event in text/event-stream framing."""
+    if isinstance(event, services.Heartbeat):
+        return ": ping\n\n"
+    if isinstance(event, services.Meta):
+        name, data = "meta", {"conversation_id": event.conversation_id,
+                              "message_id": event.message_id, "mode": event.mode,
+                              "notice": event.notice}
+    elif isinstance(event, services.Citations):
+        name, data = "citations", {"citations": event.citations}
+    elif isinstance(event, services.Delta):
+        name, data = "delta", {"text": event.text}
+    elif isinstance(event, services.Done):
+        name, data = "done", {"message_id": event.message_id, "status": event.status,
+                              "usage": event.usage, "cited": event.cited,
+                              "invalid_citations": event.invalid_citations}
+    elif isinstance(event, services.Error):
+        name, data = "error", {"code": event.code, "message": event.message}
+    else:
+        return ""
+    # json.dumps escapes newlines, so each event is exactly one data line.
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def event_stream_response(content: AsyncIterator[str]) -> StreamingHttpResponse:
+    """A text/event-stream response that proxies pass through unbuffered and uncompressed."""
+    response = StreamingHttpResponse(content, content_type="text/event-stream; charset=utf-8")
+    response["Cache-Control"] = "no-cache"
+    # nginx buffers proxied responses unless told not to; a buffered stream arrives at once.
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+async def _sse(events: AsyncGenerator[services.ChatEvent, None]) -> AsyncGenerator[str, None]:
+    # aclosing: when the client leaves, closing this generator closes the pipeline's,
+    # whose finally: blocks close the upstream and persist the partial answer.
+    async with aclosing(events):
+        async for event in events:
+            text = sse_event(event)
+            if text:
+                yield text
+
+
+@csrf_exempt
+async def chat(request: HttpRequest) -> HttpResponse:
+    """POST /api/v1/chat: answer a question, as an SSE stream or (stream: false) JSON."""
+    if request.method != "POST":
+        return error_response(405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})
+    auth = await authenticate(request)
+    if isinstance(auth, HttpResponse):
+        return auth
+    user, api_key = auth
+    try:
+        body = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        return error_response(400, "parse_error", "The request body is not valid JSON.")
+    serializer = ChatRequestSerializer(data=body if isinstance(body, dict) else {})
+    if not isinstance(body, dict) or not serializer.is_valid():
+        fields = serializer.errors if isinstance(body, dict) else {
+            "non_field_errors": ["Expected a JSON object."]}
+        return error_response(400, "invalid", "Some parameters are invalid.", fields=fields)
+    limited = await enforce_rate_limit(request, user=user, api_key=api_key)
+    if limited is not None:
+        return limited
+    data = serializer.validated_data
+    arguments = {
+        "question": data["message"],
+        "conversation_id": data["conversation_id"],
+        "collection_slug": data["collection"] or None,
+        "user": user,
+        "api_key": api_key,
+        "request_id": request_id_for(request),
+    }
+    if not data["stream"]:
+        try:
+            result = await services.answer_complete(**arguments)
+        except (services.ChatError, services.BudgetExceeded) as exc:
+            return chat_error_response(exc)
+        if result.error is not None:
+            status = 503 if result.error.code == "database_unavailable" else 502
+            return error_response(status, result.error.code, result.error.message)
+        return JsonResponse({
+            "conversation_id": result.conversation_id,
+            "message_id": result.message_id,
+            "answer": result.answer,
+            "mode": result.mode,
+            "notice": result.notice,
+            "citations": result.citations,
+            "cited": result.cited,
+            "invalid_citations": result.invalid_citations,
+            "usage": result.usage,
+        })
+    events = services.answer_stream(**arguments)
+    try:
+        # Runs validation, the budget check and message creation: refusals are plain JSON.
+        await anext(events)
+    except (services.ChatError, services.BudgetExceeded) as exc:
+        return chat_error_response(exc)
+    return event_stream_response(_sse(events))
+
+
+# --- Reading messages and conversations ------------------------------------------------------
+
+
+class MessageDetail(APIView):
+    """GET /api/v1/chat/messages/<id>: one message, e.g. to load an answer after a disconnect."""
+
+    @extend_schema(responses={200: MessageSerializer, 404: OpenApiResponse(description="Not found")})
+    def get(self, request: Request, pk: uuid.UUID) -> Response:
+        message = selectors.message_get(user=request.user, pk=pk)
+        if message is None:
+            raise exceptions.NotFound("No such message.")
+        return Response(MessageSerializer(message).data)
+
+
+class ConversationList(generics.ListAPIView):
+    """GET /api/v1/conversations: the caller's conversations, most recent first."""
+
+    serializer_class = ConversationListSerializer
+
+    def get_queryset(self):
+        return selectors.conversation_list(user=self.request.user)
+
+
+class ConversationDetail(APIView):
+    """GET /api/v1/conversations/<id>: a conversation with all its messages."""
+
+    @extend_schema(responses={200: ConversationSerializer,
+                              404: OpenApiResponse(description="Not found")})
+    def get(self, request: Request, pk: uuid.UUID) -> Response:
+        conversation = selectors.conversation_get(user=request.user, pk=pk)
+        if conversation is None:
+            raise exceptions.NotFound("No such conversation.")
+        return Response(ConversationSerializer(conversation).data)

@@ -1,0 +1,197 @@
+"""The answer cache: an exact match on the normalised question, then a semantic match.
+
+Entries are keyed by a *knowledge-base version*: a string built from the collection's
+`updated_at`, which kb.services bumps on every document change (ingest, disable, enable,
+delete, reindex). An entry written under an older version never matches, and is deleted
+the next time its scope is looked up. Deleting or re-uploading a document also deletes
+the entries it was a source of at once (signal receivers in chat/models.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db.models import F, Q
+from django.utils import timezone
+from pgvector.django import CosineDistance
+
+from chat.models import AnswerCacheEntry
+from kb.models import Collection
+from search.selectors import collections_visible_to
+
+_SPACES = re.compile(r"\s+")
+# Trailing punctuation and filler that do not change what is asked.
+_TRAILING = re.compile(r"[\s?!.。？！]+$")
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    entry: AnswerCacheEntry
+    kind: str  # "exact" | "semantic"
+    similarity: float
+
+
+def question_normalize(text: str) -> str:
+    """The question as the exact cache compares it: NFKC, case-folded, spaces collapsed."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = _SPACES.sub(" ", text).strip()
+    return _TRAILING.sub("", text)
+
+
+def cache_key(*, question: str, kb_version: str) -> str:
+    """sha256 of the knowledge-base version and the normalised question."""
+    return hashlib.sha256(f"{kb_version}\n{question_normalize(question)}".encode()).hexdigest()
+
+
+def kb_version(*, collection: Collection | None, user, api_key=None) -> str:
+    """The version of what a question over `collection` (None: all visible ones) can see.
+
+    "<scope>@<stamp>": the scope names the collection (or which set of collections is
+    visible), the stamp changes whenever any of its documents change.
+    """
+    if collection is not None:
+        stamp = (
+            Collection.objects.filter(pk=collection.pk).values_list("updated_at", flat=True).first()
+        )
+        return f"c{collection.pk}@{stamp.isoformat() if stamp else 'gone'}"
+    # The digest covers exactly the collections this caller can see, so an answer built
+    # from collections another caller cannot see is never served to them.
+    scope = "all-superuser" if getattr(user, "is_superuser", False) else "all"
+    rows = (
+        Collection.objects.filter(collections_visible_to(user=user, api_key=api_key))
+        .order_by("pk")
+        .values_list("pk", "updated_at")
+    )
+    digest = hashlib.sha256(
+        ";".join(f"{pk}:{updated.isoformat()}" for pk, updated in rows).encode()
+    ).hexdigest()[:24]
+    return f"{scope}@{digest}"
+
+
+def _fresh() -> Q:
+    ttl = settings.KB_CACHE_TTL_SECONDS
+    if ttl <= 0:
+        return Q()
+    return Q(created_at__gte=timezone.now() - timedelta(seconds=ttl))
+
+
+def cache_lookup_exact(*, question: str, kb_version: str) -> CacheHit | None:
+    """The entry for this exact (normalised) question under this version, if any.
+
+    Also deletes entries of the same scope written under an older version, or expired.
+    """
+    cache_purge_stale(kb_version=kb_version)
+    entry = (
+        AnswerCacheEntry.objects.filter(
+            _fresh(), key=cache_key(question=question, kb_version=kb_version), kb_version=kb_version
+        )
+        .order_by("-created_at")
+        .first()
+    )
+    return CacheHit(entry=entry, kind="exact", similarity=1.0) if entry else None
+
+
+def cache_lookup_semantic(
+    *, vector: Sequence[float], embedding_model: str, kb_version: str, threshold: float | None = None
+) -> CacheHit | None:
+    """The nearest entry by cosine similarity of question embeddings, if above threshold.
+
+    Entries carry no vector index: a cache holds few rows per scope, and the scan is
+    limited to one kb_version and one embedding model.
+    """
+    threshold = settings.KB_SEMANTIC_CACHE_THRESHOLD if threshold is None else threshold
+    entry = (
+        AnswerCacheEntry.objects.filter(
+            _fresh(), kb_version=kb_version, embedding_model=embedding_model, embedding__isnull=False
+        )
+        .annotate(distance=CosineDistance("embedding", list(vector)))
+        .order_by("distance")
+        .first()
+    )
+    if entry is None:
+        return None
+    similarity = 1.0 - float(entry.distance)
+    if similarity < threshold:
+        return None
+    return CacheHit(entry=entry, kind="semantic", similarity=similarity)
+
+
+def cache_hit_record(*, entry: AnswerCacheEntry) -> None:
+    """Count a hit on an entry."""
+    AnswerCacheEntry.objects.filter(pk=entry.pk).update(hits=F("hits") + 1, last_hit_at=timezone.now())
+
+
+def cache_store(
+    *,
+    question: str,
+    collection: Collection | None,
+    kb_version: str,
+    vector: Sequence[float] | None,
+    embedding_model: str,
+    answer: str,
+    mode: str,
+    citations: list[dict],
+    cited: list[int],
+    source_document_ids: Sequence[int],
+    provider: str,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    cost_usd: Decimal,
+) -> AnswerCacheEntry:
+    """Remember a complete answer for its question and knowledge-base version."""
+    return AnswerCacheEntry.objects.create(
+        question=question_normalize(question),
+        key=cache_key(question=question, kb_version=kb_version),
+        collection=collection,
+        kb_version=kb_version,
+        embedding=list(vector) if vector is not None else None,
+        embedding_model=embedding_model if vector is not None else "",
+        answer=answer,
+        mode=mode,
+        citations=citations,
+        cited=cited,
+        source_document_ids=sorted(set(source_document_ids)),
+        provider=provider,
+        model=model,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost_usd=cost_usd,
+    )
+
+
+def cache_purge_stale(*, kb_version: str) -> int:
+    """Delete entries of kb_version's scope written under another version, and expired ones."""
+    scope = kb_version.partition("@")[0] + "@"
+    stale = Q(kb_version__startswith=scope) & ~Q(kb_version=kb_version)
+    ttl = settings.KB_CACHE_TTL_SECONDS
+    if ttl > 0:
+        stale |= Q(created_at__lt=timezone.now() - timedelta(seconds=ttl))
+    deleted, _ = AnswerCacheEntry.objects.filter(stale).delete()
+    return deleted
+
+
+def cache_invalidate_documents(*, document_ids: Sequence[int]) -> int:
+    """Delete every entry whose answer drew on any of these documents."""
+    if not document_ids:
+        return 0
+    deleted, _ = AnswerCacheEntry.objects.filter(
+        source_document_ids__overlap=list(document_ids)
+    ).delete()
+    return deleted
+
+
+def cache_clear(*, entry_ids: Sequence[int] | None = None) -> int:
+    """Delete the given entries, or the whole cache."""
+    queryset = AnswerCacheEntry.objects.all()
+    if entry_ids is not None:
+        queryset = queryset.filter(pk__in=list(entry_ids))
+    deleted, _ = queryset.delete()
+    return deleted

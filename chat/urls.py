@@ -1,0 +1,16 @@
+"""Chat routes. Included at the site root with prefix "", so paths here are complete."""
+
+from django.urls import path
+
+from chat import api, openai_compat, views
+
+urlpatterns = [
+    path("chat/", views.chat_page, name="chat"),
+    path("api/v1/chat", api.chat, name="chat-api"),
+    path("api/v1/chat/messages/<uuid:pk>", api.MessageDetail.as_view(), name="chat-message"),
+    path("api/v1/conversations", api.ConversationList.as_view(), name="conversation-list"),
+    path("api/v1/conversations/<uuid:pk>", api.ConversationDetail.as_view(),
+         name="conversation-detail"),
+    path("v1/chat/completions", openai_compat.chat_completions, name="openai-chat-completions"),
+    path("v1/models", openai_compat.models, name="openai-models"),
+]
