@@ -72,6 +72,9 @@ def sentences(text: str) -> list[str]:
         line = _LINE_MARKUP.sub("", line).strip()
         if not line:
             continue
+        if len(_WORD.findall(line)) < 8 and not line.rstrip().endswith((".", "!", "?", ";", ":")):
+            continue  # a heading line: the source panel shows it as the heading path
+
         for sentence in _SENTENCE_END.split(line):
             sentence = " ".join(sentence.split())
             if len(_WORD.findall(sentence)) < 3:
