@@ -60,9 +60,7 @@ DEBUG = env_bool("DEBUG", False)
 KB_DATA_DIR = Path(env_str("KB_DATA_DIR", str(BASE_DIR / ".kb"))).expanduser()
 SECRET_KEY = env_str("SECRET_KEY")
 if not SECRET_KEY:
-    if not DEBUG and env_bool("KB_REQUIRE_SECRET_KEY", False):
-        raise ImproperlyConfigured("SECRET_KEY must be set in production.")
-    # A per-install key kept beside the data, so sessions survive restarts without config.
+    # KB_PRODUCTION (below) refuses to start without an explicit SECRET_KEY. A per-install key kept beside the data, so sessions survive restarts without config.
     _key_file = KB_DATA_DIR / "secret_key"
     try:
         SECRET_KEY = _key_file.read_text().strip()
