@@ -164,9 +164,12 @@ def search(*, params: SearchParams, user=None, api_key=None, record_usage: bool 
         if retrieve_span is not None:
             retrieve_span.set_attribute("candidates", len(retrieved.candidates))
     timings["retrieve"] = _ms(t)
-    if vector is not None and retrieved.vector_count < min(limit, params.k) and filters.needs_chunk_join:
-        # HNSW returns ef_search neighbours before filtering; a selective filter can starve
-        # it. Re-run exactly over the filtered rows so k matching rows give k results.
+    if vector is not None and retrieved.vector_count < params.k:
+        # HNSW returns ef_search neighbours before filtering; a selective filter (a small
+        # collection among large ones, a document, metadata, dates) can starve it. Re-run
+        # exactly over the filtered rows so that k matching rows give k results. (pgvector
+        # 0.6 has no iterative index scans.) With fewer than k matching rows in all, the
+        # exact scan is over those few rows and cheap.
         t = time.perf_counter()
         with span(_retrieve_span_name(mode, vector), mode=mode, limit=limit, exact_vector=True):
             retrieved = retrieve_candidates(
