@@ -103,7 +103,7 @@
     emptyState.hidden = true;
     const node = el("article", { class: "message message-assistant", "data-testid": "assistant-message", "aria-label": "Answer" });
     const bubble = {
-      node, text: "", citations: new Map(), messageId: null, rendered: false,
+      node, text: "", citations: new Map(), messageId: null,
       header: el("div", { class: "message-header" }),
       body: el("div", { class: "message-body" }),
       footer: el("div", { class: "message-footer" }),
@@ -154,7 +154,6 @@
       const again = bubble.body.querySelector(`[data-n="${refocus}"]`);
       if (again) again.focus();
     }
-    bubble.rendered = true;
   }
 
   function citationLink(c) {
@@ -170,11 +169,13 @@
   // Under a finished answer: the sources it actually cites, as buttons into the source panel.
   function renderSources(bubble, cited) {
     bubble.node.querySelector(".message-sources")?.remove();
-    const ns = (cited && cited.length ? cited : [...bubble.citations.keys()]).filter((n) => bubble.citations.has(Number(n)));
+    // Without the server's `cited` list (stored messages), list the markers the text actually uses.
+    const marked = [...bubble.body.querySelectorAll(".cite")].map((a) => Number(a.dataset.n));
+    const ns = [...new Set(cited && cited.length ? cited.map(Number) : marked)].filter((n) => bubble.citations.has(n));
     if (!ns.length) return;
     const list = el("ol", { class: "message-sources", "aria-label": "Sources" });
     for (const n of ns) {
-      const c = bubble.citations.get(Number(n));
+      const c = bubble.citations.get(n);
       const button = el("button", { type: "button", class: "source-chip", "aria-controls": "source-panel" });
       button.append(el("span", { class: "source-chip-n" }, `[${c.n}]`), ` ${c.document_title || "Untitled"}${c.page ? `, p. ${c.page}` : ""}`);
       button._citation = c;
@@ -199,7 +200,8 @@
     bubble.footer.append(line);
   }
 
-  const STATUS_FROM_SERVER = { complete: "complete", interrupted: "stopped", streaming: "streaming", error: "error" };
+  // A stored "streaming" answer is still being written by another request; it is not live here.
+  const STATUS_FROM_SERVER = { complete: "complete", interrupted: "stopped", streaming: "stopped", error: "error" };
 
   function renderStoredAssistant(bubble, message) {
     bubble.messageId = message.id || bubble.messageId;
@@ -207,9 +209,8 @@
     setCitations(bubble, message.citations);
     if (message.mode) setMode(bubble, message.mode, message.notice);
     renderBody(bubble);
-    renderSources(bubble);
-    const status = STATUS_FROM_SERVER[message.status] || "complete";
-    setStatus(bubble, status === "streaming" ? "stopped" : status);
+    renderSources(bubble, message.cited);
+    setStatus(bubble, STATUS_FROM_SERVER[message.status] || "complete");
     bubble.footer.replaceChildren();
     if (message.status === "interrupted") showNotice(bubble, "stopped", "Stopped");
     if (message.status === "streaming") {
