@@ -171,17 +171,22 @@ def search(*, params: SearchParams, user=None, api_key=None, record_usage: bool 
         # 0.6 has no iterative index scans.) With fewer than k matching rows in all, the
         # exact scan is over those few rows and cheap.
         t = time.perf_counter()
-        with span(_retrieve_span_name(mode, vector), mode=mode, limit=limit, exact_vector=True):
+        with span(_retrieve_span_name(mode, vector), mode=mode, limit=limit,
+                  exact_vector=True) as exact_span:
             retrieved = retrieve_candidates(
                 query=text, query_vector=vector, filters=filters, use_bm25=mode in {"bm25", "hybrid"},
                 model_id=model.pk, dimensions=model.dimensions, limit=limit, exact_vector=True,
             )
+            if exact_span is not None:
+                exact_span.set_attribute("candidates", len(retrieved.candidates))
         timings["retrieve_exact"] = _ms(t)
 
     t = time.perf_counter()
     with span("fuse", mode=mode, fusion=params.fusion, candidates=len(retrieved.candidates)):
         scored = _fuse(retrieved.candidates, mode=mode, fusion=params.fusion)
     timings["fuse"] = _ms(t)
+    # Kept before reranking reorders the list, so explain can show both stages.
+    fused_positions = {c.chunk_id: (score, rank) for rank, (c, score) in enumerate(scored, start=1)}
 
     use_rerank = settings.KB_RERANK_DEFAULT if params.rerank is None else params.rerank
     reranked = False
@@ -203,7 +208,7 @@ def search(*, params: SearchParams, user=None, api_key=None, record_usage: bool 
             timings["rerank"] = _ms(t)
 
     hits = []
-    for rank, (candidate, score) in enumerate(scored[: params.k], start=1):
+    for candidate, score in scored[: params.k]:
         hit = SearchHit(
             chunk_id=candidate.chunk_id,
             document_id=candidate.document_id,
@@ -216,8 +221,9 @@ def search(*, params: SearchParams, user=None, api_key=None, record_usage: bool 
             page_end=candidate.page_end,
         )
         if params.explain:
-            hit.stages = _explain(candidate, fused_score=score, fused_rank=rank,
-                                  rerank=rerank_scores.get(candidate.chunk_id), scored=scored)
+            fused_score, fused_rank = fused_positions[candidate.chunk_id]
+            hit.stages = _explain(candidate, fused_score=fused_score, fused_rank=fused_rank,
+                                  rerank=rerank_scores.get(candidate.chunk_id))
         hits.append(hit)
     timings["total"] = _ms(started)
     if record_usage:
@@ -259,7 +265,7 @@ def _rerank(backend, query: str, scored, *, top_n: int, user, api_key):
     return [(head[i][0], result.scores[i]) for i in order] + tail, details
 
 
-def _explain(candidate: Candidate, *, fused_score: float, fused_rank: int, rerank, scored) -> dict:
+def _explain(candidate: Candidate, *, fused_score: float, fused_rank: int, rerank) -> dict:
     stages = {
         "bm25": {"score": candidate.bm25_score, "rank": candidate.bm25_rank},
         "vector": {"similarity": candidate.vector_similarity, "rank": candidate.vector_rank},

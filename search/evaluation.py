@@ -1,0 +1,409 @@
+"""Retrieval evaluation on BEIR-format datasets (corpus.jsonl, queries.jsonl, qrels/test.tsv).
+
+A dataset is ingested through the real pipeline into its own collection, its test queries
+go through `search.services.search` (the path the API takes), chunk hits are mapped back
+to corpus ids, and nDCG@10, Recall@100 and MRR@10 are computed with ranx, so the figures
+are comparable with the BEIR paper and Pyserini.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection
+from django.test.utils import override_settings
+
+from kb import services as kb_services
+from kb.models import Collection, Document, EmbeddingModel
+
+METRICS = ("ndcg@10", "recall@100", "mrr@10")
+MODES = ("bm25", "vector", "hybrid", "hybrid+rerank")
+# Documents per documents_ingest_batch call: large enough for full embedding batches,
+# small enough that an interrupted run keeps most of its work.
+INGEST_GROUP = 256
+FINGERPRINT_PREFIX = "kb_eval fingerprint: "
+# Queries run as this plain account (no password, no staff rights), the way an API
+# caller's would: it sees public collections, and kb_eval's collections are public.
+EVAL_USERNAME = "kb-eval"
+
+
+class EvaluationError(Exception):
+    """The evaluation cannot give meaningful figures; the message says why."""
+
+
+@dataclass(frozen=True)
+class CorpusEntry:
+    doc_id: str
+    title: str
+    text: str
+
+    @property
+    def data(self) -> bytes:
+        """The uploaded file's bytes: the text, or the title for title-only entries (CACM)."""
+        return (self.text if self.text.strip() else self.title).encode()
+
+
+@dataclass(frozen=True)
+class BeirDataset:
+    name: str
+    path: Path
+    corpus: list[CorpusEntry]
+    # Only the queries that have judgements in qrels/test.tsv, in qrels order.
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    corpus_sha256: str
+
+
+@dataclass
+class EvalCollection:
+    """The dataset's collection and how its documents map back to corpus ids."""
+
+    collection: Collection
+    # Identical texts are one document (ingestion never stores a duplicate twice), so a
+    # document can stand for several corpus ids; they are ranked together, as the tie
+    # BEIR itself would see.
+    doc_ids_by_document: dict[int, list[str]]
+    ingested: int = 0
+    reused: bool = False
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    metrics: dict[str, float]
+    latencies_ms: list[float]
+    queries: int
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def p50_ms(self) -> float:
+        return _percentile(self.latencies_ms, 50)
+
+    @property
+    def p95_ms(self) -> float:
+        return _percentile(self.latencies_ms, 95)
+
+    def as_dict(self) -> dict:
+        return {
+            "mode": self.mode, "queries": self.queries, **self.metrics,
+            "p50_ms": round(self.p50_ms, 2), "p95_ms": round(self.p95_ms, 2),
+            "notices": self.notices,
+        }
+
+
+def beir_dataset_load(*, path: Path, split: str = "test") -> BeirDataset:
+    """Read a BEIR dataset directory; queries are those judged in qrels/<split>.tsv."""
+    path = Path(path)
+    corpus_file = path / "corpus.jsonl"
+    digest = hashlib.sha256()
+    corpus = []
+    with corpus_file.open("rb") as handle:
+        for line in handle:
+            digest.update(line)
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            corpus.append(CorpusEntry(
+                doc_id=str(row["_id"]), title=row.get("title") or "", text=row.get("text") or "",
+            ))
+    qrels: dict[str, dict[str, int]] = {}
+    with (path / "qrels" / f"{split}.tsv").open() as handle:
+        for number, line in enumerate(handle):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 3 or (number == 0 and not parts[2].lstrip("-").isdigit()):
+                continue  # the header
+            qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
+    all_queries = {}
+    with (path / "queries.jsonl").open() as handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                all_queries[str(row["_id"])] = row.get("text") or ""
+    queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
+    return BeirDataset(
+        name=path.resolve().name, path=path, corpus=corpus, queries=queries,
+        qrels={qid: qrels[qid] for qid in queries}, corpus_sha256=digest.hexdigest(),
+    )
+
+
+def eval_collection_slug(*, dataset: BeirDataset) -> str:
+    """`beir-<dirname>`, slugified."""
+    return "beir-" + (re.sub(r"[^a-z0-9-]+", "-", dataset.name.lower()).strip("-") or "dataset")
+
+
+def eval_user_get_or_create():
+    """The account kb_eval searches as; created without a usable password."""
+    from django.contrib.auth import get_user_model
+
+    user, created = get_user_model().objects.get_or_create(username=EVAL_USERNAME)
+    if created:
+        user.set_unusable_password()
+        user.save(update_fields=["password"])
+    return user
+
+
+def eval_fingerprint(*, dataset: BeirDataset) -> str:
+    """What the collection's content depends on: the corpus bytes, chunking and the model."""
+    model = EmbeddingModel.objects.filter(is_active=True).values_list("key", flat=True).first()
+    return (
+        f"corpus_sha256={dataset.corpus_sha256} "
+        f"chunk_tokens={settings.KB_CHUNK_MAX_TOKENS}/{settings.KB_CHUNK_OVERLAP_TOKENS} "
+        f"embedding={model or settings.KB_DEFAULT_EMBEDDING_MODEL}"
+    )
+
+
+def eval_collection_prepare(
+    *, dataset: BeirDataset, progress: Callable[[int, int], object] | None = None,
+    on_embedded: Callable[[int], None] | None = None,
+) -> EvalCollection:
+    """The dataset's collection, ingested through documents_upload + documents_ingest_batch.
+
+    Reused as it is when its stored fingerprint matches and every document is ready;
+    otherwise only what changed is uploaded and ingested (and a changed chunking or model
+    re-ingests every document, reusing cached vectors where the inputs are unchanged).
+    `progress(done, total)` is called after each group of documents.
+    """
+    collection = kb_services.collection_get_or_create(
+        slug=eval_collection_slug(dataset=dataset), name=f"BEIR {dataset.name}"
+    )
+    if collection.text_search_config != "english":
+        Collection.objects.filter(pk=collection.pk).update(text_search_config="english")
+        collection.refresh_from_db()
+        kb_services.collection_reindex(collection=collection)
+    # Make sure an embedding model is active first: the fingerprint names it.
+    from kb.embeddings import embedding_model_active_or_bootstrap
+
+    embedding_model_active_or_bootstrap()
+    fingerprint = eval_fingerprint(dataset=dataset)
+    entries_by_hash: dict[str, list[CorpusEntry]] = {}
+    for entry in dataset.corpus:
+        if entry.data.strip():
+            entries_by_hash.setdefault(hashlib.sha256(entry.data).hexdigest(), []).append(entry)
+
+    stored_fingerprint = _stored_fingerprint(collection)
+    documents = Document.objects.filter(collection=collection)
+    ready = documents.filter(status=Document.Status.READY).values_list("content_hash", flat=True)
+    reused = (stored_fingerprint == fingerprint and set(ready) == set(entries_by_hash)
+              and documents.count() == len(entries_by_hash))
+    result = EvalCollection(collection=collection, doc_ids_by_document={}, reused=reused)
+    if not reused:
+        _sync_documents(
+            collection=collection, entries_by_hash=entries_by_hash, result=result,
+            reingest_all=stored_fingerprint != fingerprint and documents.exists(),
+            progress=progress, on_embedded=on_embedded,
+        )
+        Collection.objects.filter(pk=collection.pk).update(
+            description=f"BEIR {dataset.name}, ingested by kb_eval.\n{FINGERPRINT_PREFIX}{fingerprint}"
+        )
+        collection.refresh_from_db()
+    for pk, content_hash in Document.objects.filter(
+        collection=collection, status=Document.Status.READY
+    ).values_list("pk", "content_hash"):
+        entries = entries_by_hash.get(content_hash)
+        if entries:
+            result.doc_ids_by_document[pk] = [entry.doc_id for entry in entries]
+    return result
+
+
+def _stored_fingerprint(collection: Collection) -> str:
+    for line in collection.description.splitlines():
+        if line.startswith(FINGERPRINT_PREFIX):
+            return line.removeprefix(FINGERPRINT_PREFIX)
+    return ""
+
+
+def _sync_documents(
+    *, collection: Collection, entries_by_hash: dict[str, list[CorpusEntry]], result: EvalCollection,
+    reingest_all: bool, progress, on_embedded,
+) -> None:
+    existing = dict(
+        Document.objects.filter(collection=collection).values_list("content_hash", "status")
+    )
+    # Documents whose content left the corpus go; failed ones go too and are uploaded again.
+    stale = Document.objects.filter(collection=collection).exclude(
+        content_hash__in=list(entries_by_hash)
+    ) | Document.objects.filter(collection=collection, status=Document.Status.FAILED)
+    for document in list(stale):
+        kb_services.document_delete(document=document)
+        existing.pop(document.content_hash, None)
+    to_ingest: list[int] = []
+    for content_hash, entries in entries_by_hash.items():
+        status = existing.get(content_hash)
+        if status == Document.Status.READY and not reingest_all:
+            continue
+        entry = entries[0]
+        (outcome,) = kb_services.documents_upload(
+            collection=collection, filename=f"{entry.doc_id}.txt", data=entry.data,
+            metadata={"title": entry.title, "beir_id": entry.doc_id}, queue=False,
+        )
+        if outcome.document is None or outcome.outcome == "rejected":
+            result.failures.append((entry.doc_id, outcome.message))
+            continue
+        to_ingest.append(outcome.document.pk)
+    to_ingest = list(dict.fromkeys(to_ingest))
+    for start in range(0, len(to_ingest), INGEST_GROUP):
+        group = to_ingest[start : start + INGEST_GROUP]
+        for document in kb_services.documents_ingest_batch(document_ids=group, on_embedded=on_embedded):
+            if document.status != Document.Status.READY:
+                result.failures.append((document.original_filename, document.error_message))
+        result.ingested += len(group)
+        if progress is not None:
+            progress(min(start + INGEST_GROUP, len(to_ingest)), len(to_ingest))
+
+
+def ranked_doc_ids(*, document_ids: Iterable[int], doc_ids_by_document: dict[int, list[str]]) -> list[str]:
+    """Corpus ids in rank order: a document counts at its first (best) chunk only."""
+    seen: set[str] = set()
+    ranked = []
+    for document_id in document_ids:
+        for doc_id in doc_ids_by_document.get(document_id, ()):
+            if doc_id not in seen:
+                seen.add(doc_id)
+                ranked.append(doc_id)
+    return ranked
+
+
+def run_from_rankings(rankings: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """A ranx run whose scores reproduce each ranking exactly (no ties to re-break)."""
+    return {
+        qid: {doc_id: float(len(ranked) - position) for position, doc_id in enumerate(ranked)}
+        for qid, ranked in rankings.items()
+    }
+
+
+def metrics_compute(
+    *, qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]],
+    metrics: Sequence[str] = METRICS,
+) -> dict[str, float]:
+    """Mean metrics over the judged queries with ranx; a query with no results scores 0."""
+    import warnings
+
+    from ranx import Qrels, Run, evaluate
+
+    run = {qid: run.get(qid) or {} for qid in qrels}
+    # ranx rejects an empty ranking; a placeholder id that no qrels name scores 0 the same way.
+    run = {qid: ranking or {"\x00none": 0.0} for qid, ranking in run.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numba's uint64 cast warning inside ranx
+        scores = evaluate(Qrels(qrels), Run(run), list(metrics), make_comparable=True)
+    if isinstance(scores, float):
+        scores = {metrics[0]: scores}
+    return {name: round(float(value), 4) for name, value in scores.items()}
+
+
+@contextmanager
+def retrieval_settings(
+    *, k1: float | None = None, b: float | None = None, rrf_k: int | None = None,
+    ef_search: int | None = None, reranker: dict | None = None,
+):
+    """Temporarily override BM25, RRF, HNSW and reranker settings for an evaluation run."""
+    overrides: dict = {}
+    if k1 is not None:
+        overrides["KB_BM25_K1"] = k1
+    if b is not None:
+        overrides["KB_BM25_B"] = b
+    if rrf_k is not None:
+        overrides["KB_RRF_K"] = rrf_k
+    if reranker is not None:
+        overrides["KB_PROVIDERS"] = {**settings.KB_PROVIDERS, "reranker": reranker}
+    with override_settings(**overrides):
+        if ef_search is not None:
+            with connection.cursor() as cursor:
+                cursor.execute("SET hnsw.ef_search = %s", [int(ef_search)])
+        try:
+            yield
+        finally:
+            if ef_search is not None:
+                with connection.cursor() as cursor:
+                    cursor.execute("SET hnsw.ef_search = %s", [int(settings.KB_HNSW_EF_SEARCH)])
+
+
+def mode_evaluate(
+    *, dataset: BeirDataset, prepared: EvalCollection, mode: str, k: int = 100,
+    candidates: int = 100, fusion: str = "rrf", limit_queries: int | None = None,
+    on_query: Callable[[], object] | None = None,
+) -> ModeResult:
+    """Run the judged queries through search() in one mode and score the run."""
+    from search import services
+
+    search_mode, rerank = ("hybrid", True) if mode == "hybrid+rerank" else (mode, False)
+    query_items = list(dataset.queries.items())[: limit_queries or None]
+    collections = (prepared.collection.slug,)
+    user = eval_user_get_or_create()
+
+    def run_one(text: str):
+        return services.search(
+            params=services.SearchParams(
+                query=text, k=k, mode=search_mode, rerank=rerank, collections=collections,
+                candidates=max(k, candidates), fusion=fusion,
+            ),
+            user=user,
+            record_usage=False,
+        )
+
+    # Latency includes query embedding: start each mode with an empty query-vector cache,
+    # and load models with one untimed query first.
+    services.query_vector_cache = services.QueryVectorCache(size=services.query_vector_cache.size)
+    if query_items:
+        run_one("warm up the models " + query_items[0][1][:50])
+    rankings: dict[str, list[str]] = {}
+    latencies: list[float] = []
+    notices: set[str] = set()
+    for qid, text in query_items:
+        started = time.perf_counter()
+        result = run_one(text)
+        latencies.append((time.perf_counter() - started) * 1000)
+        notices.update(result.notices)
+        rankings[qid] = ranked_doc_ids(
+            document_ids=[hit.document_id for hit in result.hits],
+            doc_ids_by_document=prepared.doc_ids_by_document,
+        )
+        if on_query is not None:
+            on_query()
+    if query_items and not any(rankings.values()):
+        raise EvaluationError(
+            f"{mode}: every query returned nothing; can {EVAL_USERNAME!r} search "
+            f"{prepared.collection.slug!r}? ({'; '.join(sorted(notices)) or 'no notices'})"
+        )
+    qrels = {qid: dataset.qrels[qid] for qid, _ in query_items}
+    return ModeResult(
+        mode=mode, metrics=metrics_compute(qrels=qrels, run=run_from_rankings(rankings)),
+        latencies_ms=latencies, queries=len(query_items), notices=sorted(notices),
+    )
+
+
+def results_table(results: Sequence[ModeResult]) -> str:
+    """A plain-text table: one row per mode."""
+    header = f"{'mode':<15}{'nDCG@10':>9}{'R@100':>9}{'MRR@10':>9}{'p50 ms':>9}{'p95 ms':>9}{'queries':>9}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r.mode:<15}{r.metrics['ndcg@10']:>9.4f}{r.metrics['recall@100']:>9.4f}"
+            f"{r.metrics['mrr@10']:>9.4f}{r.p50_ms:>9.1f}{r.p95_ms:>9.1f}{r.queries:>9}"
+        )
+    return "\n".join(lines)
+
+
+def reranker_entry_parse(value: str) -> dict:
+    """`dotted.path[:model]` as a KB_PROVIDERS['reranker'] entry."""
+    backend, _, model = value.partition(":")
+    if not backend or "." not in backend:
+        raise ValueError(f"--reranker must be a dotted path[:model], got {value!r}")
+    return {"BACKEND": backend, "MODEL": model} if model else {"BACKEND": backend}
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    import numpy
+
+    return float(numpy.percentile(values, q))

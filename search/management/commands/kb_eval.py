@@ -1,0 +1,118 @@
+"""`manage.py kb_eval --dataset DIR [--modes ...] [--json FILE]`: retrieval quality on BEIR data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from search import evaluation
+
+
+class Command(BaseCommand):
+    help = (
+        "Ingest a BEIR-format dataset into its own collection (reused while unchanged), run "
+        "its test queries through the search service and print nDCG@10, Recall@100, MRR@10 "
+        "and p50/p95 latency per mode."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--dataset", required=True, help="Directory with corpus.jsonl, queries.jsonl, qrels/test.tsv.")
+        parser.add_argument("--modes", default="bm25,vector,hybrid",
+                            help=f"Comma-separated, from {', '.join(evaluation.MODES)}.")
+        parser.add_argument("--json", dest="json_file", help="Also write the results to this file.")
+        parser.add_argument("--k1", type=float, help="BM25 k1 (default: KB_BM25_K1).")
+        parser.add_argument("--b", type=float, help="BM25 b (default: KB_BM25_B).")
+        parser.add_argument("--rrf-k", type=int, help="RRF k (default: KB_RRF_K).")
+        parser.add_argument("--candidates", type=int, default=None,
+                            help="Candidates per retriever before fusion (default: KB_SEARCH_CANDIDATES).")
+        parser.add_argument("--fusion", choices=("rrf", "convex"), default="rrf")
+        parser.add_argument("--ef-search", type=int, help="HNSW ef_search (default: KB_HNSW_EF_SEARCH).")
+        parser.add_argument("--reranker", help="dotted.path[:model] for hybrid+rerank "
+                            "(default: KB_PROVIDERS['reranker']).")
+        parser.add_argument("--limit-queries", type=int, help="Only the first N test queries.")
+        parser.add_argument("--split", default="test", help="qrels file to evaluate (default: test).")
+        parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
+
+    def handle(self, *args, dataset: str, modes: str, json_file: str | None, k1, b, rrf_k,
+               candidates, fusion, ef_search, reranker, limit_queries, split, no_progress, **options):
+        path = Path(dataset)
+        if not (path / "corpus.jsonl").is_file() or not (path / "qrels" / f"{split}.tsv").is_file():
+            raise CommandError(f"{path} is not a BEIR dataset (corpus.jsonl, qrels/{split}.tsv).")
+        wanted = [mode.strip() for mode in modes.split(",") if mode.strip()]
+        unknown = [mode for mode in wanted if mode not in evaluation.MODES]
+        if unknown or not wanted:
+            raise CommandError(f"Unknown mode(s) {unknown}; choose from {', '.join(evaluation.MODES)}.")
+        reranker_entry = None
+        if reranker:
+            try:
+                reranker_entry = evaluation.reranker_entry_parse(reranker)
+            except ValueError as exc:
+                raise CommandError(str(exc)) from exc
+        elif "hybrid+rerank" in wanted and not settings.KB_PROVIDERS.get("reranker"):
+            raise CommandError("hybrid+rerank needs a reranker: configure KB_PROVIDERS['reranker'] "
+                               "or pass --reranker dotted.path[:model].")
+
+        data = evaluation.beir_dataset_load(path=path, split=split)
+        self.stdout.write(f"{data.name}: {len(data.corpus)} corpus entries, {len(data.queries)} "
+                          f"judged {split} queries, corpus sha256 {data.corpus_sha256[:12]}…")
+        with tqdm(desc="Ingesting", unit="doc", disable=no_progress) as docs_bar, \
+                tqdm(desc="Embedding", unit="chunk", disable=no_progress) as chunks_bar:
+            def progress(done: int, total: int) -> None:
+                docs_bar.total = total
+                docs_bar.n = done
+                docs_bar.refresh()
+
+            prepared = evaluation.eval_collection_prepare(
+                dataset=data, progress=progress, on_embedded=chunks_bar.update
+            )
+        if prepared.reused:
+            self.stdout.write(f"Reusing collection {prepared.collection.slug} (corpus unchanged).")
+        else:
+            self.stdout.write(f"Ingested {prepared.ingested} documents into {prepared.collection.slug}.")
+        for name, reason in prepared.failures:
+            self.stderr.write(f"FAILED {name}: {reason}")
+
+        results = []
+        with evaluation.retrieval_settings(k1=k1, b=b, rrf_k=rrf_k, ef_search=ef_search,
+                                           reranker=reranker_entry):
+            used = {
+                "k1": settings.KB_BM25_K1, "b": settings.KB_BM25_B, "rrf_k": settings.KB_RRF_K,
+                "candidates": candidates or settings.KB_SEARCH_CANDIDATES, "fusion": fusion,
+                "ef_search": ef_search or settings.KB_HNSW_EF_SEARCH,
+                "chunk_max_tokens": settings.KB_CHUNK_MAX_TOKENS,
+                "chunk_overlap_tokens": settings.KB_CHUNK_OVERLAP_TOKENS,
+                "reranker": settings.KB_PROVIDERS.get("reranker"),
+                "rerank_top_n": settings.KB_RERANK_TOP_N,
+            }
+            for mode in wanted:
+                with tqdm(total=len(data.queries) if not limit_queries else min(limit_queries, len(data.queries)),
+                          desc=mode, unit="query", disable=no_progress) as bar:
+                    try:
+                        results.append(evaluation.mode_evaluate(
+                            dataset=data, prepared=prepared, mode=mode,
+                            candidates=candidates or settings.KB_SEARCH_CANDIDATES,
+                            fusion=fusion, limit_queries=limit_queries, on_query=bar.update,
+                        ))
+                    except evaluation.EvaluationError as exc:
+                        raise CommandError(str(exc)) from exc
+        self.stdout.write(f"\n{data.name} (k1={used['k1']}, b={used['b']}, rrf_k={used['rrf_k']}, "
+                          f"candidates={used['candidates']}, chunks={used['chunk_max_tokens']}/"
+                          f"{used['chunk_overlap_tokens']} tokens)")
+        self.stdout.write(evaluation.results_table(results))
+        for result in results:
+            for notice in result.notices:
+                self.stdout.write(f"note ({result.mode}): {notice}")
+        if json_file:
+            Path(json_file).write_text(json.dumps({
+                "dataset": data.name,
+                "collection": prepared.collection.slug,
+                "corpus_sha256": data.corpus_sha256,
+                "queries": len(data.queries),
+                "settings": used,
+                "modes": {r.mode: r.as_dict() for r in results},
+            }, indent=2, default=str))
+            self.stdout.write(f"Wrote {json_file}")

@@ -1,0 +1,155 @@
+"""Hybrid search: one round trip, explainable per-stage scores, RRF and convex fusion."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from kb import services as kb_services
+from kb.models import Document
+from search import services
+from search.fusion import convex_fusion, reciprocal_rank_fusion
+from search.retrieval import Candidate
+
+QUERY = "How does hybrid search fuse BM25 and vector results?"
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def corpus(shared_corpus, db):
+    """Five real documents ingested once for the module (tests/search/conftest.py)."""
+    return shared_corpus.documents
+
+
+@pytest.fixture
+def search(reader):
+    """search(**params) as a signed-in reader, without usage records."""
+
+    def run(**kwargs) -> services.SearchResult:
+        kwargs.setdefault("query", QUERY)
+        return services.search(params=services.SearchParams(**kwargs), user=reader, record_usage=False)
+
+    return run
+
+
+def test_hybrid_retrieval_is_one_statement(corpus, search, django_assert_num_queries):
+    """With the query vector cached, hybrid search costs four queries, one of them retrieval.
+
+    1. the collections the caller may search; 2. the active embedding model;
+    3. the usage row recording the query-vector cache hit (written even with
+       record_usage=False); 4. BM25 + HNSW candidates and their chunk rows, one statement.
+    """
+    search(mode="hybrid")  # warms the query-vector cache
+    with CaptureQueriesContext(connection) as captured, django_assert_num_queries(4):
+        result = search(mode="hybrid")
+
+    assert result.hits
+    retrieval = [q["sql"] for q in captured.captured_queries if "kb_chunk" in q["sql"]]
+    assert len(retrieval) == 1
+    assert "search_posting" in retrieval[0] and "<=>" in retrieval[0]
+
+
+def test_explain_has_per_stage_scores_ranks_and_timings(corpus, search):
+    """explain=True gives bm25, vector and fused score and rank per hit, and stage timings."""
+    result = search(mode="hybrid", explain=True, k=5)
+
+    assert {"embed", "retrieve", "fuse", "total"} <= set(result.timings_ms)
+    assert all(value >= 0 for value in result.timings_ms.values())
+    for rank, hit in enumerate(result.hits, start=1):
+        assert set(hit.stages) == {"bm25", "vector", "fused"}
+        assert hit.stages["fused"] == {"score": hit.score, "rank": rank}
+        assert hit.stages["bm25"]["rank"] is not None or hit.stages["vector"]["rank"] is not None
+    both = [hit for hit in result.hits if hit.stages["bm25"]["rank"] and hit.stages["vector"]["rank"]]
+    assert both, "the top hits should be found by both retrievers"
+    assert all(hit.stages["bm25"]["score"] > 0 and -1 <= hit.stages["vector"]["similarity"] <= 1 for hit in both)
+
+
+def test_rrf_scores_follow_the_formula(corpus, search, settings):
+    """Each hybrid hit scores Σ 1/(k + rank) over the lists it is in, and hits are sorted by it."""
+    settings.KB_RRF_K = 60
+    result = search(mode="hybrid", explain=True, k=20)
+
+    for hit in result.hits:
+        expected = sum(1 / (60 + stage["rank"]) for stage in (hit.stages["bm25"], hit.stages["vector"])
+                       if stage["rank"] is not None)
+        assert hit.score == pytest.approx(expected, abs=1e-12)
+    assert [hit.score for hit in result.hits] == sorted((hit.score for hit in result.hits), reverse=True)
+
+
+def test_rrf_by_hand():
+    """Two lists: found by both beats found by one; ties fall back to chunk id."""
+    candidates = [
+        Candidate(chunk_id=1, bm25_rank=1),
+        Candidate(chunk_id=2, bm25_rank=2, vector_rank=1),
+        Candidate(chunk_id=3, vector_rank=2),
+        Candidate(chunk_id=4, bm25_rank=3, vector_rank=3),
+        Candidate(chunk_id=5, vector_rank=1),
+    ]
+    fused = reciprocal_rank_fusion(candidates, k=60)
+
+    assert [(c.chunk_id, round(score, 6)) for c, score in fused] == [
+        (2, round(1 / 62 + 1 / 61, 6)),
+        (4, round(2 / 63, 6)),
+        (1, round(1 / 61, 6)),
+        (5, round(1 / 61, 6)),
+        (3, round(1 / 62, 6)),
+    ]
+
+
+def test_convex_fusion_by_hand():
+    """α·minmax(bm25) + (1−α)·minmax(cos); a list a candidate is missing from counts 0."""
+    candidates = [
+        Candidate(chunk_id=1, bm25_score=10.0, vector_similarity=0.2),
+        Candidate(chunk_id=2, bm25_score=5.0, vector_similarity=0.8),
+        Candidate(chunk_id=3, bm25_score=0.0),
+        Candidate(chunk_id=4, vector_similarity=0.5),
+    ]
+    fused = dict((c.chunk_id, s) for c, s in convex_fusion(candidates, alpha=0.3))
+
+    assert fused[1] == pytest.approx(0.3 * 1.0 + 0.7 * 0.0)
+    assert fused[2] == pytest.approx(0.3 * 0.5 + 0.7 * 1.0)
+    assert fused[3] == pytest.approx(0.0)
+    assert fused[4] == pytest.approx(0.7 * 0.5)
+
+
+def test_convex_fusion_in_search(corpus, search, settings):
+    """fusion=convex with α=1 ranks like BM25, α=0 like vector search, scores in [0, 1]."""
+    settings.KB_CONVEX_ALPHA = 1.0
+    by_bm25 = search(mode="hybrid", fusion="convex", explain=True, k=5)
+    settings.KB_CONVEX_ALPHA = 0.0
+    by_vector = search(mode="hybrid", fusion="convex", explain=True, k=5)
+    settings.KB_CONVEX_ALPHA = 0.5
+    mixed = search(mode="hybrid", fusion="convex", k=10)
+
+    assert [h.chunk_id for h in by_bm25.hits] == [h.chunk_id for h in search(mode="bm25", k=5).hits]
+    assert [h.chunk_id for h in by_vector.hits] == [h.chunk_id for h in search(mode="vector", k=5).hits]
+    assert by_bm25.hits[0].score == pytest.approx(1.0) and by_vector.hits[0].score == pytest.approx(1.0)
+    assert all(0.0 <= h.score <= 1.0 for h in mixed.hits)
+    assert [h.score for h in mixed.hits] == sorted((h.score for h in mixed.hits), reverse=True)
+
+
+@pytest.mark.parametrize("mode", ["bm25", "vector", "hybrid"])
+def test_disabled_documents_never_appear(corpus, search, mode):
+    """A disabled document is out of every mode, and back after enabling."""
+    target = corpus["how-search-works.md"]
+    assert target.pk in {h.document_id for h in search(mode=mode, k=50).hits}
+
+    kb_services.document_disable(document=target)
+    assert target.pk not in {h.document_id for h in search(mode=mode, k=50).hits}
+
+    kb_services.document_enable(document=target)
+    assert target.pk in {h.document_id for h in search(mode=mode, k=50).hits}
+
+
+@pytest.mark.parametrize("mode", ["bm25", "vector", "hybrid"])
+def test_deleted_documents_never_appear(corpus, search, mode):
+    """A deleted document's chunks are gone from every mode."""
+    target_pk = corpus["how-search-works.md"].pk
+    assert target_pk in {h.document_id for h in search(mode=mode, k=50).hits}
+    # A fresh instance: delete() clears the pk of the instance it is given.
+    kb_services.document_delete(document=Document.objects.get(pk=target_pk))
+
+    hits = search(mode=mode, k=50).hits
+    assert hits and target_pk not in {h.document_id for h in hits}
