@@ -73,7 +73,8 @@ class ConversationListSerializer(serializers.ModelSerializer):
 
 
 class ConversationSerializer(serializers.ModelSerializer):
-    collection = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    # Null for a conversation over every collection the caller can read.
+    collection = serializers.SlugRelatedField(slug_field="slug", read_only=True, allow_null=True)
     messages = serializers.SerializerMethodField()
 
     class Meta:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from django.conf import settings
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, parsers, serializers, status
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -41,6 +43,17 @@ class ChunkSerializer(serializers.ModelSerializer):
         model = Chunk
         fields = ["id", "document", "ordinal", "text", "token_count", "heading_path",
                   "char_start", "char_end", "page_start", "page_end"]
+
+
+class DocumentListFiltersSerializer(serializers.Serializer):
+    collection = serializers.SlugField(required=False, help_text="Only documents of this collection.")
+    status = serializers.ChoiceField(choices=Document.Status.choices, required=False)
+
+
+class ChunkListFiltersSerializer(serializers.Serializer):
+    # Bounded by bigint, so an overlong id is a 400 rather than a database error.
+    document = serializers.IntegerField(min_value=1, max_value=2**63 - 1, required=False,
+                                        help_text="Only chunks of this document.")
 
 
 class UploadSerializer(serializers.Serializer):
@@ -88,18 +101,29 @@ class DocumentListCreate(generics.ListAPIView):
     parser_classes = [parsers.MultiPartParser, parsers.FormParser, parsers.JSONParser]
 
     def get_queryset(self):
+        # Validated, so a NUL or an unknown status is a 400 rather than a database error.
+        filters = DocumentListFiltersSerializer(data={
+            name: value for name, value in self.request.query_params.items() if value
+        })
+        filters.is_valid(raise_exception=True)
         queryset = _visible_documents(self.request)
-        collection = self.request.query_params.get("collection")
-        if collection:
-            queryset = queryset.filter(collection__slug=collection)
-        status_filter = self.request.query_params.get("status")
-        if status_filter:
-            queryset = queryset.filter(status=status_filter)
+        if "collection" in filters.validated_data:
+            queryset = queryset.filter(collection__slug=filters.validated_data["collection"])
+        if "status" in filters.validated_data:
+            queryset = queryset.filter(status=filters.validated_data["status"])
         return queryset.order_by("-created_at", "-pk")
+
+    @extend_schema(parameters=[DocumentListFiltersSerializer])
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
 
     @extend_schema(request=UploadSerializer, responses={202: UploadResponseSerializer})
     def post(self, request: Request) -> Response:
         rate_limit_enforce(request, group="upload")
+        if not request.user.has_perm("kb.add_document"):
+            raise PermissionDenied("Uploading needs the “Can add document” permission.")
+        if not isinstance(request.data, Mapping):
+            raise ValidationError({"file": ["Send multipart/form-data with one or more “file” parts."]})
         serializer = UploadSerializer(data={
             "file": request.FILES.getlist("file"),
             "collection": request.data.get("collection", "default"),
@@ -150,12 +174,17 @@ class ChunkList(generics.ListAPIView):
             searchable=True,
             document__in=_visible_documents(self.request),
         ).order_by("document_id", "ordinal")
-        document = self.request.query_params.get("document")
-        if document:
-            if not document.isdigit():
-                raise ValidationError({"document": ["Must be a document id."]})
-            queryset = queryset.filter(document_id=int(document))
+        filters = ChunkListFiltersSerializer(data={
+            name: value for name, value in self.request.query_params.items() if value
+        })
+        filters.is_valid(raise_exception=True)
+        if "document" in filters.validated_data:
+            queryset = queryset.filter(document_id=filters.validated_data["document"])
         return queryset
+
+    @extend_schema(parameters=[ChunkListFiltersSerializer])
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
 
 
 class ChunkDetail(generics.RetrieveAPIView):

@@ -17,11 +17,28 @@ from search import services
 
 
 class SearchFiltersSerializer(serializers.Serializer):
-    document_ids = serializers.ListField(child=serializers.IntegerField(min_value=1),
+    document_ids = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=2**63 - 1),
                                          required=False, max_length=1000)
     metadata = serializers.DictField(required=False, help_text="Document metadata must contain these pairs.")
     created_after = serializers.DateTimeField(required=False)
     created_before = serializers.DateTimeField(required=False)
+
+    def validate_metadata(self, value: dict) -> dict:
+        if not _storable_in_jsonb(value):
+            raise serializers.ValidationError(
+                "Keys and values cannot contain NUL characters or unpaired surrogates.")
+        return value
+
+
+def _storable_in_jsonb(value: object) -> bool:
+    """False for what PostgreSQL's jsonb refuses: U+0000 and unpaired surrogates."""
+    if isinstance(value, str):
+        return "\x00" not in value and not any("\ud800" <= char <= "\udfff" for char in value)
+    if isinstance(value, dict):
+        return all(_storable_in_jsonb(k) and _storable_in_jsonb(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_storable_in_jsonb(item) for item in value)
+    return True
 
 
 @extend_schema_field(SearchFiltersSerializer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
@@ -16,14 +17,26 @@ SAMPLES = Path(__file__).resolve().parents[2] / "fixtures" / "samples"
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def api(django_user_model):
-    user = django_user_model.objects.create_user("reader", password="pw-reader-123")
+def key_client(user) -> APIClient:
     raw, prefix = api_key_generate()
     ApiKey.objects.create(name="ci", prefix=prefix, hashed_key=api_key_hash(raw), user=user)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
     return client
+
+
+@pytest.fixture
+def api(django_user_model):
+    """An editor's key: the user may add documents."""
+    user = django_user_model.objects.create_user("editor", password="pw-editor-123")
+    user.user_permissions.add(Permission.objects.get(codename="add_document"))
+    return key_client(user)
+
+
+@pytest.fixture
+def reader_api(django_user_model):
+    """A reader's key: the user may search and read, not upload."""
+    return key_client(django_user_model.objects.create_user("reader", password="pw-reader-123"))
 
 
 def test_upload_returns_202_with_an_outcome_per_file(api, collection, django_capture_on_commit_callbacks):
@@ -59,6 +72,42 @@ def test_upload_to_an_unknown_collection_is_refused(api, collection):
     response = api.post("/api/v1/documents/", {"file": files, "collection": "nope"}, format="multipart")
     assert response.status_code == 400
     assert "collection" in response.json()["error"]["fields"]
+
+
+def test_a_reader_cannot_upload(reader_api, collection):
+    """Read access to a collection is not write access: uploading needs kb.add_document."""
+    response = reader_api.post("/api/v1/documents/", {"file": [SimpleUploadedFile("a.md", b"# A")],
+                                                       "collection": collection.slug})
+    assert response.status_code == 403
+    assert "permission" in response.json()["error"]["message"]
+    assert not Document.objects.exists()
+
+
+def test_a_json_body_that_is_not_an_object_is_a_400(api, collection):
+    response = api.post("/api/v1/documents/", data="[1, 2]", content_type="application/json")
+    assert response.status_code == 400
+    assert "file" in response.json()["error"]["fields"]
+
+
+@pytest.mark.parametrize("params", [{"status": "finished"}, {"collection": "no spaces"},
+                                    {"collection": "docs\x00"}])
+def test_invalid_document_list_filters_are_400s(api, params):
+    response = api.get("/api/v1/documents/", params)
+    assert response.status_code == 400
+    assert set(response.json()["error"]["fields"]) == set(params)
+
+
+@pytest.mark.parametrize("document", ["abc", "²", str(2**63), "0"])
+def test_an_invalid_chunk_document_filter_is_a_400(api, document):
+    response = api.get("/api/v1/chunks/", {"document": document})
+    assert response.status_code == 400
+    assert "document" in response.json()["error"]["fields"]
+
+
+def test_page_limits_are_bounded(api, collection):
+    response = api.get("/api/v1/documents/", {"limit": str(2**63), "offset": str(2**63)})
+    assert response.status_code == 200
+    assert response.json()["results"] == []
 
 
 def test_the_api_needs_credentials():
