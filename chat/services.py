@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import time
@@ -39,9 +40,11 @@ from django.utils import timezone
 from chat import caches, circuit, prompts, selectors
 from chat.budgets import BudgetExceeded, budget_check
 from chat.models import Conversation, Message
+from kb.log_privacy import loggable_text
 from kb.models import Collection, UsageRecord
 from kb.providers import registry
 from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage, ProviderError
+from kb.providers.retrying import FailedAttempt, failed_attempts_sink
 from kb.usage import model_cost, usage_record_create
 from search import selectors as search_selectors
 from search.services import SearchParams, query_vector, search
@@ -212,6 +215,8 @@ class _Call:
     error: str = ""
     cache_hit: bool = False
     saved_cost_usd: Decimal = Decimal(0)
+    # Requests the backend sent and retried before this call's outcome: one row each.
+    retried: list[FailedAttempt] = field(default_factory=list)
 
     @property
     def input_tokens(self) -> int:
@@ -612,7 +617,7 @@ async def _cascade(
             prompt.messages,
             max_tokens=settings.KB_CHAT_MAX_OUTPUT_TOKENS,
             temperature=settings.KB_CHAT_TEMPERATURE if backend.generative else None,
-        ))
+        ), retried=call.retried)
         settled = False  # the breaker has been told success or failure
         try:
             # Wait for the first piece of text, with heartbeats and an overall deadline.
@@ -704,14 +709,20 @@ class _Upstream:
     stream itself.
     """
 
-    def __init__(self, stream: AsyncIterator[ChatDelta | ChatUsage]):
+    def __init__(self, stream: AsyncIterator[ChatDelta | ChatUsage], *,
+                 retried: list[FailedAttempt]):
         self._stream = stream
         self._pending: asyncio.Task | None = None
+        # The reads run in a context of their own where the backend's retry loop reports
+        # the attempts it retried (kb.providers.retrying); the pipeline's context is untouched.
+        self._context = contextvars.copy_context()
+        self._context.run(failed_attempts_sink.set, retried)
 
     async def next(self, timeout: float) -> Any:
         """The next item, _HEARTBEAT if none arrived within timeout; StopAsyncIteration at the end."""
         if self._pending is None:
-            self._pending = asyncio.ensure_future(_anext(self._stream))
+            self._pending = asyncio.get_running_loop().create_task(
+                _anext(self._stream), context=self._context)
         done, _ = await asyncio.wait({self._pending}, timeout=timeout)
         if not done:
             return _HEARTBEAT
@@ -751,12 +762,26 @@ async def _finish(turn: _Turn) -> None:
         if turn.status == Message.Status.COMPLETE:
             turn.status = Message.Status.ERROR
             turn.error_code, turn.error = "database_unavailable", "The answer could not be saved."
+    # The question and answer by fingerprint (the text too only with KB_LOG_CONTENT), so
+    # a log reader can correlate requests without reading what users asked.
+    logger.info(
+        "Answered message %s: %s, %s, %d passages, question %s, answer %s",
+        turn.assistant.pk, turn.status, turn.mode or "-", len(turn.citations),
+        loggable_text(turn.question), loggable_text("".join(turn.parts)),
+    )
 
 
 def _turn_finish(turn: _Turn) -> None:
     """Write the usage ledger, the assistant message and (for new answers) the cache."""
     for call in turn.calls:
         end = call.ended or time.perf_counter()
+        for attempt in call.retried:
+            usage_record_create(
+                kind=UsageRecord.Kind.CHAT, provider=call.provider, model=call.model,
+                latency_ms=attempt.latency_ms, status=UsageRecord.Status.ERROR,
+                error=attempt.error, user=turn.user, api_key=turn.api_key,
+                conversation_id=turn.conversation.pk, request_id=turn.request_id[:64],
+            )
         usage_record_create(
             kind=UsageRecord.Kind.CHAT,
             provider=call.provider,

@@ -272,8 +272,9 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRIBUTES and not key.startswith("_") and key not in payload:
                 payload[key] = value
-        if record.exc_info:
-            payload["exc_info"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            # exc_text first: a filter (kb.log_privacy) may have redacted it.
+            payload["exc_info"] = record.exc_text or self.formatException(record.exc_info)
         if record.stack_info:
             payload["stack_info"] = self.formatStack(record.stack_info)
         # default=str: an extra that is not JSON (a datetime, a model) is logged as text

@@ -399,10 +399,18 @@ if KB_TASK_BROKER == "redis":
 KB_LOG_FORMAT = env_str("KB_LOG_FORMAT", "plain").lower()
 if KB_LOG_FORMAT not in {"plain", "json"}:
     raise ImproperlyConfigured(f"KB_LOG_FORMAT must be plain or json, got {KB_LOG_FORMAT!r}")
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+# Questions, prompts and answers appear in logs only as sha256 fingerprints, unless this is
+# on; by default it follows debug logging.
+KB_LOG_CONTENT = env_bool("KB_LOG_CONTENT", LOG_LEVEL == "DEBUG")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_id": {"()": "kb.observability.RequestIdFilter"}},
+    "filters": {
+        "request_id": {"()": "kb.observability.RequestIdFilter"},
+        # Last line of defence: credentials are redacted from every line (kb.log_privacy).
+        "redact": {"()": "kb.log_privacy.RedactingFilter"},
+    },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s [%(request_id)s] %(name)s %(message)s"},
         "json": {"()": "kb.observability.JsonFormatter"},
@@ -411,10 +419,10 @@ LOGGING = {
         "console": {
             "class": "logging.StreamHandler",
             "formatter": KB_LOG_FORMAT,
-            "filters": ["request_id"],
+            "filters": ["request_id", "redact"],
         },
     },
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django-q": {"level": "WARNING"},
         "pgserver": {"level": "WARNING"},

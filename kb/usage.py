@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,9 +11,19 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from django.conf import settings
+from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
+from kb.log_privacy import redact
 from kb.models import UsageRecord
 from kb.observability import current_request_id
+from kb.providers.retrying import failed_attempts_recorded
+
+logger = logging.getLogger(__name__)
+
+# A model call that was made is billed whether or not its row gets written, so a write
+# that meets a dropped connection (a database restart, a failover) reconnects and tries
+# again for about this long before giving up.
+_LEDGER_WRITE_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 _MILLION = Decimal(1_000_000)
 
@@ -56,7 +68,7 @@ def usage_record_create(
     cost = Decimal(0) if cache_hit else model_cost(
         model=model, input_tokens=input_tokens, output_tokens=output_tokens
     )
-    return UsageRecord.objects.create(
+    return _ledger_write(UsageRecord(
         kind=kind,
         provider=provider,
         model=model,
@@ -68,14 +80,35 @@ def usage_record_create(
         time_to_first_token_ms=time_to_first_token_ms,
         cache_hit=cache_hit,
         status=status,
-        error=error[:2000],
+        # Provider errors can echo credentials (a key in a 401, a password in a URL).
+        error=redact(error)[:2000],
         user=user if getattr(user, "is_authenticated", False) else None,
         api_key=api_key,
         document=document,
         conversation_id=conversation_id,
         # The id of the request or task this call serves (kb.observability), unless given.
         request_id=request_id or current_request_id(),
-    )
+    ))
+
+
+def _ledger_write(record: UsageRecord) -> UsageRecord:
+    """Save the row, reconnecting through a dropped connection outside a transaction."""
+    connection = connections[UsageRecord.objects.db]
+    for delay in (*_LEDGER_WRITE_DELAYS, None):
+        try:
+            record.save(force_insert=True)
+            return record
+        except (OperationalError, InterfaceError) as exc:
+            # Inside a transaction the row goes (or not) with the rest of it; retrying on a
+            # new connection would commit it alone.
+            if delay is None or connection.in_atomic_block:
+                raise
+            logger.warning("Usage ledger write failed (%s); reconnecting in %.1fs",
+                           exc.__class__.__name__, delay)
+            with contextlib.suppress(DatabaseError):
+                connection.close()
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -96,8 +129,11 @@ def tracked_model_call(
     call = TrackedCall()
     started = time.perf_counter()
     try:
-        yield call
+        with failed_attempts_recorded() as retried:
+            yield call
     except Exception as exc:
+        _failed_attempts_record(retried, kind=kind, provider=provider, model=model,
+                                **record_fields)
         usage_record_create(
             kind=kind, provider=provider, model=model,
             input_tokens=call.input_tokens, output_tokens=call.output_tokens,
@@ -107,6 +143,7 @@ def tracked_model_call(
             **record_fields,
         )
         raise
+    _failed_attempts_record(retried, kind=kind, provider=provider, model=model, **record_fields)
     usage_record_create(
         kind=kind, provider=provider, model=model,
         input_tokens=call.input_tokens, output_tokens=call.output_tokens,
@@ -114,3 +151,10 @@ def tracked_model_call(
         time_to_first_token_ms=call.time_to_first_token_ms,
         **record_fields,
     )
+
+
+def _failed_attempts_record(attempts, **record_fields) -> None:
+    """One error row per request a backend sent and then retried (no tokens billed)."""
+    for attempt in attempts:
+        usage_record_create(latency_ms=attempt.latency_ms, status=UsageRecord.Status.ERROR,
+                            error=attempt.error, **record_fields)

@@ -3,6 +3,10 @@
 Backends wrap each remote call in `call_with_retries` (or `acall_with_retries`) and
 build their SDK/HTTP clients with retries disabled, so this is the only retry loop and
 the number of attempts in an error message is the number of requests actually sent.
+
+Each attempt that failed and was retried is appended to the list installed by
+`failed_attempts_recorded()` (a context variable, so backends need no extra argument):
+the usage ledger writes a row for every request sent, not only for the last one.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -30,6 +36,39 @@ T = TypeVar("T")
 # 408 Request Timeout and 409 Conflict (OpenAI uses it for lock contention) are transient;
 # every other 4xx means the request itself is wrong and will fail again.
 _RETRYABLE_4XX = frozenset({408, 409, 429})
+
+
+@dataclass(frozen=True)
+class FailedAttempt:
+    """A request that failed and was retried: it was sent, so the ledger records it."""
+
+    error: str
+    latency_ms: float
+
+
+failed_attempts_sink: ContextVar[list[FailedAttempt] | None] = ContextVar(
+    "failed_attempts_sink", default=None
+)
+
+
+@contextmanager
+def failed_attempts_recorded() -> Iterator[list[FailedAttempt]]:
+    """Collect the retried attempts of the remote calls made inside the block."""
+    attempts: list[FailedAttempt] = []
+    token = failed_attempts_sink.set(attempts)
+    try:
+        yield attempts
+    finally:
+        failed_attempts_sink.reset(token)
+
+
+def _note_failed_attempt(exc: Exception, started: float) -> None:
+    sink = failed_attempts_sink.get()
+    if sink is not None:
+        failure = classify(exc)
+        reason = failure.reason if failure else exc.__class__.__name__
+        sink.append(FailedAttempt(error=f"retried: {reason}",
+                                  latency_ms=(time.perf_counter() - started) * 1000))
 
 
 @dataclass(frozen=True)
@@ -143,10 +182,12 @@ def call_with_retries(
     """Call fn until it succeeds, retrying transient provider failures; raise ProviderError."""
     attempt = 1
     while True:
+        started = time.perf_counter()
         try:
             return fn()
         except Exception as exc:
             delay = _delay_or_raise(exc, attempt=attempt, policy=policy, describe=describe)
+            _note_failed_attempt(exc, started)
         sleep(delay)
         attempt += 1
 
@@ -161,10 +202,12 @@ async def acall_with_retries(
     """Await fn() until it succeeds, retrying transient provider failures; raise ProviderError."""
     attempt = 1
     while True:
+        started = time.perf_counter()
         try:
             return await fn()
         except Exception as exc:
             delay = _delay_or_raise(exc, attempt=attempt, policy=policy, describe=describe)
+            _note_failed_attempt(exc, started)
         await sleep(delay)
         attempt += 1
 

@@ -156,11 +156,10 @@ def test_with_the_redacting_filter_no_secret_or_content_is_written(logged):
 
 
 @pytest.mark.django_db
-@pytest.mark.xfail(strict=True, reason="until kb.log_privacy.RedactingFilter is on the console "
-                   "handler in settings.LOGGING (see the issue 6 report)")
 def test_the_production_log_config_writes_no_secret_or_content(logged):
-    """As configured today: the upstream's echoed key, the proxy password in the base URL
-    and (JSON) the search query inside django.request's `request` extra leak."""
+    """settings.LOGGING's console handler: neither the upstream's echoed key, the proxy
+    password in the base URL, nor (JSON) the search query inside django.request's
+    `request` extra reach the output."""
     _, outputs, answer_text, raw_key = logged
     for name in ("json", "plain"):
         for value in [*SECRETS, raw_key, QUESTION, SEARCH_QUERY, answer_text]:
@@ -168,8 +167,6 @@ def test_the_production_log_config_writes_no_secret_or_content(logged):
 
 
 @pytest.mark.django_db
-@pytest.mark.xfail(strict=True, reason="until chat.services logs text_fingerprint(question) "
-                   "with each answer (see the issue 6 report)")
 def test_the_question_fingerprint_is_logged(logged):
     """An answer's log line names its question by fingerprint, so requests can be correlated."""
     records, _, _, _ = logged
