@@ -119,3 +119,38 @@ def test_serve_starts_everything_and_stops_cleanly(tmp_path):
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if p.info["cmdline"] and "qcluster" in p.info["cmdline"] and str(ROOT) in " ".join(p.info["cmdline"])
                 and p.ppid() == process.pid]
+
+
+@pytest.mark.slow
+def test_serve_stops_cleanly_on_sigterm(tmp_path):
+    """`kill`, `docker stop` and systemd send SIGTERM: no traceback, nothing left running."""
+    port = 19000 + os.getpid() % 1000
+    env = {**os.environ, "KB_DATA_DIR": str(tmp_path / "data"), "KB_ADMIN_PASSWORD": "pw-sigterm-123",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("DATABASE_URL", None)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(port), "--no-demo"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _get(f"http://127.0.0.1:{port}/healthz")[0] != 200:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        workers = [child for child in psutil.Process(process.pid).children()
+                   if "qcluster" in " ".join(child.cmdline())]
+        assert workers
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert output.rstrip().endswith("Stopped."), output
+    assert "Traceback" not in output
+    assert not any(worker.is_running() for worker in workers)
+    pgdata = str(tmp_path / "data" / "pgdata")
+    time.sleep(1)
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if p.info["cmdline"] and any(pgdata in part for part in p.info["cmdline"])]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from django.conf import settings
@@ -30,6 +32,14 @@ class Command(BaseCommand):
         parser.add_argument("--no-demo", action="store_true", help="Do not load the demo corpus.")
 
     def handle(self, *args, host: str, port: int, no_workers: bool, no_demo: bool, **options):
+        # SIGTERM (systemd, docker stop, kill) stops us as Ctrl-C does: through the finally
+        # blocks and atexit, so the workers and the embedded database stop with us.
+        signal.signal(signal.SIGTERM, _interrupt)
+        with contextlib.suppress(KeyboardInterrupt):
+            self._serve(host=host, port=port, no_workers=no_workers, no_demo=no_demo)
+        self.stdout.write("Stopped.")
+
+    def _serve(self, *, host: str, port: int, no_workers: bool, no_demo: bool) -> None:
         port_problem = _port_problem(host, port)
         if port_problem:
             raise CommandError(port_problem)
@@ -39,7 +49,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         call_command("migrate", interactive=False, verbosity=0)
         bootstrap.schedules_ensure()
-        self._first_run()
+        self._first_run(demo=not no_demo)
         connection.close()  # the worker and server processes open their own
 
         workers = None
@@ -54,9 +64,8 @@ class Command(BaseCommand):
         finally:
             if workers is not None:
                 _stop(workers)
-            self.stdout.write("Stopped.")
 
-    def _first_run(self) -> None:
+    def _first_run(self, *, demo: bool) -> None:
         user_model = get_user_model()
         if not user_model.objects.filter(is_superuser=True).exists():
             password = os.environ.get("KB_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
@@ -66,7 +75,7 @@ class Command(BaseCommand):
                 f"Created the admin user. Username: admin  Password: {shown}\n"
                 "  (shown once; change it in the admin)"
             ))
-        loaded = bootstrap.demo_corpus_load()
+        loaded = bootstrap.demo_corpus_load() if demo else 0
         if loaded:
             self.stdout.write(f"Queued {loaded} demo documents from fixtures/demo for ingestion.")
 
@@ -94,8 +103,29 @@ def _port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _run_uvicorn(host: str, port: int) -> None:
     import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server without re-raising the signal that stopped it.
+
+        uvicorn re-sends SIGINT or SIGTERM to itself after a graceful shutdown; SIGTERM's
+        default action would kill this process before it stops the workers and the
+        embedded database, and SIGINT's prints a KeyboardInterrupt traceback."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
 
     config = uvicorn.Config(
         "kb.asgi:application",
@@ -105,7 +135,7 @@ def _run_uvicorn(host: str, port: int) -> None:
         log_level=os.environ.get("KB_UVICORN_LOG_LEVEL", "warning"),
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run()
+    Server(config).run()
 
 
 def _stop(process: subprocess.Popen) -> None:
