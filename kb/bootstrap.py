@@ -39,6 +39,27 @@ def database_prepare() -> None:
         )
 
 
+def migrations_pending() -> list[str]:
+    """The migrations this database still needs, as "app.name"."""
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    return [f"{migration.app_label}.{migration.name}" for migration, _ in plan]
+
+
+def database_ready_check() -> None:
+    """Raise DatabaseSetupError, in one readable line, unless the schema is up to date."""
+    database_prepare()
+    pending = migrations_pending()
+    if pending:
+        raise DatabaseSetupError(
+            f"The database schema is not up to date ({len(pending)} migrations pending, "
+            f"first {pending[0]}). Run `python manage.py migrate`, or start the app with "
+            "`python manage.py serve`, which migrates."
+        )
+
+
 def schedules_ensure() -> None:
     """Register the periodic sweep that fails documents whose worker died."""
     from django_q.models import Schedule

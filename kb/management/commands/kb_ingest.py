@@ -8,7 +8,8 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from kb import services
+from kb import bootstrap, services
+from kb.database import DatabaseSetupError
 from kb.models import Document
 
 
@@ -37,6 +38,10 @@ class Command(BaseCommand):
                             help="Ingest in this process instead of queueing for the workers.")
 
     def handle(self, *args, paths: list[str], collection: str, sync: bool, **options):
+        try:
+            bootstrap.database_ready_check()
+        except DatabaseSetupError as exc:
+            raise CommandError(str(exc)) from None
         files = expand_paths(paths)
         target = services.collection_get_or_create(slug=collection)
         outcomes = []

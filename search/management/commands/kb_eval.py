@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 from django.conf import settings
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
+from kb import bootstrap
+from kb.database import DatabaseSetupError
 from search import evaluation
 
 
@@ -42,6 +45,13 @@ class Command(BaseCommand):
         path = Path(dataset)
         if not (path / "corpus.jsonl").is_file() or not (path / "qrels" / f"{split}.tsv").is_file():
             raise CommandError(f"{path} is not a BEIR dataset (corpus.jsonl, qrels/{split}.tsv).")
+        try:
+            bootstrap.database_prepare()
+        except DatabaseSetupError as exc:
+            raise CommandError(str(exc)) from None
+        # Evaluation runs in a data directory of its own (KB_PGDATA), often a fresh one.
+        if bootstrap.migrations_pending():
+            call_command("migrate", interactive=False, verbosity=0)
         wanted = [mode.strip() for mode in modes.split(",") if mode.strip()]
         unknown = [mode for mode in wanted if mode not in evaluation.MODES]
         if unknown or not wanted:
@@ -100,8 +110,8 @@ class Command(BaseCommand):
                     except evaluation.EvaluationError as exc:
                         raise CommandError(str(exc)) from exc
         self.stdout.write(f"\n{data.name} (k1={used['k1']}, b={used['b']}, rrf_k={used['rrf_k']}, "
-                          f"candidates={used['candidates']}, chunks={used['chunk_max_tokens']}/"
-                          f"{used['chunk_overlap_tokens']} tokens)")
+                          f"candidates={used['candidates']}, ef_search={used['ef_search']}, "
+                          f"chunks={used['chunk_max_tokens']}/{used['chunk_overlap_tokens']} tokens)")
         self.stdout.write(evaluation.results_table(results))
         for result in results:
             for notice in result.notices:
