@@ -8,6 +8,7 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, F, Q
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import redirect
@@ -248,8 +249,9 @@ class DocumentAdmin(admin.ModelAdmin):
         return JsonResponse({"documents": [document_progress_payload(d) for d in documents]})
 
     def upload_view(self, request: HttpRequest):
-        if not self.has_change_permission(request):
-            return redirect("admin:index")
+        # The same rule as POST /api/v1/documents/: reading a collection is not writing to it.
+        if not request.user.has_perm("kb.add_document"):
+            raise PermissionDenied("Uploading needs the “Can add document” permission.")
         form = UploadForm(request.POST or None, request.FILES or None)
         form.fields["collection"].queryset = selectors.collections_visible(user=request.user)
         if request.method == "POST" and form.is_valid():

@@ -97,3 +97,22 @@ def test_reembed_page_lists_other_models(editor):
     """The re-embed page offers configured models other than the active one."""
     page = editor.get(reverse("admin:kb_embeddingmodel_reembed")).content.decode()
     assert "openai" in page
+
+
+def test_staff_without_the_add_permission_cannot_upload(client, django_user_model, collection):
+    """Staff who may only view documents get a 403 from the upload page, and no button."""
+    from django.contrib.auth.models import Permission
+
+    viewer = django_user_model.objects.create_user("viewer", password="pw-viewer-123", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_document"),
+                                Permission.objects.get(codename="change_document"))
+    client.force_login(viewer)
+
+    assert client.get(reverse("admin:kb_document_upload")).status_code == 403
+    changelist = client.get(reverse("admin:kb_document_changelist"))
+    assert changelist.status_code == 200
+    assert reverse("admin:kb_document_upload") not in changelist.content.decode()
+    response = client.post(reverse("admin:kb_document_upload"), {
+        "collection": collection.pk, "files": [SimpleUploadedFile("a.md", b"# A")]})
+    assert response.status_code == 403
+    assert not Document.objects.exists()
