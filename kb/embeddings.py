@@ -141,6 +141,7 @@ def embed_texts(
             provider=backend.provider_name,
             model=model.model_name or model.key,
             document=document,
+            write_ahead=backend.remote,
         ) as call:
             result = backend.embed_batch(batch)
             call.input_tokens = result.input_tokens
@@ -158,6 +159,7 @@ def embed_query(*, model: EmbeddingModel, text: str, **record_fields) -> list[fl
         kind=UsageRecord.Kind.EMBEDDING,
         provider=backend.provider_name,
         model=model.model_name or model.key,
+        write_ahead=backend.remote,
         **record_fields,
     ) as call:
         result = backend.embed_query(text)

@@ -91,12 +91,15 @@ def usage_record_create(
     ))
 
 
-def _ledger_write(record: UsageRecord) -> UsageRecord:
+def _ledger_write(record: UsageRecord, *, update_fields: list[str] | None = None) -> UsageRecord:
     """Save the row, reconnecting through a dropped connection outside a transaction."""
     connection = connections[UsageRecord.objects.db]
     for delay in (*_LEDGER_WRITE_DELAYS, None):
         try:
-            record.save(force_insert=True)
+            if update_fields:
+                record.save(update_fields=update_fields)
+            else:
+                record.save(force_insert=True)
             return record
         except (OperationalError, InterfaceError) as exc:
             # Inside a transaction the row goes (or not) with the rest of it; retrying on a
@@ -121,11 +124,25 @@ class TrackedCall:
     extra: dict = field(default_factory=dict)
 
 
+IN_FLIGHT_ERROR = "No outcome recorded: the process stopped during the call."
+_OUTCOME_FIELDS = ["input_tokens", "output_tokens", "cost_usd", "latency_ms",
+                   "time_to_first_token_ms", "status", "error"]
+
+
 @contextmanager
 def tracked_model_call(
-    *, kind: str, provider: str, model: str, **record_fields
+    *, kind: str, provider: str, model: str, write_ahead: bool = False, **record_fields
 ) -> Iterator[TrackedCall]:
-    """Time a model call and record it, as ok or as an error, whatever happens inside."""
+    """Time a model call and record it, as ok or as an error, whatever happens inside.
+
+    write_ahead (for calls that cost money) writes the row before the call, as
+    "interrupted", and fills in the outcome after: a process killed mid-call (SIGKILL, OOM)
+    still leaves the call in the ledger, so no billable call goes unaccounted for.
+    """
+    placeholder = usage_record_create(
+        kind=kind, provider=provider, model=model, status=UsageRecord.Status.INTERRUPTED,
+        error=IN_FLIGHT_ERROR, **record_fields,
+    ) if write_ahead else None
     call = TrackedCall()
     started = time.perf_counter()
     try:
@@ -134,23 +151,33 @@ def tracked_model_call(
     except Exception as exc:
         _failed_attempts_record(retried, kind=kind, provider=provider, model=model,
                                 **record_fields)
-        usage_record_create(
-            kind=kind, provider=provider, model=model,
-            input_tokens=call.input_tokens, output_tokens=call.output_tokens,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            time_to_first_token_ms=call.time_to_first_token_ms,
-            status=UsageRecord.Status.ERROR, error=f"{exc.__class__.__name__}: {exc}",
-            **record_fields,
-        )
+        _outcome_record(placeholder, call, started, kind=kind, provider=provider, model=model,
+                        status=UsageRecord.Status.ERROR,
+                        error=f"{exc.__class__.__name__}: {exc}", **record_fields)
         raise
     _failed_attempts_record(retried, kind=kind, provider=provider, model=model, **record_fields)
-    usage_record_create(
-        kind=kind, provider=provider, model=model,
-        input_tokens=call.input_tokens, output_tokens=call.output_tokens,
-        latency_ms=(time.perf_counter() - started) * 1000,
-        time_to_first_token_ms=call.time_to_first_token_ms,
-        **record_fields,
-    )
+    _outcome_record(placeholder, call, started, kind=kind, provider=provider, model=model,
+                    **record_fields)
+
+
+def _outcome_record(placeholder: UsageRecord | None, call: TrackedCall, started: float, *,
+                    model: str, status: str = UsageRecord.Status.OK, error: str = "",
+                    **record_fields) -> None:
+    latency_ms = (time.perf_counter() - started) * 1000
+    if placeholder is None:
+        usage_record_create(
+            model=model, input_tokens=call.input_tokens, output_tokens=call.output_tokens,
+            latency_ms=latency_ms, time_to_first_token_ms=call.time_to_first_token_ms,
+            status=status, error=error, **record_fields,
+        )
+        return
+    placeholder.input_tokens, placeholder.output_tokens = call.input_tokens, call.output_tokens
+    placeholder.cost_usd = model_cost(model=model, input_tokens=call.input_tokens,
+                                      output_tokens=call.output_tokens)
+    placeholder.latency_ms = latency_ms
+    placeholder.time_to_first_token_ms = call.time_to_first_token_ms
+    placeholder.status, placeholder.error = status, redact(error)[:2000]
+    _ledger_write(placeholder, update_fields=_OUTCOME_FIELDS)
 
 
 def _failed_attempts_record(attempts, **record_fields) -> None:

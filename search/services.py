@@ -255,7 +255,7 @@ def _rerank(backend, query: str, scored, *, top_n: int, user, api_key):
         span("rerank", provider=backend.provider_name, model=backend.model, documents=len(head)),
         tracked_model_call(
             kind=UsageRecord.Kind.RERANK, provider=backend.provider_name, model=backend.model,
-            user=user, api_key=api_key,
+            user=user, api_key=api_key, write_ahead=backend.remote,
         ) as call,
     ):
         result = backend.rerank(query, [c.text for c, _ in head])

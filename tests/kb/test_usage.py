@@ -87,3 +87,31 @@ def test_the_ledger_reconnects_when_the_connection_was_cut():
 
     assert UsageRecord.objects.filter(input_tokens=3).count() == 1
     assert connection.connection.info.backend_pid != pid
+
+
+@pytest.mark.django_db
+def test_a_billable_call_is_in_the_ledger_before_it_is_made(settings):
+    """write_ahead: while the call runs its row already says "interrupted", so a process
+    killed mid-call leaves it accounted for; the outcome then completes the same row."""
+    settings.KB_MODEL_PRICES = {"m": {"input": 1.0}}
+    with tracked_model_call(kind=UsageRecord.Kind.EMBEDDING, provider="openai", model="m",
+                            write_ahead=True) as call:
+        (during,) = UsageRecord.objects.all()
+        assert (during.status, during.input_tokens) == ("interrupted", 0)
+        assert "stopped during the call" in during.error
+        call.input_tokens = 2_000_000
+
+    (after,) = UsageRecord.objects.all()
+    assert after.pk == during.pk
+    assert (after.status, after.input_tokens, after.error) == ("ok", 2_000_000, "")
+    assert after.cost_usd == 2
+
+
+@pytest.mark.django_db
+def test_a_failed_billable_call_completes_its_row_as_an_error():
+    with pytest.raises(RuntimeError), tracked_model_call(
+            kind=UsageRecord.Kind.EMBEDDING, provider="openai", model="m", write_ahead=True):
+        raise RuntimeError("upstream said no")
+
+    (row,) = UsageRecord.objects.all()
+    assert row.status == "error" and "upstream said no" in row.error
