@@ -158,9 +158,13 @@ def document_upload(
             reason=f"The file is {len(data) / 1024 / 1024:.1f} MB, over the {limit_mb} MB limit.",
         )
     content_hash = hashlib.sha256(data).hexdigest()
+    stalled_before = timezone.now() - timezone.timedelta(seconds=DOCUMENT_STALLED_AFTER_SECONDS)
     duplicate = (
         Document.objects.filter(collection=collection, content_hash=content_hash)
+        # A failed copy, or one whose worker died mid-way, is ingested again, not reported
+        # as a duplicate of itself.
         .exclude(status=Document.Status.FAILED)
+        .exclude(status=Document.Status.PROCESSING, heartbeat_at__lt=stalled_before)
         .order_by("pk")
         .first()
     )
@@ -524,7 +528,12 @@ def document_delete(*, document: Document) -> None:
             transaction.on_commit(lambda: storage.delete(file_name))
 
 
-def documents_mark_stalled(*, older_than_seconds: int) -> int:
+# A document whose worker has not reported progress for this long is presumed dead: the
+# stall sweep fails it, and uploading the same file again restarts it.
+DOCUMENT_STALLED_AFTER_SECONDS = 600
+
+
+def documents_mark_stalled(*, older_than_seconds: int = DOCUMENT_STALLED_AFTER_SECONDS) -> int:
     """Fail documents whose worker stopped beating (killed mid-document); they can be retried."""
     cutoff = timezone.now() - timezone.timedelta(seconds=older_than_seconds)
     return Document.objects.filter(

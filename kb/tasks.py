@@ -10,10 +10,6 @@ from kb import embeddings, observability, services
 # Queued tasks carry the current request id to the worker, which sets it while they run.
 observability.task_signals_connect()
 
-# A document whose worker has not reported progress for this long is presumed dead.
-STALLED_AFTER_SECONDS = 600
-
-
 def enqueue(task_path: str, *args, **kwargs) -> str:
     """Queue a task by dotted path; runs inline when KB_TASKS_SYNC is set (tests, --sync).
 
@@ -32,4 +28,4 @@ def reembed_task(embedding_model_id: int, activate: bool = False) -> str:
 
 
 def documents_mark_stalled_task() -> int:
-    return services.documents_mark_stalled(older_than_seconds=STALLED_AFTER_SECONDS)
+    return services.documents_mark_stalled()

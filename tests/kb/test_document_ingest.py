@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
+from django.utils.timezone import now as timezone_now
 
 from kb import services
 from kb.models import Chunk, ChunkEmbedding, Document, UsageRecord
@@ -56,6 +57,37 @@ def test_embedding_writes_usage_records(collection, ingest_one):
     records = UsageRecord.objects.filter(kind=UsageRecord.Kind.EMBEDDING, document=document)
     assert records.exists()
     assert all(r.input_tokens > 0 and r.latency_ms > 0 and r.provider == "local" for r in records)
+
+
+def test_uploading_a_document_whose_worker_died_restarts_it(collection, ingest_one, ingest):
+    """A copy stuck in processing (no heartbeat for the stall period) is not a duplicate:
+    the same file again re-ingests that document, reusing its vectors."""
+    from django.utils import timezone
+
+    from kb import services
+
+    document = ingest_one(collection, "guide.md", sample("guide.md"))
+    vectors = ChunkEmbedding.objects.filter(chunk__document=document).count()
+    stale = timezone.now() - timezone.timedelta(seconds=services.DOCUMENT_STALLED_AFTER_SECONDS + 1)
+    Document.objects.filter(pk=document.pk).update(status=Document.Status.PROCESSING,
+                                                   heartbeat_at=stale)
+
+    (outcome,) = ingest(collection, "guide.md", sample("guide.md"))
+
+    assert outcome.outcome == "updated" and outcome.document.pk == document.pk
+    document.refresh_from_db()
+    assert document.status == Document.Status.READY
+    assert ChunkEmbedding.objects.filter(chunk__document=document).count() == vectors
+
+
+def test_a_document_still_being_processed_is_a_duplicate(collection, ingest_one, ingest):
+    document = ingest_one(collection, "guide.md", sample("guide.md"))
+    Document.objects.filter(pk=document.pk).update(status=Document.Status.PROCESSING,
+                                                   heartbeat_at=timezone_now())
+
+    (outcome,) = ingest(collection, "copy.md", sample("guide.md"))
+
+    assert outcome.outcome == "duplicate" and outcome.document.pk == document.pk
 
 
 def test_identical_upload_is_a_duplicate_and_embeds_nothing(collection, ingest_one, ingest):
