@@ -212,15 +212,30 @@ class Server:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            # SIGTERM: uvicorn shuts down gracefully (SIGINT does too, then re-raises
-            # KeyboardInterrupt, which prints a traceback after serve's "Stopped.").
-            self.process.send_signal(signal.SIGTERM)
+            # SIGINT, as Ctrl-C: uvicorn shuts down, then re-raises it as KeyboardInterrupt,
+            # so serve's finally: and atexit run and the embedded database stops. (SIGTERM
+            # is re-raised as a signal and kills the process before either runs, leaving
+            # PostgreSQL behind: see stop_embedded_postgres.)
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
         self.log.close()
+
+
+def stop_embedded_postgres(data_dir: Path) -> None:
+    """Stop an embedded server a killed process left running in data_dir, if any."""
+    pgdata = data_dir / "pgdata"
+    if not (pgdata / "postmaster.pid").exists():
+        return
+    import pgserver
+
+    pg_ctl = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_ctl"
+    user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs it as this user
+    subprocess.run([str(pg_ctl), "-D", str(pgdata), "-m", "fast", "-w", "stop"], user=user,
+                   capture_output=True, timeout=60)
 
 
 def post(url: str, key: str, body: dict) -> int:
@@ -308,6 +323,7 @@ def main() -> int:
     from tests.fakes.openai_server import FakeOpenAIServer
 
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     key = prepare(args.data_dir)
     script = Path(tempfile.mkstemp(prefix="kb-load-", suffix=".lua")[1])
     script.write_text(WRK_SCRIPT)
@@ -342,10 +358,15 @@ def main() -> int:
             upstream_calls = len(upstream.requests_to("/v1/chat/completions"))
     finally:
         script.unlink(missing_ok=True)
+        stop_embedded_postgres(args.data_dir)
     summary = {
         "results": results,
         "upstream_chat_calls": upstream_calls,
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        # Other work on the machine shares the CPUs with the server and wrk: the 1-minute
+        # load average before and after says how quiet the machine was.
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    "loadavg_before": round(load_before, 2),
+                    "loadavg_after": round(os.getloadavg()[0], 2)},
         "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0],
         "command": "benchmarks/load.py " + " ".join(sys.argv[1:]),
         "total_seconds": round(time.monotonic() - started, 1),

@@ -35,6 +35,7 @@ PYTHON = sys.executable
 
 PYTEST_TARGETS = [
     "tests/reliability",
+    "tests/kb/test_log_privacy.py",
     "tests/kb/test_access_control.py",
     "tests/chat/test_access_control.py",
     "tests/kb/test_worker_crash.py",
@@ -142,7 +143,9 @@ def load_section(load: dict | None) -> list[str]:
     lines += [
         f"wrk ({' '.join(load.get('wrk', 'wrk').split()[:2])}) on loopback against `manage.py serve` (uvicorn, one "
         f"process) with the demo corpus, {machine.get('cpus', '?')} CPUs shared with the load "
-        "generator. Every request carries a unique query (no cache helps); chat answers come "
+        f"generator and whatever else ran (1-minute load average {machine.get('loadavg_before', '?')}"
+        f" before, {machine.get('loadavg_after', '?')} after: figures from a busy machine are "
+        "lower bounds). Every request carries a unique query (no cache helps); chat answers come "
         "from a fake OpenAI-compatible upstream (no model cost), so chat figures measure "
         "our pipeline: question embedding, hybrid retrieval, prompt, streaming, bookkeeping. "
         "Latency is to the last byte (for SSE, the whole answer).",
@@ -193,15 +196,18 @@ def faults_section(cases: list[Case], figures: dict) -> list[str]:
             f"| PostgreSQL restarts during ingestion | `pg_ctl restart -m fast` "
             f"({restart.get('restart_seconds')} s) while `kb_ingest --sync` has an embedding "
             f"call in flight; {restart.get('documents')} documents, {restart.get('chunks')} "
-            f"chunks | {verdict(restart_cases)}. The run stopped (`{restart.get('ingest_error')}`)"
-            f", leaving {counts_text(restart.get('statuses_after_fault', {}))}; the stall sweep "
+            f"chunks | {verdict(restart_cases)}. "
+            + ("The run rode out the restart (exit 0)"
+               if restart.get("ingest_exit_code") == 0 else
+               f"The run stopped (`{restart.get('ingest_error')}`)")
+            + f", leaving {counts_text(restart.get('statuses_after_fault', {}))}; the stall sweep "
             f"failed {recovery.get('stalled')}, the retry made "
             f"{counts_text(recovery.get('final', {}))} | problems: "
             f"{restart.get('problems') or 'none'}; {restart.get('vectors_before_restart')} "
             f"vectors committed before the restart were reused; usage: "
             f"{restart.get('usage_double_counted')} double counted, "
             f"{restart.get('committed_without_row')} committed batches without a row, "
-            f"**{lost} call lost** (its row was due on the connection the restart cut) | "
+            f"**{lost} calls lost** (a ledger write that meets the cut connection reconnects) | "
             f"{pytest_command('tests/reliability/test_faults.py', '-k', 'restart')} |")
     if reembed:
         after_kill = "; ".join(
@@ -217,7 +223,8 @@ def faults_section(cases: list[Case], figures: dict) -> list[str]:
             f"the rerun activated fake-b atomically, searches "
             f"{'all worked' if reembed.get('searches_ok_after_rerun') else 'FAILED'} | problems: "
             f"{reembed.get('problems') or 'none'}; usage: {reembed.get('usage_double_counted')} "
-            f"double counted, {reembed.get('usage_lost')} lost (the call SIGKILL interrupted) | "
+            f"double counted, {reembed.get('usage_lost')} lost ({reembed.get('usage_in_flight_rows', 0)} "
+            f"written ahead and left `interrupted` by the kill) | "
             f"{pytest_command('tests/reliability/test_faults.py', '-k', 'reembedding')} |")
     worker = select(cases, "test_worker_crash.py")
     lines.append(
@@ -247,8 +254,8 @@ def faults_section(cases: list[Case], figures: dict) -> list[str]:
     if retried:
         lines.append(
             f"| Chat provider retried inside the backend | 429, then success, with "
-            f"`max_attempts=3` (the default) | {verdict(retried)} | the refused attempt gets no "
-            f"usage row (see findings) | "
+            f"`max_attempts=3` (the default) | {verdict(retried)} | two upstream attempts, two "
+            f"usage rows: the refused one as an error, the answer as ok | "
             f"{pytest_command('tests/reliability/test_faults.py', '-k', 'retried')} |")
     return [*lines, ""]
 
@@ -354,8 +361,8 @@ def logs_section() -> list[str]:
         "",
         "Questions, prompts and answers are logged as fingerprints (`sha256:` and the first 12 "
         "hex digits, `kb.log_privacy.text_fingerprint`), never as text, unless "
-        "`KB_LOG_CONTENT=true`, a flag meant for a developer's machine; `LOG_LEVEL=DEBUG` "
-        "alone does not log content. Credentials never appear at any level: "
+        "`KB_LOG_CONTENT` is on: by default only with `LOG_LEVEL=DEBUG` (debug logging, on a "
+        "developer's machine), or when set explicitly. Credentials never appear at any level: "
         "`kb.log_privacy.RedactingFilter` on the console handler redacts bearer tokens, "
         "`kb_…` API keys, `sk-…` provider keys, passwords in URLs and the literal values of "
         "SECRET_KEY, OPENAI_API_KEY, the database and Redis passwords and every provider "
