@@ -63,7 +63,8 @@ def test_serve_starts_everything_and_stops_cleanly(tmp_path):
     port = 18000 + os.getpid() % 1000
     env = {**os.environ, "KB_DATA_DIR": str(tmp_path / "data"), "KB_ADMIN_PASSWORD": "",
            "KB_WORKERS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("DATABASE_URL", None)
+    for inherited in ("DATABASE_URL", "KB_PGDATA"):  # a fresh embedded server in tmp_path
+        env.pop(inherited, None)
     env.pop("DJANGO_SETTINGS_MODULE", None)
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(port)],
@@ -127,7 +128,8 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
     port = 19000 + os.getpid() % 1000
     env = {**os.environ, "KB_DATA_DIR": str(tmp_path / "data"), "KB_ADMIN_PASSWORD": "pw-sigterm-123",
            "PYTHONUNBUFFERED": "1"}
-    env.pop("DATABASE_URL", None)
+    for inherited in ("DATABASE_URL", "KB_PGDATA"):  # a fresh embedded server in tmp_path
+        env.pop(inherited, None)
     env.pop("DJANGO_SETTINGS_MODULE", None)
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(port), "--no-demo"],
