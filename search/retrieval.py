@@ -81,7 +81,11 @@ def _bm25_ctes(filters: SearchFilters, params: dict) -> str:
     df and avgdl are per collection and cover searchable chunks only. The query is never
     parsed as a tsquery, so no user input can be a syntax error.
     """
-    query_terms = """
+    join = where = ""
+    if filters.needs_chunk_join:
+        join = " JOIN kb_chunk c ON c.id = p.chunk_id JOIN kb_document d ON d.id = c.document_id"
+        where = " WHERE TRUE" + _filter_sql(filters, params)
+    return f"""
     query_terms AS (
         SELECT col.id AS collection_id, u.lexeme
         FROM kb_collection col
@@ -101,26 +105,20 @@ def _bm25_ctes(filters: SearchFilters, params: dict) -> str:
         JOIN search_termstatistic t ON t.collection_id = q.collection_id AND t.lexeme = q.lexeme
         JOIN search_collectionstatistic s ON s.collection_id = q.collection_id
         WHERE t.document_frequency > 0 AND s.chunk_count > 0
-    )"""
-    term_score = ("w.weight * p.term_frequency"
-                  " / (p.term_frequency + w.length_base + w.length_slope * p.chunk_length)")
-    postings = "JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme"
-    ranked = """
-    bm25_ranked AS (
-        SELECT chunk_id, score, row_number() OVER (ORDER BY score DESC, chunk_id) AS rank FROM bm25
-    )"""
-    join = where = ""
-    if filters.needs_chunk_join:
-        join = " JOIN kb_chunk c ON c.id = p.chunk_id JOIN kb_document d ON d.id = c.document_id"
-        where = " WHERE TRUE" + _filter_sql(filters, params)
-    return query_terms + f""",
+    ),
     bm25 AS (
-        SELECT p.chunk_id, sum({term_score}) AS score
-        FROM weighted_terms w {postings}{join}{where}
+        SELECT p.chunk_id,
+               sum(w.weight * p.term_frequency
+                   / (p.term_frequency + w.length_base + w.length_slope * p.chunk_length)) AS score
+        FROM weighted_terms w
+        JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme{join}{where}
         GROUP BY p.chunk_id
         ORDER BY score DESC, p.chunk_id
         LIMIT %(limit)s
-    ),""" + ranked
+    ),
+    bm25_ranked AS (
+        SELECT chunk_id, score, row_number() OVER (ORDER BY score DESC, chunk_id) AS rank FROM bm25
+    )"""
 
 
 def _vector_ctes(filters: SearchFilters, params: dict, *, model_id: int, dimensions: int,
