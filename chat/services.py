@@ -45,7 +45,7 @@ from kb.models import Collection, UsageRecord
 from kb.providers import registry
 from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage, ProviderError
 from kb.providers.retrying import FailedAttempt, failed_attempts_sink
-from kb.usage import model_cost, usage_record_create
+from kb.usage import model_cost, retried_attempts_record_usage, usage_record_create
 from search import selectors as search_selectors
 from search.services import SearchParams, query_vector, search
 
@@ -775,13 +775,11 @@ def _turn_finish(turn: _Turn) -> None:
     """Write the usage ledger, the assistant message and (for new answers) the cache."""
     for call in turn.calls:
         end = call.ended or time.perf_counter()
-        for attempt in call.retried:
-            usage_record_create(
-                kind=UsageRecord.Kind.CHAT, provider=call.provider, model=call.model,
-                latency_ms=attempt.latency_ms, status=UsageRecord.Status.ERROR,
-                error=attempt.error, user=turn.user, api_key=turn.api_key,
-                conversation_id=turn.conversation.pk, request_id=turn.request_id[:64],
-            )
+        retried_attempts_record_usage(
+            call.retried, kind=UsageRecord.Kind.CHAT, provider=call.provider, model=call.model,
+            user=turn.user, api_key=turn.api_key, conversation_id=turn.conversation.pk,
+            request_id=turn.request_id[:64],
+        )
         usage_record_create(
             kind=UsageRecord.Kind.CHAT,
             provider=call.provider,

@@ -98,6 +98,8 @@ def _provider_keys(node: Any) -> Iterable[str]:
 
 def redact(text: str, secrets: Iterable[str] | None = None) -> str:
     """text with credentials replaced by "[REDACTED]"."""
+    if not text:
+        return text  # most ledger rows and log extras: nothing to scan
     for secret in configured_secrets() if secrets is None else secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)

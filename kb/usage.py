@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -16,7 +16,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 from kb.log_privacy import redact
 from kb.models import UsageRecord
 from kb.observability import current_request_id
-from kb.providers.retrying import failed_attempts_recorded
+from kb.providers.retrying import FailedAttempt, failed_attempts_recorded
 
 logger = logging.getLogger(__name__)
 
@@ -149,13 +149,13 @@ def tracked_model_call(
         with failed_attempts_recorded() as retried:
             yield call
     except Exception as exc:
-        _failed_attempts_record(retried, kind=kind, provider=provider, model=model,
+        retried_attempts_record_usage(retried, kind=kind, provider=provider, model=model,
                                 **record_fields)
         _outcome_record(placeholder, call, started, kind=kind, provider=provider, model=model,
                         status=UsageRecord.Status.ERROR,
                         error=f"{exc.__class__.__name__}: {exc}", **record_fields)
         raise
-    _failed_attempts_record(retried, kind=kind, provider=provider, model=model, **record_fields)
+    retried_attempts_record_usage(retried, kind=kind, provider=provider, model=model, **record_fields)
     _outcome_record(placeholder, call, started, kind=kind, provider=provider, model=model,
                     **record_fields)
 
@@ -180,7 +180,7 @@ def _outcome_record(placeholder: UsageRecord | None, call: TrackedCall, started:
     _ledger_write(placeholder, update_fields=_OUTCOME_FIELDS)
 
 
-def _failed_attempts_record(attempts, **record_fields) -> None:
+def retried_attempts_record_usage(attempts: Sequence[FailedAttempt], **record_fields) -> None:
     """One error row per request a backend sent and then retried (no tokens billed)."""
     for attempt in attempts:
         usage_record_create(latency_ms=attempt.latency_ms, status=UsageRecord.Status.ERROR,
