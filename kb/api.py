@@ -77,6 +77,14 @@ def _api_key(request: Request) -> ApiKey | None:
     return request.auth if isinstance(request.auth, ApiKey) else None
 
 
+def _query_filters(request: Request, serializer_class) -> dict:
+    """The list filters in the query string, validated: a NUL, an unknown status or an
+    overlong id is a 400 with field messages, never a database error. Empty ones are unset."""
+    filters = serializer_class(data={k: v for k, v in request.query_params.items() if v})
+    filters.is_valid(raise_exception=True)
+    return filters.validated_data
+
+
 def _visible_documents(request: Request):
     return documents_visible(user=request.user, api_key=_api_key(request))
 
@@ -101,16 +109,12 @@ class DocumentListCreate(generics.ListAPIView):
     parser_classes = [parsers.MultiPartParser, parsers.FormParser, parsers.JSONParser]
 
     def get_queryset(self):
-        # Validated, so a NUL or an unknown status is a 400 rather than a database error.
-        filters = DocumentListFiltersSerializer(data={
-            name: value for name, value in self.request.query_params.items() if value
-        })
-        filters.is_valid(raise_exception=True)
+        filters = _query_filters(self.request, DocumentListFiltersSerializer)
         queryset = _visible_documents(self.request)
-        if "collection" in filters.validated_data:
-            queryset = queryset.filter(collection__slug=filters.validated_data["collection"])
-        if "status" in filters.validated_data:
-            queryset = queryset.filter(status=filters.validated_data["status"])
+        if "collection" in filters:
+            queryset = queryset.filter(collection__slug=filters["collection"])
+        if "status" in filters:
+            queryset = queryset.filter(status=filters["status"])
         return queryset.order_by("-created_at", "-pk")
 
     @extend_schema(parameters=[DocumentListFiltersSerializer])
@@ -174,12 +178,9 @@ class ChunkList(generics.ListAPIView):
             searchable=True,
             document__in=_visible_documents(self.request),
         ).order_by("document_id", "ordinal")
-        filters = ChunkListFiltersSerializer(data={
-            name: value for name, value in self.request.query_params.items() if value
-        })
-        filters.is_valid(raise_exception=True)
-        if "document" in filters.validated_data:
-            queryset = queryset.filter(document_id=filters.validated_data["document"])
+        filters = _query_filters(self.request, ChunkListFiltersSerializer)
+        if "document" in filters:
+            queryset = queryset.filter(document_id=filters["document"])
         return queryset
 
     @extend_schema(parameters=[ChunkListFiltersSerializer])

@@ -17,7 +17,7 @@ from pathlib import PurePath
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from kb import embeddings
@@ -158,13 +158,12 @@ def document_upload(
             reason=f"The file is {len(data) / 1024 / 1024:.1f} MB, over the {limit_mb} MB limit.",
         )
     content_hash = hashlib.sha256(data).hexdigest()
-    stalled_before = timezone.now() - timezone.timedelta(seconds=DOCUMENT_STALLED_AFTER_SECONDS)
     duplicate = (
         Document.objects.filter(collection=collection, content_hash=content_hash)
         # A failed copy, or one whose worker died mid-way, is ingested again, not reported
         # as a duplicate of itself.
         .exclude(status=Document.Status.FAILED)
-        .exclude(status=Document.Status.PROCESSING, heartbeat_at__lt=stalled_before)
+        .exclude(_stalled(older_than_seconds=DOCUMENT_STALLED_AFTER_SECONDS))
         .order_by("pk")
         .first()
     )
@@ -533,12 +532,15 @@ def document_delete(*, document: Document) -> None:
 DOCUMENT_STALLED_AFTER_SECONDS = 600
 
 
+def _stalled(*, older_than_seconds: int) -> Q:
+    """Documents in processing whose worker has not beaten for older_than_seconds."""
+    cutoff = timezone.now() - timezone.timedelta(seconds=older_than_seconds)
+    return Q(status=Document.Status.PROCESSING, heartbeat_at__lt=cutoff)
+
+
 def documents_mark_stalled(*, older_than_seconds: int = DOCUMENT_STALLED_AFTER_SECONDS) -> int:
     """Fail documents whose worker stopped beating (killed mid-document); they can be retried."""
-    cutoff = timezone.now() - timezone.timedelta(seconds=older_than_seconds)
-    return Document.objects.filter(
-        status=Document.Status.PROCESSING, heartbeat_at__lt=cutoff
-    ).update(
+    return Document.objects.filter(_stalled(older_than_seconds=older_than_seconds)).update(
         status=Document.Status.FAILED,
         error_message="The worker stopped while processing this document (it may have been "
         "restarted or killed). Retry to finish it; work already done is reused.",
