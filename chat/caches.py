@@ -3,7 +3,8 @@
 Entries are keyed by a *knowledge-base version*: a string built from the collection's
 `updated_at`, which kb.services bumps on every document change (ingest, disable, enable,
 delete, reindex). An entry written under an older version never matches, and is deleted
-the next time its scope is looked up. Deleting or re-uploading a document also deletes
+the next time an answer is stored in its scope (not on lookup, which is on the path to
+the first token). Deleting or re-uploading a document also deletes
 the entries it was a source of at once (signal receivers in chat/models.py).
 """
 
@@ -83,11 +84,7 @@ def _fresh() -> Q:
 
 
 def cache_lookup_exact(*, question: str, kb_version: str) -> CacheHit | None:
-    """The entry for this exact (normalised) question under this version, if any.
-
-    Also deletes entries of the same scope written under an older version, or expired.
-    """
-    cache_purge_stale(kb_version=kb_version)
+    """The entry for this exact (normalised) question under this version, if any."""
     entry = (
         AnswerCacheEntry.objects.filter(
             _fresh(), key=cache_key(question=question, kb_version=kb_version), kb_version=kb_version
@@ -146,7 +143,11 @@ def cache_store(
     output_tokens: int,
     cost_usd: Decimal,
 ) -> AnswerCacheEntry:
-    """Remember a complete answer for its question and knowledge-base version."""
+    """Remember a complete answer for its question and knowledge-base version.
+
+    Entries of the same scope written under an older version, or expired, go first.
+    """
+    cache_purge_stale(kb_version=kb_version)
     return AnswerCacheEntry.objects.create(
         question=question_normalize(question),
         key=cache_key(question=question, kb_version=kb_version),

@@ -47,7 +47,7 @@ from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage, Pr
 from kb.providers.retrying import FailedAttempt, failed_attempts_sink
 from kb.usage import model_cost, retried_attempts_record_usage, usage_record_create
 from search import selectors as search_selectors
-from search.services import SearchParams, query_vector, search
+from search.services import QueryEmbedding, SearchParams, SearchResult, query_vector, search
 
 logger = logging.getLogger(__name__)
 
@@ -255,8 +255,7 @@ class _Turn:
     kb_version: str
     query: str = ""
     cacheable: bool = True
-    vector: list[float] | None = None
-    embedding_model: str = ""
+    embedded: QueryEmbedding | None = None
     status: str = Message.Status.STREAMING
     mode: str = ""
     notices: list[str] = field(default_factory=list)
@@ -456,26 +455,15 @@ async def _answer(turn: _Turn) -> AsyncGenerator[ChatEvent, None]:
             turn.query = prompts.follow_up_query(history=turn.history, question=turn.question)
             turn.cacheable = False
 
-    if turn.cacheable:
-        hit = await _db(_cache_lookup, turn)
-        if hit is not None:
-            async with aclosing(_serve_cached(turn, hit)) as events:
-                async for event in events:
-                    yield event
-            return
-
-    result = await _db(
-        search,
-        params=SearchParams(
-            query=turn.query,
-            k=settings.KB_CHAT_TOP_K,
-            mode="hybrid",
-            rerank=None,
-            collections=(turn.collection.slug,) if turn.collection else (),
-        ),
-        user=turn.user,
-        api_key=turn.api_key,
-    )
+    # One trip to the request's sync thread for the caches and retrieval: each trip costs
+    # time before the first token.
+    hit, result = await _db(_retrieve, turn)
+    if hit is not None:
+        async with aclosing(_serve_cached(turn, hit)) as events:
+            async for event in events:
+                yield event
+        return
+    assert result is not None
     turn.notices.extend(result.notices)
     passages = [
         prompts.Passage(
@@ -548,21 +536,42 @@ async def _collect(stream: AsyncIterator[ChatDelta | ChatUsage], call: _Call) ->
     call.ended = time.perf_counter()
 
 
+def _retrieve(turn: _Turn) -> tuple[caches.CacheHit | None, SearchResult | None]:
+    """A cached answer if there is one, else the passages to answer from."""
+    hit = _cache_lookup(turn) if turn.cacheable else None
+    if hit is not None:
+        return hit, None
+    result = search(
+        params=SearchParams(
+            query=turn.query,
+            k=settings.KB_CHAT_TOP_K,
+            mode="hybrid",
+            rerank=None,
+            collections=(turn.collection.slug,) if turn.collection else (),
+        ),
+        user=turn.user,
+        api_key=turn.api_key,
+        embedded=turn.embedded,
+    )
+    return None, result
+
+
 def _cache_lookup(turn: _Turn) -> caches.CacheHit | None:
-    """Exact, then semantic; keeps the question's vector for storing the answer later."""
+    """Exact, then semantic; keeps the question's vector for search and the cache entry."""
     hit = caches.cache_lookup_exact(question=turn.query, kb_version=turn.kb_version)
     model = search_selectors.embedding_model_for_search()
     if model is not None:
         try:
-            # The same call search makes for this text: its LRU serves retrieval next.
-            turn.vector = query_vector(model=model, text=turn.query, user=turn.user,
-                                       api_key=turn.api_key)
-            turn.embedding_model = model.key
+            vector = query_vector(model=model, text=turn.query, user=turn.user,
+                                  api_key=turn.api_key)
+            turn.embedded = QueryEmbedding(model=model, vector=vector)
         except ProviderError as exc:
+            # Search tries again, and falls back to BM25 with a notice if it fails too.
             logger.warning("Embedding the question for the semantic cache failed: %s", exc)
-    if hit is None and turn.vector is not None:
+    if hit is None and turn.embedded is not None:
         hit = caches.cache_lookup_semantic(
-            vector=turn.vector, embedding_model=turn.embedding_model, kb_version=turn.kb_version
+            vector=turn.embedded.vector, embedding_model=turn.embedded.model.key,
+            kb_version=turn.kb_version,
         )
     if hit is not None:
         caches.cache_hit_record(entry=hit.entry)
@@ -831,7 +840,9 @@ def _turn_finish(turn: _Turn) -> None:
         # redo, and caching it would keep serving it after the model is back.
         caches.cache_store(
             question=turn.query, collection=turn.collection, kb_version=turn.kb_version,
-            vector=turn.vector, embedding_model=turn.embedding_model, answer=turn.check.text,
+            vector=turn.embedded.vector if turn.embedded else None,
+            embedding_model=turn.embedded.model.key if turn.embedded else "",
+            answer=turn.check.text,
             mode=turn.mode, citations=turn.citations, cited=turn.check.cited,
             source_document_ids=[p.document_id for p in turn.passages],
             provider=answer.provider, model=answer.model, input_tokens=answer.input_tokens,

@@ -60,6 +60,14 @@ class SearchHit:
     stages: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class QueryEmbedding:
+    """A query already embedded by the caller (chat embeds once for its cache and search)."""
+
+    model: EmbeddingModel
+    vector: list[float]
+
+
 @dataclass
 class SearchResult:
     hits: list[SearchHit]
@@ -112,8 +120,19 @@ def query_vector(*, model: EmbeddingModel, text: str, user=None, api_key=None) -
 
 
 @traced("search")
-def search(*, params: SearchParams, user=None, api_key=None, record_usage: bool = True) -> SearchResult:
-    """Hybrid (or single-mode) retrieval, fusion and optional reranking, with timings."""
+def search(
+    *,
+    params: SearchParams,
+    user=None,
+    api_key=None,
+    record_usage: bool = True,
+    embedded: QueryEmbedding | None = None,
+) -> SearchResult:
+    """Hybrid (or single-mode) retrieval, fusion and optional reranking, with timings.
+
+    `embedded` is the query's vector when the caller has it already, from the model that
+    is active for search; it is used instead of embedding the query again.
+    """
     started = time.perf_counter()
     timings: dict[str, float] = {}
     notices: list[str] = []
@@ -133,10 +152,12 @@ def search(*, params: SearchParams, user=None, api_key=None, record_usage: bool 
     model = None
     vector = None
     if mode in {"vector", "hybrid"} and text.strip():
-        model = selectors.embedding_model_for_search()
+        model = embedded.model if embedded is not None else selectors.embedding_model_for_search()
         if model is None:
             notices.append("No embedding model is active yet; showing keyword (BM25) results.")
             mode = "bm25"
+        elif embedded is not None:
+            vector = embedded.vector
         else:
             t = time.perf_counter()
             try:
