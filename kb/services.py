@@ -288,7 +288,7 @@ def documents_ingest_batch(
     1. parse and chunk; write the chunks as a new, unsearchable generation, copying any
        vectors the cache already has (including those a killed run committed);
     2. embed the rest in batches, committing vectors as they come;
-    3. swap the new generation in for the old one in one transaction per document.
+    3. swap the new generations in for the old ones, in one transaction for the batch.
     """
     models = embeddings.embedding_models_written_on_ingest()
     prepared: list[_PreparedDocument] = []
@@ -298,9 +298,7 @@ def documents_ingest_batch(
             prepared.append(item)
     for model in models:
         _ingest_embed(prepared=prepared, model=model, on_embedded=on_embedded)
-    for item in prepared:
-        if not item.failed:
-            _ingest_finalize(item)
+    _ingest_finalize([item for item in prepared if not item.failed])
     documents = Document.objects.in_bulk([item for item in document_ids])
     return [documents[pk] for pk in document_ids if pk in documents]
 
@@ -451,32 +449,68 @@ def _ingest_embed(*, prepared: list[_PreparedDocument], model, on_embedded) -> N
             ChunkEmbedding(chunk=item.chunks[i], embedding_model=model, embedding=vector)
             for (item, i), vector in zip(batch, vectors, strict=True)
         ])
+        now = timezone.now()
         for item in documents:
             item.embedded += sum(1 for other, _ in batch if other is item)
-            _progress(item.document, chunks_embedded=item.embedded)
+            item.document.chunks_embedded = item.embedded
+            item.document.heartbeat_at = now
+        # One statement for the batch's documents: a batch can span dozens of small ones.
+        Document.objects.bulk_update([item.document for item in documents],
+                                     ["chunks_embedded", "heartbeat_at"])
         if on_embedded is not None:
             on_embedded(len(batch))
 
 
-def _ingest_finalize(item: _PreparedDocument) -> None:
-    document = item.document
-    _progress(document, stage=Document.Stage.INDEXING)
+def _ingest_finalize(items: list[_PreparedDocument]) -> None:
+    """Swap every new generation in, in one transaction for the whole batch.
+
+    Set-based statements rather than a transaction per document: the BM25 statistics
+    triggers are statement-level, so they run once for the batch, and there is one commit.
+    """
+    if not items:
+        return
+    now = timezone.now()
+    Document.objects.filter(pk__in=[item.document.pk for item in items]).update(
+        stage=Document.Stage.INDEXING, heartbeat_at=now
+    )
     with transaction.atomic():
-        current = Document.objects.select_for_update().filter(pk=document.pk).first()
-        if current is None:
-            return  # deleted while we worked; its chunks went with it
-        keep_disabled = item.keep_disabled or current.status == Document.Status.DISABLED
-        Chunk.objects.filter(document=document).exclude(generation=item.generation).delete()
-        if not keep_disabled:
-            Chunk.objects.filter(document=document, generation=item.generation).update(searchable=True)
-        Document.objects.filter(pk=document.pk).update(
-            chunk_generation=item.generation,
-            status=Document.Status.DISABLED if keep_disabled else Document.Status.READY,
-            stage=Document.Stage.DONE,
-            processing_finished_at=timezone.now(),
-            heartbeat_at=timezone.now(),
+        current = {
+            document.pk: document
+            for document in Document.objects.select_for_update().filter(
+                pk__in=[item.document.pk for item in items]
+            ).order_by("pk")
+        }
+        # Documents deleted while we worked are gone, and their chunks with them.
+        items = [item for item in items if item.document.pk in current]
+        if not items:
+            return
+        disabled = {
+            item.document.pk for item in items
+            if item.keep_disabled or current[item.document.pk].status == Document.Status.DISABLED
+        }
+        old_generations = Q()
+        new_generations = Q()
+        for item in items:
+            old_generations |= Q(document_id=item.document.pk) & ~Q(generation=item.generation)
+            if item.document.pk not in disabled:
+                new_generations |= Q(document_id=item.document.pk, generation=item.generation)
+        Chunk.objects.filter(old_generations).delete()
+        if new_generations:
+            Chunk.objects.filter(new_generations).update(searchable=True)
+        for item in items:
+            item.document.chunk_generation = item.generation
+            item.document.status = (Document.Status.DISABLED if item.document.pk in disabled
+                                    else Document.Status.READY)
+            item.document.stage = Document.Stage.DONE
+            item.document.processing_finished_at = now
+            item.document.heartbeat_at = now
+        Document.objects.bulk_update(
+            [item.document for item in items],
+            ["chunk_generation", "status", "stage", "processing_finished_at", "heartbeat_at"],
         )
-        Collection.objects.filter(pk=document.collection_id).update(updated_at=timezone.now())
+        Collection.objects.filter(
+            pk__in={item.document.collection_id for item in items}
+        ).update(updated_at=now)
 
 
 def _ingest_failed(*, document: Document, generation: int, reason: str) -> None:
