@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 
 from django.utils.html import escape
-
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def highlighted_snippet(text: str, lexemes: Sequence[str], *, width: int = 240) -> str:
@@ -16,13 +15,8 @@ def highlighted_snippet(text: str, lexemes: Sequence[str], *, width: int = 240) 
     English stemming maps words to lexemes that are (almost always) prefixes of them, so
     a word matches when it starts with a query lexeme; exact for the `simple` config.
     """
-    stems = sorted({lexeme.lower() for lexeme in lexemes if len(lexeme) >= 2}, key=len, reverse=True)
-    spans = []
-    if stems:
-        for match in _WORD.finditer(text):
-            word = match.group().lower()
-            if any(word.startswith(stem) for stem in stems):
-                spans.append((match.start(), match.end()))
+    pattern = _words_starting_with(frozenset(lexeme.lower() for lexeme in lexemes if len(lexeme) >= 2))
+    spans = [match.span() for match in pattern.finditer(text)] if pattern else []
     start = _best_window_start(text, spans, width)
     end = min(len(text), start + width)
     if start > 0:
@@ -43,6 +37,16 @@ def highlighted_snippet(text: str, lexemes: Sequence[str], *, width: int = 240) 
     prefix = "… " if start > 0 else ""
     suffix = " …" if end < len(text) else ""
     return prefix + "".join(pieces).strip() + suffix
+
+
+@lru_cache(maxsize=256)
+def _words_starting_with(stems: frozenset[str]) -> re.Pattern | None:
+    """Whole words that start with any of the stems, in one regex scan of the text."""
+    if not stems:
+        return None
+    # Longest first, so the alternation tries the most specific stem first.
+    alternatives = "|".join(re.escape(stem) for stem in sorted(stems, key=lambda s: (-len(s), s)))
+    return re.compile(rf"(?<!\w)(?:{alternatives})\w*", re.IGNORECASE)
 
 
 def _best_window_start(text: str, spans: list[tuple[int, int]], width: int) -> int:

@@ -92,7 +92,7 @@ def _bm25_ctes(filters: SearchFilters, params: dict) -> str:
         CROSS JOIN LATERAL unnest(to_tsvector(col.text_search_config::regconfig, %(query)s)) AS u
         WHERE col.id = ANY(%(collections)s)
     ),
-    weighted_terms AS (
+    weighted_terms AS MATERIALIZED (
         -- Everything that does not depend on the chunk, once per term, so each posting
         -- costs a multiply-add and a division. float8 throughout: numeric arithmetic
         -- (what a bare 0.5 literal brings in) is several times slower per posting.
