@@ -246,6 +246,10 @@ def document_retry(*, document: Document) -> bool:
     return True
 
 
+# Stage changes closer together than this are not written (see _progress_throttled).
+PROGRESS_MIN_INTERVAL_SECONDS = 1.0
+
+
 def _progress(document: Document, **fields) -> None:
     fields.setdefault("heartbeat_at", timezone.now())
     Document.objects.filter(pk=document.pk).update(**fields)
@@ -258,6 +262,22 @@ def document_ingest(*, document_id: int) -> Document | None:
     """Parse, chunk, embed and index one document; safe to run again after any failure."""
     documents = documents_ingest_batch(document_ids=[document_id])
     return documents[0] if documents else None
+
+
+@dataclass
+class _ParsedDocument:
+    """A document parsed and chunked, not yet written."""
+
+    document: Document
+    generation: int
+    keep_disabled: bool
+    title: str
+    mime_type: str
+    metadata: dict
+    text: str
+    drafts: list
+    inputs: list[str]
+    input_hashes: list[str]
 
 
 @dataclass
@@ -282,20 +302,19 @@ def documents_ingest_batch(
     """Ingest several documents, embedding their chunks together in full model batches.
 
     Small documents would otherwise give the model tiny batches; here the chunks of all
-    documents share batches, which keeps the pipeline close to the raw embedder's speed.
-    Each document still succeeds or fails on its own:
+    documents share batches, and the database work is done a batch at a time, which keeps
+    the pipeline close to the raw embedder's speed. Each document still succeeds or fails
+    on its own:
 
-    1. parse and chunk; write the chunks as a new, unsearchable generation, copying any
-       vectors the cache already has (including those a killed run committed);
-    2. embed the rest in batches, committing vectors as they come;
-    3. swap the new generations in for the old ones, in one transaction for the batch.
+    1. parse and chunk each document;
+    2. write the chunks as new, unsearchable generations, copying any vectors the cache
+       already has (including those a killed run committed);
+    3. embed the rest in batches, committing vectors as they come;
+    4. swap the new generations in for the old ones, in one transaction for the batch.
     """
     models = embeddings.embedding_models_written_on_ingest()
-    prepared: list[_PreparedDocument] = []
-    for document_id in document_ids:
-        item = _ingest_prepare(document_id=document_id, models=models)
-        if item is not None:
-            prepared.append(item)
+    parsed = _ingest_parse(document_ids=document_ids, models=models)
+    prepared = _ingest_write_generations(parsed, models=models)
     for model in models:
         _ingest_embed(prepared=prepared, model=model, on_embedded=on_embedded)
     _ingest_finalize([item for item in prepared if not item.failed])
@@ -318,32 +337,47 @@ def _ingest_guarded(item_document: Document, generation: int, work: Callable[[],
     return None
 
 
-def _ingest_prepare(*, document_id: int, models: list) -> _PreparedDocument | None:
-    document = Document.objects.select_related("collection").filter(pk=document_id).first()
-    if document is None:
-        logger.info("Document %s was deleted before ingestion.", document_id)
-        return None
-    keep_disabled = document.status == Document.Status.DISABLED
-    generation = document.chunk_generation + 1
-    _progress(
-        document,
-        status=Document.Status.DISABLED if keep_disabled else Document.Status.PROCESSING,
-        stage=Document.Stage.PARSING,
-        attempts=F("attempts") + 1,
-        processing_started_at=timezone.now(),
-        processing_finished_at=None,
-        error_message="",
-        chunks_embedded=0,
-        chunks_total=0,
-    )
-    return _ingest_guarded(document, generation, lambda: _prepare_generation(
-        document=document, generation=generation, keep_disabled=keep_disabled, models=models,
-    ))
+def _ingest_parse(*, document_ids: Sequence[int], models: list) -> list[_ParsedDocument]:
+    found = Document.objects.select_related("collection").in_bulk(list(document_ids))
+    for document_id in document_ids:
+        if document_id not in found:
+            logger.info("Document %s was deleted before ingestion.", document_id)
+    documents = [found[pk] for pk in dict.fromkeys(document_ids) if pk in found]
+    if not documents:
+        return []
+    now = timezone.now()
+    disabled = {document.pk for document in documents if document.status == Document.Status.DISABLED}
+    started = {
+        "stage": Document.Stage.PARSING, "processing_started_at": now,
+        "processing_finished_at": None, "error_message": "", "chunks_embedded": 0,
+        "chunks_total": 0, "heartbeat_at": now,
+    }
+    # Two statements for the whole batch (a disabled document stays disabled).
+    for status, pks in ((Document.Status.DISABLED, disabled),
+                        (Document.Status.PROCESSING, {d.pk for d in documents} - disabled)):
+        if pks:
+            Document.objects.filter(pk__in=pks).update(
+                status=status, attempts=F("attempts") + 1, **started
+            )
+    parsed = []
+    for document in documents:
+        keep_disabled = document.pk in disabled
+        document.status = Document.Status.DISABLED if keep_disabled else Document.Status.PROCESSING
+        for name, value in started.items():
+            setattr(document, name, value)
+        generation = document.chunk_generation + 1
+        item = _ingest_guarded(document, generation, lambda document=document, generation=generation,
+                               keep_disabled=keep_disabled: _parse_and_chunk(
+            document=document, generation=generation, keep_disabled=keep_disabled, models=models,
+        ))
+        if item is not None:
+            parsed.append(item)
+    return parsed
 
 
-def _prepare_generation(
+def _parse_and_chunk(
     *, document: Document, generation: int, keep_disabled: bool, models: list
-) -> _PreparedDocument:
+) -> _ParsedDocument:
     with document.file.open("rb") as handle:
         data = handle.read()
     parsed = parse_document(
@@ -354,7 +388,7 @@ def _prepare_generation(
             parse_timeout_seconds=settings.KB_PARSE_TIMEOUT_SECONDS,
         ),
     )
-    _progress(document, stage=Document.Stage.CHUNKING)
+    _progress_throttled(document, stage=Document.Stage.CHUNKING)
     backend = embeddings.backend_for(models[0])
     drafts = chunk_document(
         parsed=parsed,
@@ -367,21 +401,67 @@ def _prepare_generation(
     title = (document.metadata.get("title") or parsed.title
              or PurePath(document.original_filename).stem)[:500]
     inputs = [embedding_input(title=title, heading_path=d.heading_path, text=d.text) for d in drafts]
-    input_hashes = [hashlib.sha256(text.encode()).hexdigest() for text in inputs]
+    return _ParsedDocument(
+        document=document, generation=generation, keep_disabled=keep_disabled, title=title,
+        mime_type=parsed.mime_type, metadata={**parsed.metadata, **document.metadata},
+        text=parsed.text, drafts=drafts, inputs=inputs,
+        input_hashes=[hashlib.sha256(text.encode()).hexdigest() for text in inputs],
+    )
 
+
+def _progress_throttled(document: Document, **fields) -> None:
+    """Write a stage change only if the document has been in its stage a while.
+
+    A stage that lasts less than the admin's refresh interval is never seen; skipping its
+    write saves a statement per document when a batch holds many small ones.
+    """
+    if (timezone.now() - document.heartbeat_at).total_seconds() >= PROGRESS_MIN_INTERVAL_SECONDS:
+        _progress(document, **fields)
+
+
+def _ingest_write_generations(
+    items: list[_ParsedDocument], *, models: list
+) -> list[_PreparedDocument]:
+    """Write the batch's new generations in one transaction; one by one if that fails.
+
+    One by one, a document whose rows the database refuses fails alone.
+    """
+    if not items:
+        return []
+    try:
+        return _write_generations(items, models=models)
+    except Exception:
+        logger.warning("Writing %d new generations at once failed; writing them one by one.",
+                       len(items), exc_info=True)
+    prepared = []
+    for item in items:
+        written = _ingest_guarded(item.document, item.generation,
+                                  lambda item=item: _write_generations([item], models=models))
+        if written:
+            prepared.extend(written)
+    return prepared
+
+
+def _write_generations(items: list[_ParsedDocument], *, models: list) -> list[_PreparedDocument]:
+    all_hashes = sorted({h for item in items for h in item.input_hashes})
     # Look the cache up before clearing a killed run's leftovers: they are part of it.
-    cached = {m.pk: embeddings.cached_vectors(model=m, input_hashes=input_hashes) for m in models}
+    cached = {m.pk: embeddings.cached_vectors(model=m, input_hashes=all_hashes) for m in models}
+    leftovers = Q()
+    for item in items:
+        leftovers |= Q(document_id=item.document.pk, generation=item.generation)
+    prepared = []
+    now = timezone.now()
     with transaction.atomic():
-        Chunk.objects.filter(document=document, generation=generation).delete()
+        Chunk.objects.filter(leftovers).delete()
         chunks = Chunk.objects.bulk_create([
             Chunk(
-                document=document,
-                collection_id=document.collection_id,
-                generation=generation,
+                document=item.document,
+                collection_id=item.document.collection_id,
+                generation=item.generation,
                 ordinal=draft.ordinal,
                 text=draft.text,
-                search_context=" › ".join([title, *draft.heading_path]),
-                embedding_input_hash=input_hashes[i],
+                search_context=" › ".join([item.title, *draft.heading_path]),
+                embedding_input_hash=item.input_hashes[i],
                 token_count=draft.token_count,
                 heading_path=list(draft.heading_path),
                 char_start=draft.char_start,
@@ -390,10 +470,9 @@ def _prepare_generation(
                 page_end=draft.page_end,
                 searchable=False,
             )
-            for i, draft in enumerate(drafts)
+            for item in items
+            for i, draft in enumerate(item.drafts)
         ])
-        missing: dict[int, list[int]] = {}
-        embedded = 0
         for model in models:
             hits = cached[model.pk]
             ChunkEmbedding.objects.bulk_create([
@@ -401,23 +480,32 @@ def _prepare_generation(
                 for c in chunks
                 if c.embedding_input_hash in hits
             ])
-            missing[model.pk] = [i for i, c in enumerate(chunks) if c.embedding_input_hash not in hits]
-            embedded += len(chunks) - len(missing[model.pk])
-    total = len(chunks) * len(models)
-    _progress(
-        document,
-        title=title,
-        mime_type=parsed.mime_type,
-        metadata={**parsed.metadata, **document.metadata},
-        extracted_text=parsed.text,
-        stage=Document.Stage.EMBEDDING,
-        chunks_total=total,
-        chunks_embedded=embedded,
-    )
-    return _PreparedDocument(
-        document=document, generation=generation, keep_disabled=keep_disabled, chunks=chunks,
-        inputs=inputs, missing=missing, embedded=embedded, total=total,
-    )
+        offset = 0
+        for item in items:
+            own = chunks[offset : offset + len(item.drafts)]
+            offset += len(item.drafts)
+            missing = {
+                m.pk: [i for i, c in enumerate(own) if c.embedding_input_hash not in cached[m.pk]]
+                for m in models
+            }
+            total = len(own) * len(models)
+            embedded = total - sum(len(indexes) for indexes in missing.values())
+            document = item.document
+            document.title, document.mime_type = item.title, item.mime_type
+            document.metadata, document.extracted_text = item.metadata, item.text
+            document.stage = Document.Stage.EMBEDDING
+            document.chunks_total, document.chunks_embedded = total, embedded
+            document.heartbeat_at = now
+            prepared.append(_PreparedDocument(
+                document=document, generation=item.generation, keep_disabled=item.keep_disabled,
+                chunks=own, inputs=item.inputs, missing=missing, embedded=embedded, total=total,
+            ))
+        Document.objects.bulk_update(
+            [item.document for item in prepared],
+            ["title", "mime_type", "metadata", "extracted_text", "stage", "chunks_total",
+             "chunks_embedded", "heartbeat_at"],
+        )
+    return prepared
 
 
 def _ingest_embed(*, prepared: list[_PreparedDocument], model, on_embedded) -> None:

@@ -268,3 +268,40 @@ def test_embedding_provider_failure_marks_failed_and_keeps_old_version(
     assert document.status == Document.Status.FAILED
     assert "500" in document.error_message or "fake-embed" in document.error_message
     assert set(Chunk.objects.filter(document=document, searchable=True).values_list("pk", flat=True)) == old_ids
+
+
+def test_a_batch_ingests_each_document_on_its_own(collection, ingest_one):
+    """One batch: new files, a new version of a stored one and a corrupt file; only the corrupt one fails."""
+    old = ingest_one(collection, "guide.md", sample("guide.md"))
+    old_generation = old.chunk_generation
+    uploads = [
+        ("guide.md", sample("guide.md") + b"\n\n## Appendix\n\nA new closing section.\n"),
+        ("policy.docx", sample("policy.docx")),
+        ("notes.txt", sample("notes-latin1.txt")),
+        ("broken.pdf", b"%PDF-1.7\n garbage"),
+    ]
+    ids = []
+    for name, data in uploads:
+        (outcome,) = services.documents_upload(collection=collection, filename=name, data=data,
+                                               queue=False)
+        ids.append(outcome.document.pk)
+
+    documents = services.documents_ingest_batch(document_ids=ids)
+
+    by_name = {d.original_filename: d for d in documents}
+    assert by_name["broken.pdf"].status == Document.Status.FAILED
+    assert by_name["broken.pdf"].error_message
+    for name in ("guide.md", "policy.docx", "notes.txt"):
+        document = by_name[name]
+        assert document.status == Document.Status.READY, document.error_message
+        assert document.stage == Document.Stage.DONE
+        assert document.attempts >= 1
+        chunks = Chunk.objects.filter(document=document)
+        # Only the new generation is left, all of it searchable and embedded.
+        assert set(chunks.values_list("generation", flat=True)) == {document.chunk_generation}
+        assert all(chunks.values_list("searchable", flat=True))
+        assert document.chunks_embedded == document.chunks_total == chunks.count()
+        assert ChunkEmbedding.objects.filter(chunk__document=document).count() == chunks.count()
+    assert by_name["guide.md"].pk == old.pk
+    assert by_name["guide.md"].chunk_generation == old_generation + 1
+    assert "Appendix" in by_name["guide.md"].extracted_text
