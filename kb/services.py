@@ -246,6 +246,8 @@ def document_retry(*, document: Document) -> bool:
     return True
 
 
+# Rows per bulk_update statement (each is a CASE over its rows per field).
+BULK_UPDATE_BATCH = 100
 # Stage changes closer together than this are not written (see _progress_throttled).
 PROGRESS_MIN_INTERVAL_SECONDS = 1.0
 
@@ -504,6 +506,8 @@ def _write_generations(items: list[_ParsedDocument], *, models: list) -> list[_P
             [item.document for item in prepared],
             ["title", "mime_type", "metadata", "extracted_text", "stage", "chunks_total",
              "chunks_embedded", "heartbeat_at"],
+            # Each statement is a CASE per field over its rows: keep them short.
+            batch_size=BULK_UPDATE_BATCH,
         )
     return prepared
 
@@ -595,6 +599,7 @@ def _ingest_finalize(items: list[_PreparedDocument]) -> None:
         Document.objects.bulk_update(
             [item.document for item in items],
             ["chunk_generation", "status", "stage", "processing_finished_at", "heartbeat_at"],
+            batch_size=BULK_UPDATE_BATCH,
         )
         Collection.objects.filter(
             pk__in={item.document.collection_id for item in items}

@@ -80,11 +80,22 @@ def _bm25_ctes(filters: SearchFilters, params: dict) -> str:
     the number of positions of t in the chunk's tsvector; |D| the chunk's lexeme count; N,
     df and avgdl are per collection and cover searchable chunks only. The query is never
     parsed as a tsquery, so no user input can be a syntax error.
+
+    Without filters, the top `limit` are found with MaxScore-style pruning that never
+    changes the result (see _bm25_pruned); with filters, every posting is scored.
     """
     join = where = ""
     if filters.needs_chunk_join:
         join = " JOIN kb_chunk c ON c.id = p.chunk_id JOIN kb_document d ON d.id = c.document_id"
         where = " WHERE TRUE" + _filter_sql(filters, params)
+    full = f"""
+        SELECT p.chunk_id, sum({_CONTRIBUTION}) AS score
+        FROM weighted_terms w
+        JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme{join}{where}
+        GROUP BY p.chunk_id
+        ORDER BY score DESC, p.chunk_id
+        LIMIT %(limit)s"""
+    bm25 = f"bm25 AS ({full}\n    )" if filters.needs_chunk_join else _bm25_pruned(full)
     return f"""
     query_terms AS (
         SELECT col.id AS collection_id, u.lexeme
@@ -96,6 +107,7 @@ def _bm25_ctes(filters: SearchFilters, params: dict) -> str:
         -- Everything that does not depend on the chunk, once per term, so each posting
         -- costs a multiply-add and a division. float8 throughout: numeric arithmetic
         -- (what a bare 0.5 literal brings in) is several times slower per posting.
+        -- A posting's contribution is weight · tf / (tf + ...) < weight: its upper bound.
         SELECT t.collection_id, t.lexeme,
                ln(1 + (s.chunk_count - t.document_frequency + 0.5::float8)
                       / (t.document_frequency + 0.5::float8)) * (%(k1)s::float8 + 1) AS weight,
@@ -106,18 +118,90 @@ def _bm25_ctes(filters: SearchFilters, params: dict) -> str:
         JOIN search_collectionstatistic s ON s.collection_id = q.collection_id
         WHERE t.document_frequency > 0 AND s.chunk_count > 0
     ),
-    bm25 AS (
-        SELECT p.chunk_id,
-               sum(w.weight * p.term_frequency
-                   / (p.term_frequency + w.length_base + w.length_slope * p.chunk_length)) AS score
-        FROM weighted_terms w
-        JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme{join}{where}
-        GROUP BY p.chunk_id
-        ORDER BY score DESC, p.chunk_id
-        LIMIT %(limit)s
-    ),
+    {bm25},
     bm25_ranked AS (
         SELECT chunk_id, score, row_number() OVER (ORDER BY score DESC, chunk_id) AS rank FROM bm25
+    )"""
+
+
+_CONTRIBUTION = (
+    "w.weight * p.term_frequency / (p.term_frequency + w.length_base + w.length_slope * p.chunk_length)"
+)
+
+# Common terms whose summed upper bounds stay under this share of the largest term's
+# bound are tried as non-essential (the guess that decides how much is pruned; a wrong
+# guess costs time, never correctness).
+_NONESSENTIAL_SHARE = 0.6
+
+
+def _bm25_pruned(full: str) -> str:
+    """The exact top `limit` by BM25, scoring the commonest terms' postings only where needed.
+
+    MaxScore (Turtle and Flood, 1995) over whole posting lists, in one statement:
+
+    1. The commonest terms, whose upper bounds sum to `bound`, are *non-essential*;
+       the rest are essential. Their share of postings is large (typically 80%).
+    2. Every chunk with an essential term gets its partial score from those terms.
+       The limit-th best partial score, θ, is a lower bound on the final limit-th score.
+    3. If bound < θ, a chunk without an essential term scores at most bound < θ, so
+       it cannot be in the top `limit`; and a chunk whose partial score + bound < θ
+       cannot either. Only the survivors get their non-essential postings added, by
+       a hash semi-join instead of an aggregate over every posting.
+    4. Otherwise (θ too low, too few matches) every posting is scored, as without
+       pruning. Exactly one branch runs: each is gated by a one-time filter.
+    """
+    return f"""
+    term_split AS MATERIALIZED (
+        SELECT w.*,
+               sum(w.weight) OVER (ORDER BY w.weight, w.lexeme)
+                   < {_NONESSENTIAL_SHARE} * max(w.weight) OVER () AS nonessential
+        FROM weighted_terms w
+    ),
+    essential_scores AS MATERIALIZED (
+        SELECT p.chunk_id, sum({_CONTRIBUTION}) AS score
+        FROM term_split w
+        JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
+        WHERE NOT w.nonessential
+        GROUP BY p.chunk_id
+    ),
+    pruning AS MATERIALIZED (
+        SELECT bound, threshold, (NOT any_nonessential OR bound < threshold) AS safe
+        FROM (
+            SELECT coalesce(sum(weight) FILTER (WHERE nonessential), 0) AS bound,
+                   coalesce(bool_or(nonessential), false) AS any_nonessential
+            FROM term_split
+        ) b,
+        (
+            SELECT CASE WHEN count(*) >= %(limit)s THEN min(score) ELSE 0 END AS threshold
+            FROM (SELECT score FROM essential_scores ORDER BY score DESC LIMIT %(limit)s) top
+        ) t
+    ),
+    survivors AS MATERIALIZED (
+        SELECT e.chunk_id, e.score
+        FROM essential_scores e, pruning
+        WHERE pruning.safe AND e.score + pruning.bound >= pruning.threshold
+    ),
+    nonessential_scores AS (
+        SELECT p.chunk_id, sum({_CONTRIBUTION}) AS score
+        FROM term_split w
+        JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
+        WHERE w.nonessential AND p.chunk_id IN (SELECT chunk_id FROM survivors)
+        GROUP BY p.chunk_id
+    ),
+    bm25 AS (
+        (
+            SELECT s.chunk_id, s.score + coalesce(n.score, 0) AS score
+            FROM survivors s LEFT JOIN nonessential_scores n ON n.chunk_id = s.chunk_id
+            WHERE (SELECT safe FROM pruning)
+            ORDER BY score DESC, s.chunk_id
+            LIMIT %(limit)s
+        )
+        UNION ALL
+        (
+            SELECT * FROM ({full}
+            ) everything
+            WHERE NOT (SELECT safe FROM pruning)
+        )
     )"""
 
 

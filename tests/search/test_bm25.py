@@ -122,6 +122,44 @@ def test_search_service_bm25_mode_returns_reference_order(demo_collection, reade
     assert [hit.score for hit in result.hits] == pytest.approx([score for _, score in top], abs=1e-6)
 
 
+def reference_top(expected: dict[int, float], limit: int) -> list[tuple[int, float]]:
+    return sorted(expected.items(), key=lambda item: (-item[1], item[0]))[:limit]
+
+
+def assert_top_matches_reference(collection, query: str, limit: int, *, k1: float, b: float) -> None:
+    expected = reference_top(reference_bm25(chunk_lexemes(collection.pk),
+                                            distinct_query_lexemes("english", query), k1=k1, b=b), limit)
+    retrieved = retrieve_candidates(
+        query=query, query_vector=None, filters=SearchFilters(collection_ids=(collection.pk,)),
+        use_bm25=True, limit=limit,
+    )
+    ranked = sorted(retrieved.candidates, key=lambda c: c.bm25_rank)
+    assert [c.chunk_id for c in ranked] == [chunk_id for chunk_id, _ in expected], (query, limit)
+    assert [c.bm25_score for c in ranked] == pytest.approx([s for _, s in expected], abs=1e-6)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 8])
+def test_top_k_equals_reference_at_every_cutoff(demo_collection, settings, limit):
+    """The pruned top-k (MaxScore) is exactly the reference top-k, whatever k is."""
+    for query in QUERIES:
+        assert_top_matches_reference(demo_collection, query, limit,
+                                     k1=settings.KB_BM25_K1, b=settings.KB_BM25_B)
+
+
+def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, settings):
+    """A rare term and a term in nearly every chunk: the common term's postings are only
+    added to chunks that can still make the top k, and the result is still exact."""
+    for i in range(12):
+        ingest_one(collection, f"note-{i}.txt", f"Note {i}. The common ledger entry number {i}.")
+    ingest_one(collection, "rare-1.txt", "The common ledger mentions a zyzzyva once.")
+    ingest_one(collection, "rare-2.txt", "A zyzzyva, a zyzzyva: the common ledger has two.")
+
+    for query in ("common zyzzyva", "zyzzyva ledger common", "common ledger"):
+        for limit in (1, 2, 3):
+            assert_top_matches_reference(collection, query, limit,
+                                         k1=settings.KB_BM25_K1, b=settings.KB_BM25_B)
+
+
 def index_snapshot() -> tuple[set, set, set]:
     """(postings, document frequencies, collection statistics) as stored by the triggers."""
     with connection.cursor() as cursor:
