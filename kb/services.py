@@ -248,16 +248,8 @@ def document_retry(*, document: Document) -> bool:
 
 # Rows per bulk_update statement (each is a CASE over its rows per field).
 BULK_UPDATE_BATCH = 100
-# Stage changes closer together than this are not written (see _progress_throttled).
+# Stage changes closer together than this are not written (see _stage_progress).
 PROGRESS_MIN_INTERVAL_SECONDS = 1.0
-
-
-def _progress(document: Document, **fields) -> None:
-    fields.setdefault("heartbeat_at", timezone.now())
-    Document.objects.filter(pk=document.pk).update(**fields)
-    for name, value in fields.items():
-        if not hasattr(value, "resolve_expression"):
-            setattr(document, name, value)
 
 
 def document_ingest(*, document_id: int) -> Document | None:
@@ -390,7 +382,7 @@ def _parse_and_chunk(
             parse_timeout_seconds=settings.KB_PARSE_TIMEOUT_SECONDS,
         ),
     )
-    _progress_throttled(document, stage=Document.Stage.CHUNKING)
+    _stage_progress(document, Document.Stage.CHUNKING)
     backend = embeddings.backend_for(models[0])
     drafts = chunk_document(
         parsed=parsed,
@@ -411,14 +403,17 @@ def _parse_and_chunk(
     )
 
 
-def _progress_throttled(document: Document, **fields) -> None:
+def _stage_progress(document: Document, stage: str) -> None:
     """Write a stage change only if the document has been in its stage a while.
 
     A stage that lasts less than the admin's refresh interval is never seen; skipping its
     write saves a statement per document when a batch holds many small ones.
     """
-    if (timezone.now() - document.heartbeat_at).total_seconds() >= PROGRESS_MIN_INTERVAL_SECONDS:
-        _progress(document, **fields)
+    now = timezone.now()
+    if (now - document.heartbeat_at).total_seconds() < PROGRESS_MIN_INTERVAL_SECONDS:
+        return
+    Document.objects.filter(pk=document.pk).update(stage=stage, heartbeat_at=now)
+    document.stage, document.heartbeat_at = stage, now
 
 
 def _ingest_write_generations(
