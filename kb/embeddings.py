@@ -4,7 +4,10 @@ and zero-downtime re-embedding with an atomic cutover."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef
@@ -12,14 +15,20 @@ from django.utils import timezone
 
 from kb.models import Chunk, ChunkEmbedding, EmbeddingModel, UsageRecord
 from kb.providers import registry
-from kb.providers.base import EmbeddingBackend
+from kb.providers.base import EmbeddingBackend, EmbeddingResult, ProviderError
 from kb.tracing import span
 from kb.usage import tracked_model_call
+from kb.worker_threads import WorkerThreads
 
 logger = logging.getLogger(__name__)
 
 # How many chunks a re-embedding pass loads, embeds and writes at a time.
 REEMBED_PAGE_SIZE = 256
+
+T = TypeVar("T")
+
+# Where a query is embedded while the request's own thread does database work.
+_alongside_threads = WorkerThreads(max_workers=4, name="query-embedding")
 
 
 class EmbeddingModelError(Exception):
@@ -165,6 +174,65 @@ def embed_query(*, model: EmbeddingModel, text: str, **record_fields) -> list[fl
         result = backend.embed_query(text)
         call.input_tokens = result.input_tokens
     return result.vectors[0]
+
+
+@dataclass(frozen=True)
+class EmbeddedAlongside(Generic[T]):
+    """A query's vector (None if the model failed: `error` says why) and what `work` returned."""
+
+    vector: list[float] | None
+    error: ProviderError | None
+    outcome: T
+    # The model's own time, from submission to result.
+    latency_ms: float = 0.0
+
+
+def embed_query_alongside(work: Callable[[], T], *, model: EmbeddingModel, text: str,
+                          **record_fields) -> EmbeddedAlongside[T]:
+    """embed_query, with a local model computing while `work` runs on this thread.
+
+    Search runs its keyword half this way, so a request costs the slower of the two
+    rather than their sum. The ledger row is the one embed_query writes, with the
+    model's own latency. A remote backend is called first, then `work`: its calls are
+    written ahead and retried, which the ledger does on the calling thread.
+    """
+    backend = backend_for(model)
+    if backend.remote:
+        started = time.perf_counter()
+        try:
+            vector, error = embed_query(model=model, text=text, **record_fields), None
+        except ProviderError as exc:
+            vector, error = None, exc
+        latency_ms = (time.perf_counter() - started) * 1000
+        return EmbeddedAlongside(vector=vector, error=error, outcome=work(), latency_ms=latency_ms)
+    submitted = time.perf_counter()
+    # Not the current span: `work` opens its own, beside this one rather than inside it.
+    with span("embed", current=False, provider=backend.provider_name, model=model.model_name or model.key,
+              texts=1, query=True):
+        pending = _alongside_threads.submit(_embed_query_timed, backend, text)
+        try:
+            outcome = work()
+        finally:
+            # The forward pass happened either way, so it is recorded even if `work` failed.
+            try:
+                with tracked_model_call(
+                    kind=UsageRecord.Kind.EMBEDDING,
+                    provider=backend.provider_name,
+                    model=model.model_name or model.key,
+                    **record_fields,
+                ) as call:
+                    result, finished = pending.result()
+                    call.input_tokens = result.input_tokens
+                    call.latency_ms = (finished - submitted) * 1000
+                vector, error = result.vectors[0], None
+            except ProviderError as exc:
+                vector, error = None, exc
+    latency_ms = (pending.result()[1] - submitted) * 1000 if error is None else 0.0
+    return EmbeddedAlongside(vector=vector, error=error, outcome=outcome, latency_ms=latency_ms)
+
+
+def _embed_query_timed(backend: EmbeddingBackend, text: str) -> tuple[EmbeddingResult, float]:
+    return backend.embed_query(text), time.perf_counter()
 
 
 def chunks_missing_embedding(*, model: EmbeddingModel):

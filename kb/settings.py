@@ -169,9 +169,23 @@ else:
             Path(env_str("KB_PGDATA", str(KB_DATA_DIR / "pgdata"))).expanduser()
         )
     }
-DATABASES["default"]["CONN_MAX_AGE"] = env_int("KB_DB_CONN_MAX_AGE", 0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DATABASES["default"].setdefault("OPTIONS", {})
+# Under ASGI Django runs each request's sync code on a thread of its own, so a per-thread
+# persistent connection (CONN_MAX_AGE) is never reused: every request would open one, and
+# a new backend plans and writes with cold catalog caches (~15 ms a search request).
+# "web" (the default) pools connections in processes that serve requests
+# (kb.web_process); commands and the qcluster, which forks its workers, keep plain ones.
+KB_DB_POOL = env_str("KB_DB_POOL", "web").lower()
+KB_DB_POOL_OPTIONS = {
+    "min_size": env_int("KB_DB_POOL_MIN", 2),
+    "max_size": env_int("KB_DB_POOL_MAX", 20),
+    "timeout": env_float("KB_DB_POOL_TIMEOUT_SECONDS", 10.0),
+}
+DATABASES["default"]["CONN_MAX_AGE"] = env_int("KB_DB_CONN_MAX_AGE", 0)
+if KB_DB_POOL in {"1", "true", "yes", "on"}:
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["OPTIONS"]["pool"] = KB_DB_POOL_OPTIONS
 # A statement that runs away must not hold a request or a worker forever.
 DATABASES["default"]["OPTIONS"].setdefault(
     "options", f"-c statement_timeout={env_int('KB_DB_STATEMENT_TIMEOUT_MS', 60_000)}"
@@ -346,6 +360,13 @@ KB_CHUNK_OVERLAP_TOKENS = env_int("KB_CHUNK_OVERLAP_TOKENS", 32)
 
 # --- Retrieval ----------------------------------------------------------------------------
 
+# Intra-op threads for local models (0: torch's default, one per core). A process that
+# serves requests uses KB_WEB_TORCH_THREADS instead (kb.web_process): there a query's
+# forward pass runs beside PostgreSQL answering the same request, and OpenMP's spinning
+# threads then slow both down (hybrid search p95 102 -> 79 ms on 2 cores). Ingestion in
+# the qcluster keeps every core for its batches.
+KB_TORCH_THREADS = env_int("KB_TORCH_THREADS", 0)
+KB_WEB_TORCH_THREADS = env_int("KB_WEB_TORCH_THREADS", 1)
 KB_BM25_K1 = env_float("KB_BM25_K1", 0.9)
 KB_BM25_B = env_float("KB_BM25_B", 0.4)
 # 200: vector nDCG@10 on scifact is 0.6397 at 100, 0.6414 at 200 and at 400 (docs/RETRIEVAL.md).

@@ -13,16 +13,18 @@ The spans of a search (search.services) and a chat answer:
                             so a streamed answer's spans start their own trace
       search
         embed               the query embedding (skipped on a query-vector cache hit)
-        retrieve.bm25+vector
+        retrieve.bm25       beside `embed`: runs while a local model embeds the query
+        retrieve.vector
         fuse
         rerank
       llm                   chat.services, one per backend attempt
 
-BM25 and vector retrieval run as one SQL statement (search.retrieval: both CTEs and the
-join that pairs their ranks), so they cannot be timed apart from Python; the span is named
-for what it covers, `retrieve.bm25+vector` (or `retrieve.bm25` / `retrieve.vector` in a
-single mode), with `mode`, `limit` and `candidates` attributes. EXPLAIN ANALYZE in
-docs/DEPLOY.md shows how to see the split inside the database.
+When the query's vector is already known (cached, or given by chat), BM25 and vector
+retrieval run as one SQL statement (search.retrieval: both CTEs and the join that pairs
+their ranks), so they cannot be timed apart from Python; the span is then named for what
+it covers, `retrieve.bm25+vector`. Retrieval spans carry `mode`, `limit` and `candidates`
+attributes. EXPLAIN ANALYZE in docs/DEPLOY.md shows how to see the split inside the
+database.
 """
 
 from __future__ import annotations

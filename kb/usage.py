@@ -121,6 +121,9 @@ class TrackedCall:
     input_tokens: int = 0
     output_tokens: int = 0
     time_to_first_token_ms: float | None = None
+    # Set when the model ran while the block waited on something else too: the model's own
+    # time, not the block's.
+    latency_ms: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -163,7 +166,7 @@ def tracked_model_call(
 def _outcome_record(placeholder: UsageRecord | None, call: TrackedCall, started: float, *,
                     model: str, status: str = UsageRecord.Status.OK, error: str = "",
                     **record_fields) -> None:
-    latency_ms = (time.perf_counter() - started) * 1000
+    latency_ms = call.latency_ms if call.latency_ms is not None else (time.perf_counter() - started) * 1000
     if placeholder is None:
         usage_record_create(
             model=model, input_tokens=call.input_tokens, output_tokens=call.output_tokens,

@@ -52,6 +52,26 @@ class Retrieved:
     vector_count: int = 0
     bm25_count: int = 0
 
+    def merged(self, other: Retrieved) -> Retrieved:
+        """Both retrievals' candidates, one per chunk, with the scores and ranks of each."""
+        by_chunk = {candidate.chunk_id: candidate for candidate in self.candidates}
+        for candidate in other.candidates:
+            mine = by_chunk.get(candidate.chunk_id)
+            if mine is None:
+                by_chunk[candidate.chunk_id] = candidate
+                continue
+            if mine.bm25_rank is None:
+                mine.bm25_score, mine.bm25_rank = candidate.bm25_score, candidate.bm25_rank
+            if mine.vector_rank is None:
+                mine.vector_similarity, mine.vector_rank = candidate.vector_similarity, candidate.vector_rank
+        candidates = list(by_chunk.values())
+        return Retrieved(
+            candidates=candidates,
+            query_lexemes=self.query_lexemes or other.query_lexemes,
+            vector_count=sum(1 for c in candidates if c.vector_rank is not None),
+            bm25_count=sum(1 for c in candidates if c.bm25_rank is not None),
+        )
+
 
 def _filter_sql(filters: SearchFilters, params: dict, chunk: str = "c", document: str = "d") -> str:
     clauses = []

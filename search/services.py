@@ -20,7 +20,7 @@ from kb.usage import usage_record_create
 from search import selectors
 from search.fusion import convex_fusion, reciprocal_rank_fusion
 from search.highlight import highlighted_snippet
-from search.retrieval import Candidate, SearchFilters, retrieve_candidates
+from search.retrieval import Candidate, Retrieved, SearchFilters, retrieve_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -106,17 +106,23 @@ query_vector_cache = QueryVectorCache()
 
 def query_vector(*, model: EmbeddingModel, text: str, user=None, api_key=None) -> list[float]:
     """The query's embedding, from the LRU when seen before (recorded as a cache hit)."""
-    key = (model.pk, text)
-    cached = query_vector_cache.get(key)
+    cached = cached_query_vector(model=model, text=text, user=user, api_key=api_key)
+    if cached is not None:
+        return cached
+    vector = embeddings.embed_query(model=model, text=text, user=user, api_key=api_key)
+    query_vector_cache.put((model.pk, text), vector)
+    return vector
+
+
+def cached_query_vector(*, model: EmbeddingModel, text: str, user=None, api_key=None) -> list[float] | None:
+    """The query's embedding if the LRU has it (recorded as a cache hit), else None."""
+    cached = query_vector_cache.get((model.pk, text))
     if cached is not None:
         usage_record_create(
             kind=UsageRecord.Kind.EMBEDDING, provider=embeddings.backend_for(model).provider_name,
             model=model.model_name or model.key, cache_hit=True, user=user, api_key=api_key,
         )
-        return cached
-    vector = embeddings.embed_query(model=model, text=text, user=user, api_key=api_key)
-    query_vector_cache.put(key, vector)
-    return vector
+    return cached
 
 
 @traced("search")
@@ -151,6 +157,9 @@ def search(
     mode = params.mode
     model = None
     vector = None
+    limit = max(params.k, params.candidates)
+    # Set when the BM25 half ran while the query was being embedded.
+    keyword: Retrieved | None = None
     if mode in {"vector", "hybrid"} and text.strip():
         model = embedded.model if embedded is not None else selectors.embedding_model_for_search()
         if model is None:
@@ -160,47 +169,51 @@ def search(
             vector = embedded.vector
         else:
             t = time.perf_counter()
-            try:
-                vector = query_vector(model=model, text=text, user=user, api_key=api_key)
-            except ProviderError as exc:
-                logger.warning("Query embedding failed, falling back to BM25: %s", exc)
+            vector = cached_query_vector(model=model, text=text, user=user, api_key=api_key)
+            timings["embed"] = _ms(t)
+        if model is not None and vector is None:
+            error = None
+            if mode == "hybrid":
+                # BM25 needs no vector: it runs here while the model embeds the query.
+                alongside = embeddings.embed_query_alongside(
+                    lambda: _retrieve_timed(timings, "bm25", mode="bm25", query=text, vector=None,
+                                            filters=filters, model=None, limit=limit),
+                    model=model, text=text, user=user, api_key=api_key,
+                )
+                vector, error, keyword = alongside.vector, alongside.error, alongside.outcome
+                timings["embed"] = round(alongside.latency_ms, 3)
+            else:
+                t = time.perf_counter()
+                try:
+                    vector = embeddings.embed_query(model=model, text=text, user=user, api_key=api_key)
+                except ProviderError as exc:
+                    error = exc
+                timings["embed"] = _ms(t)
+            if vector is not None:
+                query_vector_cache.put((model.pk, text), vector)
+            else:
+                logger.warning("Query embedding failed, falling back to BM25: %s", error)
                 notices.append("The embedding service is unavailable; showing keyword (BM25) results only.")
                 mode = "bm25"
-            timings["embed"] = _ms(t)
-    elif mode in {"vector", "hybrid"}:
-        vector = None
-    limit = max(params.k, params.candidates)
-    t = time.perf_counter()
-    # BM25 and vector retrieval are one SQL statement, so one span (kb.tracing explains).
-    with span(_retrieve_span_name(mode, vector), mode=mode, limit=limit) as retrieve_span:
-        retrieved = retrieve_candidates(
-            query=text,
-            query_vector=vector,
-            filters=filters,
-            use_bm25=mode in {"bm25", "hybrid"},
-            model_id=model.pk if model and vector is not None else None,
-            dimensions=model.dimensions if model else None,
-            limit=limit,
-        )
-        if retrieve_span is not None:
-            retrieve_span.set_attribute("candidates", len(retrieved.candidates))
-    timings["retrieve"] = _ms(t)
+    if keyword is not None and vector is not None:
+        retrieved = keyword.merged(_retrieve_timed(timings, "vector", mode="vector", query=text, vector=vector,
+                                                   filters=filters, model=model, limit=limit))
+    elif keyword is not None:
+        retrieved = keyword
+    else:
+        # BM25 and vector retrieval are one SQL statement, so one span (kb.tracing explains).
+        retrieved = _retrieve_timed(timings, "retrieve", mode=mode, query=text, vector=vector,
+                                    filters=filters, model=model, limit=limit)
+    timings["retrieve"] = round(sum(timings.pop(stage, 0.0) for stage in ("bm25", "vector", "retrieve")), 3)
     if vector is not None and retrieved.vector_count < params.k:
         # HNSW returns ef_search neighbours before filtering; a selective filter (a small
         # collection among large ones, a document, metadata, dates) can starve it. Re-run
         # exactly over the filtered rows so that k matching rows give k results. (pgvector
         # 0.6 has no iterative index scans.) With fewer than k matching rows in all, the
         # exact scan is over those few rows and cheap.
-        t = time.perf_counter()
-        with span(_retrieve_span_name(mode, vector), mode=mode, limit=limit,
-                  exact_vector=True) as exact_span:
-            retrieved = retrieve_candidates(
-                query=text, query_vector=vector, filters=filters, use_bm25=mode in {"bm25", "hybrid"},
-                model_id=model.pk, dimensions=model.dimensions, limit=limit, exact_vector=True,
-            )
-            if exact_span is not None:
-                exact_span.set_attribute("candidates", len(retrieved.candidates))
-        timings["retrieve_exact"] = _ms(t)
+        exact = _retrieve_timed(timings, "retrieve_exact", mode="vector" if keyword else mode, query=text,
+                                vector=vector, filters=filters, model=model, limit=limit, exact_vector=True)
+        retrieved = keyword.merged(exact) if keyword is not None else exact
 
     t = time.perf_counter()
     with span("fuse", mode=mode, fusion=params.fusion, candidates=len(retrieved.candidates)):
@@ -295,6 +308,29 @@ def _explain(candidate: Candidate, *, fused_score: float, fused_rank: int, reran
     if rerank is not None:
         stages["rerank"] = {"score": rerank[0], "rank": rerank[1]}
     return stages
+
+
+def _retrieve_timed(timings: dict, stage: str, *, mode: str, query: str, vector: list[float] | None,
+                    filters: SearchFilters, model: EmbeddingModel | None, limit: int,
+                    exact_vector: bool = False) -> Retrieved:
+    """retrieve_candidates for `mode`, in a span, its time added to timings[stage]."""
+    t = time.perf_counter()
+    span_attributes = {"exact_vector": True} if exact_vector else {}
+    with span(_retrieve_span_name(mode, vector), mode=mode, limit=limit, **span_attributes) as retrieve_span:
+        retrieved = retrieve_candidates(
+            query=query,
+            query_vector=vector,
+            filters=filters,
+            use_bm25=mode in {"bm25", "hybrid"},
+            model_id=model.pk if model and vector is not None else None,
+            dimensions=model.dimensions if model else None,
+            limit=limit,
+            exact_vector=exact_vector,
+        )
+        if retrieve_span is not None:
+            retrieve_span.set_attribute("candidates", len(retrieved.candidates))
+    timings[stage] = timings.get(stage, 0.0) + _ms(t)
+    return retrieved
 
 
 def _retrieve_span_name(mode: str, vector) -> str:

@@ -57,15 +57,23 @@ def test_search_emits_embed_retrieve_fuse_and_rerank_spans(spans, collection, in
 
     assert result.hits and result.reranked
     finished = {span.name: span for span in spans.get_finished_spans()}
-    assert set(finished) == {"search", "embed", "retrieve.bm25+vector", "fuse", "rerank"}
+    # The query is embedded while the BM25 statement runs, so the two retrievals are apart.
+    assert set(finished) == {"search", "embed", "retrieve.bm25", "retrieve.vector", "fuse", "rerank"}
     root = finished["search"]
-    for name in ("embed", "retrieve.bm25+vector", "fuse", "rerank"):
+    for name in ("embed", "retrieve.bm25", "retrieve.vector", "fuse", "rerank"):
         assert finished[name].parent.span_id == root.context.span_id
         assert finished[name].context.trace_id == root.context.trace_id
-    assert finished["retrieve.bm25+vector"].attributes["mode"] == "hybrid"
-    assert finished["retrieve.bm25+vector"].attributes["candidates"] >= 1
+    assert finished["retrieve.bm25"].start_time < finished["embed"].end_time
+    assert finished["retrieve.vector"].attributes["candidates"] >= 1
     assert finished["embed"].attributes["query"] is True
     assert finished["rerank"].attributes["provider"] == "test"
+
+    spans.clear()
+    search(params=SearchParams(query="when are spring tides"), user=reader)
+    finished = {span.name: span for span in spans.get_finished_spans()}
+    # A vector already known (here from the query-vector cache): one statement for both.
+    assert set(finished) == {"search", "retrieve.bm25+vector", "fuse"}
+    assert finished["retrieve.bm25+vector"].attributes["mode"] == "hybrid"
 
 
 def test_ingestion_embeds_in_spans(spans, collection, ingest_one):

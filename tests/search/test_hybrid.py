@@ -7,7 +7,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from kb import services as kb_services
-from kb.models import Document
+from kb.models import Document, EmbeddingModel, UsageRecord
+from kb.providers.base import EmbeddingBackend, ProviderError
 from search import services
 from search.fusion import convex_fusion, reciprocal_rank_fusion
 from search.retrieval import Candidate
@@ -153,3 +154,59 @@ def test_deleted_documents_never_appear(corpus, search, mode):
 
     hits = search(mode=mode, k=50).hits
     assert hits and target_pk not in {h.document_id for h in hits}
+
+
+class BrokenLocalEmbeddings(EmbeddingBackend):
+    """A local model that fails on every call, as a broken install or a full disk would."""
+
+    provider_name = "local"
+
+    @property
+    def dimensions(self) -> int:
+        return 384
+
+    def embed_batch(self, texts):
+        raise ProviderError("the local model could not run")
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+
+def retrieval_statements(captured) -> list[str]:
+    return [q["sql"] for q in captured.captured_queries if "kb_chunk" in q["sql"]]
+
+
+def test_a_new_query_is_embedded_while_its_bm25_half_runs(corpus, search):
+    """A query not seen before: BM25 runs while the model embeds it, then the vector half
+    runs on its own; the fused result is the one-statement result, and the embedding is
+    in the ledger with the model's own latency."""
+    query = "Which formats can editors upload, and how are they split into chunks?"
+    with CaptureQueriesContext(connection) as captured:
+        apart = search(query=query, explain=True)
+    together = search(query=query, explain=True)  # the vector is cached now: one statement
+
+    bm25_half, vector_half = retrieval_statements(captured)
+    assert "search_posting" in bm25_half and "<=>" not in bm25_half
+    assert "<=>" in vector_half and "search_posting" not in vector_half
+    assert [(h.chunk_id, h.stages) for h in apart.hits] == [(h.chunk_id, h.stages) for h in together.hits]
+    assert apart.hits[0].stages["bm25"]["rank"] and apart.hits[0].stages["vector"]["rank"]
+    embedded = UsageRecord.objects.filter(kind=UsageRecord.Kind.EMBEDDING, cache_hit=False).latest("created_at")
+    assert embedded.status == UsageRecord.Status.OK and embedded.input_tokens > 0
+    assert 0 < embedded.latency_ms <= apart.timings_ms["total"]
+
+
+def test_keyword_results_survive_a_failing_embedding_model(corpus, search, settings):
+    """The model fails while BM25 runs: the BM25 results are kept, with a notice, and the
+    failure is in the ledger."""
+    model = EmbeddingModel.objects.get(is_active=True)
+    settings.KB_PROVIDERS = {**settings.KB_PROVIDERS, "embedding": {
+        **settings.KB_PROVIDERS["embedding"],
+        model.key: {"BACKEND": "tests.search.test_hybrid.BrokenLocalEmbeddings"},
+    }}
+
+    result = search(query="How are uploaded documents chunked before they are embedded?")
+
+    assert result.mode == "bm25" and result.hits
+    assert any("embedding service is unavailable" in notice for notice in result.notices)
+    failed = UsageRecord.objects.filter(kind=UsageRecord.Kind.EMBEDDING).latest("created_at")
+    assert failed.status == UsageRecord.Status.ERROR and "could not run" in failed.error

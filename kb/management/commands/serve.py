@@ -20,6 +20,7 @@ from django.db import connection
 
 from kb import bootstrap
 from kb.database import DatabaseSetupError
+from kb.web_process import web_process_prepare
 
 
 class Command(BaseCommand):
@@ -60,6 +61,7 @@ class Command(BaseCommand):
             )
         try:
             self._print_urls(host, port)
+            web_process_prepare()
             _run_uvicorn(host, port)
         finally:
             if workers is not None:

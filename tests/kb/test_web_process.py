@@ -1,0 +1,82 @@
+"""Serving processes pool connections and keep one torch thread; other processes do not."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kb.worker_threads import WorkerThreads
+
+ROOT = Path(__file__).resolve().parents[2]
+
+REPORT = """
+import json, threading
+from django.conf import settings
+from django.db import connection
+
+def query():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+# Each ASGI request runs on a new thread: the pool is what lets them share connections.
+for _ in range(3):
+    thread = threading.Thread(target=query)
+    thread.start()
+    thread.join()
+pool = connection.pool
+print(json.dumps({
+    "pool": settings.DATABASES["default"]["OPTIONS"].get("pool"),
+    "pool_size": pool.get_stats()["pool_size"] if pool else None,
+    "torch_threads": settings.KB_TORCH_THREADS,
+}))
+"""
+
+
+def run_python(code: str, **env: str) -> dict:
+    completed = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "kb.settings", **env},
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_the_asgi_entry_point_pools_connections_and_uses_one_torch_thread():
+    report = run_python("import kb.asgi\n" + REPORT)
+
+    assert report["pool"]["max_size"] >= 1
+    assert 1 <= report["pool_size"] <= report["pool"]["max_size"]
+    assert report["torch_threads"] == 1
+
+
+def test_other_processes_keep_plain_connections_and_every_core():
+    report = run_python("import django\ndjango.setup()\n" + REPORT)
+
+    assert report == {"pool": None, "pool_size": None, "torch_threads": 0}
+
+
+def test_pooling_can_be_turned_off_for_the_web_process():
+    report = run_python("import kb.asgi\n" + REPORT, KB_DB_POOL="false", KB_WEB_TORCH_THREADS="2")
+
+    assert report == {"pool": None, "pool_size": None, "torch_threads": 2}
+
+
+def test_worker_threads_run_nested_calls_in_place():
+    """A task on the thread that submits to the same one-thread pool runs, not deadlocks."""
+    threads = WorkerThreads(max_workers=1, name="test-nested")
+
+    assert threads.run(lambda: threads.run(lambda: 41) + 1) == 42
+
+
+def test_worker_threads_start_afresh_in_a_forked_child():
+    threads = WorkerThreads(max_workers=1, name="test-fork")
+    assert threads.run(lambda: "parent") == "parent"
+
+    child = os.fork()
+    if child == 0:  # the child: the parent's thread does not exist here
+        os._exit(0 if threads.submit(lambda: "child").result(timeout=10) == "child" else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
