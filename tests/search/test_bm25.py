@@ -11,7 +11,7 @@ from django.db import connection
 
 from kb import services as kb_services
 from kb.models import Collection
-from search import services
+from search import retrieval, services
 from search.retrieval import SearchFilters, retrieve_candidates
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -146,9 +146,13 @@ def test_top_k_equals_reference_at_every_cutoff(demo_collection, settings, limit
                                      k1=settings.KB_BM25_K1, b=settings.KB_BM25_B)
 
 
-def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, settings):
+@pytest.mark.parametrize("probe_cost", [0, 10**9], ids=["by-lookup", "by-scan"])
+def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, settings, monkeypatch,
+                                                     probe_cost):
     """A rare term and a term in nearly every chunk: the common term's postings are only
-    added to chunks that can still make the top k, and the result is still exact."""
+    added to chunks that can still make the top k, and the result is still exact, whether
+    they are looked up per surviving chunk or scanned against them."""
+    monkeypatch.setattr(retrieval, "_PROBE_COST", probe_cost)
     for i in range(12):
         ingest_one(collection, f"note-{i}.txt", f"Note {i}. The common ledger entry number {i}.")
     ingest_one(collection, "rare-1.txt", "The common ledger mentions a zyzzyva once.")
