@@ -7,7 +7,7 @@ This module is the one place where search SQL is hand-written.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from django.conf import settings
@@ -57,13 +57,15 @@ class Retrieved:
         by_chunk = {candidate.chunk_id: candidate for candidate in self.candidates}
         for candidate in other.candidates:
             mine = by_chunk.get(candidate.chunk_id)
-            if mine is None:
-                by_chunk[candidate.chunk_id] = candidate
-                continue
-            if mine.bm25_rank is None:
-                mine.bm25_score, mine.bm25_rank = candidate.bm25_score, candidate.bm25_rank
-            if mine.vector_rank is None:
-                mine.vector_similarity, mine.vector_rank = candidate.vector_similarity, candidate.vector_rank
+            # New objects: either side may be merged again (with an exact vector re-run).
+            by_chunk[candidate.chunk_id] = candidate if mine is None else replace(
+                mine,
+                bm25_score=candidate.bm25_score if mine.bm25_rank is None else mine.bm25_score,
+                bm25_rank=candidate.bm25_rank if mine.bm25_rank is None else mine.bm25_rank,
+                vector_similarity=(candidate.vector_similarity if mine.vector_rank is None
+                                   else mine.vector_similarity),
+                vector_rank=candidate.vector_rank if mine.vector_rank is None else mine.vector_rank,
+            )
         candidates = list(by_chunk.values())
         return Retrieved(
             candidates=candidates,

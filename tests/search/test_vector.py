@@ -145,3 +145,20 @@ def test_unfiltered_search_needs_no_exact_fallback(corpus, reader):
 
     assert len(result.hits) == 5
     assert "retrieve_exact" not in result.timings_ms
+
+
+def test_a_new_hybrid_query_falls_back_to_exact_vectors_too(corpus, reader):
+    """The BM25 half ran while the query was embedded, HNSW came back short under a filter
+    and was re-run exactly: the result is the one-statement path's, stage by stage."""
+    target = corpus["uploading-documents.md"]
+    expected = chunk_ids(document=target)
+    starve_hnsw()
+    params = services.SearchParams(query="which file types can an editor upload to a collection",
+                                   mode="hybrid", k=len(expected), document_ids=(target.pk,), explain=True)
+
+    apart = services.search(params=params, user=reader, record_usage=False)
+    together = services.search(params=params, user=reader, record_usage=False)  # the vector is cached
+
+    assert "retrieve_exact" in apart.timings_ms
+    assert {hit.chunk_id for hit in apart.hits} == expected
+    assert [(h.chunk_id, h.stages) for h in apart.hits] == [(h.chunk_id, h.stages) for h in together.hits]
