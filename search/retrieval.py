@@ -157,7 +157,7 @@ _NONESSENTIAL_SHARE = 0.6
 
 # What a primary-key lookup of one posting costs, in postings read by a scan (measured
 # on the 100k-chunk benchmark: 3.6 µs a lookup; 8 to 20 gave the same latencies).
-_PROBE_COST = 10
+_LOOKUP_COST = 10
 
 
 def _bm25_pruned(full: str) -> str:
@@ -173,7 +173,7 @@ def _bm25_pruned(full: str) -> str:
        it cannot be in the top `limit`; and a chunk whose partial score + bound < θ
        cannot either. Only the survivors get their non-essential postings added: by
        primary-key lookups when there are few survivors (each lookup costs about
-       _PROBE_COST postings' worth of a scan), otherwise by scanning the non-essential
+       _LOOKUP_COST postings' worth of a scan), otherwise by scanning the non-essential
        postings against a hash of the survivors. Neither aggregates every posting.
     4. Otherwise (θ too low, too few matches) every posting is scored, as without
        pruning. Exactly one branch runs: each is gated by a one-time filter.
@@ -209,9 +209,9 @@ def _bm25_pruned(full: str) -> str:
         FROM essential_scores e, pruning
         WHERE pruning.safe AND e.score + pruning.bound >= pruning.threshold
     ),
-    lookup AS MATERIALIZED (
-        SELECT (SELECT count(*) FROM survivors) * count(*) * {_PROBE_COST}
-                   < coalesce(sum(w.document_frequency), 0) AS by_probe
+    nonessential_plan AS MATERIALIZED (
+        SELECT (SELECT count(*) FROM survivors) * count(*) * {_LOOKUP_COST}
+                   < coalesce(sum(w.document_frequency), 0) AS by_lookup
         FROM term_split w
         WHERE w.nonessential
     ),
@@ -221,23 +221,24 @@ def _bm25_pruned(full: str) -> str:
             FROM survivors s
             CROSS JOIN term_split w
             CROSS JOIN LATERAL (
+                -- Fenced, so each (survivor, term) is one primary-key lookup.
                 SELECT p.term_frequency, p.chunk_length FROM search_posting p
                 WHERE p.collection_id = w.collection_id AND p.lexeme = w.lexeme AND p.chunk_id = s.chunk_id
                 OFFSET 0
             ) p
-            WHERE w.nonessential AND (SELECT by_probe FROM lookup)
+            WHERE w.nonessential AND (SELECT by_lookup FROM nonessential_plan)
             GROUP BY s.chunk_id
         )
         UNION ALL
         (
             SELECT postings.chunk_id, sum(postings.contribution) AS score
             FROM (
-                -- Fenced, so the survivors are a hash probed by a scan of these postings
-                -- rather than index lookups (the other branch).
+                -- Fenced, so these postings are scanned against a hash of the survivors
+                -- rather than looked up per survivor (the other branch).
                 SELECT p.chunk_id, {_CONTRIBUTION} AS contribution
                 FROM term_split w
                 JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
-                WHERE w.nonessential AND NOT (SELECT by_probe FROM lookup)
+                WHERE w.nonessential AND NOT (SELECT by_lookup FROM nonessential_plan)
                 OFFSET 0
             ) postings
             WHERE postings.chunk_id IN (SELECT chunk_id FROM survivors)

@@ -146,13 +146,13 @@ def test_top_k_equals_reference_at_every_cutoff(demo_collection, settings, limit
                                      k1=settings.KB_BM25_K1, b=settings.KB_BM25_B)
 
 
-@pytest.mark.parametrize("probe_cost", [0, 10**9], ids=["by-lookup", "by-scan"])
+@pytest.mark.parametrize("lookup_cost", [0, 10**9], ids=["by-lookup", "by-scan"])
 def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, settings, monkeypatch,
-                                                     probe_cost):
+                                                     lookup_cost):
     """A rare term and a term in nearly every chunk: the common term's postings are only
     added to chunks that can still make the top k, and the result is still exact, whether
     they are looked up per surviving chunk or scanned against them."""
-    monkeypatch.setattr(retrieval, "_PROBE_COST", probe_cost)
+    monkeypatch.setattr(retrieval, "_LOOKUP_COST", lookup_cost)
     for i in range(12):
         ingest_one(collection, f"note-{i}.txt", f"Note {i}. The common ledger entry number {i}.")
     ingest_one(collection, "rare-1.txt", "The common ledger mentions a zyzzyva once.")
