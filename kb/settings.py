@@ -176,6 +176,8 @@ DATABASES["default"].setdefault("OPTIONS", {})
 # a new backend plans and writes with cold catalog caches (~15 ms a search request).
 # "web" (the default) pools connections in processes that serve requests
 # (kb.web_process); commands and the qcluster, which forks its workers, keep plain ones.
+# With CONN_HEALTH_CHECKS (above) Django has the pool check each connection it hands out,
+# so one that died while idle (a database restart) is replaced, not given to a request.
 KB_DB_POOL = env_str("KB_DB_POOL", "web").lower()
 KB_DB_POOL_OPTIONS = {
     "min_size": env_int("KB_DB_POOL_MIN", 2),

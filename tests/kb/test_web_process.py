@@ -80,3 +80,47 @@ def test_worker_threads_start_afresh_in_a_forked_child():
         os._exit(0 if threads.submit(lambda: "child").result(timeout=10) == "child" else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+SURVIVES_A_DROPPED_CONNECTION = """
+import json, threading
+from django.db import connection
+
+def backend_pid():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+def in_new_thread(fn):
+    # As a request does: its own thread, and its connection closed (returned) at the end.
+    out = []
+
+    def run():
+        try:
+            out.append(fn())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return out[0] if out else None
+
+pids = [in_new_thread(backend_pid) for _ in range(2)]
+# An idle pooled connection dies (a database restart, a proxy's idle timeout).
+def terminate():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE pid = ANY(%s) AND pid <> pg_backend_pid()", [pids])
+    return True
+in_new_thread(terminate)
+print(json.dumps({"after": [in_new_thread(backend_pid) for _ in range(4)]}))
+"""
+
+
+def test_a_pooled_connection_that_died_while_idle_is_replaced():
+    """The pool checks a connection before handing it out, so a request never gets a
+    dead one after a database restart."""
+    report = run_python("import kb.asgi\n" + SURVIVES_A_DROPPED_CONNECTION)
+
+    assert None not in report["after"]
