@@ -9,7 +9,7 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, F, Q
+from django.db.models import F
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
@@ -81,14 +81,8 @@ class CollectionAdmin(admin.ModelAdmin):
     filter_horizontal = ["allowed_users", "allowed_groups"]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).filter(
-            selectors.collections_visible_to(user=request.user)
-        ).annotate(
-            document_count=Count("documents", distinct=True),
-            ready_count=Count("documents", filter=Q(documents__status=Document.Status.READY),
-                              distinct=True),
-            chunk_count=Count("documents__chunks", filter=Q(documents__chunks__searchable=True),
-                              distinct=True),
+        return selectors.collections_with_counts(
+            super().get_queryset(request).filter(selectors.collections_visible_to(user=request.user))
         )
 
     @admin.display(ordering="document_count")

@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from kb import services
 from kb.models import ApiKey, Chunk, Collection, Document
 from kb.ratelimits import rate_limit_enforce
-from kb.selectors import collections_visible, documents_visible
+from kb.selectors import collections_visible, collections_with_counts, documents_visible
 
 
 class CollectionSerializer(serializers.ModelSerializer):
@@ -93,12 +93,8 @@ class CollectionList(generics.ListAPIView):
     serializer_class = CollectionSerializer
 
     def get_queryset(self):
-        from django.db.models import Count, Q
-
-        return collections_visible(user=self.request.user, api_key=_api_key(self.request)).annotate(
-            document_count=Count("documents", distinct=True),
-            chunk_count=Count("documents__chunks", filter=Q(documents__chunks__searchable=True),
-                              distinct=True),
+        return collections_with_counts(
+            collections_visible(user=self.request.user, api_key=_api_key(self.request))
         ).order_by("name")
 
 

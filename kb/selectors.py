@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 from django.db import connection
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, F, OuterRef, Q, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.http import Http404
 
 from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel
 
 
+def collections_with_counts(collections: QuerySet[Collection]) -> QuerySet[Collection]:
+    """The collections with document_count, ready_count and chunk_count (searchable chunks).
+
+    The chunk count is the BM25 index's N (search.models.CollectionStatistic), which the
+    triggers keep equal to the number of searchable chunks; the document counts are
+    correlated subqueries on (collection, status). Joining documents to chunks and
+    counting distinct rows took ~200 ms a page at 100k chunks, and counting the chunks
+    of each collection scans them.
+    """
+    documents = Document.objects.filter(collection=OuterRef("pk")).order_by().values("collection")
+    return collections.annotate(
+        document_count=_count_of(documents),
+        ready_count=_count_of(documents.filter(status=Document.Status.READY)),
+        chunk_count=Coalesce(F("bm25_statistic__chunk_count"), 0),
+    )
+
+
+def _count_of(rows: QuerySet) -> Coalesce:
+    return Coalesce(Subquery(rows.annotate(count=Count("pk")).values("count")), 0)
+
+
 def collection_list_with_counts() -> QuerySet[Collection]:
-    """Collections annotated with document and chunk counts, in one query."""
-    return Collection.objects.annotate(
-        document_count=Count("documents", distinct=True),
-        ready_count=Count("documents", filter=Q(documents__status=Document.Status.READY), distinct=True),
-        chunk_count=Count("documents__chunks", distinct=True),
-    ).order_by("name")
+    """Every collection with its counts (collections_with_counts), by name."""
+    return collections_with_counts(Collection.objects.all()).order_by("name")
 
 
 def collections_visible_to(*, user, api_key=None) -> Q:

@@ -1,0 +1,32 @@
+"""Reads of the core domain: what the collection counts count."""
+
+from __future__ import annotations
+
+from kb import services
+from kb.models import Chunk, Collection, Document
+from kb.selectors import collections_with_counts
+
+
+def counts(slug: str) -> tuple[int, int, int]:
+    row = collections_with_counts(Collection.objects.filter(slug=slug)).get()
+    return row.document_count, row.ready_count, row.chunk_count
+
+
+def test_collection_counts_are_documents_ready_documents_and_searchable_chunks(collection, ingest_one):
+    """A new version's old chunks and a disabled document's chunks are not searchable, so
+    they are not counted; a failed document counts as a document, not as ready."""
+    empty = services.collection_get_or_create(slug="empty")
+    kept = ingest_one(collection, "kept.md", "# Kept\n\nTides follow the moon.\n\n## More\n\nHarbours open at dawn.")
+    ingest_one(collection, "kept.md", "# Kept\n\nTides follow the moon, twice a day.")  # a new version
+    disabled = ingest_one(collection, "disabled.md", "# Off\n\nThis one is switched off.")
+    services.document_disable(document=disabled)
+    ingest_one(collection, "broken.pdf", b"%PDF-1.4 not really a pdf")
+
+    searchable = Chunk.objects.filter(collection=collection, searchable=True).count()
+    assert searchable == Chunk.objects.filter(document=kept, generation=Document.objects.get(pk=kept.pk)
+                                              .chunk_generation).count()
+    assert counts(collection.slug) == (3, Document.objects.filter(collection=collection,
+                                                                  status=Document.Status.READY).count(),
+                                       searchable)
+    assert Document.objects.filter(collection=collection, status=Document.Status.FAILED).count() == 1
+    assert counts(empty.slug) == (0, 0, 0)
