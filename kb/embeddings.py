@@ -163,17 +163,21 @@ def embed_texts(
 def embed_query(*, model: EmbeddingModel, text: str, **record_fields) -> list[float]:
     """Embed one search query, recorded in the usage ledger."""
     backend = backend_for(model)
-    with span("embed", provider=backend.provider_name, model=model.model_name or model.key,
-              texts=1, query=True), tracked_model_call(
-        kind=UsageRecord.Kind.EMBEDDING,
-        provider=backend.provider_name,
-        model=model.model_name or model.key,
-        write_ahead=backend.remote,
-        **record_fields,
-    ) as call:
+    with _query_embedding_span(backend, model), _query_embedding_call(backend, model, record_fields) as call:
         result = backend.embed_query(text)
         call.input_tokens = result.input_tokens
     return result.vectors[0]
+
+
+def _query_embedding_span(backend: EmbeddingBackend, model: EmbeddingModel, **options):
+    return span("embed", provider=backend.provider_name, model=model.model_name or model.key,
+                texts=1, query=True, **options)
+
+
+def _query_embedding_call(backend: EmbeddingBackend, model: EmbeddingModel, record_fields: dict):
+    return tracked_model_call(kind=UsageRecord.Kind.EMBEDDING, provider=backend.provider_name,
+                              model=model.model_name or model.key, write_ahead=backend.remote,
+                              **record_fields)
 
 
 @dataclass(frozen=True)
@@ -197,37 +201,32 @@ def embed_query_alongside(work: Callable[[], T], *, model: EmbeddingModel, text:
     written ahead and retried, which the ledger does on the calling thread.
     """
     backend = backend_for(model)
+    vector = error = None
+    latency_ms = 0.0
     if backend.remote:
         started = time.perf_counter()
         try:
-            vector, error = embed_query(model=model, text=text, **record_fields), None
+            vector = embed_query(model=model, text=text, **record_fields)
         except ProviderError as exc:
-            vector, error = None, exc
+            error = exc
         latency_ms = (time.perf_counter() - started) * 1000
         return EmbeddedAlongside(vector=vector, error=error, outcome=work(), latency_ms=latency_ms)
     submitted = time.perf_counter()
     # Not the current span: `work` opens its own, beside this one rather than inside it.
-    with span("embed", current=False, provider=backend.provider_name, model=model.model_name or model.key,
-              texts=1, query=True):
+    with _query_embedding_span(backend, model, current=False):
         pending = _alongside_threads.submit(_embed_query_timed, backend, text)
         try:
             outcome = work()
         finally:
             # The forward pass happened either way, so it is recorded even if `work` failed.
             try:
-                with tracked_model_call(
-                    kind=UsageRecord.Kind.EMBEDDING,
-                    provider=backend.provider_name,
-                    model=model.model_name or model.key,
-                    **record_fields,
-                ) as call:
+                with _query_embedding_call(backend, model, record_fields) as call:
                     result, finished = pending.result()
+                    latency_ms = call.latency_ms = (finished - submitted) * 1000
                     call.input_tokens = result.input_tokens
-                    call.latency_ms = (finished - submitted) * 1000
-                vector, error = result.vectors[0], None
+                vector = result.vectors[0]
             except ProviderError as exc:
-                vector, error = None, exc
-    latency_ms = (pending.result()[1] - submitted) * 1000 if error is None else 0.0
+                error = exc
     return EmbeddedAlongside(vector=vector, error=error, outcome=outcome, latency_ms=latency_ms)
 
 

@@ -52,26 +52,24 @@ class Retrieved:
     vector_count: int = 0
     bm25_count: int = 0
 
-    def merged(self, other: Retrieved) -> Retrieved:
-        """Both retrievals' candidates, one per chunk, with the scores and ranks of each."""
+    def with_vector_candidates(self, vector: Retrieved) -> Retrieved:
+        """These (BM25) candidates and a separate vector retrieval's, one per chunk.
+
+        The candidates are new objects, so the BM25 side can be combined again with an
+        exact vector re-run.
+        """
         by_chunk = {candidate.chunk_id: candidate for candidate in self.candidates}
-        for candidate in other.candidates:
-            mine = by_chunk.get(candidate.chunk_id)
-            # New objects: either side may be merged again (with an exact vector re-run).
-            by_chunk[candidate.chunk_id] = candidate if mine is None else replace(
-                mine,
-                bm25_score=candidate.bm25_score if mine.bm25_rank is None else mine.bm25_score,
-                bm25_rank=candidate.bm25_rank if mine.bm25_rank is None else mine.bm25_rank,
-                vector_similarity=(candidate.vector_similarity if mine.vector_rank is None
-                                   else mine.vector_similarity),
-                vector_rank=candidate.vector_rank if mine.vector_rank is None else mine.vector_rank,
+        for candidate in vector.candidates:
+            keyword = by_chunk.get(candidate.chunk_id)
+            by_chunk[candidate.chunk_id] = candidate if keyword is None else replace(
+                keyword, vector_similarity=candidate.vector_similarity, vector_rank=candidate.vector_rank,
             )
         candidates = list(by_chunk.values())
         return Retrieved(
             candidates=candidates,
-            query_lexemes=self.query_lexemes or other.query_lexemes,
-            vector_count=sum(1 for c in candidates if c.vector_rank is not None),
-            bm25_count=sum(1 for c in candidates if c.bm25_rank is not None),
+            query_lexemes=self.query_lexemes,
+            vector_count=vector.vector_count,
+            bm25_count=self.bm25_count,
         )
 
 

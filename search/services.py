@@ -176,7 +176,7 @@ def search(
             if mode == "hybrid":
                 # BM25 needs no vector: it runs here while the model embeds the query.
                 alongside = embeddings.embed_query_alongside(
-                    lambda: _retrieve_timed(timings, "bm25", mode="bm25", query=text, vector=None,
+                    lambda: _retrieve_timed(timings, "retrieve", mode="bm25", query=text, vector=None,
                                             filters=filters, model=None, limit=limit),
                     model=model, text=text, user=user, api_key=api_key,
                 )
@@ -196,15 +196,15 @@ def search(
                 notices.append("The embedding service is unavailable; showing keyword (BM25) results only.")
                 mode = "bm25"
     if keyword is not None and vector is not None:
-        retrieved = keyword.merged(_retrieve_timed(timings, "vector", mode="vector", query=text, vector=vector,
-                                                   filters=filters, model=model, limit=limit))
+        retrieved = keyword.with_vector_candidates(_retrieve_timed(
+            timings, "retrieve", mode="vector", query=text, vector=vector, filters=filters, model=model,
+            limit=limit))
     elif keyword is not None:
         retrieved = keyword
     else:
         # BM25 and vector retrieval are one SQL statement, so one span (kb.tracing explains).
         retrieved = _retrieve_timed(timings, "retrieve", mode=mode, query=text, vector=vector,
                                     filters=filters, model=model, limit=limit)
-    timings["retrieve"] = round(sum(timings.pop(stage, 0.0) for stage in ("bm25", "vector", "retrieve")), 3)
     if vector is not None and retrieved.vector_count < params.k:
         # HNSW returns ef_search neighbours before filtering; a selective filter (a small
         # collection among large ones, a document, metadata, dates) can starve it. Re-run
@@ -213,7 +213,7 @@ def search(
         # exact scan is over those few rows and cheap.
         exact = _retrieve_timed(timings, "retrieve_exact", mode="vector" if keyword else mode, query=text,
                                 vector=vector, filters=filters, model=model, limit=limit, exact_vector=True)
-        retrieved = keyword.merged(exact) if keyword is not None else exact
+        retrieved = keyword.with_vector_candidates(exact) if keyword is not None else exact
 
     t = time.perf_counter()
     with span("fuse", mode=mode, fusion=params.fusion, candidates=len(retrieved.candidates)):
@@ -329,7 +329,7 @@ def _retrieve_timed(timings: dict, stage: str, *, mode: str, query: str, vector:
         )
         if retrieve_span is not None:
             retrieve_span.set_attribute("candidates", len(retrieved.candidates))
-    timings[stage] = timings.get(stage, 0.0) + _ms(t)
+    timings[stage] = round(timings.get(stage, 0.0) + _ms(t), 3)
     return retrieved
 
 

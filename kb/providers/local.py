@@ -12,7 +12,6 @@ from kb.worker_threads import WorkerThreads
 BUNDLED_PREFIX = "bundled:"
 
 
-
 def _torch_threads_set() -> None:
     from django.conf import settings
 
