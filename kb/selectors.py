@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.db import connection
-from django.db.models import Count, F, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import Http404
 
@@ -61,9 +61,9 @@ def collections_visible_to(*, user, api_key=None) -> Q:
                 group_id__in=user.groups.values("pk")).values("collection_id"))
         )
     if api_key is not None:
+        # A key without collections is not narrowed; asked in the same statement.
         scoped = ApiKey.collections.through.objects.filter(apikey_id=api_key.pk)
-        if scoped.exists():
-            condition &= Q(pk__in=scoped.values("collection_id"))
+        condition &= ~Exists(scoped) | Q(pk__in=scoped.values("collection_id"))
     return condition
 
 

@@ -183,12 +183,26 @@ def _bm25_pruned(full: str) -> str:
                    < {_NONESSENTIAL_SHARE} * max(w.weight) OVER () AS nonessential
         FROM weighted_terms w
     ),
+    essential_terms AS MATERIALIZED (
+        SELECT count(*) AS n FROM term_split WHERE NOT nonessential
+    ),
     essential_scores AS MATERIALIZED (
-        SELECT p.chunk_id, sum({_CONTRIBUTION}) AS score
-        FROM term_split w
-        JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
-        WHERE NOT w.nonessential
-        GROUP BY p.chunk_id
+        (
+            -- One essential term (a one-word query, or one rare word among common ones):
+            -- a chunk has one posting of it, so there is nothing to add up.
+            SELECT p.chunk_id, {_CONTRIBUTION} AS score
+            FROM term_split w
+            JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
+            WHERE NOT w.nonessential AND (SELECT n FROM essential_terms) = 1
+        )
+        UNION ALL
+        (
+            SELECT p.chunk_id, sum({_CONTRIBUTION}) AS score
+            FROM term_split w
+            JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
+            WHERE NOT w.nonessential AND (SELECT n FROM essential_terms) > 1
+            GROUP BY p.chunk_id
+        )
     ),
     pruning AS MATERIALIZED (
         SELECT bound, threshold, (NOT any_nonessential OR bound < threshold) AS safe
