@@ -175,6 +175,9 @@ def _bm25_pruned(full: str) -> str:
        postings against a hash of the survivors. Neither aggregates every posting.
     4. Otherwise (θ too low, too few matches) every posting is scored, as without
        pruning. Exactly one branch runs: each is gated by a one-time filter.
+
+    A chunk has one posting per term, so with a single essential term there is nothing
+    to add up in step 2, and a one-word query is just its top postings.
     """
     return f"""
     term_split AS MATERIALIZED (
@@ -183,8 +186,9 @@ def _bm25_pruned(full: str) -> str:
                    < {_NONESSENTIAL_SHARE} * max(w.weight) OVER () AS nonessential
         FROM weighted_terms w
     ),
-    essential_terms AS MATERIALIZED (
-        SELECT count(*) AS n FROM term_split WHERE NOT nonessential
+    query_shape AS MATERIALIZED (
+        SELECT count(*) AS terms, count(*) FILTER (WHERE NOT nonessential) AS essential_terms
+        FROM term_split
     ),
     essential_scores AS MATERIALIZED (
         (
@@ -193,14 +197,14 @@ def _bm25_pruned(full: str) -> str:
             SELECT p.chunk_id, {_CONTRIBUTION} AS score
             FROM term_split w
             JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
-            WHERE NOT w.nonessential AND (SELECT n FROM essential_terms) = 1
+            WHERE NOT w.nonessential AND (SELECT essential_terms FROM query_shape) = 1
         )
         UNION ALL
         (
             SELECT p.chunk_id, sum({_CONTRIBUTION}) AS score
             FROM term_split w
             JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
-            WHERE NOT w.nonessential AND (SELECT n FROM essential_terms) > 1
+            WHERE NOT w.nonessential AND (SELECT essential_terms FROM query_shape) > 1
             GROUP BY p.chunk_id
         )
     ),
@@ -259,9 +263,20 @@ def _bm25_pruned(full: str) -> str:
     ),
     bm25 AS (
         (
+            -- A one-word query: the top postings are the answer. Nothing is materialized,
+            -- as the CTEs above are computed only if a branch that reads them runs.
+            SELECT p.chunk_id, {_CONTRIBUTION} AS score
+            FROM term_split w
+            JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
+            WHERE (SELECT terms FROM query_shape) = 1
+            ORDER BY score DESC, p.chunk_id
+            LIMIT %(limit)s
+        )
+        UNION ALL
+        (
             SELECT s.chunk_id, s.score + coalesce(n.score, 0) AS score
             FROM survivors s LEFT JOIN nonessential_scores n ON n.chunk_id = s.chunk_id
-            WHERE (SELECT safe FROM pruning)
+            WHERE (SELECT terms FROM query_shape) > 1 AND (SELECT safe FROM pruning)
             ORDER BY score DESC, s.chunk_id
             LIMIT %(limit)s
         )
@@ -269,7 +284,7 @@ def _bm25_pruned(full: str) -> str:
         (
             SELECT * FROM ({full}
             ) everything
-            WHERE NOT (SELECT safe FROM pruning)
+            WHERE (SELECT terms FROM query_shape) > 1 AND NOT (SELECT safe FROM pruning)
         )
     )"""
 
