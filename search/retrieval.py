@@ -176,8 +176,8 @@ def _bm25_pruned(full: str) -> str:
     4. Otherwise (θ too low, too few matches) every posting is scored, as without
        pruning. Exactly one branch runs: each is gated by a one-time filter.
 
-    A chunk has one posting per term, so with a single essential term there is nothing
-    to add up in step 2, and a one-word query is just its top postings.
+    A one-word query is just its term's top postings: a chunk has one posting per term,
+    so there is nothing to add up. That branch computes none of the steps above.
     """
     return f"""
     term_split AS MATERIALIZED (
@@ -187,26 +187,14 @@ def _bm25_pruned(full: str) -> str:
         FROM weighted_terms w
     ),
     query_shape AS MATERIALIZED (
-        SELECT count(*) AS terms, count(*) FILTER (WHERE NOT nonessential) AS essential_terms
-        FROM term_split
+        SELECT count(*) AS terms FROM term_split
     ),
     essential_scores AS MATERIALIZED (
-        (
-            -- One essential term (a one-word query, or one rare word among common ones):
-            -- a chunk has one posting of it, so there is nothing to add up.
-            SELECT p.chunk_id, {_CONTRIBUTION} AS score
-            FROM term_split w
-            JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
-            WHERE NOT w.nonessential AND (SELECT essential_terms FROM query_shape) = 1
-        )
-        UNION ALL
-        (
-            SELECT p.chunk_id, sum({_CONTRIBUTION}) AS score
-            FROM term_split w
-            JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
-            WHERE NOT w.nonessential AND (SELECT essential_terms FROM query_shape) > 1
-            GROUP BY p.chunk_id
-        )
+        SELECT p.chunk_id, sum({_CONTRIBUTION}) AS score
+        FROM term_split w
+        JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme
+        WHERE NOT w.nonessential
+        GROUP BY p.chunk_id
     ),
     pruning AS MATERIALIZED (
         SELECT bound, threshold, (NOT any_nonessential OR bound < threshold) AS safe
