@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from kb.database import DatabaseSetupError, database_settings_from_url, embedded_server_start
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_healthz_reports_the_process(client):
@@ -27,6 +33,21 @@ def test_database_url_is_parsed_into_settings():
     assert entry["HOST"] == "db.example" and entry["PORT"] == "6543"
     assert entry["USER"] == "kb" and entry["PASSWORD"] == "s@cret" and entry["NAME"] == "knowledge"
     assert entry["OPTIONS"] == {"sslmode": "require"}
+
+
+def test_options_from_the_url_are_kept_and_ef_search_is_added():
+    """A DATABASE_URL's own session options replace the default statement timeout, and
+    hnsw.ef_search still goes with every connection request."""
+    url = "postgresql://kb@db.example/kb?options=-c%20work_mem%3D8MB"
+    completed = subprocess.run(
+        [sys.executable, "-c", "from django.conf import settings; "
+                               "print(settings.DATABASES['default']['OPTIONS']['options'])"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "kb.settings", "DATABASE_URL": url,
+             "KB_HNSW_EF_SEARCH": "123"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == ["-c", "work_mem=8MB", "-c", "hnsw.ef_search=123"]
 
 
 def test_a_non_postgres_url_is_refused():

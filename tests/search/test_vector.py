@@ -64,10 +64,13 @@ def test_exact_fallback_scans_the_filtered_rows_without_the_index(corpus, reader
 
 
 def test_ef_search_is_set_on_the_connection(db, settings):
-    """hnsw.ef_search follows KB_HNSW_EF_SEARCH (set when each connection opens)."""
+    """hnsw.ef_search follows KB_HNSW_EF_SEARCH, sent with the connection request, as is
+    the statement timeout: no statement per connection, or per pooled checkout."""
     with connection.cursor() as cursor:
         cursor.execute("SHOW hnsw.ef_search")
         assert int(cursor.fetchone()[0]) == settings.KB_HNSW_EF_SEARCH
+        cursor.execute("SELECT setting::int FROM pg_settings WHERE name = 'statement_timeout'")
+        assert cursor.fetchone()[0] == 60_000
 
 
 def starve_hnsw() -> None:
