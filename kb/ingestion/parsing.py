@@ -6,6 +6,7 @@ import io
 import multiprocessing
 import re
 import unicodedata
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -769,12 +770,16 @@ def _trafilatura_builder(html: str) -> _Builder | None:
 
 
 def _parse_html(name: str, data: bytes, limits: ParseLimits) -> ParsedDocument:
-    from bs4 import BeautifulSoup
+    from bs4 import BeautifulSoup, XMLParsedAsHTMLWarning
 
     declared = _CHARSET_IN_HTML.search(data[:4096])
     html, encoding = _decode(name, data,
                              declared=declared.group(1).decode("ascii") if declared else None)
-    soup = BeautifulSoup(html, "lxml")
+    with warnings.catch_warnings():
+        # An upload named .html is parsed as HTML even when it looks like XML (XHTML
+        # does): that is the point, not something to warn about in the worker's log.
+        warnings.simplefilter("ignore", XMLParsedAsHTMLWarning)
+        soup = BeautifulSoup(html, "lxml")
     title = _html_title(soup)
     if _strip_boilerplate(soup) > _MAX_HTML_DEPTH:
         builder = _Builder()
