@@ -188,6 +188,16 @@ DATABASES["default"]["CONN_MAX_AGE"] = env_int("KB_DB_CONN_MAX_AGE", 0)
 if KB_DB_POOL in {"1", "true", "yes", "on"}:
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["OPTIONS"]["pool"] = KB_DB_POOL_OPTIONS
+# HNSW's candidate-list size (search.retrieval). 200: vector nDCG@10 on scifact is 0.6397
+# at 100, 0.6414 at 200 and at 400 (docs/RETRIEVAL.md).
+KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 200)
+# Session settings go with the connection request, so none costs a statement per request
+# (a pooled connection is handed out anew to each). A statement that runs away must not
+# hold a request or a worker forever; pgvector reads hnsw.ef_search when it loads.
+DATABASES["default"]["OPTIONS"]["options"] = (
+    DATABASES["default"]["OPTIONS"].get("options")
+    or f"-c statement_timeout={env_int('KB_DB_STATEMENT_TIMEOUT_MS', 60_000)}"
+) + f" -c hnsw.ef_search={KB_HNSW_EF_SEARCH}"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Caches -------------------------------------------------------------------------------
@@ -367,16 +377,7 @@ KB_TORCH_THREADS = env_int("KB_TORCH_THREADS", 0)
 KB_WEB_TORCH_THREADS = env_int("KB_WEB_TORCH_THREADS", 1)
 KB_BM25_K1 = env_float("KB_BM25_K1", 0.9)
 KB_BM25_B = env_float("KB_BM25_B", 0.4)
-# 200: vector nDCG@10 on scifact is 0.6397 at 100, 0.6414 at 200 and at 400 (docs/RETRIEVAL.md).
-KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 200)
-# Session settings go with the connection request, so none costs a statement per request
-# (a pooled connection is handed out anew to each). A statement that runs away must not
-# hold a request or a worker forever; pgvector reads hnsw.ef_search when it loads.
-DATABASES["default"]["OPTIONS"]["options"] = " ".join(filter(None, [
-    DATABASES["default"]["OPTIONS"].get("options")
-    or f"-c statement_timeout={env_int('KB_DB_STATEMENT_TIMEOUT_MS', 60_000)}",
-    f"-c hnsw.ef_search={KB_HNSW_EF_SEARCH}",
-]))
+# KB_HNSW_EF_SEARCH is with the database settings: it goes with each connection.
 KB_RRF_K = env_int("KB_RRF_K", 60)
 KB_CONVEX_ALPHA = env_float("KB_CONVEX_ALPHA", 0.5)
 KB_SEARCH_CANDIDATES = env_int("KB_SEARCH_CANDIDATES", 100)
