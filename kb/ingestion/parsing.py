@@ -775,11 +775,11 @@ def _parse_html(name: str, data: bytes, limits: ParseLimits) -> ParsedDocument:
     declared = _CHARSET_IN_HTML.search(data[:4096])
     html, encoding = _decode(name, data,
                              declared=declared.group(1).decode("ascii") if declared else None)
-    with warnings.catch_warnings():
-        # An upload named .html is parsed as HTML even when it looks like XML (XHTML
-        # does): that is the point, not something to warn about in the worker's log.
-        warnings.simplefilter("ignore", XMLParsedAsHTMLWarning)
-        soup = BeautifulSoup(html, "lxml")
+    # An upload named .html is parsed as HTML even when it looks like XML (XHTML does):
+    # that is the point, not something to warn about in the worker's log. A filter on the
+    # class alone (catch_warnings would swap the process's filters under other threads).
+    warnings.filterwarnings("ignore", category=XMLParsedAsHTMLWarning)
+    soup = BeautifulSoup(html, "lxml")
     title = _html_title(soup)
     if _strip_boilerplate(soup) > _MAX_HTML_DEPTH:
         builder = _Builder()
