@@ -93,6 +93,7 @@ def embedded_server_start(pgdata: Path):
                 f"See {log_file}; if the directory is damaged, move it away and start again."
             ) from exc
         _create_database_if_missing(server)
+        _bm25_extension_build()
         # atexit runs last-registered first: prune before pgserver's own cleanup decides
         # whether this is the last process holding the server.
         atexit.register(_prune_dead_handles, pgdata, PostgresServer._lock)
@@ -152,6 +153,16 @@ def _check_data_dir(pgdata: Path) -> None:
             f"The data directory {probe_dir} is not writable. "
             "Set KB_DATA_DIR to a writable directory, or set DATABASE_URL to use an external server."
         )
+
+
+def _bm25_extension_build() -> None:
+    # pgserver ships the server's headers and pg_config, so BM25's C function can be built
+    # for it here; `migrate` then creates the extension (search.postgres_extension).
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    from search.postgres_extension import extension_build
+
+    extension_build(POSTGRES_BIN_PATH / "pg_config")
 
 
 def _create_database_if_missing(server) -> None:

@@ -377,6 +377,11 @@ KB_TORCH_THREADS = env_int("KB_TORCH_THREADS", 0)
 KB_WEB_TORCH_THREADS = env_int("KB_WEB_TORCH_THREADS", 1)
 KB_BM25_K1 = env_float("KB_BM25_K1", 0.9)
 KB_BM25_B = env_float("KB_BM25_B", 0.4)
+# "auto": the kb_bm25 extension's C function where it is installed (the embedded server
+# builds it), SQL elsewhere; "sql": SQL always. Both give the same scores.
+KB_BM25_ENGINE = env_str("KB_BM25_ENGINE", "auto").lower()
+if KB_BM25_ENGINE not in {"auto", "sql"}:
+    raise ImproperlyConfigured(f"KB_BM25_ENGINE must be auto or sql, not {KB_BM25_ENGINE!r}.")
 # KB_HNSW_EF_SEARCH is with the database settings: it goes with each connection.
 KB_RRF_K = env_int("KB_RRF_K", 60)
 KB_CONVEX_ALPHA = env_float("KB_CONVEX_ALPHA", 0.5)

@@ -13,6 +13,8 @@ from datetime import datetime
 from django.conf import settings
 from django.db import connection
 
+from search.postgres_extension import extension_installed
+
 
 @dataclass(frozen=True)
 class SearchFilters:
@@ -90,7 +92,7 @@ def _filter_sql(filters: SearchFilters, params: dict, chunk: str = "c", document
     return "".join(f" AND {clause}" for clause in clauses)
 
 
-def _bm25_ctes(filters: SearchFilters, params: dict) -> str:
+def _bm25_ctes(filters: SearchFilters, params: dict, *, native: bool) -> str:
     """BM25 as Lucene scores it, over the lexemes PostgreSQL's text search produces:
 
         score(D, Q) = Σ_{t ∈ Q} idf(t) · tf(t, D) · (k1 + 1) / (tf(t, D) + k1 · (1 − b + b · |D| / avgdl))
@@ -101,8 +103,10 @@ def _bm25_ctes(filters: SearchFilters, params: dict) -> str:
     df and avgdl are per collection and cover searchable chunks only. The query is never
     parsed as a tsquery, so no user input can be a syntax error.
 
-    Without filters, the top `limit` are found with MaxScore-style pruning that never
-    changes the result (see _bm25_pruned); with filters, every posting is scored.
+    Without filters, the top `limit` come from the kb_bm25 extension's C function when
+    `native` (it adds up every posting, from the same weights), or else from SQL with
+    MaxScore-style pruning that never changes the result (see _bm25_pruned). With
+    filters, every posting is scored in SQL.
     """
     join = where = ""
     if filters.needs_chunk_join:
@@ -115,7 +119,12 @@ def _bm25_ctes(filters: SearchFilters, params: dict) -> str:
         GROUP BY p.chunk_id
         ORDER BY score DESC, p.chunk_id
         LIMIT %(limit)s"""
-    bm25 = f"bm25 AS ({full}\n    )" if filters.needs_chunk_join else _bm25_pruned(full)
+    if filters.needs_chunk_join:
+        bm25 = f"bm25 AS ({full}\n    )"
+    elif native:
+        bm25 = _BM25_NATIVE
+    else:
+        bm25 = _bm25_pruned(full)
     return f"""
     query_terms AS (
         SELECT col.id AS collection_id, u.lexeme
@@ -147,6 +156,23 @@ def _bm25_ctes(filters: SearchFilters, params: dict) -> str:
 _CONTRIBUTION = (
     "w.weight * p.term_frequency / (p.term_frequency + w.length_base + w.length_slope * p.chunk_length)"
 )
+
+# search/postgres/kb_bm25.c walks each term's postings and sums the same contribution.
+_BM25_NATIVE = """
+    bm25 AS (
+        SELECT top.chunk_id, top.score
+        FROM (
+            SELECT array_agg(collection_id) AS collection_ids, array_agg(lexeme) AS lexemes,
+                   array_agg(weight) AS weights, array_agg(length_base) AS length_bases,
+                   array_agg(length_slope) AS length_slopes, sum(document_frequency)::int8 AS expected
+            FROM weighted_terms
+        ) terms
+        -- STRICT: no terms (array_agg gives NULL) is no rows.
+        CROSS JOIN LATERAL kb_bm25_top_chunks(
+            'search_posting'::regclass, terms.collection_ids, terms.lexemes, terms.weights,
+            terms.length_bases, terms.length_slopes, terms.expected, %(limit)s
+        ) top
+    )"""
 
 # Common terms whose summed upper bounds stay under this share of the largest term's
 # bound are tried as non-essential (the guess that decides how much is pruned; a wrong
@@ -330,7 +356,7 @@ def retrieve_candidates(
     }
     ctes = []
     if use_bm25:
-        ctes.append(_bm25_ctes(filters, params))
+        ctes.append(_bm25_ctes(filters, params, native=bm25_native(filters)))
     if use_vector:
         params["qvec"] = "[" + ",".join(repr(float(x)) for x in query_vector) + "]"
         ctes.append(_vector_ctes(filters, params, model_id=model_id, dimensions=dimensions,
@@ -391,6 +417,12 @@ def retrieve_candidates(
         vector_count=sum(1 for c in candidates_out if c.vector_rank is not None),
         bm25_count=sum(1 for c in candidates_out if c.bm25_rank is not None),
     )
+
+
+def bm25_native(filters: SearchFilters) -> bool:
+    """Whether BM25 for these filters runs in the kb_bm25 extension rather than in SQL."""
+    return (settings.KB_BM25_ENGINE == "auto" and not filters.needs_chunk_join
+            and extension_installed(connection))
 
 
 def query_lexemes(*, query: str, collection_ids: tuple[int, ...]) -> list[str]:

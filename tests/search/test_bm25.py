@@ -1,4 +1,7 @@
-"""BM25 in PostgreSQL: exact Lucene scores, incremental index maintenance, hostile queries."""
+"""BM25 in PostgreSQL: exact Lucene scores, incremental index maintenance, hostile queries.
+
+The scoring tests run against both engines: the kb_bm25 extension's C function and SQL.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from django.db import connection
 from kb import services as kb_services
 from kb.models import Collection
 from search import retrieval, services
+from search.postgres_extension import extension_installed
 from search.retrieval import SearchFilters, retrieve_candidates
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -66,6 +70,17 @@ def reference_bm25(chunks: dict[int, Counter], terms: set[str], *, k1: float, b:
     return scores
 
 
+@pytest.fixture(params=["native", "sql"])
+def bm25_engine(request, settings):
+    """Runs the test with BM25 from kb_bm25's C function, then from SQL."""
+    settings.KB_BM25_ENGINE = "auto" if request.param == "native" else "sql"
+    if request.param == "native" and not extension_installed(connection):
+        if settings.DATABASES["default"]["ENGINE"] == "kb.embedded_postgres":
+            pytest.fail("The embedded server should have kb_bm25 built and created (see the log).")
+        pytest.skip("This PostgreSQL server has no kb_bm25 extension (make -C search/postgres install).")
+    return request.param
+
+
 @pytest.fixture
 def demo_collection(shared_corpus, db):
     """The module's shared corpus: five real documents ingested through the pipeline."""
@@ -82,7 +97,7 @@ QUERIES = [
 
 
 @pytest.mark.parametrize(("k1", "b"), [(None, None), (1.2, 0.75), (2.0, 1.0)])
-def test_scores_equal_reference_okapi_bm25(demo_collection, settings, k1, b):
+def test_scores_equal_reference_okapi_bm25(demo_collection, settings, bm25_engine, k1, b):
     """Every candidate's score equals Lucene's BM25 over the same lexemes, to 1e-6."""
     if k1 is not None:
         settings.KB_BM25_K1, settings.KB_BM25_B = k1, b
@@ -105,7 +120,7 @@ def test_scores_equal_reference_okapi_bm25(demo_collection, settings, k1, b):
         assert [c.bm25_score for c in ranks] == sorted(got.values(), reverse=True)
 
 
-def test_search_service_bm25_mode_returns_reference_order(demo_collection, reader, settings):
+def test_search_service_bm25_mode_returns_reference_order(demo_collection, reader, settings, bm25_engine):
     """search(mode=bm25) returns the top k by the same scores, ties broken by chunk id."""
     query = QUERIES[0]
     expected = reference_bm25(
@@ -139,8 +154,8 @@ def assert_top_matches_reference(collection, query: str, limit: int, *, k1: floa
 
 
 @pytest.mark.parametrize("limit", [1, 2, 3, 5, 8])
-def test_top_k_equals_reference_at_every_cutoff(demo_collection, settings, limit):
-    """The pruned top-k (MaxScore) is exactly the reference top-k, whatever k is."""
+def test_top_k_equals_reference_at_every_cutoff(demo_collection, settings, bm25_engine, limit):
+    """The top k (pruned by MaxScore in SQL) is exactly the reference top k, whatever k is."""
     for query in QUERIES:
         assert_top_matches_reference(demo_collection, query, limit,
                                      k1=settings.KB_BM25_K1, b=settings.KB_BM25_B)
@@ -149,6 +164,7 @@ def test_top_k_equals_reference_at_every_cutoff(demo_collection, settings, limit
 @pytest.mark.parametrize("lookup_cost", [0, 10**9], ids=["by-lookup", "by-scan"])
 def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, settings, monkeypatch,
                                                      lookup_cost):
+    settings.KB_BM25_ENGINE = "sql"
     """A rare term and a term in nearly every chunk: the common term's postings are only
     added to chunks that can still make the top k, and the result is still exact, whether
     they are looked up per surviving chunk or scanned against them."""
@@ -278,7 +294,7 @@ HOSTILE_QUERIES = {
 
 
 @pytest.mark.parametrize("mode", ["bm25", "vector", "hybrid"])
-def test_hostile_queries_return_a_list(demo_collection, reader, mode):
+def test_hostile_queries_return_a_list(demo_collection, reader, bm25_engine, mode):
     """Any text is a valid query: results or an empty list, never an exception."""
     failures = {}
     for name, query in HOSTILE_QUERIES.items():
@@ -295,3 +311,35 @@ def test_hostile_queries_return_a_list(demo_collection, reader, mode):
         elif name == "thousand words" and not result.hits:
             failures[name] = "no hits, though 'search' and 'index' occur in the corpus"
     assert not failures, failures
+
+
+def test_rare_and_common_terms_rank_alike_in_both_engines(collection, ingest_one, settings):
+    """Ties, a term in every chunk and a term in one: the C function and SQL agree exactly."""
+    if not extension_installed(connection):
+        pytest.skip("This PostgreSQL server has no kb_bm25 extension.")
+    for i in range(12):
+        ingest_one(collection, f"note-{i}.txt", f"Note {i}. The common ledger entry number {i % 3}.")
+    ingest_one(collection, "rare.txt", "The common ledger mentions a zyzzyva once.")
+    filters = SearchFilters(collection_ids=(collection.pk,))
+    for query in ("common zyzzyva", "ledger entry number", "common", "zyzzyva", "absent words only"):
+        ranked = {}
+        for engine in ("auto", "sql"):
+            settings.KB_BM25_ENGINE = engine
+            candidates = retrieve_candidates(query=query, query_vector=None, filters=filters,
+                                             use_bm25=True, limit=5).candidates
+            ranked[engine] = [(c.bm25_rank, c.chunk_id, round(c.bm25_score, 9)) for c in candidates]
+        assert ranked["auto"] == ranked["sql"], query
+
+
+def test_native_engine_is_used_where_installed_and_sql_with_filters(demo_collection, settings):
+    """Without filters BM25 comes from kb_bm25_top_chunks; with filters (a join) from SQL."""
+    from django.test.utils import CaptureQueriesContext
+
+    if not extension_installed(connection):
+        pytest.skip("This PostgreSQL server has no kb_bm25 extension.")
+    plain = SearchFilters(collection_ids=(demo_collection.pk,))
+    filtered = SearchFilters(collection_ids=(demo_collection.pk,), metadata={"audience": "everyone"})
+    with CaptureQueriesContext(connection) as queries:
+        retrieve_candidates(query=QUERIES[0], query_vector=None, filters=plain, use_bm25=True)
+        retrieve_candidates(query=QUERIES[0], query_vector=None, filters=filtered, use_bm25=True)
+    assert ["kb_bm25_top_chunks" in query["sql"] for query in queries.captured_queries] == [True, False]
