@@ -230,9 +230,16 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
     from django.conf import settings
     from django.db import connection
 
-    from search.retrieval import SearchFilters, query_lexemes, retrieve_candidates, ts_rank_top
+    from search.retrieval import (
+        SearchFilters,
+        bm25_native,
+        query_lexemes,
+        retrieve_candidates,
+        ts_rank_top,
+    )
 
     filters = SearchFilters(collection_ids=(collection.pk,))
+    engine = "kb_bm25 C function" if bm25_native(filters) else "SQL"
 
     def ours(q):
         return retrieve_candidates(query=q, query_vector=None, filters=filters, use_bm25=True, limit=10)
@@ -262,13 +269,28 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
     report["bm25"] = {"ours": summary(our_ms), "ts_rank": summary(rank_ms),
                       "ratio_p50": round(percentile(our_ms, 50) / percentile(rank_ms, 50), 3),
                       "ratio_p95": round(percentile(our_ms, 95) / percentile(rank_ms, 95), 3),
-                      "avg_postings_per_query": round(postings)}
+                      "avg_postings_per_query": round(postings), "engine": engine}
+    print(f"BM25 top-10 (ours, {engine})")
     print(f"BM25 top-10 (ours)     p50 {report['bm25']['ours']['p50_ms']:7.1f} ms  "
           f"p95 {report['bm25']['ours']['p95_ms']:7.1f} ms")
     print(f"ts_rank top-10         p50 {report['bm25']['ts_rank']['p50_ms']:7.1f} ms  "
           f"p95 {report['bm25']['ts_rank']['p95_ms']:7.1f} ms")
     print(f"ratio ours/ts_rank     p50 {report['bm25']['ratio_p50']:.2f}  p95 {report['bm25']['ratio_p95']:.2f}"
           f"  (goal ≤ 1.0; {postings:.0f} postings per query on average)")
+
+    # The SQL engine (what a server without the extension runs) against the default, in turns.
+    if engine != "SQL":
+        sql_ms, native_ms = [], []
+        for i, q in enumerate(queries):
+            runs = [("sql", sql_ms), ("auto", native_ms)]
+            for setting, sink in (runs if i % 2 == 0 else runs[::-1]):
+                settings.KB_BM25_ENGINE = setting
+                sink.append(timed(ours, q)[0])
+        settings.KB_BM25_ENGINE = "auto"
+        report["bm25"]["ours_sql_engine"] = summary(sql_ms)
+        report["bm25"]["ours_c_engine_same_run"] = summary(native_ms)
+        print(f"BM25 top-10, SQL engine p50 {percentile(sql_ms, 50):7.1f} ms  p95 {percentile(sql_ms, 95):7.1f} ms"
+              f"  (C function in the same turns: {percentile(native_ms, 50):.1f} / {percentile(native_ms, 95):.1f})")
 
     # Users type short queries more often than scifact's claims: each query's first
     # one and two words that have a lexeme, through the same statement.

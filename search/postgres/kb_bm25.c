@@ -46,8 +46,8 @@ PG_MODULE_MAGIC;
 #define POSTING_COLUMNS 5
 #define POSTING_KEY_COLUMNS 3
 
-/* Never size the hash table for more chunks than this up front; it grows if need be. */
-#define MAX_PRESIZED_CHUNKS (1 << 22)
+/* Never size the hash table for more chunks than this up front (6 MB); it grows if need be. */
+#define MAX_PRESIZED_CHUNKS (1 << 18)
 /* The array is used when the chunk ids' range is at most this many times the postings
  * (plus a floor for short lists), and fits in work_mem. */
 #define DENSE_RANGE_PER_POSTING 16
@@ -328,8 +328,8 @@ kb_bm25_top_chunks(PG_FUNCTION_ARGS)
 			last_chunk = Max(last_chunk, chunk_id);
 	}
 	if (first_chunk <= last_chunk
-		&& last_chunk - first_chunk < Max(expected, 1) * DENSE_RANGE_PER_POSTING + DENSE_RANGE_FLOOR
-		&& (last_chunk - first_chunk + 1) * (int64) sizeof(double) <= (int64) work_mem * 1024)
+		&& last_chunk - first_chunk < Min(expected, PG_INT64_MAX / 32) * DENSE_RANGE_PER_POSTING + DENSE_RANGE_FLOOR
+		&& last_chunk - first_chunk < (int64) work_mem * 1024 / (int64) sizeof(double))
 	{
 		scores.first_chunk = first_chunk;
 		scores.range = last_chunk - first_chunk + 1;
@@ -388,7 +388,9 @@ kb_bm25_top_chunks(PG_FUNCTION_ARGS)
 	index_close(index, AccessShareLock);
 	table_close(heap, AccessShareLock);
 
-	best = palloc(sizeof(ChunkScore) * top);
+	/* No more room than there can be chunks: `top` comes from the caller. */
+	best = palloc(sizeof(ChunkScore) * Max(1, Min((int64) top, scores.dense != NULL
+													 ? scores.range : (int64) scores.sparse->members)));
 	if (scores.dense != NULL)
 	{
 		for (int64 i = 0; i < scores.range; i++)
