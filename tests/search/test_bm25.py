@@ -333,7 +333,7 @@ def test_rare_and_common_terms_rank_alike_in_both_engines(collection, ingest_one
             settings.KB_BM25_ENGINE = engine
             candidates = retrieve_candidates(query=query, query_vector=None, filters=filters,
                                              use_bm25=True, limit=5).candidates
-            ranked[engine] = [(c.bm25_rank, c.chunk_id, round(c.bm25_score, 9)) for c in candidates]
+            ranked[engine] = sorted((c.bm25_rank, c.chunk_id, round(c.bm25_score, 9)) for c in candidates)
         assert ranked["auto"] == ranked["sql"], query
         settings.KB_BM25_ENGINE = "auto"
         if query != "absent words only":
