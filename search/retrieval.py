@@ -104,9 +104,9 @@ def _bm25_ctes(filters: SearchFilters, params: dict, *, native: bool) -> str:
     parsed as a tsquery, so no user input can be a syntax error.
 
     Without filters, the top `limit` come from the kb_bm25 extension's C function when
-    `native` (it adds up every posting, from the same weights), or else from SQL with
-    MaxScore-style pruning that never changes the result (see _bm25_pruned). With
-    filters, every posting is scored in SQL.
+    `native` (from the same weights), or else from SQL; both prune with MaxScore, which
+    never changes the result (see _bm25_pruned). With filters, every posting is scored
+    in SQL.
     """
     join = where = ""
     if filters.needs_chunk_join:
@@ -157,20 +157,20 @@ _CONTRIBUTION = (
     "w.weight * p.term_frequency / (p.term_frequency + w.length_base + w.length_slope * p.chunk_length)"
 )
 
-# search/postgres/kb_bm25.c walks each term's postings and sums the same contribution.
+# search/postgres/kb_bm25.c sums the same contributions, with MaxScore pruning of its own.
 _BM25_NATIVE = """
     bm25 AS (
         SELECT top.chunk_id, top.score
         FROM (
             SELECT array_agg(collection_id) AS collection_ids, array_agg(lexeme) AS lexemes,
-                   array_agg(weight) AS weights, array_agg(length_base) AS length_bases,
-                   array_agg(length_slope) AS length_slopes, sum(document_frequency)::int8 AS expected
+                   array_agg(document_frequency) AS document_frequencies, array_agg(weight) AS weights,
+                   array_agg(length_base) AS length_bases, array_agg(length_slope) AS length_slopes
             FROM weighted_terms
         ) terms
         -- STRICT: no terms (array_agg gives NULL) is no rows.
         CROSS JOIN LATERAL kb_bm25_top_chunks(
-            'search_posting'::regclass, terms.collection_ids, terms.lexemes, terms.weights,
-            terms.length_bases, terms.length_slopes, terms.expected, %(limit)s
+            'search_posting'::regclass, terms.collection_ids, terms.lexemes, terms.document_frequencies,
+            terms.weights, terms.length_bases, terms.length_slopes, %(limit)s
         ) top
     )"""
 

@@ -3,8 +3,8 @@
 -- The best `top` chunks for a query's terms, best first; search/retrieval.py passes each
 -- term's BM25 weight and length normalisation, and kb_bm25.c explains the rest.
 CREATE FUNCTION kb_bm25_top_chunks(
-    postings regclass, collection_ids int8[], lexemes text[], weights float8[],
-    length_bases float8[], length_slopes float8[], expected_chunks int8, top int4
+    postings regclass, collection_ids int8[], lexemes text[], document_frequencies int8[],
+    weights float8[], length_bases float8[], length_slopes float8[], top int4
 ) RETURNS TABLE (chunk_id int8, score float8)
 AS 'MODULE_PATHNAME', 'kb_bm25_top_chunks'
 LANGUAGE C STABLE STRICT PARALLEL RESTRICTED ROWS 100;

@@ -161,14 +161,19 @@ def test_top_k_equals_reference_at_every_cutoff(demo_collection, settings, bm25_
                                      k1=settings.KB_BM25_K1, b=settings.KB_BM25_B)
 
 
-@pytest.mark.parametrize("lookup_cost", [0, 10**9], ids=["by-lookup", "by-scan"])
+@pytest.mark.parametrize(("engine", "lookup_cost"), [("sql", 0), ("sql", 10**9), ("native", None)],
+                         ids=["sql-by-lookup", "sql-by-scan", "native"])
 def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, settings, monkeypatch,
-                                                     lookup_cost):
-    settings.KB_BM25_ENGINE = "sql"
+                                                     engine, lookup_cost):
     """A rare term and a term in nearly every chunk: the common term's postings are only
     added to chunks that can still make the top k, and the result is still exact, whether
-    they are looked up per surviving chunk or scanned against them."""
-    monkeypatch.setattr(retrieval, "_LOOKUP_COST", lookup_cost)
+    they are looked up per surviving chunk or scanned against them. (In the C function,
+    k = 1 leaves one candidate, which is looked up; k = 2 and 3 scan.)"""
+    if engine == "sql":
+        settings.KB_BM25_ENGINE = "sql"
+        monkeypatch.setattr(retrieval, "_LOOKUP_COST", lookup_cost)
+    elif not extension_installed(connection):
+        pytest.skip("This PostgreSQL server has no kb_bm25 extension.")
     for i in range(12):
         ingest_one(collection, f"note-{i}.txt", f"Note {i}. The common ledger entry number {i}.")
     ingest_one(collection, "rare-1.txt", "The common ledger mentions a zyzzyva once.")

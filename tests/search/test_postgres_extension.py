@@ -97,15 +97,19 @@ def top_chunks(*arguments) -> list[tuple]:
 def test_the_function_rejects_bad_arguments_with_a_clear_error():
     if not extension_installed(connection):
         pytest.skip("This PostgreSQL server has no kb_bm25 extension.")
-    one = ([1], ["word"], [1.0], [0.5], [0.003])
+    one = ([1], ["word"], [10], [1.0], [0.5], [0.003])
 
     with pytest.raises(DatabaseError, match="the term arrays must have the same length"):
-        top_chunks("search_posting", [1, 2], ["word"], [1.0], [0.5], [0.003], 10, 10)
+        top_chunks("search_posting", [1, 2], ["word"], [10], [1.0], [0.5], [0.003], 10)
     with pytest.raises(DatabaseError, match="is not a B-tree on"):
-        top_chunks("kb_chunk", *one, 10, 10)
+        top_chunks("kb_chunk", *one, 10)
     with pytest.raises(DatabaseError, match="weights contains a null"):
-        top_chunks("search_posting", [1], ["word"], [None], [0.5], [0.003], 10, 10)
+        top_chunks("search_posting", [1], ["word"], [10], [None], [0.5], [0.003], 10)
+    with pytest.raises(DatabaseError, match="weights must be positive"):
+        top_chunks("search_posting", [1], ["word"], [10], [-1.0], [0.5], [0.003], 10)
+    with pytest.raises(DatabaseError, match="top must be at most"):
+        top_chunks("search_posting", *one, 10**6)
 
-    assert top_chunks("search_posting", [], [], [], [], [], 0, 10) == []
-    assert top_chunks("search_posting", *one, 10, 0) == []
-    assert top_chunks("search_posting", *one, 10, 10) == []  # no such posting
+    assert top_chunks("search_posting", [], [], [], [], [], [], 10) == []
+    assert top_chunks("search_posting", *one, 0) == []
+    assert top_chunks("search_posting", *one, 10) == []  # no such posting
