@@ -65,6 +65,7 @@ def test_search_emits_embed_retrieve_fuse_and_rerank_spans(spans, collection, in
         assert finished[name].context.trace_id == root.context.trace_id
     assert finished["retrieve.bm25"].start_time < finished["embed"].end_time
     assert finished["retrieve.vector"].attributes["candidates"] >= 1
+    assert finished["retrieve.bm25"].attributes["bm25_engine"] in {"kb_bm25", "sql"}
     assert finished["embed"].attributes["query"] is True
     assert finished["rerank"].attributes["provider"] == "test"
 
