@@ -628,9 +628,10 @@ kb_bm25_top_chunks(PG_FUNCTION_ARGS)
 			{
 				for (int64 i = 0; i < candidate_count; i++)
 				{
+					score = candidate_score(&scores, candidates[i]);
 					postings_seek(&reader, reader.chunk_scan, term, &candidates[i]);
 					if (posting_next(&reader, reader.chunk_scan, &chunk_id, &tf, &chunk_length))
-						*candidate_score(&scores, chunk_id) += contribution(term, tf, chunk_length);
+						*score += contribution(term, tf, chunk_length);
 				}
 			}
 			else
