@@ -230,19 +230,14 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
     from django.conf import settings
     from django.db import connection
 
-    from search.retrieval import (
-        SearchFilters,
-        bm25_native,
-        query_lexemes,
-        retrieve_candidates,
-        ts_rank_top,
-    )
+    from search.retrieval import SearchFilters, query_lexemes, retrieve_candidates, ts_rank_top
 
     filters = SearchFilters(collection_ids=(collection.pk,))
-    engine = "kb_bm25 C function" if bm25_native(filters) else "SQL"
 
     def ours(q):
         return retrieve_candidates(query=q, query_vector=None, filters=filters, use_bm25=True, limit=10)
+
+    engine = "kb_bm25 C function" if ours(queries[0]).bm25_engine == "kb_bm25" else "SQL"
 
     def ts_rank(q):
         return ts_rank_top(query=q, collection_id=collection.pk, limit=10)

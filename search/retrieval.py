@@ -53,6 +53,8 @@ class Retrieved:
     query_lexemes: list[str]
     vector_count: int = 0
     bm25_count: int = 0
+    # Which computed BM25: "kb_bm25" (the extension's C function), "sql", or None (not asked).
+    bm25_engine: str | None = None
 
     def with_vector_candidates(self, vector: Retrieved) -> Retrieved:
         """These (BM25) candidates and a separate vector retrieval's, one per chunk.
@@ -72,6 +74,7 @@ class Retrieved:
             query_lexemes=self.query_lexemes,
             vector_count=vector.vector_count,
             bm25_count=self.bm25_count,
+            bm25_engine=self.bm25_engine,
         )
 
 
@@ -355,8 +358,9 @@ def retrieve_candidates(
         "b": float(settings.KB_BM25_B),
     }
     ctes = []
+    native = use_bm25 and _bm25_native(filters)
     if use_bm25:
-        ctes.append(_bm25_ctes(filters, params, native=bm25_native(filters)))
+        ctes.append(_bm25_ctes(filters, params, native=native))
     if use_vector:
         params["qvec"] = "[" + ",".join(repr(float(x)) for x in query_vector) + "]"
         ctes.append(_vector_ctes(filters, params, model_id=model_id, dimensions=dimensions,
@@ -416,10 +420,11 @@ def retrieve_candidates(
         query_lexemes=list(lexemes_out),
         vector_count=sum(1 for c in candidates_out if c.vector_rank is not None),
         bm25_count=sum(1 for c in candidates_out if c.bm25_rank is not None),
+        bm25_engine=("kb_bm25" if native else "sql") if use_bm25 else None,
     )
 
 
-def bm25_native(filters: SearchFilters) -> bool:
+def _bm25_native(filters: SearchFilters) -> bool:
     """Whether BM25 for these filters runs in the kb_bm25 extension rather than in SQL."""
     return (settings.KB_BM25_ENGINE == "auto" and not filters.needs_chunk_join
             and extension_installed(connection))

@@ -20,7 +20,7 @@ from kb.usage import usage_record_create
 from search import selectors
 from search.fusion import convex_fusion, reciprocal_rank_fusion
 from search.highlight import highlighted_snippet
-from search.retrieval import Candidate, Retrieved, SearchFilters, bm25_native, retrieve_candidates
+from search.retrieval import Candidate, Retrieved, SearchFilters, retrieve_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -316,8 +316,6 @@ def _retrieve_timed(timings: dict, stage: str, *, mode: str, query: str, vector:
     """retrieve_candidates for `mode`, in a span, its time added to timings[stage]."""
     t = time.perf_counter()
     span_attributes = {"exact_vector": True} if exact_vector else {}
-    if mode in {"bm25", "hybrid"}:
-        span_attributes["bm25_engine"] = "kb_bm25" if bm25_native(filters) else "sql"
     with span(_retrieve_span_name(mode, vector), mode=mode, limit=limit, **span_attributes) as retrieve_span:
         retrieved = retrieve_candidates(
             query=query,
@@ -331,6 +329,8 @@ def _retrieve_timed(timings: dict, stage: str, *, mode: str, query: str, vector:
         )
         if retrieve_span is not None:
             retrieve_span.set_attribute("candidates", len(retrieved.candidates))
+            if retrieved.bm25_engine is not None:
+                retrieve_span.set_attribute("bm25_engine", retrieved.bm25_engine)
     timings[stage] = round(timings.get(stage, 0.0) + _ms(t), 3)
     return retrieved
 

@@ -354,6 +354,7 @@ def test_native_engine_is_used_where_installed_and_sql_with_filters(demo_collect
     plain = SearchFilters(collection_ids=(demo_collection.pk,))
     filtered = SearchFilters(collection_ids=(demo_collection.pk,), metadata={"audience": "everyone"})
     with CaptureQueriesContext(connection) as queries:
-        retrieve_candidates(query=QUERIES[0], query_vector=None, filters=plain, use_bm25=True)
-        retrieve_candidates(query=QUERIES[0], query_vector=None, filters=filtered, use_bm25=True)
+        unfiltered = retrieve_candidates(query=QUERIES[0], query_vector=None, filters=plain, use_bm25=True)
+        with_filters = retrieve_candidates(query=QUERIES[0], query_vector=None, filters=filtered, use_bm25=True)
     assert ["kb_bm25_top_chunks" in query["sql"] for query in queries.captured_queries] == [True, False]
+    assert (unfiltered.bm25_engine, with_filters.bm25_engine) == ("kb_bm25", "sql")
