@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import multiprocessing
 import re
@@ -769,16 +770,22 @@ def _trafilatura_builder(html: str) -> _Builder | None:
     return builder
 
 
+@functools.cache
+def _xml_parsed_as_html_ignore(warning: type[Warning]) -> None:
+    # An upload named .html is parsed as HTML even when it looks like XML (XHTML does):
+    # that is the point, not something to warn about in the worker's log. One filter on
+    # the class, added once (catch_warnings would swap the process's filters under other
+    # threads, and each filterwarnings call resets every module's warning cache).
+    warnings.filterwarnings("ignore", category=warning)
+
+
 def _parse_html(name: str, data: bytes, limits: ParseLimits) -> ParsedDocument:
     from bs4 import BeautifulSoup, XMLParsedAsHTMLWarning
 
     declared = _CHARSET_IN_HTML.search(data[:4096])
     html, encoding = _decode(name, data,
                              declared=declared.group(1).decode("ascii") if declared else None)
-    # An upload named .html is parsed as HTML even when it looks like XML (XHTML does):
-    # that is the point, not something to warn about in the worker's log. A filter on the
-    # class alone (catch_warnings would swap the process's filters under other threads).
-    warnings.filterwarnings("ignore", category=XMLParsedAsHTMLWarning)
+    _xml_parsed_as_html_ignore(XMLParsedAsHTMLWarning)
     soup = BeautifulSoup(html, "lxml")
     title = _html_title(soup)
     if _strip_boilerplate(soup) > _MAX_HTML_DEPTH:
