@@ -70,3 +70,17 @@ def shared_corpus(django_db_setup, django_db_blocker, tmp_path_factory):
         for model in EmbeddingModel.objects.exclude(pk__in=models_before):
             embeddings.embedding_model_index_drop(model=model)
             model.delete()
+
+
+@pytest.fixture
+def kb_bm25_installed(db, settings):
+    """The kb_bm25 extension is in the test database: required of the embedded server, which
+    builds it; on a server of your own without it, the test is skipped."""
+    from django.db import connection
+
+    from search.postgres_extension import extension_installed
+
+    if not extension_installed(connection):
+        if settings.DATABASES["default"]["ENGINE"] == "kb.embedded_postgres":
+            pytest.fail("The embedded server should have kb_bm25 built and created (see the log).")
+        pytest.skip("This PostgreSQL server has no kb_bm25 extension (make -C search/postgres install).")

@@ -15,7 +15,6 @@ from django.db import connection
 from kb import services as kb_services
 from kb.models import Collection
 from search import retrieval, services
-from search.postgres_extension import extension_installed
 from search.retrieval import SearchFilters, retrieve_candidates
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -74,10 +73,8 @@ def reference_bm25(chunks: dict[int, Counter], terms: set[str], *, k1: float, b:
 def bm25_engine(request, settings):
     """Runs the test with BM25 from kb_bm25's C function, then from SQL."""
     settings.KB_BM25_ENGINE = "auto" if request.param == "native" else "sql"
-    if request.param == "native" and not extension_installed(connection):
-        if settings.DATABASES["default"]["ENGINE"] == "kb.embedded_postgres":
-            pytest.fail("The embedded server should have kb_bm25 built and created (see the log).")
-        pytest.skip("This PostgreSQL server has no kb_bm25 extension (make -C search/postgres install).")
+    if request.param == "native":
+        request.getfixturevalue("kb_bm25_installed")
     return request.param
 
 
@@ -163,7 +160,7 @@ def test_top_k_equals_reference_at_every_cutoff(demo_collection, settings, bm25_
 
 @pytest.mark.parametrize(("engine", "lookup_cost"), [("sql", 0), ("sql", 10**9), ("native", None)],
                          ids=["sql-by-lookup", "sql-by-scan", "native"])
-def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, settings, monkeypatch,
+def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, settings, monkeypatch, request,
                                                      engine, lookup_cost):
     """A rare term and a term in nearly every chunk: the common term's postings are only
     added to chunks that can still make the top k, and the result is still exact, whether
@@ -172,8 +169,8 @@ def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, set
     if engine == "sql":
         settings.KB_BM25_ENGINE = "sql"
         monkeypatch.setattr(retrieval, "_LOOKUP_COST", lookup_cost)
-    elif not extension_installed(connection):
-        pytest.skip("This PostgreSQL server has no kb_bm25 extension.")
+    else:
+        request.getfixturevalue("kb_bm25_installed")
     for i in range(12):
         ingest_one(collection, f"note-{i}.txt", f"Note {i}. The common ledger entry number {i}.")
     ingest_one(collection, "rare-1.txt", "The common ledger mentions a zyzzyva once.")
@@ -319,11 +316,10 @@ def test_hostile_queries_return_a_list(demo_collection, reader, bm25_engine, mod
 
 
 @pytest.mark.parametrize("chunk_ids", ["close", "far apart"])
-def test_rare_and_common_terms_rank_alike_in_both_engines(collection, ingest_one, settings, chunk_ids):
+def test_rare_and_common_terms_rank_alike_in_both_engines(collection, ingest_one, settings, chunk_ids,
+                                                           kb_bm25_installed):
     """Ties, a term in every chunk and a term in one: the C function and SQL agree exactly,
     whether it adds up by chunk id in an array (ids close together) or in a hash table."""
-    if not extension_installed(connection):
-        pytest.skip("This PostgreSQL server has no kb_bm25 extension.")
     for i in range(12):
         ingest_one(collection, f"note-{i}.txt", f"Note {i}. The common ledger entry number {i % 3}.")
         if chunk_ids == "far apart" and i == 5:
@@ -345,12 +341,11 @@ def test_rare_and_common_terms_rank_alike_in_both_engines(collection, ingest_one
             assert_top_matches_reference(collection, query, 5, k1=settings.KB_BM25_K1, b=settings.KB_BM25_B)
 
 
-def test_native_engine_is_used_where_installed_and_sql_with_filters(demo_collection, settings):
+def test_native_engine_is_used_where_installed_and_sql_with_filters(demo_collection, settings,
+                                                                   kb_bm25_installed):
     """Without filters BM25 comes from kb_bm25_top_chunks; with filters (a join) from SQL."""
     from django.test.utils import CaptureQueriesContext
 
-    if not extension_installed(connection):
-        pytest.skip("This PostgreSQL server has no kb_bm25 extension.")
     plain = SearchFilters(collection_ids=(demo_collection.pk,))
     filtered = SearchFilters(collection_ids=(demo_collection.pk,), metadata={"audience": "everyone"})
     with CaptureQueriesContext(connection) as queries:

@@ -93,10 +93,7 @@ def top_chunks(*arguments) -> list[tuple]:
         return cursor.fetchall()
 
 
-@pytest.mark.django_db
-def test_the_function_rejects_bad_arguments_with_a_clear_error():
-    if not extension_installed(connection):
-        pytest.skip("This PostgreSQL server has no kb_bm25 extension.")
+def test_the_function_rejects_bad_arguments_with_a_clear_error(kb_bm25_installed):
     one = ([1], ["word"], [10], [1.0], [0.5], [0.003])
 
     with pytest.raises(DatabaseError, match="the term arrays must have the same length"):
