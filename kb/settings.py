@@ -303,6 +303,9 @@ KB_PROVIDERS = {
         "minilm": {
             "BACKEND": "kb.providers.local.SentenceTransformerEmbeddings",
             "MODEL": env_str("KB_LOCAL_EMBEDDING_MODEL", "bundled:all-MiniLM-L6-v2"),
+            # A query's forward pass: ONNX Runtime (half torch's time for one short text)
+            # or torch. Batches of chunks always run on torch. kb.providers.onnx_runtime.
+            "query_runtime": env_str("KB_LOCAL_QUERY_RUNTIME", "onnxruntime"),
         },
         "openai": {
             "BACKEND": "kb.providers.openai.OpenAIEmbeddings",

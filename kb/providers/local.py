@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from kb.providers.base import EmbeddingBackend, EmbeddingResult, RerankBackend, RerankResult
+from kb.providers.onnx_runtime import OnnxExportError, OnnxSentenceEncoder, onnx_sentence_encoder
 from kb.worker_threads import WorkerThreads
 
+logger = logging.getLogger(__name__)
+
 BUNDLED_PREFIX = "bundled:"
+# What runs a single query's forward pass (see kb.providers.onnx_runtime).
+QUERY_RUNTIMES = ("onnxruntime", "torch")
 
 
 def _torch_threads_set() -> None:
@@ -57,8 +64,15 @@ class SentenceTransformerEmbeddings(EmbeddingBackend):
         super().__init__(model=model, **options)
         self.batch_size = int(options.get("batch_size", self.batch_size))
         self.device = options.get("device", "cpu")
+        self.query_runtime = options.get("query_runtime", "onnxruntime")
+        if self.query_runtime not in QUERY_RUNTIMES:
+            raise ValueError(f"query_runtime must be one of {', '.join(QUERY_RUNTIMES)}, "
+                             f"not {self.query_runtime!r}.")
         self._model = None
         self._load_lock = threading.Lock()
+        self._query_encoder: OnnxSentenceEncoder | None = None
+        self._query_encoder_loaded = False
+        self._query_encoder_lock = threading.Lock()
 
     @property
     def encoder(self):
@@ -93,6 +107,42 @@ class SentenceTransformerEmbeddings(EmbeddingBackend):
         )
         tokens = sum(self._token_lengths(texts))
         return EmbeddingResult(vectors=vectors.tolist(), input_tokens=tokens)
+
+    def embed_query(self, text: str) -> EmbeddingResult:
+        query_encoder = self.query_encoder
+        if query_encoder is None:
+            return self.embed_batch([text])
+        vectors = inference_thread.run(query_encoder.encode, [text])
+        return EmbeddingResult(vectors=vectors.tolist(), input_tokens=self.count_tokens(text))
+
+    @property
+    def query_encoder(self) -> OnnxSentenceEncoder | None:
+        """ONNX Runtime's twin of the model for single queries; None runs them on torch.
+
+        Exported on first use (a few seconds, once per model and data directory). If it
+        cannot be exported or does not match torch, queries run on torch, with a warning.
+        """
+        if self.query_runtime != "onnxruntime" or self.device != "cpu":
+            return None
+        if not self._query_encoder_loaded:
+            with self._query_encoder_lock:
+                if not self._query_encoder_loaded:
+                    self._query_encoder = self._query_encoder_load()
+                    self._query_encoder_loaded = True
+        return self._query_encoder
+
+    def _query_encoder_load(self) -> OnnxSentenceEncoder | None:
+        from django.conf import settings
+
+        try:
+            # On the inference thread: verifying the twin runs a torch pass.
+            return inference_thread.run(
+                onnx_sentence_encoder, self.encoder,
+                cache_dir=Path(settings.KB_DATA_DIR) / "onnx", threads=settings.KB_TORCH_THREADS,
+            )
+        except OnnxExportError as exc:
+            logger.warning("Queries to %s run on torch: %s", self.model, exc)
+            return None
 
     def count_tokens(self, text: str) -> int:
         return self._token_lengths([text])[0]
