@@ -20,7 +20,14 @@ from kb.usage import usage_record_create
 from search import selectors
 from search.fusion import convex_fusion, reciprocal_rank_fusion
 from search.highlight import highlighted_snippet
-from search.retrieval import Candidate, Retrieved, SearchFilters, retrieve_candidates
+from search.retrieval import (
+    Candidate,
+    ChunkDetails,
+    Retrieved,
+    SearchFilters,
+    chunk_details,
+    retrieve_candidates,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +232,8 @@ def search(
     use_rerank = settings.KB_RERANK_DEFAULT if params.rerank is None else params.rerank
     reranked = False
     rerank_scores: dict[int, tuple[float, int]] = {}
+    # Chunk text is read only for what is reranked or shown; None marks a chunk gone since.
+    details: dict[int, ChunkDetails | None] = {}
     if use_rerank and scored:
         backend = registry.reranker_backend()
         if backend is None:
@@ -233,7 +242,8 @@ def search(
             t = time.perf_counter()
             try:
                 scored, rerank_scores = _rerank(
-                    backend, text, scored, top_n=settings.KB_RERANK_TOP_N, user=user, api_key=api_key
+                    backend, text, scored, top_n=settings.KB_RERANK_TOP_N, details=details,
+                    user=user, api_key=api_key,
                 )
                 reranked = True
             except ProviderError as exc:
@@ -241,18 +251,21 @@ def search(
                 notices.append("The reranker is unavailable; results are in fused order.")
             timings["rerank"] = _ms(t)
 
+    t = time.perf_counter()
+    shown = _with_details(scored, params.k, details)
+    timings["chunks"] = _ms(t)
     hits = []
-    for candidate, score in scored[: params.k]:
+    for candidate, score, chunk in shown:
         hit = SearchHit(
             chunk_id=candidate.chunk_id,
-            document_id=candidate.document_id,
-            document_title=candidate.document_title,
-            text=candidate.text,
-            snippet=highlighted_snippet(candidate.text, retrieved.query_lexemes),
+            document_id=chunk.document_id,
+            document_title=chunk.document_title,
+            text=chunk.text,
+            snippet=highlighted_snippet(chunk.text, retrieved.query_lexemes),
             score=score,
-            heading_path=candidate.heading_path,
-            page_start=candidate.page_start,
-            page_end=candidate.page_end,
+            heading_path=chunk.heading_path,
+            page_start=chunk.page_start,
+            page_end=chunk.page_end,
         )
         if params.explain:
             fused_score, fused_rank = fused_positions[candidate.chunk_id]
@@ -281,10 +294,34 @@ def _fuse(candidates: list[Candidate], *, mode: str, fusion: str) -> list[tuple[
     return reciprocal_rank_fusion(candidates, k=settings.KB_RRF_K)
 
 
-def _rerank(backend, query: str, scored, *, top_n: int, user, api_key):
+def _with_details(scored: list[tuple[Candidate, float]], count: int,
+                  details: dict[int, ChunkDetails | None]) -> list[tuple[Candidate, float, ChunkDetails]]:
+    """The first `count` of `scored` whose chunks are still searchable, with their details.
+
+    A chunk deleted or disabled since retrieval is skipped, and the next one takes its
+    place. `details` holds what was read before (None for a chunk found gone) and gains
+    what is read now.
+    """
+    found: list[tuple[Candidate, float, ChunkDetails]] = []
+    position = 0
+    while len(found) < count and position < len(scored):
+        batch = scored[position:position + count - len(found)]
+        position += len(batch)
+        unread = [candidate.chunk_id for candidate, _ in batch if candidate.chunk_id not in details]
+        if unread:
+            read = chunk_details(unread)
+            details.update({chunk_id: read.get(chunk_id) for chunk_id in unread})
+        found += [(candidate, score, details[candidate.chunk_id]) for candidate, score in batch
+                  if details[candidate.chunk_id] is not None]
+    return found
+
+
+def _rerank(backend, query: str, scored, *, top_n: int, details: dict, user, api_key):
     from kb.usage import tracked_model_call
 
-    head, tail = scored[:top_n], scored[top_n:]
+    head = _with_details(scored, top_n, details)
+    in_head = {candidate.chunk_id for candidate, _, _ in head}
+    tail = [(candidate, score) for candidate, score in scored if candidate.chunk_id not in in_head]
     with (
         span("rerank", provider=backend.provider_name, model=backend.model, documents=len(head)),
         tracked_model_call(
@@ -292,11 +329,11 @@ def _rerank(backend, query: str, scored, *, top_n: int, user, api_key):
             user=user, api_key=api_key, write_ahead=backend.remote,
         ) as call,
     ):
-        result = backend.rerank(query, [c.text for c, _ in head])
+        result = backend.rerank(query, [chunk.text for _, _, chunk in head])
         call.input_tokens = result.input_tokens
     order = sorted(range(len(head)), key=lambda i: (-result.scores[i], i))
-    details = {head[i][0].chunk_id: (result.scores[i], rank) for rank, i in enumerate(order, start=1)}
-    return [(head[i][0], result.scores[i]) for i in order] + tail, details
+    ranks = {head[i][0].chunk_id: (result.scores[i], rank) for rank, i in enumerate(order, start=1)}
+    return [(head[i][0], result.scores[i]) for i in order] + tail, ranks
 
 
 def _explain(candidate: Candidate, *, fused_score: float, fused_rank: int, rerank) -> dict:

@@ -7,7 +7,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from kb import services as kb_services
-from kb.models import Document, EmbeddingModel, UsageRecord
+from kb.models import Chunk, Document, EmbeddingModel, UsageRecord
 from kb.providers.base import EmbeddingBackend, ProviderError
 from search import services
 from search.fusion import convex_fusion, reciprocal_rank_fusion
@@ -35,21 +35,44 @@ def search(reader):
     return run
 
 
-def test_hybrid_retrieval_is_one_statement(corpus, search, django_assert_num_queries):
-    """With the query vector cached, hybrid search costs four queries, one of them retrieval.
+def test_hybrid_retrieval_is_one_statement_and_text_is_read_for_shown_hits_only(
+        corpus, search, django_assert_num_queries):
+    """With the query vector cached, hybrid search costs five queries, one of them retrieval.
 
     1. the collections the caller may search; 2. the active embedding model;
     3. the usage row recording the query-vector cache hit (written even with
-       record_usage=False); 4. BM25 + HNSW candidates and their chunk rows, one statement.
+       record_usage=False); 4. BM25 + HNSW candidates, ids and scores, one statement;
+    5. the text and document of the k chunks shown.
     """
     search(mode="hybrid")  # warms the query-vector cache
-    with CaptureQueriesContext(connection) as captured, django_assert_num_queries(4):
-        result = search(mode="hybrid")
+    with CaptureQueriesContext(connection) as captured, django_assert_num_queries(5):
+        result = search(mode="hybrid", k=3)
 
-    assert result.hits
-    retrieval = [q["sql"] for q in captured.captured_queries if "kb_chunk" in q["sql"]]
+    assert len(result.hits) == 3
+    retrieval = [q["sql"] for q in captured.captured_queries if "search_posting" in q["sql"]]
     assert len(retrieval) == 1
-    assert "search_posting" in retrieval[0] and "<=>" in retrieval[0]
+    assert "<=>" in retrieval[0] and "kb_document" not in retrieval[0]
+    texts = [q["sql"] for q in captured.captured_queries if "c.text" in q["sql"]]
+    assert len(texts) == 1
+    assert all(str(hit.chunk_id) in texts[0] for hit in result.hits)
+
+
+def test_a_chunk_gone_since_retrieval_is_skipped_and_the_next_takes_its_place(corpus):
+    chunks = list(Chunk.objects.filter(searchable=True).order_by("pk")[:3])
+    gone, *kept = chunks
+    Chunk.objects.filter(pk=gone.pk).update(searchable=False)
+    deleted_id = Chunk.objects.order_by("-pk").values_list("pk", flat=True)[0] + 1000
+    scored = [(Candidate(chunk_id=deleted_id), 0.9)] + [
+        (Candidate(chunk_id=chunk.pk), 0.8 - index / 10) for index, chunk in enumerate(chunks)
+    ]
+    details = {}
+
+    shown = services._with_details(scored, 2, details)
+
+    assert [candidate.chunk_id for candidate, _, _ in shown] == [chunk.pk for chunk in kept]
+    assert [detail.text for _, _, detail in shown] == [chunk.text for chunk in kept]
+    assert shown[0][2].document_id == kept[0].document_id
+    assert details[gone.pk] is None and details[deleted_id] is None
 
 
 def test_explain_has_per_stage_scores_ranks_and_timings(corpus, search):
@@ -173,7 +196,9 @@ class BrokenLocalEmbeddings(EmbeddingBackend):
 
 
 def retrieval_statements(captured) -> list[str]:
-    return [q["sql"] for q in captured.captured_queries if "kb_chunk" in q["sql"]]
+    """The BM25 and vector statements (not the read of the shown chunks' text)."""
+    return [q["sql"] for q in captured.captured_queries
+            if "search_posting" in q["sql"] or "<=>" in q["sql"]]
 
 
 def test_a_new_query_is_embedded_while_its_bm25_half_runs(corpus, search):
