@@ -92,6 +92,7 @@ def embedded_server_start(pgdata: Path):
                 f"The embedded PostgreSQL in {pgdata} did not start ({exc.__class__.__name__}). "
                 f"See {log_file}; if the directory is damaged, move it away and start again."
             ) from exc
+        _shared_buffers_apply(server, pgdata)
         _create_database_if_missing(server)
         _bm25_extension_build()
         # atexit runs last-registered first: prune before pgserver's own cleanup decides
@@ -163,6 +164,65 @@ def _bm25_extension_build() -> None:
     from search.postgres_extension import extension_build
 
     extension_build(POSTGRES_BIN_PATH / "pg_config")
+
+
+def embedded_shared_buffers() -> str:
+    """The embedded server's shared_buffers: KB_PG_SHARED_BUFFERS, or a quarter of the
+    machine's memory between 128 MB and 1 GB.
+
+    PostgreSQL's own default, 128 MB, is sized for a server that shares its host. At 100k
+    chunks the pages every search reads (the HNSW index, the postings' primary key) are
+    several times that, and each search read some of them back from the OS: the vector
+    statement took 7.2 ms at 128 MB and 3.7 ms at 1 GB (docs/RETRIEVAL.md).
+    """
+    configured = os.environ.get("KB_PG_SHARED_BUFFERS", "").strip()
+    if configured:
+        return configured
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return f"{min(max(memory // 4 // 2**20, 128), 1024)}MB"
+
+
+def _shared_buffers_apply(server, pgdata: Path) -> None:
+    """Set shared_buffers; it takes a restart, done now if no other process holds the server.
+
+    Otherwise (a worker or a test server attached already) it applies at the next start.
+    A value PostgreSQL refuses is a warning, and the server keeps the one it has.
+    """
+    import psycopg
+    from pgserver._commands import pg_ctl
+    from pgserver.postgres_server import PostgresServer
+    from psycopg import sql
+
+    wanted = embedded_shared_buffers()
+    try:
+        with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
+            current, target = conn.execute(
+                "SELECT pg_size_bytes(current_setting('shared_buffers')), pg_size_bytes(%s)", [wanted]
+            ).fetchone()
+            if current == target:
+                return
+            conn.execute(sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(sql.Literal(wanted)))
+    except psycopg.Error as exc:
+        logger.warning("The embedded server keeps its shared_buffers; %s was refused: %s", wanted, exc)
+        return
+    with PostgresServer._lock:
+        try:
+            holders = json.loads((pgdata / ".handle_pids.json").read_text())
+        except (OSError, ValueError):
+            holders = None
+        if holders != [os.getpid()]:
+            logger.info("shared_buffers = %s applies when the embedded server next starts.", wanted)
+            return
+        logger.info("Restarting the embedded server for shared_buffers = %s.", wanted)
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user)
+            server.ensure_postgres_running()
+        except Exception as exc:  # pgserver raises bare CalledProcessError/AssertionError
+            raise DatabaseSetupError(
+                f"The embedded PostgreSQL in {pgdata} did not restart with shared_buffers = {wanted} "
+                f"({exc.__class__.__name__}). See {pgdata / 'log'}; set KB_PG_SHARED_BUFFERS lower, "
+                f"or remove the line from {pgdata / 'postgresql.auto.conf'}."
+            ) from exc
 
 
 def _create_database_if_missing(server) -> None:

@@ -12,7 +12,12 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from kb.database import DatabaseSetupError, database_settings_from_url, embedded_server_start
+from kb.database import (
+    DatabaseSetupError,
+    database_settings_from_url,
+    embedded_server_start,
+    embedded_shared_buffers,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,3 +78,45 @@ def test_serve_refuses_a_port_in_use():
         port = busy.getsockname()[1]
         with pytest.raises(CommandError, match=f"127.0.0.1:{port}"):
             call_command("serve", "--port", str(port), "--no-workers")
+
+
+def test_embedded_shared_buffers_default_to_a_quarter_of_memory_within_bounds(monkeypatch):
+    monkeypatch.delenv("KB_PG_SHARED_BUFFERS", raising=False)
+    quarter = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // 2**20
+
+    assert embedded_shared_buffers() == f"{min(max(quarter, 128), 1024)}MB"
+    monkeypatch.setenv("KB_PG_SHARED_BUFFERS", "300MB")
+    assert embedded_shared_buffers() == "300MB"
+
+
+SHOW_SHARED_BUFFERS = """
+import logging, sys
+from pathlib import Path
+import psycopg
+from kb.database import embedded_server_start
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+server = embedded_server_start(Path(sys.argv[1]))
+with psycopg.connect(server.get_uri("postgres")) as conn:
+    print("shared_buffers=" + conn.execute("SHOW shared_buffers").fetchone()[0])
+"""
+
+
+def test_a_new_embedded_server_restarts_once_with_its_shared_buffers_and_keeps_them_on_a_bad_value(tmp_path):
+    """PostgreSQL's 128 MB is replaced at the first start (a restart, as no other process
+    holds the new server); a value PostgreSQL refuses is a warning, not a failed start."""
+    def start(value: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", SHOW_SHARED_BUFFERS, str(tmp_path / "pgdata")],
+            capture_output=True, text=True, timeout=180, cwd=Path(__file__).resolve().parents[2],
+            env={**os.environ, "KB_PG_SHARED_BUFFERS": value},
+        )
+
+    first = start("200MB")
+    assert first.returncode == 0, first.stderr
+    assert "shared_buffers=200MB" in first.stdout
+    assert "Restarting the embedded server for shared_buffers = 200MB" in first.stderr
+
+    refused = start("plenty")
+    assert refused.returncode == 0, refused.stderr
+    assert "shared_buffers=200MB" in refused.stdout
+    assert "keeps its shared_buffers; plenty was refused" in refused.stderr
