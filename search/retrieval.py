@@ -1,5 +1,5 @@
 """Candidate retrieval in PostgreSQL: BM25 over the postings index and HNSW vector search,
-both in one statement, so hybrid search costs one database round trip.
+both in one statement when the query's vector is known, and the shown chunks' text after.
 
 This module is the one place where search SQL is hand-written.
 """
