@@ -112,7 +112,12 @@ class SentenceTransformerEmbeddings(EmbeddingBackend):
         query_encoder = self.query_encoder
         if query_encoder is None:
             return self.embed_batch([text])
-        vectors = inference_thread.run(query_encoder.encode, [text])
+        try:
+            vectors = inference_thread.run(query_encoder.encode, [text])
+        except Exception as exc:  # onnxruntime's errors share no base class of their own
+            # The twin passed its checks, so this is one odd input: torch still answers it.
+            logger.warning("ONNX Runtime failed on a query (%s); embedding it on torch.", exc)
+            return self.embed_batch([text])
         return EmbeddingResult(vectors=vectors.tolist(), input_tokens=self.count_tokens(text))
 
     @property

@@ -79,3 +79,22 @@ def test_query_runtime_torch_exports_nothing(data_dir):
 def test_an_unknown_query_runtime_is_refused():
     with pytest.raises(ValueError, match="query_runtime must be one of onnxruntime, torch"):
         SentenceTransformerEmbeddings(query_runtime="tensorrt")
+
+
+def test_a_query_onnx_runtime_fails_on_is_embedded_by_torch(data_dir, caplog):
+    backend = SentenceTransformerEmbeddings()
+    twin = backend.query_encoder
+
+    class FailingSession:
+        def run(self, *args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
+
+    working, twin.session = twin.session, FailingSession()
+    try:
+        with caplog.at_level(logging.WARNING, logger="kb.providers.local"):
+            result = backend.embed_query(TEXTS[0])
+    finally:
+        twin.session = working
+
+    assert result.vectors == backend.embed_batch([TEXTS[0]]).vectors
+    assert "embedding it on torch" in caplog.text
