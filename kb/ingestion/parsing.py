@@ -469,8 +469,10 @@ def _inline_text(token: Any) -> str:
 
 
 def _html_fragment_text(fragment: str) -> str:
-    from bs4 import BeautifulSoup
+    from bs4 import BeautifulSoup, XMLParsedAsHTMLWarning
 
+    # Markdown's inline HTML, which may look like XML too (as in _parse_html).
+    _xml_parsed_as_html_ignore(XMLParsedAsHTMLWarning)
     return BeautifulSoup(fragment, "lxml").get_text(" ")
 
 
