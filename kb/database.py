@@ -122,15 +122,25 @@ def _prune_dead_handles(pgdata: Path, lock) -> None:
     that exit without running atexit); otherwise the last real process never stops it."""
     import psutil
 
-    handles = pgdata / ".handle_pids.json"
     with lock:
-        try:
-            pids = json.loads(handles.read_text())
-        except (OSError, ValueError):
+        pids = _server_holders(pgdata)
+        if pids is None:
             return
         alive = [pid for pid in pids if pid == os.getpid() or psutil.pid_exists(pid)]
         if alive != pids:
-            handles.write_text(json.dumps(alive))
+            (pgdata / _HANDLES_FILE).write_text(json.dumps(alive))
+
+
+# pgserver's list of the processes holding a server, kept in its data directory.
+_HANDLES_FILE = ".handle_pids.json"
+
+
+def _server_holders(pgdata: Path) -> list[int] | None:
+    """The pids pgserver counts as holding the server (call it under pgserver's lock)."""
+    try:
+        return json.loads((pgdata / _HANDLES_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _runtime_dir() -> Path:
@@ -206,11 +216,7 @@ def _shared_buffers_apply(server, pgdata: Path) -> None:
         logger.warning("The embedded server keeps its shared_buffers; %s was refused: %s", wanted, exc)
         return
     with PostgresServer._lock:
-        try:
-            holders = json.loads((pgdata / ".handle_pids.json").read_text())
-        except (OSError, ValueError):
-            holders = None
-        if holders != [os.getpid()]:
+        if _server_holders(pgdata) != [os.getpid()]:
             logger.info("shared_buffers = %s applies when the embedded server next starts.", wanted)
             return
         logger.info("Restarting the embedded server for shared_buffers = %s.", wanted)
