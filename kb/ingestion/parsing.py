@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import multiprocessing
 import re
@@ -772,13 +771,16 @@ def _trafilatura_builder(html: str) -> _Builder | None:
     return builder
 
 
-@functools.cache
 def _xml_parsed_as_html_ignore(warning: type[Warning]) -> None:
     # An upload named .html is parsed as HTML even when it looks like XML (XHTML does):
     # that is the point, not something to warn about in the worker's log. One filter on
-    # the class, added once (catch_warnings would swap the process's filters under other
-    # threads, and each filterwarnings call resets every module's warning cache).
-    warnings.filterwarnings("ignore", category=warning)
+    # the class, added only when missing: catch_warnings would swap the process's filters
+    # under other threads, each filterwarnings call resets every module's warning cache,
+    # and whatever restores the filters (a catch_warnings block, pytest after each test)
+    # may have removed it since.
+    if not any(action == "ignore" and category is warning
+               for action, _, category, _, _ in warnings.filters):
+        warnings.filterwarnings("ignore", category=warning)
 
 
 def _parse_html(name: str, data: bytes, limits: ParseLimits) -> ParsedDocument:

@@ -616,3 +616,22 @@ def test_utf8_with_a_bad_byte_is_still_text():
     data = "Grüße aus München. ".encode() * 20 + b"\xff" + b" end."
     parsed = _parse("t.txt", data)
     assert "end." in parsed.text
+
+
+@pytest.mark.parametrize("filename, data", [
+    ("page.html", b'<?xml version="1.0"?><html><body><p>XHTML body text.</p></body></html>'),
+    ("notes.md", b'# Notes\n\n<?xml version="1.0"?><note>Inline markup text.</note>\n'),
+])
+def test_xml_looking_html_parses_without_a_warning_even_after_filters_were_reset(filename, data):
+    """HTML that looks like XML is parsed as HTML on purpose: no XMLParsedAsHTMLWarning,
+    also after something (a catch_warnings block) restored the filters of an earlier time."""
+    import warnings
+
+    parse_document(filename=filename, data=data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # what pytest's per-test restore did to the filter
+        warnings.simplefilter("always")
+        parsed = parse_document(filename=filename, data=data)
+
+    assert "text" in parsed.text
+    assert not [w for w in caught if w.category.__name__ == "XMLParsedAsHTMLWarning"]
