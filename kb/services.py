@@ -380,6 +380,7 @@ def _parse_and_chunk(
         limits=ParseLimits(
             max_file_bytes=settings.KB_MAX_UPLOAD_BYTES,
             parse_timeout_seconds=settings.KB_PARSE_TIMEOUT_SECONDS,
+            max_parse_memory_bytes=settings.KB_PARSE_MAX_MEMORY_BYTES,
         ),
     )
     _stage_progress(document, Document.Stage.CHUNKING)

@@ -364,6 +364,8 @@ KB_MAX_UPLOAD_BYTES = env_int("KB_MAX_UPLOAD_MB", 50) * 1024 * 1024
 KB_ZIP_MAX_TOTAL_BYTES = env_int("KB_ZIP_MAX_TOTAL_MB", 500) * 1024 * 1024
 KB_ZIP_MAX_ENTRIES = env_int("KB_ZIP_MAX_ENTRIES", 10_000)
 KB_PARSE_TIMEOUT_SECONDS = env_float("KB_PARSE_TIMEOUT_SECONDS", 120.0)
+# Address-space limit of the child process that reads one PDF (docs/INGESTION.md).
+KB_PARSE_MAX_MEMORY_BYTES = env_int("KB_PARSE_MAX_MEMORY_MB", 1024) * 1024 * 1024
 # Measured with kb_eval on scifact (docs/RETRIEVAL.md): 256/32 meets every quality goal;
 # 128/16 gains on vector and hybrid but loses on BM25.
 KB_CHUNK_MAX_TOKENS = env_int("KB_CHUNK_MAX_TOKENS", 256)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import io
-import multiprocessing
+import json
+import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 import unicodedata
 import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 PDF_MIME = "application/pdf"
@@ -32,8 +37,15 @@ BLOCK_KINDS: frozenset[str] = frozenset({"heading", "paragraph", "code", "table_
 SNIFF_BYTES = 8192
 
 
+logger = logging.getLogger(__name__)
+
+
 class ParseError(Exception):
     """Readable reason a file could not be parsed (shown to editors)."""
+
+
+class ParserUnavailableError(ParseError):
+    """The server could not run a parser; the file may be fine, so Retry can succeed later."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,8 @@ class ParseLimits:
     max_file_bytes: int = 50 * 1024 * 1024
     max_pdf_pages: int = 2000
     parse_timeout_seconds: float = 120.0
+    # Address space of the PDF extraction child; pypdf inflates streams in memory.
+    max_parse_memory_bytes: int = 1024 * 1024 * 1024
     # A DOCX is a zip: python-docx inflates every part in memory, so cap what it may inflate.
     max_uncompressed_bytes: int = 200 * 1024 * 1024
 
@@ -909,7 +923,9 @@ _SENTENCE_END = ('.', '!', '?', ':', ';', '"', '”', '’', ')', '…')
 
 
 def _extract_pdf(data: bytes, max_pages: int) -> tuple[str, Any]:
-    """Runs in the child process: raw page texts, outline and metadata, or an error message."""
+    """Runs in the child process: raw page texts, outline and metadata, or an error message.
+
+    MemoryError propagates, so the child can name the memory limit instead of the file."""
     from pypdf import PdfReader
     from pypdf.errors import DependencyError, FileNotDecryptedError
 
@@ -930,6 +946,8 @@ def _extract_pdf(data: bytes, max_pages: int) -> tuple[str, Any]:
         for number, page in enumerate(reader.pages, start=1):
             try:
                 pages.append(page.extract_text() or "")
+            except MemoryError:
+                raise
             except Exception:  # one broken page should not cost the rest of the document
                 pages.append("")
                 failed.append(number)
@@ -953,6 +971,8 @@ def _extract_pdf(data: bytes, max_pages: int) -> tuple[str, Any]:
         return "ok", {"pages": pages, "outline": outline, "meta": meta, "failed": failed}
     except FileNotDecryptedError:
         return "error", "it is password-protected; remove the password and upload again"
+    except MemoryError:
+        raise
     except Exception as exc:  # pypdf raises anything on hostile input
         detail = f"{type(exc).__name__}: {exc}"[:200]
         return "error", f"it is damaged or not a valid PDF ({detail})"
@@ -972,38 +992,61 @@ def _collect_outline(reader: Any, items: Any, depth: int,
             out.append((depth, title, page))
 
 
-def _pdf_child(conn: Any, data: bytes, max_pages: int) -> None:
-    try:
-        conn.send(_extract_pdf(data, max_pages))
-    finally:
-        conn.close()
+# The child is started as a fresh interpreter, not forked with multiprocessing: django-q's
+# workers are daemonic multiprocessing processes, which may not have multiprocessing children,
+# while a subprocess can be started (and killed) from any process, thread or event loop.
+_PDF_CHILD_MODULE = "kb.ingestion.pdf_child"
+# The directory holding the kb package, so the child imports this same code whatever its cwd.
+_CODE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _pdf_child_command(limits: ParseLimits) -> list[str]:
+    cpu_seconds = int(limits.parse_timeout_seconds) + 5  # a backstop only; see pdf_child
+    # -P: the current directory must not shadow the kb package or the standard library.
+    return [sys.executable, "-P", "-m", _PDF_CHILD_MODULE, str(limits.max_pdf_pages),
+            str(limits.max_parse_memory_bytes), str(cpu_seconds)]
+
+
+def _server_failure(name: str, detail: str) -> ParserUnavailableError:
+    logger.error("The PDF extraction child could not run for %s: %s", name, detail)
+    return ParserUnavailableError(
+        f"{name} was not read: the server could not run its PDF reader ({detail[:200]}). "
+        "This is a problem on the server, not with the file; use Retry once it is fixed."
+    )
 
 
 def _run_pdf_extraction(name: str, data: bytes, limits: ParseLimits) -> dict[str, Any]:
-    """Extract in a forked child so a pathological PDF can be killed at the deadline."""
-    # Imported in the parent so each forked child inherits it instead of importing it again.
-    import pypdf  # noqa: F401
-
-    context = multiprocessing.get_context("fork")
-    parent_conn, child_conn = context.Pipe(duplex=False)
-    process = context.Process(target=_pdf_child, args=(child_conn, data, limits.max_pdf_pages),
-                              daemon=True)
-    process.start()
-    child_conn.close()  # so recv() sees EOF if the child dies without answering
+    """Extract in a child interpreter so a pathological PDF can be killed at the deadline."""
+    python_path = os.environ.get("PYTHONPATH")
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([_CODE_ROOT, python_path] if python_path else [_CODE_ROOT])}
     try:
-        if not parent_conn.poll(limits.parse_timeout_seconds):
-            raise ParseError(f"Reading {name} took longer than {limits.parse_timeout_seconds:g} s; "
-                             "the PDF is too large or too complex.")
-        try:
-            status, payload = parent_conn.recv()
-        except (EOFError, OSError) as exc:
-            raise ParseError(f"The PDF reader crashed on {name}; the file is probably "
-                             "damaged.") from exc
+        process = subprocess.Popen(_pdf_child_command(limits), stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    except OSError as exc:
+        raise _server_failure(name, f"{type(exc).__name__}: {exc}") from exc
+    try:
+        out, err = process.communicate(data, timeout=limits.parse_timeout_seconds)
+    except subprocess.TimeoutExpired:
+        raise ParseError(f"Reading {name} took longer than {limits.parse_timeout_seconds:g} s; "
+                         "the PDF is too large or too complex.") from None
     finally:
-        parent_conn.close()
-        if process.is_alive():
+        if process.poll() is None:
             process.kill()
-        process.join(5)
+            process.communicate()
+    code = process.returncode
+    if code == -signal.SIGXCPU:
+        raise ParseError(f"Reading {name} took longer than {limits.parse_timeout_seconds:g} s; "
+                         "the PDF is too large or too complex.")
+    if code < 0:
+        raise ParseError(f"The PDF reader crashed on {name}; the file is probably damaged.")
+    if code != 0:
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        raise _server_failure(name, f"exit status {code}: {lines[-1] if lines else 'no output'}")
+    try:
+        status, payload = json.loads(out)
+    except ValueError as exc:
+        raise _server_failure(name, f"unreadable answer: {exc}") from exc
     if status != "ok":
         raise ParseError(f"{name} could not be read as a PDF: {payload}.")
     return payload
