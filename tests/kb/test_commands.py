@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -156,3 +157,67 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
     time.sleep(1)
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if p.info["cmdline"] and any(pgdata in part for part in p.info["cmdline"])]
+
+
+@pytest.fixture(scope="module")
+def serve_data_dir(tmp_path_factory):
+    """One data directory for the stop tests: the embedded database is created once."""
+    return tmp_path_factory.mktemp("serve-stop") / "data"
+
+
+def _signal_group_twice(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    time.sleep(1)  # serve is now stopping its workers; a second signal must not abandon them
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+
+
+STOPS = {
+    "SIGTERM to serve only (kill PID)": lambda process: process.send_signal(signal.SIGTERM),
+    "SIGTERM to the process group (systemd KillMode=control-group)":
+        lambda process: os.killpg(process.pid, signal.SIGTERM),
+    "SIGINT to the process group (Ctrl-C in a terminal)":
+        lambda process: os.killpg(process.pid, signal.SIGINT),
+    "SIGTERM to the group, then again while stopping": _signal_group_twice,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_serve_leaves_no_process_after_any_stop_signal(stop, serve_data_dir, tmp_path):
+    """After any stop signal `serve` says "Stopped." within seconds and no process of its tree,
+    nor its embedded Postgres, is left running."""
+    from tests.live_server import free_port
+    from tests.serve_process import (
+        cluster_processes,
+        postgres_processes,
+        process_tree,
+        serve_start,
+        serve_wait_ready,
+        still_running,
+    )
+
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    process = serve_start(data_dir=serve_data_dir, port=port, log_path=log_path,
+                          extra_env={"KB_ADMIN_PASSWORD": "pw-stop-test-123", "KB_WORKERS": "1"})
+    try:
+        serve_wait_ready(process, f"http://127.0.0.1:{port}", log_path=log_path)
+        tree = process_tree(process.pid)
+        assert cluster_processes(process.pid)
+        started = time.monotonic()
+        STOPS[stop](process)
+        process.wait(timeout=60)
+        stopped_in = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = log_path.read_text()
+    assert process.returncode == 0, output
+    assert output.rstrip().endswith("Stopped."), output
+    assert "Traceback" not in output
+    assert stopped_in < 12, f"stopping took {stopped_in:.1f} s"
+    time.sleep(1)
+    assert still_running(tree) == []
+    assert still_running(postgres_processes(serve_data_dir)) == []

@@ -55,9 +55,15 @@ class Command(BaseCommand):
 
         workers = None
         if not no_workers:
+            # A session of its own keeps signals meant for `serve` (Ctrl-C in a terminal, or
+            # systemd's SIGTERM to the whole control group) from also reaching the cluster's
+            # processes directly: django-q's master whose sentinel and workers were killed
+            # under it hangs and ignores a second SIGTERM. `serve` alone stops the cluster,
+            # in order, and kills its whole group if that does not finish.
             workers = subprocess.Popen(
                 [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "qcluster"],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
             )
         try:
             self._print_urls(host, port)
@@ -141,11 +147,16 @@ def _run_uvicorn(host: str, port: int) -> None:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
+    """Stop the worker cluster gracefully, then kill whatever is left of its process group."""
     try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=15)
+    finally:
+        # Also when a second Ctrl-C or SIGTERM interrupts the wait: the cluster is killed, not
+        # abandoned. It is its own process group (see _serve), so a worker or a PDF reader
+        # child that outlived its master goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
