@@ -1,41 +1,57 @@
-// Refreshes document status and progress cells in the admin without reloading the page.
+// Refreshes document status and progress in the admin list and on a document's page without
+// reloading. Django's admin puts Media scripts in <head>, before the body exists, so nothing
+// is looked up until the document has been parsed.
 (function () {
   "use strict";
-  const root = document.getElementById("kb-progress-root");
-  if (!root) return;
-  const url = root.dataset.progressUrl;
 
-  function activeIds() {
-    return Array.from(document.querySelectorAll("[data-document-progress][data-active='1']"))
-      .map((el) => el.dataset.documentProgress);
-  }
+  function start() {
+    const root = document.getElementById("kb-progress-root");
+    if (!root) return;
+    const url = root.dataset.progressUrl;
 
-  function render(doc) {
-    const progress = document.querySelector(`[data-document-progress="${doc.id}"]`);
-    const status = document.querySelector(`[data-document-status="${doc.id}"]`);
-    if (status) {
-      status.textContent = doc.status_label;
-      status.className = `kb-status kb-status-${doc.status}`;
-      status.title = doc.error || "";
+    function activeIds() {
+      return Array.from(document.querySelectorAll("[data-document-progress][data-active='1']"))
+        .map((el) => el.dataset.documentProgress);
     }
-    if (!progress) return;
-    progress.dataset.active = doc.active ? "1" : "0";
-    if (doc.status === "failed") progress.textContent = doc.error;
-    else if (doc.active) progress.textContent = `${doc.stage}: ${doc.chunks_embedded}/${doc.chunks_total} chunks, ${doc.elapsed}`;
-    else progress.textContent = doc.chunks_total ? `${doc.chunks_total} chunks embedded in ${doc.elapsed}` : "";
-  }
 
-  async function poll() {
-    const ids = activeIds();
-    if (ids.length) {
+    function render(doc) {
+      const progress = document.querySelector(`[data-document-progress="${doc.id}"]`);
+      const status = document.querySelector(`[data-document-status="${doc.id}"]`);
+      if (status) {
+        status.textContent = doc.status_label;
+        status.className = `kb-status kb-status-${doc.status}`;
+        status.title = doc.error || "";
+      }
+      if (!progress) return;
+      const wasActive = progress.dataset.active === "1";
+      progress.dataset.active = doc.active ? "1" : "0";
+      if (doc.status === "failed") progress.textContent = doc.error;
+      else if (doc.active) progress.textContent = `${doc.stage}: ${doc.chunks_embedded}/${doc.chunks_total} chunks, ${doc.elapsed}`;
+      else progress.textContent = doc.chunks_total ? `${doc.chunks_total} chunks embedded in ${doc.elapsed}` : "";
+      if (wasActive && !doc.active && root.dataset.reloadHint) {
+        // The document page lists chunks and the extracted text, which only a reload shows.
+        const link = document.createElement("a");
+        link.href = window.location.pathname;
+        link.textContent = root.dataset.reloadHint;
+        link.className = "kb-reload-hint";
+        progress.append(" ", link);
+      }
+    }
+
+    async function poll() {
+      const ids = activeIds();
+      if (!ids.length) return; // nothing is moving; a reload starts polling again
       try {
         const response = await fetch(`${url}?ids=${ids.join(",")}`, { credentials: "same-origin" });
         if (response.ok) (await response.json()).documents.forEach(render);
       } catch (error) {
         // A missed poll is harmless; the next one catches up.
       }
+      window.setTimeout(poll, 2000);
     }
-    window.setTimeout(poll, 2000);
+    window.setTimeout(poll, 1000);
   }
-  window.setTimeout(poll, 1500);
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
 })();
