@@ -15,14 +15,20 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def serve_start(*, data_dir: Path, port: int, log_path: Path, extra_env: dict[str, str] | None = None,
-                args: tuple[str, ...] = ("--no-demo",)) -> subprocess.Popen:
-    """Start `manage.py serve` on a fresh embedded database in data_dir, as its own process group."""
+def serve_env(*, data_dir: Path, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a product process using the embedded database in data_dir."""
     env = {**os.environ, "KB_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": str(ROOT), **(extra_env or {})}
     for inherited in ("DATABASE_URL", "KB_PGDATA", "DJANGO_SETTINGS_MODULE", "REDIS_URL",
                       "KB_TASKS_SYNC"):
         env.pop(inherited, None)
+    return env
+
+
+def serve_start(*, data_dir: Path, port: int, log_path: Path, extra_env: dict[str, str] | None = None,
+                args: tuple[str, ...] = ("--no-demo",)) -> subprocess.Popen:
+    """Start `manage.py serve` on a fresh embedded database in data_dir, as its own process group."""
+    env = serve_env(data_dir=data_dir, extra_env=extra_env)
     with open(log_path, "ab") as log:
         # A session of its own, as under systemd: the test can signal the whole group.
         return subprocess.Popen(
