@@ -181,3 +181,64 @@ def test_redis_broker_runs_a_task_in_a_real_cluster(redis_url, redis_client, mon
     record = UsageRecord.objects.get(request_id="req-redis-1")
     assert (record.provider, record.model, record.input_tokens) == ("test", "echo", 3)
     assert queue_depth() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_redis_broker_worker_reads_pdfs_and_keeps_the_parse_deadline(redis_url, monkeypatch,
+                                                                     tmp_path, settings):
+    """A qcluster worker on the Redis broker (a daemonic process) ingests a PDF, and kills the
+    reader of a pathological one at KB_PARSE_TIMEOUT_SECONDS instead of hanging."""
+    from django_q.conf import Conf
+
+    from kb import services
+    from kb.embeddings import embedding_model_active_or_bootstrap
+    from kb.models import Document
+    from tests.pdfs import pathological_pdf
+
+    monkeypatch.setattr(Conf, "ORM", None)
+    monkeypatch.setattr(Conf, "REDIS", redis_url)
+    monkeypatch.setattr(Conf, "SYNC", False)
+    settings.KB_TASKS_SYNC = False
+    settings.MEDIA_ROOT = tmp_path / "media"
+    embedding_model_active_or_bootstrap()
+    collection = services.collection_get_or_create(slug="pdfs", name="PDFs")
+    manual = services.documents_upload(
+        collection=collection, filename="manual.pdf",
+        data=(ROOT / "fixtures" / "samples" / "manual.pdf").read_bytes())[0].document
+    slow = services.documents_upload(collection=collection, filename="slow.pdf",
+                                     data=pathological_pdf(600_000))[0].document
+
+    params = connection.get_connection_params()
+    database_url = (f"postgresql://{params.get('user') or 'postgres'}@/{connection.settings_dict['NAME']}"
+                    f"?host={params['host']}")
+    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "KB_WORKERS": "1",
+           "KB_MEDIA_ROOT": str(tmp_path / "media"), "KB_PARSE_TIMEOUT_SECONDS": "3",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("KB_TASK_BROKER", None)
+    log_path = tmp_path / "qcluster.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], cwd=ROOT,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        done = {Document.Status.READY, Document.Status.FAILED}
+        while not all(Document.objects.get(pk=d.pk).status in done for d in (manual, slow)):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the worker did not finish the PDFs:\n"
+                            + log_path.read_text(errors="replace")[-3000:])
+            time.sleep(0.5)
+    finally:
+        os.killpg(worker.pid, 15)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, 9)
+            worker.wait()
+
+    manual.refresh_from_db()
+    slow.refresh_from_db()
+    assert (manual.status, manual.error_message) == (Document.Status.READY, "")
+    assert slow.status == Document.Status.FAILED
+    assert "took longer than 3 s" in slow.error_message, slow.error_message

@@ -32,6 +32,7 @@ from kb.ingestion.parsing import (
     parse_document,
     sniff_mime_type,
 )
+from tests.pdfs import one_page_pdf, pathological_pdf
 
 SAMPLES = Path(__file__).resolve().parents[3] / "fixtures" / "samples"
 SAMPLE_NAMES = ["manual.pdf", "policy.docx", "article.html", "guide.md", "notes-latin1.txt"]
@@ -244,36 +245,6 @@ def test_pdf_page_limit():
         _parse("manual.pdf", max_pdf_pages=2)
 
 
-def _pathological_pdf(text_operations: int) -> bytes:
-    """A 10 KB PDF whose one page holds text_operations text operators: pypdf needs ~1 s per 20,000."""
-    content = b"BT /F1 12 Tf 72 720 Td " + b"(a) Tj 1 0 Td " * text_operations + b"ET"
-    return _one_page_pdf(zlib.compress(content, 9))
-
-
-def _one_page_pdf(deflated_content: bytes) -> bytes:
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(deflated_content)
-        + deflated_content + b"\nendstream",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(out.tell())
-        out.write(b"%d 0 obj\n" % number + body + b"\nendobj\n")
-    xref = out.tell()
-    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
-    out.writelines(b"%010d 00000 n \n" % offset for offset in offsets)
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n"
-              % (len(objects) + 1, xref))
-    return out.getvalue()
-
-
 def _pdf_children() -> list:
     return [child for child in psutil.Process().children(recursive=True)
             if parsing._PDF_CHILD_MODULE in " ".join(child.cmdline())]
@@ -283,7 +254,7 @@ def test_slow_pdf_is_killed_at_the_timeout():
     """A pathological PDF's reader is killed at parse_timeout_seconds and leaves no process."""
     started = time.monotonic()
     with pytest.raises(ParseError, match=r"took longer than 1 s"):
-        _parse("slow.pdf", _pathological_pdf(600_000), parse_timeout_seconds=1)
+        _parse("slow.pdf", pathological_pdf(600_000), parse_timeout_seconds=1)
     assert time.monotonic() - started < 10
     assert _pdf_children() == []
 
@@ -300,7 +271,7 @@ def _parse_in_daemon(results, name: str, data: bytes, timeout: float) -> None:
 @pytest.mark.parametrize("name", ["manual.pdf", "slow.pdf"])
 def test_pdf_parses_and_keeps_its_deadline_inside_a_daemonic_process(name):
     """django-q runs tasks in daemonic processes: a PDF parses there, and the deadline holds."""
-    data = _sample(name) if name == "manual.pdf" else _pathological_pdf(600_000)
+    data = _sample(name) if name == "manual.pdf" else pathological_pdf(600_000)
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     worker = context.Process(target=_parse_in_daemon, args=(results, name, data, 3), daemon=True)
@@ -321,7 +292,7 @@ def test_pdf_that_needs_too_much_memory_fails_with_the_limit():
     """A 70 MB content stream exceeds the child's memory limit; the message names the limit."""
     limit = 128 * 1024 * 1024
     assert _parse("manual.pdf", max_parse_memory_bytes=limit).blocks  # the limit itself is livable
-    bomb = _one_page_pdf(zlib.compress(b"BT (a) Tj ET " + b" " * (70 * 1024 * 1024), 9))
+    bomb = one_page_pdf(zlib.compress(b"BT (a) Tj ET " + b" " * (70 * 1024 * 1024), 9))
     with pytest.raises(ParseError, match="more than the 128 MB of memory"):
         _parse("bomb.pdf", bomb, max_parse_memory_bytes=limit)
 
