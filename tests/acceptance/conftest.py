@@ -113,7 +113,9 @@ def kb_server(tmp_path_factory) -> Iterator[KbServer]:
 def _stop_and_check(server: KbServer) -> None:
     process = server.process
     tree = process_tree(process.pid) if process.poll() is None else []
+    log_before_stop = len(server.log())
     if process.poll() is None:
+        # What systemd's default KillMode=control-group does on `systemctl stop`.
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=60)
@@ -127,8 +129,9 @@ def _stop_and_check(server: KbServer) -> None:
         if still_running([leftover]):
             leftover.kill()
     assert left == [], f"processes left after SIGTERM to serve's group: {left}"
-    assert server.log().rstrip().endswith("Stopped."), server.log()[-3000:]
-    assert "Traceback" not in server.log(), server.log()
+    shutdown_log = server.log()[log_before_stop:]
+    assert shutdown_log.rstrip().endswith("Stopped."), server.log()[-3000:]
+    assert "Traceback" not in shutdown_log, shutdown_log
 
 
 @pytest.fixture
