@@ -1237,6 +1237,11 @@ def parse_document(*, filename: str, data: bytes,
         parsed = _PARSERS[mime](name, data, limits)
     except ParseError:
         raise
+    except ImportError as exc:  # a broken install, whatever the file
+        raise ParserUnavailableError(
+            f"{name} was not read: the server's {_label(mime)} reader is not installed "
+            f"correctly ({exc}). This is a problem on the server, not with the file; use Retry "
+            "once it is fixed.") from exc
     except Exception as exc:  # third-party parsers raise anything on hostile input
         raise ParseError(f"{name} could not be read as {_label(mime)}: "
                          f"{type(exc).__name__}: {str(exc)[:200]}") from exc

@@ -317,6 +317,16 @@ def test_pdf_reader_that_cannot_run_blames_the_server_not_the_file(monkeypatch):
         _parse("manual.pdf")
 
 
+def test_a_reader_missing_from_the_install_blames_the_server(monkeypatch):
+    """An ImportError inside a parser is a broken server, not a damaged file."""
+    def missing(name, data, limits):
+        raise ModuleNotFoundError("No module named 'docx'")
+
+    monkeypatch.setitem(parsing._PARSERS, DOCX_MIME, missing)
+    with pytest.raises(ParserUnavailableError, match="problem on the server, not with the file"):
+        _parse("policy.docx")
+
+
 def test_pdf_parse_overhead_is_small():
     """Starting the reader's child interpreter for a small PDF costs about a second at most."""
     _parse("manual.pdf")
