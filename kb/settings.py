@@ -236,6 +236,8 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 # --- Background tasks (django-q2, ORM broker on the same Postgres) ------------------------
 
 KB_TASKS_SYNC = env_bool("KB_TASKS_SYNC", False)
+# Set by `serve` for the worker cluster it starts: the cluster stops if `serve` dies.
+KB_STOP_WITH_PARENT_PID = env_int("KB_STOP_WITH_PARENT_PID", 0)
 KB_TASK_TIMEOUT_SECONDS = env_int("KB_TASK_TIMEOUT_SECONDS", 3600)
 Q_CLUSTER = {
     "name": "kb",

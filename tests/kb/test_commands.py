@@ -179,6 +179,8 @@ STOPS = {
     "SIGINT to the process group (Ctrl-C in a terminal)":
         lambda process: os.killpg(process.pid, signal.SIGINT),
     "SIGTERM to the group, then again while stopping": _signal_group_twice,
+    "SIGHUP to the group (the terminal was closed)":
+        lambda process: os.killpg(process.pid, signal.SIGHUP),
 }
 
 
@@ -221,3 +223,41 @@ def test_serve_leaves_no_process_after_any_stop_signal(stop, serve_data_dir, tmp
     time.sleep(1)
     assert still_running(tree) == []
     assert still_running(postgres_processes(serve_data_dir)) == []
+
+
+@pytest.mark.slow
+def test_workers_stop_when_serve_is_killed_outright(serve_data_dir, tmp_path):
+    """`serve` killed with SIGKILL cannot stop anything itself: its worker cluster, in a
+    session of its own, still stops (the kernel's parent-death signal) instead of lingering."""
+    from tests.live_server import free_port
+    from tests.serve_process import (
+        cluster_processes,
+        postgres_processes,
+        serve_start,
+        serve_wait_ready,
+        still_running,
+    )
+
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    cluster = []
+    process = serve_start(data_dir=serve_data_dir, port=port, log_path=log_path,
+                          extra_env={"KB_ADMIN_PASSWORD": "pw-stop-test-123", "KB_WORKERS": "1"})
+    try:
+        serve_wait_ready(process, f"http://127.0.0.1:{port}", log_path=log_path)
+        cluster = cluster_processes(process.pid)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 30
+        while still_running(cluster) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert still_running(cluster) == []
+    finally:
+        for leftover in cluster:
+            if still_running([leftover]):
+                leftover.kill()
+        # Nobody released the embedded Postgres: stop its postmaster, as an operator would.
+        postmasters = [p for p in postgres_processes(serve_data_dir) if "-D" in p.cmdline()]
+        for postmaster in postmasters:
+            postmaster.terminate()
+        psutil.wait_procs(postmasters, timeout=30)

@@ -36,6 +36,7 @@ class Command(BaseCommand):
         # SIGTERM (systemd, docker stop, kill) stops us as Ctrl-C does: through the finally
         # blocks and atexit, so the workers and the embedded database stop with us.
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGHUP, _interrupt)  # the terminal that ran us was closed
         with contextlib.suppress(KeyboardInterrupt):
             self._serve(host=host, port=port, no_workers=no_workers, no_demo=no_demo)
         self.stdout.write("Stopped.")
@@ -62,7 +63,8 @@ class Command(BaseCommand):
             # in order, and kills its whole group if that does not finish.
             workers = subprocess.Popen(
                 [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "qcluster"],
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1",
+                     "KB_STOP_WITH_PARENT_PID": str(os.getpid())},
                 start_new_session=True,
             )
         try:
@@ -119,7 +121,7 @@ def _run_uvicorn(host: str, port: int) -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server without re-raising the signal that stopped it.
+        """uvicorn's server, also stopped by SIGHUP, without re-raising the signal that stopped it.
 
         uvicorn re-sends SIGINT or SIGTERM to itself after a graceful shutdown; SIGTERM's
         default action would kill this process before it stops the workers and the
@@ -127,7 +129,7 @@ def _run_uvicorn(host: str, port: int) -> None:
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            handled = (signal.SIGINT, signal.SIGTERM)
+            handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
             original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
             try:
                 yield
