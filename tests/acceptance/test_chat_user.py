@@ -45,6 +45,7 @@ def test_non_staff_user_signs_in_and_gets_cited_answers_and_a_plain_not_covered(
     """Sign-in page → /chat/ → a streamed answer citing the restricted collection's PDF; an
     out-of-scope question gets an answer saying the documents do not cover it."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     with kb_server.api() as api:
@@ -55,8 +56,7 @@ def test_non_staff_user_signs_in_and_gets_cited_answers_and_a_plain_not_covered(
 
     browser.get(f"{kb_server.base}/accounts/login/")
     browser.find_element(By.NAME, "username").send_keys(READER[0])
-    browser.find_element(By.NAME, "password").send_keys(READER[1])
-    browser.find_element(By.CSS_SELECTOR, "form [type=submit]").click()
+    browser.find_element(By.NAME, "password").send_keys(READER[1] + Keys.RETURN)
     WebDriverWait(browser, 30).until(lambda b: b.current_url.rstrip("/").endswith("/chat"))
 
     Select(browser.find_element(By.CSS_SELECTOR, "[data-testid=collection-select]")
