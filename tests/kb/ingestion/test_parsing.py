@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import multiprocessing
 import random
@@ -286,6 +287,18 @@ def test_pdf_parses_and_keeps_its_deadline_inside_a_daemonic_process(name):
     else:
         assert outcome == "ParseError" and "took longer than 3 s" in detail
         assert time.monotonic() - started < 15
+
+
+def test_pdf_deadline_holds_on_a_thread_that_is_not_the_main_one():
+    """The web process parses on sync_to_async's threads, where signal alarms cannot work."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        started = time.monotonic()
+        future = pool.submit(_parse, "slow.pdf", pathological_pdf(600_000),
+                             parse_timeout_seconds=1)
+        with pytest.raises(ParseError, match="took longer than 1 s"):
+            future.result(timeout=30)
+    assert time.monotonic() - started < 10
+    assert _pdf_children() == []
 
 
 def test_pdf_that_needs_too_much_memory_fails_with_the_limit():
