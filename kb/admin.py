@@ -8,6 +8,7 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db.models import F
 from django.http import HttpRequest, JsonResponse
@@ -160,6 +161,15 @@ class UploadForm(forms.Form):
     )
 
 
+class MoveForm(forms.Form):
+    collection = forms.ModelChoiceField(queryset=Collection.objects.none(), empty_label=None,
+                                        label="Move to")
+
+    def __init__(self, *args, collections, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["collection"].queryset = collections
+
+
 @admin.register(Document)
 class DocumentAdmin(admin.ModelAdmin):
     list_display = ["title_or_name", "collection", "status_badge", "progress", "mime_type",
@@ -168,12 +178,14 @@ class DocumentAdmin(admin.ModelAdmin):
     search_fields = ["title", "original_filename"]
     list_select_related = ["collection"]
     date_hierarchy = "created_at"
-    readonly_fields = ["original_filename", "mime_type", "size", "content_hash", "status_badge",
-                       "progress", "error_message", "attempts", "metadata", "created_at",
-                       "updated_at", "source_link"]
-    fields = ["title", "collection", "source_link", *readonly_fields[:-1]]
+    # The collection is read-only here: saving a new one would leave the chunks, and with
+    # them search, in the old collection. Moving is the "Move to collection…" action.
+    readonly_fields = ["collection", "original_filename", "mime_type", "size", "content_hash",
+                       "status_badge", "progress", "error_message", "attempts", "metadata",
+                       "created_at", "updated_at", "source_link"]
+    fields = ["title", "collection", "source_link", *readonly_fields[1:-1]]
     inlines = [ChunkInline]
-    actions = ["reprocess", "retry_failed", "disable", "enable"]
+    actions = ["reprocess", "retry_failed", "disable", "enable", "move"]
     change_list_template = "admin/kb/document/change_list.html"
 
     class Media:
@@ -188,11 +200,6 @@ class DocumentAdmin(admin.ModelAdmin):
         return super().get_queryset(request).filter(
             collection__in=selectors.collections_visible(user=request.user)
         )
-
-    def formfield_for_foreignkey(self, db_field, request, **kwargs):
-        if db_field.name == "collection":
-            kwargs["queryset"] = selectors.collections_visible(user=request.user)
-        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def get_urls(self):
         return [
@@ -306,6 +313,35 @@ class DocumentAdmin(admin.ModelAdmin):
         for document in queryset.filter(status=Document.Status.DISABLED):
             services.document_enable(document=document)
         self.message_user(request, "Enabled the selected disabled documents.")
+
+    @admin.action(description="Move to collection…", permissions=["change"])
+    def move(self, request, queryset):
+        form = MoveForm(request.POST if "apply" in request.POST else None,
+                        collections=selectors.collections_visible(user=request.user))
+        if form.is_valid():
+            target = form.cleaned_data["collection"]
+            moved = 0
+            for document in queryset:
+                try:
+                    services.document_move(document=document, collection=target, actor=request.user)
+                except PermissionDenied as exc:
+                    self.message_user(request, f"{document}: {exc}", messages.ERROR)
+                    continue
+                moved += 1
+            self.message_user(request, ngettext(
+                "Moved %(count)d document to “%(target)s”.",
+                "Moved %(count)d documents to “%(target)s”.", moved,
+            ) % {"count": moved, "target": target})
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "form": form,
+            "documents": queryset,
+            "title": "Move documents to another collection",
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/kb/document/move.html", context)
 
     def delete_model(self, request, obj):
         services.document_delete(document=obj)

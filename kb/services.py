@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from django.conf import settings
+from django.core.exceptions import PermissionDenied
 from django.core.files.base import ContentFile
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from kb import embeddings
+from kb import embeddings, selectors
 from kb.ingestion.archives import ArchiveLimits, extract_archive
 from kb.ingestion.chunking import chunk_document, embedding_input
 from kb.ingestion.parsing import ParseError, ParseLimits, parse_document, sniff_mime_type
@@ -449,6 +450,16 @@ def _write_generations(items: list[_ParsedDocument], *, models: list) -> list[_P
     prepared = []
     now = timezone.now()
     with transaction.atomic():
+        # The collection as it is now, locked: the document may have been moved since it
+        # was loaded, and the database refuses a chunk outside its document's collection
+        # (search migration 0003).
+        collection_ids = dict(
+            Document.objects.select_for_update().filter(pk__in=[item.document.pk for item in items])
+            .order_by("pk").values_list("pk", "collection_id")
+        )
+        for item in items:
+            item.document.collection_id = collection_ids.get(item.document.pk,
+                                                             item.document.collection_id)
         Chunk.objects.filter(leftovers).delete()
         chunks = Chunk.objects.bulk_create([
             Chunk(
@@ -597,7 +608,7 @@ def _ingest_finalize(items: list[_PreparedDocument]) -> None:
             batch_size=BULK_UPDATE_BATCH,
         )
         Collection.objects.filter(
-            pk__in={item.document.collection_id for item in items}
+            pk__in={current[item.document.pk].collection_id for item in items}
         ).update(updated_at=now)
 
 
@@ -635,6 +646,38 @@ def document_enable(*, document: Document) -> None:
             document=document, generation=current.chunk_generation, searchable=False
         ).update(searchable=True)
         Collection.objects.filter(pk=document.collection_id).update(updated_at=timezone.now())
+
+
+def document_move(*, document: Document, collection: Collection, actor=None) -> Document:
+    """Move a document to another collection with its chunks, in one transaction.
+
+    Updating the document's collection cascades to its chunks (the composite foreign key
+    of search migration 0003), whose triggers re-tokenise them with the new collection's
+    text-search configuration and move their postings and both collections' BM25
+    statistics. Both collections' updated_at are bumped, so answer-cache entries keyed by
+    either version stop matching, and the entries citing the document are dropped (the
+    post_save receiver in chat.models). actor=None is the system; a user needs the change
+    permission and read access to both collections.
+    """
+    if actor is not None:
+        if not actor.has_perm("kb.change_document"):
+            raise PermissionDenied("Moving a document needs the “Can change document” permission.")
+        wanted = {document.collection_id, collection.pk}
+        visible = set(selectors.collections_visible(user=actor).filter(pk__in=wanted)
+                      .values_list("pk", flat=True))
+        if visible != wanted:
+            raise PermissionDenied("You can move documents only between collections you can read.")
+    with transaction.atomic():
+        current = Document.objects.select_for_update().get(pk=document.pk)
+        source_id = current.collection_id
+        if source_id == collection.pk:
+            return current
+        current.collection = collection
+        current.save(update_fields=["collection", "updated_at"])
+        Collection.objects.filter(pk__in=[source_id, collection.pk]).update(updated_at=timezone.now())
+    logger.info("Document %s moved from collection %s to %s by %s.", current.pk, source_id,
+                collection.pk, getattr(actor, "pk", "the system"))
+    return current
 
 
 def document_delete(*, document: Document) -> None:
