@@ -14,7 +14,7 @@ from django.db.models import F
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import ngettext
@@ -250,21 +250,15 @@ class DocumentAdmin(admin.ModelAdmin):
         return JsonResponse({"documents": [document_progress_payload(d) for d in documents]})
 
     def upload_view(self, request: HttpRequest):
-        # The same rule as POST /api/v1/documents/: reading a collection is not writing to it.
-        if not request.user.has_perm("kb.add_document"):
-            raise PermissionDenied("Uploading needs the “Can add document” permission.")
+        services.upload_permission_check(user=request.user)
         form = UploadForm(request.POST or None, request.FILES or None)
         form.fields["collection"].queryset = selectors.collections_visible(user=request.user)
         if request.method == "POST" and form.is_valid():
-            outcomes = []
-            for upload in form.cleaned_data["files"]:
-                outcomes += services.documents_upload(
-                    collection=form.cleaned_data["collection"],
-                    filename=upload.name,
-                    data=upload.read(),
-                    uploaded_by=request.user,
-                )
-            self._report_outcomes(request, outcomes)
+            outcomes = services.documents_upload_files(
+                collection=form.cleaned_data["collection"], files=form.cleaned_data["files"],
+                uploaded_by=request.user,
+            )
+            self._report_outcomes(request, services.upload_outcomes_refresh(outcomes=outcomes))
             return redirect("admin:kb_document_changelist")
         context = {
             **self.admin_site.each_context(request),
@@ -276,16 +270,22 @@ class DocumentAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/kb/document/upload.html", context)
 
     def _report_outcomes(self, request, outcomes) -> None:
-        counts = {name: sum(1 for o in outcomes if o.outcome == name)
-                  for name in ("created", "updated", "duplicate", "rejected")}
+        summary = services.upload_summary(outcomes=outcomes)
+        failed_url = reverse("admin:kb_document_changelist") + "?status__exact=failed"
+        if summary.rejected or summary.failed:
+            level = messages.WARNING
+        elif summary.queued:
+            level = messages.INFO  # nothing has been read yet: not a success until it is
+        else:
+            level = messages.SUCCESS
         self.message_user(
             request,
-            f"{counts['created']} new, {counts['updated']} updated, {counts['duplicate']} "
-            f"duplicates, {counts['rejected']} rejected.",
-            messages.SUCCESS if not counts["rejected"] else messages.WARNING,
+            format_html('{} <a href="{}">Show failed documents</a>', summary.text, failed_url),
+            level,
         )
         for outcome in outcomes:
-            if outcome.outcome in {"duplicate", "rejected"}:
+            failed = outcome.document is not None and outcome.document.status == Document.Status.FAILED
+            if outcome.outcome in {"duplicate", "rejected"} or failed:
                 level = messages.INFO if outcome.outcome == "duplicate" else messages.ERROR
                 self.message_user(request, f"{outcome.filename}: {outcome.message}", level)
 
