@@ -120,7 +120,7 @@ class Command(BaseCommand):
                   for name in ("created", "updated", "duplicate")}
         verb = "ingested" if sync else "queued"
         self.stdout.write(
-            f"{len(files)} files: {counts['created']} new, {counts['updated']} updated, "
+            f"{len(files)} {'file' if len(files) == 1 else 'files'}: {counts['created']} new, {counts['updated']} updated, "
             f"{counts['duplicate']} duplicates {verb}, {len(failures)} failed."
         )
         for outcome in outcomes:
