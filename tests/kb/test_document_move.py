@@ -199,3 +199,17 @@ def test_admin_change_form_cannot_move_and_the_move_action_does(world, admin_cli
     assert Document.objects.get(pk=document.pk).collection_id == world["private"].pk
     assert _misplaced_chunks() == 0
     assert not _finds(world["a"], "hybrid", document) and _finds(world["b"], "hybrid", document)
+
+
+def test_a_move_changes_both_collections_answer_cache_versions(world):
+    """Cached answers over either collection stop matching once a document moves."""
+    from chat.caches import kb_version
+
+    before = {c: kb_version(collection=world[c], user=None) for c in ("general", "private")}
+    before_all = kb_version(collection=None, user=world["a"])
+
+    services.document_move(document=world["doc"], collection=world["private"])
+
+    for name in ("general", "private"):
+        assert kb_version(collection=world[name], user=None) != before[name]
+    assert kb_version(collection=None, user=world["a"]) != before_all
