@@ -324,7 +324,7 @@ class DocumentAdmin(admin.ModelAdmin):
             for document in queryset:
                 try:
                     services.document_move(document=document, collection=target, actor=request.user)
-                except PermissionDenied as exc:
+                except (PermissionDenied, services.DocumentMoveRefused) as exc:
                     self.message_user(request, f"{document}: {exc}", messages.ERROR)
                     continue
                 moved += 1

@@ -834,6 +834,10 @@ def document_enable(*, document: Document) -> None:
         Collection.objects.filter(pk=document.collection_id).update(updated_at=timezone.now())
 
 
+class DocumentMoveRefused(Exception):
+    """A move that would break an invariant; the message says why, for the editor."""
+
+
 def document_move(*, document: Document, collection: Collection, actor=None) -> Document:
     """Move a document to another collection with its chunks, in one transaction.
 
@@ -858,6 +862,16 @@ def document_move(*, document: Document, collection: Collection, actor=None) -> 
         source_id = current.collection_id
         if source_id == collection.pk:
             return current
+        namesake = Document.objects.filter(
+            collection=collection, original_filename=current.original_filename
+        ).first()
+        if namesake is not None:
+            # A name identifies a document in its collection (the next upload of that name
+            # replaces it): two of one name would make that ambiguous.
+            raise DocumentMoveRefused(
+                f"“{collection}” already has a document named “{current.original_filename}” "
+                f"(document {namesake.pk}); delete or move that one first."
+            )
         current.collection = collection
         current.save(update_fields=["collection", "updated_at"])
         Collection.objects.filter(pk__in=[source_id, collection.pk]).update(updated_at=timezone.now())

@@ -213,3 +213,12 @@ def test_a_move_changes_both_collections_answer_cache_versions(world):
     for name in ("general", "private"):
         assert kb_version(collection=world[name], user=None) != before[name]
     assert kb_version(collection=None, user=world["a"]) != before_all
+
+
+def test_a_move_onto_a_document_of_the_same_name_is_refused(world, ingest_one):
+    """A name identifies a document in its collection, so a move never creates two of one name."""
+    namesake = ingest_one(world["private"], "cafeteria.md", CAFETERIA.replace("seven", "eight"))
+    with pytest.raises(services.DocumentMoveRefused, match="already has a document named"):
+        services.document_move(document=world["doc"], collection=world["private"])
+    assert Document.objects.get(pk=world["doc"].pk).collection_id == world["general"].pk
+    assert namesake.collection_id == world["private"].pk and _misplaced_chunks() == 0
