@@ -222,3 +222,22 @@ def test_a_move_onto_a_document_of_the_same_name_is_refused(world, ingest_one):
         services.document_move(document=world["doc"], collection=world["private"])
     assert Document.objects.get(pk=world["doc"].pk).collection_id == world["general"].pk
     assert namesake.collection_id == world["private"].pk and _misplaced_chunks() == 0
+
+
+def test_the_migration_repairs_chunks_left_behind_by_an_earlier_move(world):
+    """Chunks a move left in the old collection before the fix are put back with their
+    document when the constraint is added, and the BM25 index follows them."""
+    from importlib import import_module
+
+    migration = import_module("search.migrations.0003_chunk_collection_follows_document")
+    with connection.cursor() as cursor:
+        cursor.execute(migration.BACKWARD)
+        # What the admin did before: the document moved, its chunks did not.
+        cursor.execute("UPDATE kb_document SET collection_id = %s WHERE id = %s",
+                       [world["private"].pk, world["doc"].pk])
+        assert _misplaced_chunks() > 0
+        cursor.execute(migration.FORWARD)
+
+    assert _misplaced_chunks() == 0
+    assert _index_disagreements([world["general"].pk, world["private"].pk]) == []
+    assert not _finds(world["a"], "bm25", world["doc"]) and _finds(world["b"], "bm25", world["doc"])
