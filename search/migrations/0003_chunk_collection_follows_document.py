@@ -15,6 +15,10 @@ first, through the same triggers.
 from django.db import migrations
 
 FORWARD = r"""
+-- ALTER TABLE refuses a table with deferred foreign-key checks still queued in this
+-- transaction (the repair below queues some on kb_chunk): run them now.
+SET CONSTRAINTS ALL IMMEDIATE;
+
 UPDATE kb_chunk AS c SET collection_id = d.collection_id
 FROM kb_document AS d
 WHERE d.id = c.document_id AND c.collection_id <> d.collection_id;
@@ -29,6 +33,7 @@ ALTER TABLE kb_chunk
 """
 
 BACKWARD = r"""
+SET CONSTRAINTS ALL IMMEDIATE;
 ALTER TABLE kb_chunk DROP CONSTRAINT IF EXISTS kb_chunk_document_collection_fk;
 ALTER TABLE kb_document DROP CONSTRAINT IF EXISTS kb_document_id_collection_uniq;
 """
