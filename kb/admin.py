@@ -8,12 +8,13 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db.models import F
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import ngettext
@@ -160,6 +161,15 @@ class UploadForm(forms.Form):
     )
 
 
+class MoveForm(forms.Form):
+    collection = forms.ModelChoiceField(queryset=Collection.objects.none(), empty_label=None,
+                                        label="Move to")
+
+    def __init__(self, *args, collections, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["collection"].queryset = collections
+
+
 @admin.register(Document)
 class DocumentAdmin(admin.ModelAdmin):
     list_display = ["title_or_name", "collection", "status_badge", "progress", "mime_type",
@@ -168,12 +178,14 @@ class DocumentAdmin(admin.ModelAdmin):
     search_fields = ["title", "original_filename"]
     list_select_related = ["collection"]
     date_hierarchy = "created_at"
-    readonly_fields = ["original_filename", "mime_type", "size", "content_hash", "status_badge",
-                       "progress", "error_message", "attempts", "metadata", "created_at",
-                       "updated_at", "source_link"]
-    fields = ["title", "collection", "source_link", *readonly_fields[:-1]]
+    # The collection is read-only here: saving a new one would leave the chunks, and with
+    # them search, in the old collection. Moving is the "Move to collection…" action.
+    readonly_fields = ["collection", "original_filename", "mime_type", "size", "content_hash",
+                       "status_badge", "progress", "error_message", "attempts", "metadata",
+                       "created_at", "updated_at", "source_link"]
+    fields = ["title", "collection", "source_link", *readonly_fields[1:-1]]
     inlines = [ChunkInline]
-    actions = ["reprocess", "retry_failed", "disable", "enable"]
+    actions = ["reprocess", "retry_failed", "disable", "enable", "move"]
     change_list_template = "admin/kb/document/change_list.html"
 
     class Media:
@@ -188,11 +200,6 @@ class DocumentAdmin(admin.ModelAdmin):
         return super().get_queryset(request).filter(
             collection__in=selectors.collections_visible(user=request.user)
         )
-
-    def formfield_for_foreignkey(self, db_field, request, **kwargs):
-        if db_field.name == "collection":
-            kwargs["queryset"] = selectors.collections_visible(user=request.user)
-        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def get_urls(self):
         return [
@@ -243,21 +250,15 @@ class DocumentAdmin(admin.ModelAdmin):
         return JsonResponse({"documents": [document_progress_payload(d) for d in documents]})
 
     def upload_view(self, request: HttpRequest):
-        # The same rule as POST /api/v1/documents/: reading a collection is not writing to it.
-        if not request.user.has_perm("kb.add_document"):
-            raise PermissionDenied("Uploading needs the “Can add document” permission.")
+        services.upload_permission_check(user=request.user)
         form = UploadForm(request.POST or None, request.FILES or None)
         form.fields["collection"].queryset = selectors.collections_visible(user=request.user)
         if request.method == "POST" and form.is_valid():
-            outcomes = []
-            for upload in form.cleaned_data["files"]:
-                outcomes += services.documents_upload(
-                    collection=form.cleaned_data["collection"],
-                    filename=upload.name,
-                    data=upload.read(),
-                    uploaded_by=request.user,
-                )
-            self._report_outcomes(request, outcomes)
+            outcomes = services.documents_upload_files(
+                collection=form.cleaned_data["collection"], files=form.cleaned_data["files"],
+                uploaded_by=request.user,
+            )
+            self._report_outcomes(request, services.upload_outcomes_refresh(outcomes=outcomes))
             return redirect("admin:kb_document_changelist")
         context = {
             **self.admin_site.each_context(request),
@@ -269,16 +270,22 @@ class DocumentAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/kb/document/upload.html", context)
 
     def _report_outcomes(self, request, outcomes) -> None:
-        counts = {name: sum(1 for o in outcomes if o.outcome == name)
-                  for name in ("created", "updated", "duplicate", "rejected")}
+        summary = services.upload_summary(outcomes=outcomes)
+        failed_url = reverse("admin:kb_document_changelist") + "?status__exact=failed"
+        if summary.rejected or summary.failed:
+            level = messages.WARNING
+        elif summary.queued:
+            level = messages.INFO  # nothing has been read yet: not a success until it is
+        else:
+            level = messages.SUCCESS
         self.message_user(
             request,
-            f"{counts['created']} new, {counts['updated']} updated, {counts['duplicate']} "
-            f"duplicates, {counts['rejected']} rejected.",
-            messages.SUCCESS if not counts["rejected"] else messages.WARNING,
+            format_html('{} <a href="{}">Show failed documents</a>', summary.text, failed_url),
+            level,
         )
         for outcome in outcomes:
-            if outcome.outcome in {"duplicate", "rejected"}:
+            failed = outcome.document is not None and outcome.document.status == Document.Status.FAILED
+            if outcome.outcome in {"duplicate", "rejected"} or failed:
                 level = messages.INFO if outcome.outcome == "duplicate" else messages.ERROR
                 self.message_user(request, f"{outcome.filename}: {outcome.message}", level)
 
@@ -306,6 +313,35 @@ class DocumentAdmin(admin.ModelAdmin):
         for document in queryset.filter(status=Document.Status.DISABLED):
             services.document_enable(document=document)
         self.message_user(request, "Enabled the selected disabled documents.")
+
+    @admin.action(description="Move to collection…", permissions=["change"])
+    def move(self, request, queryset):
+        form = MoveForm(request.POST if "apply" in request.POST else None,
+                        collections=selectors.collections_visible(user=request.user))
+        if form.is_valid():
+            target = form.cleaned_data["collection"]
+            moved = 0
+            for document in queryset:
+                try:
+                    services.document_move(document=document, collection=target, actor=request.user)
+                except (PermissionDenied, services.DocumentMoveRefused) as exc:
+                    self.message_user(request, f"{document}: {exc}", messages.ERROR)
+                    continue
+                moved += 1
+            self.message_user(request, ngettext(
+                "Moved %(count)d document to “%(target)s”.",
+                "Moved %(count)d documents to “%(target)s”.", moved,
+            ) % {"count": moved, "target": target})
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "form": form,
+            "documents": queryset,
+            "title": "Move documents to another collection",
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/kb/document/move.html", context)
 
     def delete_model(self, request, obj):
         services.document_delete(document=obj)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from django.conf import settings
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.urls import reverse
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, parsers, serializers, status
 from rest_framework.exceptions import PermissionDenied, ValidationError
@@ -69,8 +71,21 @@ class UploadOutcomeSerializer(serializers.Serializer):
     document = DocumentSerializer(allow_null=True)
 
 
+class UploadSummarySerializer(serializers.Serializer):
+    queued = serializers.IntegerField(help_text="Accepted and waiting for (or in) processing.")
+    ready = serializers.IntegerField(help_text="Already processed and searchable.")
+    failed = serializers.IntegerField(help_text="Accepted, then failed while processing.")
+    duplicates = serializers.IntegerField()
+    rejected = serializers.IntegerField()
+    new_versions = serializers.IntegerField(help_text="Accepted files that replace a document.")
+    text = serializers.CharField()
+
+
 class UploadResponseSerializer(serializers.Serializer):
     results = UploadOutcomeSerializer(many=True)
+    summary = UploadSummarySerializer()
+    failed_documents = serializers.URLField(
+        help_text="The collection's failed documents: queued files that fail later appear here.")
 
 
 def _api_key(request: Request) -> ApiKey | None:
@@ -120,8 +135,10 @@ class DocumentListCreate(generics.ListAPIView):
     @extend_schema(request=UploadSerializer, responses={202: UploadResponseSerializer})
     def post(self, request: Request) -> Response:
         rate_limit_enforce(request, group="upload")
-        if not request.user.has_perm("kb.add_document"):
-            raise PermissionDenied("Uploading needs the “Can add document” permission.")
+        try:
+            services.upload_permission_check(user=request.user)
+        except DjangoPermissionDenied as exc:
+            raise PermissionDenied(str(exc)) from None
         if not isinstance(request.data, Mapping):
             raise ValidationError({"file": ["Send multipart/form-data with one or more “file” parts."]})
         serializer = UploadSerializer(data={
@@ -135,25 +152,26 @@ class DocumentListCreate(generics.ListAPIView):
         ).first()
         if collection is None:
             raise ValidationError({"collection": [f"No collection “{slug}” that you can write to."]})
-        outcomes = []
-        for upload in serializer.validated_data["file"]:
-            if upload.size > settings.KB_MAX_UPLOAD_BYTES:
-                # Recorded without reading it into memory.
-                outcomes.append(services.document_record_failure(
-                    collection=collection, filename=services.filename_sanitize(upload.name),
-                    size=upload.size, uploaded_by=request.user,
-                    reason=f"The file is over the {settings.KB_MAX_UPLOAD_BYTES // 2**20} MB limit.",
-                ))
-                continue
-            outcomes += services.documents_upload(
-                collection=collection, filename=upload.name, data=upload.read(),
-                uploaded_by=request.user,
-            )
-        body = {"results": [
-            {"filename": o.filename, "outcome": o.outcome, "message": o.message,
-             "document": DocumentSerializer(o.document).data if o.document else None}
-            for o in outcomes
-        ]}
+        outcomes = services.upload_outcomes_refresh(outcomes=services.documents_upload_files(
+            collection=collection, files=serializer.validated_data["file"], uploaded_by=request.user,
+        ))
+        summary = services.upload_summary(outcomes=outcomes)
+        body = {
+            "results": [
+                {"filename": o.filename, "outcome": o.outcome, "message": o.message,
+                 "document": DocumentSerializer(o.document).data if o.document else None}
+                for o in outcomes
+            ],
+            "summary": {
+                "queued": summary.queued, "ready": summary.ready, "failed": summary.failed,
+                "duplicates": summary.duplicates, "rejected": summary.rejected,
+                "new_versions": summary.new_versions, "text": summary.text,
+            },
+            # Accepted files are only queued: this list shows the ones that failed later.
+            "failed_documents": request.build_absolute_uri(
+                reverse("api-document-list") + f"?collection={collection.slug}&status=failed"
+            ),
+        }
         return Response(body, status=status.HTTP_202_ACCEPTED)
 
 

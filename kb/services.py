@@ -6,21 +6,24 @@ business logic of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import PurePath, PurePosixPath
 
 from django.conf import settings
+from django.core.exceptions import PermissionDenied
 from django.core.files.base import ContentFile
-from django.db import transaction
+from django.core.files.uploadedfile import UploadedFile
+from django.db import DatabaseError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from kb import embeddings
+from kb import embeddings, selectors
 from kb.ingestion.archives import ArchiveLimits, extract_archive
 from kb.ingestion.chunking import chunk_document, embedding_input
 from kb.ingestion.parsing import ParseError, ParseLimits, parse_document, sniff_mime_type
@@ -46,9 +49,100 @@ class UploadOutcome:
         return self.outcome in {"created", "updated", "duplicate"}
 
 
+# Document.original_filename's length: a longer name (a deep path in a zip or a folder) is
+# rejected before anything is stored, rather than failing the insert.
+NAME_MAX_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class UploadSummary:
+    """What an upload came to, counted honestly: accepted files are only queued until a
+    worker has processed them, and can still fail then."""
+
+    queued: int
+    ready: int
+    failed: int
+    duplicates: int
+    rejected: int
+    new_versions: int
+
+    @property
+    def files(self) -> int:
+        return self.queued + self.ready + self.failed + self.duplicates + self.rejected
+
+    @property
+    def text(self) -> str:
+        def count(n: int, one: str, many: str) -> str:
+            return f"{n} {one if n == 1 else many}"
+
+        parts = [count(self.queued, "file queued for processing", "files queued for processing")]
+        if self.ready:
+            parts.append(f"{self.ready} already ready")
+        if self.failed:
+            parts.append(f"{self.failed} failed while processing")
+        parts.append(count(self.duplicates, "duplicate", "duplicates"))
+        parts.append(f"{self.rejected} rejected")
+        text = ", ".join(parts) + "."
+        if self.new_versions == 1:
+            text += " 1 is a new version of an existing document."
+        elif self.new_versions:
+            text += f" {self.new_versions} are new versions of existing documents."
+        if self.queued:
+            text += (" Queued files are read while they are processed; any that cannot be "
+                     "read show as Failed in the document list.")
+        return text
+
+
+def upload_outcomes_refresh(*, outcomes: Sequence[UploadOutcome]) -> list[UploadOutcome]:
+    """The outcomes with their documents as they are now (one query), so a file that was
+    accepted and then failed, when ingestion ran inline, is reported as failed."""
+    ids = [o.document.pk for o in outcomes if o.document is not None and o.accepted]
+    current = Document.objects.in_bulk(ids) if ids else {}
+    refreshed = []
+    for outcome in outcomes:
+        document = current.get(outcome.document.pk) if outcome.document is not None else None
+        if document is None or not outcome.accepted:
+            refreshed.append(outcome)
+            continue
+        message = outcome.message
+        if outcome.outcome != "duplicate" and document.status == Document.Status.FAILED:
+            message = f"Accepted, then failed while processing: {document.error_message}"
+        elif outcome.outcome != "duplicate" and document.status == Document.Status.READY:
+            message = "Processed; ready for search."
+        refreshed.append(dataclasses.replace(outcome, document=document, message=message))
+    return refreshed
+
+
+def upload_summary(*, outcomes: Sequence[UploadOutcome]) -> UploadSummary:
+    """Counts for the upload summary; pass outcomes through upload_outcomes_refresh first."""
+    accepted = [o for o in outcomes if o.outcome in {"created", "updated"}]
+    statuses = [o.document.status if o.document else "" for o in accepted]
+    ready = sum(1 for status in statuses if status == Document.Status.READY)
+    failed = sum(1 for status in statuses if status == Document.Status.FAILED)
+    return UploadSummary(
+        queued=len(accepted) - ready - failed, ready=ready, failed=failed,
+        duplicates=sum(1 for o in outcomes if o.outcome == "duplicate"),
+        rejected=sum(1 for o in outcomes if o.outcome == "rejected"),
+        new_versions=sum(1 for o in accepted if o.outcome == "updated"),
+    )
+
+
 def filename_sanitize(filename: str) -> str:
     """A display-safe base name: no directories, control characters or absurd length."""
     name = PurePath(filename.replace("\\", "/")).name
+    return _name_part_sanitize(name)
+
+
+def path_sanitize(path: str) -> str:
+    """A display-safe relative path: each folder and the file name sanitised as
+    filename_sanitize does a top-level name (control and bidi characters dropped)."""
+    parts = [part for part in path.replace("\\", "/").split("/") if part not in ("", ".", "..")]
+    return "/".join(_name_part_sanitize(part) for part in parts) or "unnamed"
+
+
+def _name_part_sanitize(name: str) -> str:
+    # Category C covers control characters (ESC of "\x1b[31m") and format characters
+    # (the bidi overrides U+202E...), which would let a name display as another.
     name = unicodedata.normalize("NFC", name)
     name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
     name = re.sub(r"\s+", " ", name).strip(" .")
@@ -78,16 +172,54 @@ def collection_reindex(*, collection: Collection) -> int:
     return count
 
 
+def upload_permission_check(*, user) -> None:
+    """Raise PermissionDenied unless the user may add documents (user=None: the system).
+
+    Reading a collection is not writing to it; the admin's upload page, the upload API
+    and kb_ingest --user all ask here.
+    """
+    if user is not None and not user.has_perm("kb.add_document"):
+        raise PermissionDenied("Uploading needs the “Can add document” permission.")
+
+
+def documents_upload_files(
+    *, collection: Collection, files: Iterable[UploadedFile], uploaded_by
+) -> list[UploadOutcome]:
+    """Store uploaded files (admin form or API) and queue them; see documents_upload.
+
+    A file over the size limit is recorded as rejected without being read into memory.
+    """
+    upload_permission_check(user=uploaded_by)
+    outcomes: list[UploadOutcome] = []
+    for upload in files:
+        if upload.size > settings.KB_MAX_UPLOAD_BYTES:
+            outcomes.append(document_record_failure(
+                collection=collection, filename=filename_sanitize(upload.name or ""),
+                size=upload.size, uploaded_by=uploaded_by,
+                reason=f"The file is {upload.size / 2**20:.1f} MB, over the "
+                       f"{settings.KB_MAX_UPLOAD_BYTES // 2**20} MB limit.",
+            ))
+            continue
+        outcomes += documents_upload(collection=collection, filename=upload.name or "",
+                                     data=upload.read(), uploaded_by=uploaded_by)
+    return outcomes
+
+
 def documents_upload(
     *, collection: Collection, filename: str, data: bytes, uploaded_by=None,
-    metadata: dict | None = None, queue: bool = True,
+    metadata: dict | None = None, queue: bool = True, keep_folders: bool = False,
 ) -> list[UploadOutcome]:
     """Store an upload and queue its ingestion; a zip becomes one document per member.
 
     Never raises for bad input: each file's outcome says what happened, and one bad
-    file does not stop the others.
+    file does not stop the others. A document is identified in its collection by its
+    name: the file name, or with keep_folders (kb_ingest) its path relative to the folder
+    ingested, so teamA/README.md and teamB/README.md are two documents.
     """
-    filename = filename_sanitize(filename)
+    filename = path_sanitize(filename) if keep_folders else filename_sanitize(filename)
+    if len(filename) > NAME_MAX_LENGTH:
+        return [document_upload(collection=collection, filename=filename, data=data,
+                                uploaded_by=uploaded_by)]
     if len(data) <= settings.KB_MAX_UPLOAD_BYTES and sniff_mime_type(
         filename=filename, head=data[:4096]
     ) == ZIP_MIME_TYPE:
@@ -114,13 +246,27 @@ def _archive_upload(
             uploaded_by=uploaded_by,
         )]
     outcomes = [
-        UploadOutcome(filename=f"{filename}/{item.name}", outcome="rejected", message=item.reason)
+        UploadOutcome(filename=f"{filename}/{path_sanitize(item.name)}", outcome="rejected",
+                      message=item.reason)
         for item in skipped
     ]
+    seen: dict[str, str] = {}
     for member in members:
+        name = path_sanitize(member.name)
+        shown = f"{filename}/{name}"
+        # Two members that differ only in characters the sanitising drops would otherwise
+        # be one document, the second silently replacing the first.
+        if shown.casefold() in seen:
+            outcomes.append(UploadOutcome(
+                filename=shown, outcome="rejected",
+                message=f"Another file in the archive has the same name once made safe to "
+                        f"display ({seen[shown.casefold()]!r}); not ingested.",
+            ))
+            continue
+        seen[shown.casefold()] = member.name
         outcomes.append(document_upload(
-            collection=collection, filename=member.name, data=member.data,
-            uploaded_by=uploaded_by, display_name=f"{filename}/{member.name}",
+            collection=collection, filename=name, data=member.data,
+            uploaded_by=uploaded_by, display_name=shown,
         ))
     return outcomes
 
@@ -142,10 +288,19 @@ def document_upload(
       unchanged passages keep their vectors through the embedding cache);
     - otherwise a new document.
 
-    metadata is stored on the document (a "title" key overrides the parsed title). With
-    queue=False the caller ingests it itself (documents_ingest_batch).
+    Replacing a document needs the change permission: an uploader who may only add
+    documents gets a rejection and the document is left as it was (uploaded_by=None is
+    the system). metadata is stored on the document (a "title" key overrides the parsed
+    title). With queue=False the caller ingests it itself (documents_ingest_batch).
     """
     shown = display_name or filename
+    if len(shown) > NAME_MAX_LENGTH:
+        # Rejected before anything is stored: the name does not fit the document row.
+        return UploadOutcome(
+            filename=shown[:120] + "…", outcome="rejected",
+            message=f"The name is {len(shown)} characters long; names (with their folders) "
+                    f"are limited to {NAME_MAX_LENGTH}. Shorten the path and upload it again.",
+        )
     if not data:
         return document_record_failure(
             collection=collection, filename=shown, size=0, reason="The file is empty.",
@@ -177,6 +332,35 @@ def document_upload(
         .order_by("-pk")
         .first()
     )
+    if previous is not None and uploaded_by is not None and not uploaded_by.has_perm(
+            "kb.change_document"):
+        return UploadOutcome(
+            filename=shown, outcome="rejected",
+            message=f"A document named “{shown}” already exists in this collection (document "
+                    f"{previous.pk}); replacing it needs the “Can change document” permission. "
+                    "Nothing was changed: rename the file to add it as a new document.",
+        )
+    stored: list[str] = []
+    try:
+        return _document_store(
+            collection=collection, filename=filename, data=data, shown=shown,
+            content_hash=content_hash, previous=previous, uploaded_by=uploaded_by,
+            metadata=metadata, queue=queue, stored=stored,
+        )
+    except (DatabaseError, OSError) as exc:
+        # Whatever the database or the disk refused, no file is left without its row.
+        logger.exception("Storing upload %r failed", shown)
+        storage = Document._meta.get_field("file").storage
+        for name in stored:
+            storage.delete(name)
+        return UploadOutcome(filename=shown, outcome="rejected",
+                             message=f"The file could not be stored ({exc.__class__.__name__}).")
+
+
+def _document_store(
+    *, collection: Collection, filename: str, data: bytes, shown: str, content_hash: str,
+    previous: Document | None, uploaded_by, metadata: dict | None, queue: bool, stored: list[str],
+) -> UploadOutcome:
     with transaction.atomic():
         if previous is not None:
             document = Document.objects.select_for_update().get(pk=previous.pk)
@@ -195,7 +379,10 @@ def document_upload(
         document.error_message = ""
         if metadata:
             document.metadata = {**document.metadata, **metadata}
-        document.file.save(filename, ContentFile(data), save=False)
+        # Stored under its base name: the folders of a zip member or a kb_ingest path are
+        # part of its name, not of the storage layout, where "x.md" and "x.md/y.md" collide.
+        document.file.save(PurePosixPath(filename).name, ContentFile(data), save=False)
+        stored.append(document.file.name)
         document.save()
         if old_file and old_file != document.file.name:
             transaction.on_commit(lambda: document.file.storage.delete(old_file))
@@ -450,6 +637,16 @@ def _write_generations(items: list[_ParsedDocument], *, models: list) -> list[_P
     prepared = []
     now = timezone.now()
     with transaction.atomic():
+        # The collection as it is now, locked: the document may have been moved since it
+        # was loaded, and the database refuses a chunk outside its document's collection
+        # (search migration 0003).
+        collection_ids = dict(
+            Document.objects.select_for_update().filter(pk__in=[item.document.pk for item in items])
+            .order_by("pk").values_list("pk", "collection_id")
+        )
+        for item in items:
+            item.document.collection_id = collection_ids.get(item.document.pk,
+                                                             item.document.collection_id)
         Chunk.objects.filter(leftovers).delete()
         chunks = Chunk.objects.bulk_create([
             Chunk(
@@ -598,7 +795,7 @@ def _ingest_finalize(items: list[_PreparedDocument]) -> None:
             batch_size=BULK_UPDATE_BATCH,
         )
         Collection.objects.filter(
-            pk__in={item.document.collection_id for item in items}
+            pk__in={current[item.document.pk].collection_id for item in items}
         ).update(updated_at=now)
 
 
@@ -636,6 +833,52 @@ def document_enable(*, document: Document) -> None:
             document=document, generation=current.chunk_generation, searchable=False
         ).update(searchable=True)
         Collection.objects.filter(pk=document.collection_id).update(updated_at=timezone.now())
+
+
+class DocumentMoveRefused(Exception):
+    """A move that would break an invariant; the message says why, for the editor."""
+
+
+def document_move(*, document: Document, collection: Collection, actor=None) -> Document:
+    """Move a document to another collection with its chunks, in one transaction.
+
+    Updating the document's collection cascades to its chunks (the composite foreign key
+    of search migration 0003), whose triggers re-tokenise them with the new collection's
+    text-search configuration and move their postings and both collections' BM25
+    statistics. Both collections' updated_at are bumped, so answer-cache entries keyed by
+    either version stop matching, and the entries citing the document are dropped (the
+    post_save receiver in chat.models). actor=None is the system; a user needs the change
+    permission and read access to both collections.
+    """
+    if actor is not None:
+        if not actor.has_perm("kb.change_document"):
+            raise PermissionDenied("Moving a document needs the “Can change document” permission.")
+        wanted = {document.collection_id, collection.pk}
+        visible = set(selectors.collections_visible(user=actor).filter(pk__in=wanted)
+                      .values_list("pk", flat=True))
+        if visible != wanted:
+            raise PermissionDenied("You can move documents only between collections you can read.")
+    with transaction.atomic():
+        current = Document.objects.select_for_update().get(pk=document.pk)
+        source_id = current.collection_id
+        if source_id == collection.pk:
+            return current
+        namesake = Document.objects.filter(
+            collection=collection, original_filename=current.original_filename
+        ).first()
+        if namesake is not None:
+            # A name identifies a document in its collection (the next upload of that name
+            # replaces it): two of one name would make that ambiguous.
+            raise DocumentMoveRefused(
+                f"“{collection}” already has a document named “{current.original_filename}” "
+                f"(document {namesake.pk}); delete or move that one first."
+            )
+        current.collection = collection
+        current.save(update_fields=["collection", "updated_at"])
+        Collection.objects.filter(pk__in=[source_id, collection.pk]).update(updated_at=timezone.now())
+    logger.info("Document %s moved from collection %s to %s by %s.", current.pk, source_id,
+                collection.pk, getattr(actor, "pk", "the system"))
+    return current
 
 
 def document_delete(*, document: Document) -> None:

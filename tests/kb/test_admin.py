@@ -35,7 +35,7 @@ def test_upload_several_files_at_once(editor, collection, django_capture_on_comm
     response = upload(editor, django_capture_on_commit_callbacks, collection, "guide.md", "policy.docx")
 
     assert response.status_code == 200
-    assert "2 new" in response.content.decode()
+    assert "2 files queued for processing" in response.content.decode()
     assert set(Document.objects.values_list("status", flat=True)) == {Document.Status.READY}
 
 

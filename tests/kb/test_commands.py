@@ -48,6 +48,56 @@ def test_kb_ingest_names_each_failure_and_exits_non_zero(tmp_path, capsys):
     assert Document.objects.filter(original_filename="good.md", status="ready").exists()
 
 
+@pytest.mark.django_db
+def test_kb_ingest_names_documents_by_their_path_under_the_folder(tmp_path, capsys):
+    """teamA/README.md and teamB/README.md are two documents, both searchable."""
+    from search.services import SearchParams, search
+
+    for team, text in [("teamA", "Team A deploys on Tuesdays."), ("teamB", "Team B owns billing.")]:
+        (tmp_path / team).mkdir()
+        (tmp_path / team / "README.md").write_text(f"# {team}\n\n{text}\n")
+    call_command("kb_ingest", str(tmp_path), "--collection", "teams", "--sync")
+
+    assert "2 files: 2 new, 0 updated" in capsys.readouterr().out
+    assert set(Document.objects.values_list("original_filename", flat=True)) == {
+        "teamA/README.md", "teamB/README.md"}
+    for query in ["deploys Tuesdays", "owns billing"]:
+        hits = search(params=SearchParams(query=query, mode="bm25", k=1), record_usage=False).hits
+        assert hits and hits[0].document_title in {"teamA", "teamB"}
+
+
+@pytest.mark.django_db
+def test_kb_ingest_never_hides_two_files_becoming_one(tmp_path, capsys):
+    """Two folders whose files would get the same name: the second is a named failure."""
+    for root in ["one", "two"]:
+        (tmp_path / root).mkdir()
+        (tmp_path / root / "README.md").write_text(f"# {root}\n\nText of {root}.\n")
+    with pytest.raises(CommandError):
+        call_command("kb_ingest", str(tmp_path / "one"), str(tmp_path / "two"), "--sync")
+
+    captured = capsys.readouterr()
+    assert "1 new, 0 updated" in captured.out and "1 failed" in captured.out
+    assert "same name, 'README.md'" in captured.err and "two" in captured.err
+    assert Document.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_kb_ingest_as_a_user_who_may_only_add_cannot_replace(tmp_path, capsys, django_user_model):
+    """--user applies the user's permissions: an existing document is not replaced by an adder."""
+    from django.contrib.auth.models import Permission
+
+    adder = django_user_model.objects.create_user("adder", password="pw-adder-1234")
+    adder.user_permissions.add(Permission.objects.get(codename="add_document"))
+    (tmp_path / "guide.md").write_text("# Guide\n\nOriginal text.\n")
+    call_command("kb_ingest", str(tmp_path), "--collection", "docs", "--sync")
+    (tmp_path / "guide.md").write_text("# Guide\n\nReplaced text.\n")
+    with pytest.raises(CommandError):
+        call_command("kb_ingest", str(tmp_path), "--collection", "docs", "--sync", "--user", "adder")
+
+    assert "Can change document" in capsys.readouterr().err
+    assert "Original text" in Document.objects.get().extracted_text
+
+
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:

@@ -1,31 +1,61 @@
-"""`manage.py kb_ingest PATH... [--collection SLUG] [--sync]`: bulk ingestion from disk."""
+"""`manage.py kb_ingest PATH... [--collection SLUG] [--sync] [--user NAME]`: bulk ingestion from disk."""
 
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
+from django.contrib.auth import get_user_model
+from django.core.exceptions import PermissionDenied
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from kb import bootstrap, services
+from kb import bootstrap, selectors, services
 from kb.database import DatabaseSetupError
 from kb.models import Document
 
 
-def expand_paths(patterns: list[str]) -> list[Path]:
-    """Files named directly, found under directories (recursively), or matched by globs."""
-    found: list[Path] = []
+def expand_paths(patterns: list[str]) -> list[tuple[Path, str]]:
+    """Files named directly, found under directories (recursively), or matched by globs,
+    each with its name in the knowledge base: its path relative to the folder ingested.
+
+    A directory's files are named relative to that directory (teamA/README.md), a glob's
+    relative to the folder before its first wildcard, a file named directly by its name.
+    """
+    found: dict[Path, str] = {}
     for pattern in patterns:
-        matches = [Path(p) for p in glob.glob(pattern, recursive=True)] or [Path(pattern)]
+        if glob.has_magic(pattern):
+            root = _static_prefix(pattern)
+            matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
+            if not matches:
+                raise CommandError(f"No such file or directory: {pattern}")
+        else:
+            match = Path(pattern)
+            if not match.exists():
+                raise CommandError(f"No such file or directory: {pattern}")
+            root = match if match.is_dir() else match.parent
+            matches = [match]
         for match in matches:
             if match.is_dir():
-                found += sorted(p for p in match.rglob("*") if p.is_file() and not p.name.startswith("."))
+                files = sorted(p for p in match.rglob("*") if p.is_file() and not p.name.startswith("."))
             elif match.is_file():
-                found.append(match)
+                files = [match]
             else:
-                raise CommandError(f"No such file or directory: {pattern}")
-    return list(dict.fromkeys(found))
+                continue
+            for path in files:
+                found.setdefault(path, Path(os.path.relpath(path, root)).as_posix())
+    return [(path, name) for path, name in found.items()]
+
+
+def _static_prefix(pattern: str) -> Path:
+    parts = Path(pattern).parts
+    static = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        static.append(part)
+    return Path(*static) if static else Path(".")
 
 
 class Command(BaseCommand):
@@ -36,29 +66,53 @@ class Command(BaseCommand):
         parser.add_argument("--collection", default="default", help="Collection slug (created if missing).")
         parser.add_argument("--sync", action="store_true",
                             help="Ingest in this process instead of queueing for the workers.")
+        parser.add_argument(
+            "--user", help="Upload as this user, with their permissions: adding needs "
+            "“Can add document”, replacing a document of the same name “Can change document”, "
+            "and the collection must exist and be readable by them. Without it the command "
+            "acts as the system, which may do both.")
 
-    def handle(self, *args, paths: list[str], collection: str, sync: bool, **options):
+    def handle(self, *args, paths: list[str], collection: str, sync: bool, user: str | None,
+               **options):
         try:
             bootstrap.database_ready_check()
         except DatabaseSetupError as exc:
             raise CommandError(str(exc)) from None
         files = expand_paths(paths)
-        target = services.collection_get_or_create(slug=collection)
+        uploader = self._uploader(user)
+        if uploader is None:
+            target = services.collection_get_or_create(slug=collection)
+        else:
+            target = selectors.collections_visible(user=uploader).filter(slug=collection).first()
+            if target is None:
+                raise CommandError(f"No collection “{collection}” that {uploader} can write to.")
         outcomes = []
-        for path in tqdm(files, desc="Uploading", unit="file", disable=not files):
+        names: dict[str, str] = {}
+        for path, name in tqdm(files, desc="Uploading", unit="file", disable=not files):
+            shown = services.path_sanitize(name)
+            if shown.casefold() in names:
+                # Two files would become one document, the second replacing the first.
+                outcomes.append(services.UploadOutcome(
+                    filename=str(path), outcome="rejected",
+                    message=f"it would have the same name, {shown!r}, as "
+                            f"{names[shown.casefold()]} in this run; not ingested. Ingest the "
+                            "two folders into different collections, or from a common parent.",
+                ))
+                continue
+            names[shown.casefold()] = str(path)
             outcomes += services.documents_upload(
-                collection=target, filename=path.name, data=path.read_bytes(), queue=not sync
+                collection=target, filename=name, data=path.read_bytes(), queue=not sync,
+                uploaded_by=uploader, keep_folders=True,
             )
         if sync:
             # One batch for everything, so small files share full embedding batches.
             pending = [o.document.pk for o in outcomes if o.outcome in {"created", "updated"}]
             with tqdm(desc="Embedding", unit="chunk", disable=not pending) as bar:
                 services.documents_ingest_batch(document_ids=pending, on_embedded=bar.update)
+        outcomes = services.upload_outcomes_refresh(outcomes=outcomes)
         failures = []
         for outcome in outcomes:
             document = outcome.document
-            if document is not None:
-                document.refresh_from_db()
             if outcome.outcome == "rejected" or (document and document.status == Document.Status.FAILED):
                 failures.append((outcome.filename, outcome.message if outcome.outcome == "rejected"
                                  else document.error_message))
@@ -66,10 +120,27 @@ class Command(BaseCommand):
                   for name in ("created", "updated", "duplicate")}
         verb = "ingested" if sync else "queued"
         self.stdout.write(
-            f"{len(files)} files: {counts['created']} new, {counts['updated']} updated, "
+            f"{len(files)} {'file' if len(files) == 1 else 'files'}: {counts['created']} new, {counts['updated']} updated, "
             f"{counts['duplicate']} duplicates {verb}, {len(failures)} failed."
         )
+        for outcome in outcomes:
+            if outcome.outcome == "updated":
+                self.stdout.write(f"UPDATED {outcome.filename}: replaces the earlier version.")
+            elif outcome.outcome == "duplicate":
+                self.stdout.write(f"DUPLICATE {outcome.filename}: {outcome.message}")
         for name, reason in failures:
             self.stderr.write(f"FAILED {name}: {reason}")
         if failures:
             raise CommandError(f"{len(failures)} file(s) failed.", returncode=1)
+
+    def _uploader(self, username: str | None):
+        if username is None:
+            return None
+        user = get_user_model().objects.filter(username=username, is_active=True).first()
+        if user is None:
+            raise CommandError(f"No active user “{username}”.")
+        try:
+            services.upload_permission_check(user=user)
+        except PermissionDenied as exc:
+            raise CommandError(str(exc)) from None
+        return user
