@@ -72,11 +72,16 @@ def collections_visible(*, user, api_key=None) -> QuerySet[Collection]:
     return Collection.objects.filter(collections_visible_to(user=user, api_key=api_key))
 
 
-def documents_visible(*, user, api_key=None) -> QuerySet[Document]:
-    """Documents in collections the caller may read."""
-    return Document.objects.filter(
-        collection__in=collections_visible(user=user, api_key=api_key)
-    ).select_related("collection")
+def documents_visible(*, user, api_key=None, include_disabled: bool = False) -> QuerySet[Document]:
+    """Documents in collections the caller may read.
+
+    Disabled documents are hidden from every reader path; only the editors' admin (and the
+    usage dashboard beside it) passes include_disabled=True.
+    """
+    documents = Document.objects.filter(collection__in=collections_visible(user=user, api_key=api_key))
+    if not include_disabled:
+        documents = documents.exclude(status=Document.Status.DISABLED)
+    return documents.select_related("collection")
 
 
 def document_get_visible(*, pk: int, user, api_key=None) -> Document:
