@@ -4,24 +4,39 @@ from __future__ import annotations
 
 import uuid
 
-from django.db.models import Exists, OuterRef, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet
 
 from chat.models import Conversation, Message
-from kb.models import Collection, Document
+from kb.models import ApiKey, Collection, Document
 from kb.providers.base import ChatMessage
+from kb.selectors import collections_visible, documents_visible
 from search.selectors import collections_visible_to
 
 
-def conversation_list(*, user) -> QuerySet[Conversation]:
-    """The user's conversations, most recently active first."""
+def conversation_list(*, user, api_key=None) -> QuerySet[Conversation]:
+    """The caller's conversations that its scope still covers, most recently active first.
+
+    A conversation about one collection is listed while the caller (user and key) may read
+    that collection. One over "every collection I can read" may have drawn on any of the
+    user's collections, so a key narrowed to some collections sees it only if that key
+    asked it.
+    """
     if not getattr(user, "is_authenticated", False):
         return Conversation.objects.none()
-    return Conversation.objects.filter(user=user).order_by("-updated_at")
+    in_scope = Q(collection__in=collections_visible(user=user, api_key=api_key))
+    if api_key is None:
+        unscoped = Q(collection__isnull=True)
+    else:
+        narrowed = Exists(ApiKey.collections.through.objects.filter(apikey_id=api_key.pk))
+        unscoped = Q(collection__isnull=True) & (~narrowed | Q(api_key_id=api_key.pk))
+    return Conversation.objects.filter(in_scope | unscoped, user=user).order_by("-updated_at")
 
 
-def conversation_get(*, user, pk: uuid.UUID) -> Conversation | None:
-    """One of the user's conversations, with its collection, or None."""
-    return conversation_list(user=user).select_related("collection").filter(pk=pk).first()
+def conversation_get(*, user, pk: uuid.UUID, api_key=None) -> Conversation | None:
+    """One of the caller's conversations (conversation_list), with its collection, or None."""
+    return (
+        conversation_list(user=user, api_key=api_key).select_related("collection").filter(pk=pk).first()
+    )
 
 
 def message_list(*, conversation: Conversation) -> QuerySet[Message]:
@@ -29,11 +44,41 @@ def message_list(*, conversation: Conversation) -> QuerySet[Message]:
     return Message.objects.filter(conversation=conversation).order_by("created_at")
 
 
-def message_get(*, user, pk: uuid.UUID) -> Message | None:
-    """A message of one of the user's conversations, or None."""
+def message_get(*, user, pk: uuid.UUID, api_key=None) -> Message | None:
+    """A message of one of the caller's conversations (conversation_list), or None."""
     if not getattr(user, "is_authenticated", False):
         return None
-    return Message.objects.filter(pk=pk, conversation__user=user).first()
+    return Message.objects.filter(
+        pk=pk, conversation__in=conversation_list(user=user, api_key=api_key)
+    ).first()
+
+
+def messages_scoped(*, messages, user, api_key=None) -> list[Message]:
+    """The messages with only the citations the caller may read now.
+
+    A citation carries its passage's text; a document that was deleted, disabled, moved
+    or is outside the key's collections must not be read back through an old answer.
+    The instances are changed in memory only, never saved.
+    """
+    messages = list(messages)
+    cited_ids = {
+        citation.get("document_id")
+        for message in messages for citation in (message.citations or [])
+        if isinstance(citation, dict)
+    }
+    readable = set(
+        documents_visible(user=user, api_key=api_key)
+        .filter(pk__in=[pk for pk in cited_ids if isinstance(pk, int)])
+        .values_list("pk", flat=True)
+    )
+    for message in messages:
+        kept = [c for c in (message.citations or [])
+                if isinstance(c, dict) and c.get("document_id") in readable]
+        if len(kept) != len(message.citations or []):
+            numbers = {c.get("n") for c in kept}
+            message.citations = kept
+            message.cited = [n for n in (message.cited or []) if n in numbers]
+    return messages
 
 
 def conversation_history(*, conversation: Conversation, turns: int) -> list[ChatMessage]:
@@ -50,11 +95,11 @@ def conversation_history(*, conversation: Conversation, turns: int) -> list[Chat
     return [ChatMessage(role=role, content=content) for role, content in reversed(rows)]
 
 
-def collections_for_chat(*, user) -> QuerySet[Collection]:
-    """Collections the user may ask about, by name, each flagged `has_ready` if searchable."""
+def collections_for_chat(*, user, api_key=None) -> QuerySet[Collection]:
+    """Collections the caller may ask about, by name, each flagged `has_ready` if searchable."""
     ready = Document.objects.filter(collection=OuterRef("pk"), status=Document.Status.READY)
     return (
-        Collection.objects.filter(collections_visible_to(user=user))
+        Collection.objects.filter(collections_visible_to(user=user, api_key=api_key))
         .annotate(has_ready=Exists(ready))
         .order_by("name")
     )
