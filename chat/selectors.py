@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.contrib.postgres.expressions import ArraySubquery
+from django.contrib.postgres.fields import ArrayField
+from django.db.models import BigIntegerField, Exists, Func, OuterRef, Q, QuerySet
 
-from chat.models import Conversation, Message
+from chat.models import AnswerCacheEntry, Conversation, Message
 from kb.models import ApiKey, Collection, Document
 from kb.providers.base import ChatMessage
 from kb.selectors import collections_visible, documents_visible
@@ -114,3 +116,62 @@ def default_collection_slug(*, collections: list[Collection]) -> str:
     if "demo" in slugs:
         return "demo"
     return slugs[0] if slugs else ""
+
+
+# --- The editors' admin ------------------------------------------------------------------------
+
+
+class CitedDocumentIds(Func):
+    """The document ids in a citations JSON array, as bigint[] (non-arrays give an empty one)."""
+
+    template = (
+        "ARRAY(SELECT (passage ->> 'document_id')::bigint FROM jsonb_array_elements("
+        "CASE WHEN jsonb_typeof(%(expressions)s) = 'array' THEN %(expressions)s "
+        "ELSE '[]'::jsonb END) AS passage "
+        "WHERE jsonb_typeof(passage -> 'document_id') = 'number')"
+    )
+    output_field = ArrayField(BigIntegerField())
+
+
+def _readable_document_ids(*, user) -> ArraySubquery:
+    # The editors' admin shows disabled documents, so their answers stay visible there too.
+    return ArraySubquery(documents_visible(user=user, include_disabled=True).values("pk"))
+
+
+def conversations_for_admin(*, user) -> QuerySet[Conversation]:
+    """Conversations an editor may read in the admin: the document admin's rule.
+
+    A conversation is shown when its collection is one the editor may read (or none) and
+    none of its answers cites a document outside those collections; a deleted document's
+    collection is unknown, so only superusers see answers citing one.
+    """
+    if user.is_superuser:
+        return Conversation.objects.all()
+    outside = (
+        Message.objects.filter(conversation=OuterRef("pk"))
+        .alias(cited_ids=CitedDocumentIds("citations"))
+        .exclude(cited_ids__contained_by=_readable_document_ids(user=user))
+    )
+    return Conversation.objects.filter(
+        Q(collection__isnull=True) | Q(collection__in=collections_visible(user=user)),
+        ~Exists(outside),
+    )
+
+
+def messages_for_admin(*, user) -> QuerySet[Message]:
+    """Messages of the conversations an editor may read (conversations_for_admin)."""
+    if user.is_superuser:
+        return Message.objects.all()
+    return Message.objects.filter(conversation__in=conversations_for_admin(user=user))
+
+
+def answer_cache_entries_for_admin(*, user) -> QuerySet[AnswerCacheEntry]:
+    """Cached answers whose collection and every source document the editor may read."""
+    if user.is_superuser:
+        return AnswerCacheEntry.objects.all()
+    readable = _readable_document_ids(user=user)
+    return AnswerCacheEntry.objects.alias(cited_ids=CitedDocumentIds("citations")).filter(
+        Q(collection__isnull=True) | Q(collection__in=collections_visible(user=user)),
+        source_document_ids__contained_by=readable,
+        cited_ids__contained_by=readable,
+    )

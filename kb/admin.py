@@ -9,7 +9,7 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import F
+from django.db.models import F, Q
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
@@ -164,7 +164,8 @@ class UploadForm(forms.Form):
 class DocumentAdmin(admin.ModelAdmin):
     list_display = ["title_or_name", "collection", "status_badge", "progress", "mime_type",
                     "size", "created_at"]
-    list_filter = ["status", "collection", "mime_type"]
+    # Only collections that appear in the rows shown: the full list would name restricted ones.
+    list_filter = ["status", ("collection", admin.RelatedOnlyFieldListFilter), "mime_type"]
     search_fields = ["title", "original_filename"]
     list_select_related = ["collection"]
     date_hierarchy = "created_at"
@@ -412,6 +413,13 @@ class UsageRecordAdmin(admin.ModelAdmin):
     list_filter = ["kind", "provider", "model", "cache_hit", "status"]
     date_hierarchy = "created_at"
     list_select_related = ["user", "api_key"]
+
+    def get_queryset(self, request):
+        # A record names its document: only those the editor may read, as in the document admin.
+        return super().get_queryset(request).filter(
+            Q(document__isnull=True)
+            | Q(document__in=selectors.documents_visible(user=request.user, include_disabled=True))
+        )
 
     def has_add_permission(self, request):
         return False
