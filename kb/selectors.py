@@ -31,9 +31,9 @@ def _count_of(rows: QuerySet) -> Coalesce:
     return Coalesce(Subquery(rows.annotate(count=Count("pk")).values("count")), 0)
 
 
-def collection_list_with_counts() -> QuerySet[Collection]:
-    """Every collection with its counts (collections_with_counts), by name."""
-    return collections_with_counts(Collection.objects.all()).order_by("name")
+def collection_list_with_counts(*, user) -> QuerySet[Collection]:
+    """The collections the caller may read with their counts (collections_with_counts), by name."""
+    return collections_with_counts(collections_visible(user=user)).order_by("name")
 
 
 def collections_visible_to(*, user, api_key=None) -> Q:
