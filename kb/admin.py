@@ -363,6 +363,9 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
         return f"{obj.chunks_embedded}/{obj.chunks_total} ({100 * obj.chunks_embedded // obj.chunks_total}%)"
 
     def reembed_view(self, request: HttpRequest):
+        # Re-embedding the whole knowledge base is a change to the embedding models.
+        if not self.has_change_permission(request):
+            raise PermissionDenied("Re-embedding needs the “Can change embedding model” permission.")
         form = ReembedForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             try:
