@@ -28,7 +28,7 @@ from tests.fakes.openai_server import FakeOpenAIServer
 pytestmark = pytest.mark.django_db
 
 ROLES = ("superuser", "editor", "user", "narrowed_key", "revoked_key", "deactivated_key",
-         "anonymous")
+         "deactivated_user", "anonymous")
 KEY_ROLES = ("narrowed_key", "revoked_key", "deactivated_key")
 
 # What each role may read. A: user-a's a-private; B: user-b's b-private; D: a disabled
@@ -65,12 +65,19 @@ class Case:
 
 
 def _expect(**by_role) -> dict[str, frozenset[int]]:
-    """Statuses per role: `keys`, `others` and `staff` set groups; a role's own name wins."""
+    """Statuses per role: `keys`, `others` and `staff` set groups; a role's own name wins.
+
+    A deactivated user's session is no session at all, so that role gets what anonymous gets.
+    """
     result = {}
     for role in ROLES:
         group = ("keys" if role in KEY_ROLES else "staff" if role in {"superuser", "editor"}
                  else None)
-        value = by_role.get(role, by_role.get(group, by_role.get("others")))
+        if role == "deactivated_user" and "anonymous" in by_role:
+            role_value = by_role["anonymous"]
+        else:
+            role_value = by_role.get(role)
+        value = role_value if role_value is not None else by_role.get(group, by_role.get("others"))
         assert value is not None, f"no expectation for {role}"
         result[role] = frozenset(value if isinstance(value, set | frozenset) else {value})
     return result
@@ -351,6 +358,7 @@ def _build_world(django_user_model, ingest_one) -> dict:
     revoked, revoked_row = key(user_a, "revoked")
     ApiKey.objects.filter(pk=revoked_row.pk).update(revoked_at=timezone.now())
     deactivated, _ = key(gone, "left the company")
+    gone_session = _session(gone)  # signed in before the account was deactivated
     gone.is_active = False
     gone.save()
     _, key_root = key(root, "root's key")
@@ -369,6 +377,7 @@ def _build_world(django_user_model, ingest_one) -> dict:
             "narrowed_key": Client(HTTP_AUTHORIZATION=f"Bearer {narrowed}"),
             "revoked_key": Client(HTTP_AUTHORIZATION=f"Bearer {revoked}"),
             "deactivated_key": Client(HTTP_AUTHORIZATION=f"Bearer {deactivated}"),
+            "deactivated_user": gone_session,
             "anonymous": Client(),
         },
         "doc_a": doc_a.pk, "doc_b": doc_b.pk, "doc_public": doc_public.pk,
