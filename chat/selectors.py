@@ -21,7 +21,8 @@ def conversation_list(*, user, api_key=None) -> QuerySet[Conversation]:
     A conversation about one collection is listed while the caller (user and key) may read
     that collection. One over "every collection I can read" may have drawn on any of the
     user's collections, so a key narrowed to some collections sees it only if that key
-    asked it.
+    asked it and no answer in it (say, one added later through the web page) cites a
+    document outside the key's collections.
     """
     if not getattr(user, "is_authenticated", False):
         return Conversation.objects.none()
@@ -30,7 +31,17 @@ def conversation_list(*, user, api_key=None) -> QuerySet[Conversation]:
         unscoped = Q(collection__isnull=True)
     else:
         narrowed = Exists(ApiKey.collections.through.objects.filter(apikey_id=api_key.pk))
-        unscoped = Q(collection__isnull=True) & (~narrowed | Q(api_key_id=api_key.pk))
+        in_key_scope = ArraySubquery(
+            documents_visible(user=user, api_key=api_key, include_disabled=True).values("pk")
+        )
+        cites_outside = Exists(
+            Message.objects.filter(conversation=OuterRef("pk"))
+            .alias(cited_ids=CitedDocumentIds("citations"))
+            .exclude(cited_ids__contained_by=in_key_scope)
+        )
+        unscoped = Q(collection__isnull=True) & (
+            ~narrowed | (Q(api_key_id=api_key.pk) & ~cites_outside)
+        )
     return Conversation.objects.filter(in_scope | unscoped, user=user).order_by("-updated_at")
 
 
