@@ -4,7 +4,7 @@ from django.contrib import admin, messages
 from django.db.models import Count
 from django.utils.text import Truncator
 
-from chat import caches
+from chat import caches, selectors
 from chat.models import AnswerCacheEntry, Budget, Conversation, Message
 
 
@@ -44,14 +44,20 @@ class MessageInline(_ReadOnly, admin.TabularInline):
 @admin.register(Conversation)
 class ConversationAdmin(_ReadOnly, admin.ModelAdmin):
     list_display = ["__str__", "user", "api_key", "collection", "message_count", "updated_at"]
-    list_filter = ["collection"]
+    # Only collections that appear in the rows shown: the full list would name restricted ones.
+    list_filter = [("collection", admin.RelatedOnlyFieldListFilter)]
     list_select_related = ["user", "api_key", "collection"]
     search_fields = ["title", "user__username"]
     date_hierarchy = "updated_at"
     inlines = [MessageInline]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(message_total=Count("messages"))
+        # Editors read only what the document admin shows them (collections_visible_to).
+        return (
+            super().get_queryset(request)
+            .filter(pk__in=selectors.conversations_for_admin(user=request.user).values("pk"))
+            .annotate(message_total=Count("messages"))
+        )
 
     @admin.display(description="Messages", ordering="message_total")
     def message_count(self, obj: Conversation) -> int:
@@ -67,6 +73,11 @@ class MessageAdmin(_ReadOnly, admin.ModelAdmin):
     search_fields = ["content"]
     date_hierarchy = "created_at"
 
+    def get_queryset(self, request):
+        return super().get_queryset(request).filter(
+            pk__in=selectors.messages_for_admin(user=request.user).values("pk")
+        )
+
     @admin.display(description="Content")
     def short_content(self, obj: Message) -> str:
         return Truncator(obj.content).chars(100)
@@ -76,11 +87,16 @@ class MessageAdmin(_ReadOnly, admin.ModelAdmin):
 class AnswerCacheEntryAdmin(_ReadOnly, admin.ModelAdmin):
     list_display = ["__str__", "collection", "hits", "cost_usd", "model", "embedding_model",
                     "created_at", "last_hit_at"]
-    list_filter = ["collection", "model"]
+    list_filter = [("collection", admin.RelatedOnlyFieldListFilter), "model"]
     list_select_related = ["collection"]
     search_fields = ["question", "answer"]
     exclude = ["embedding"]
     actions = ["clear"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).filter(
+            pk__in=selectors.answer_cache_entries_for_admin(user=request.user).values("pk")
+        )
 
     @admin.action(description="Clear selected cached answers")
     def clear(self, request, queryset):

@@ -27,6 +27,7 @@ from rest_framework.views import APIView
 from chat import selectors, services
 from chat.models import Conversation, Message
 from kb.authentication import ApiKeyAuthentication
+from kb.models import ApiKey
 from kb.ratelimits import rate_limit_enforce
 
 MAX_MESSAGE_CHARS = 4000
@@ -83,7 +84,11 @@ class ConversationSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(MessageSerializer(many=True))
     def get_messages(self, conversation: Conversation) -> list[dict]:
-        return MessageSerializer(selectors.message_list(conversation=conversation), many=True).data
+        messages = selectors.messages_scoped(
+            messages=selectors.message_list(conversation=conversation),
+            user=self.context["user"], api_key=self.context["api_key"],
+        )
+        return MessageSerializer(messages, many=True).data
 
 
 # --- POST /api/v1/chat -----------------------------------------------------------------------
@@ -275,14 +280,22 @@ async def chat(request: HttpRequest) -> HttpResponse:
 # --- Reading messages and conversations ------------------------------------------------------
 
 
+def _api_key(request: Request) -> ApiKey | None:
+    """The key that authenticated the request (its scope narrows every read), or None."""
+    return request.auth if isinstance(request.auth, ApiKey) else None
+
+
+
 class MessageDetail(APIView):
     """GET /api/v1/chat/messages/<id>: one message, e.g. to load an answer after a disconnect."""
 
     @extend_schema(responses={200: MessageSerializer, 404: OpenApiResponse(description="Not found")})
     def get(self, request: Request, pk: uuid.UUID) -> Response:
-        message = selectors.message_get(user=request.user, pk=pk)
+        api_key = _api_key(request)
+        message = selectors.message_get(user=request.user, pk=pk, api_key=api_key)
         if message is None:
             raise exceptions.NotFound("No such message.")
+        (message,) = selectors.messages_scoped(messages=[message], user=request.user, api_key=api_key)
         return Response(MessageSerializer(message).data)
 
 
@@ -292,7 +305,7 @@ class ConversationList(generics.ListAPIView):
     serializer_class = ConversationListSerializer
 
     def get_queryset(self):
-        return selectors.conversation_list(user=self.request.user)
+        return selectors.conversation_list(user=self.request.user, api_key=_api_key(self.request))
 
 
 class ConversationDetail(APIView):
@@ -301,7 +314,9 @@ class ConversationDetail(APIView):
     @extend_schema(responses={200: ConversationSerializer,
                               404: OpenApiResponse(description="Not found")})
     def get(self, request: Request, pk: uuid.UUID) -> Response:
-        conversation = selectors.conversation_get(user=request.user, pk=pk)
+        api_key = _api_key(request)
+        conversation = selectors.conversation_get(user=request.user, pk=pk, api_key=api_key)
         if conversation is None:
             raise exceptions.NotFound("No such conversation.")
-        return Response(ConversationSerializer(conversation).data)
+        context = {"user": request.user, "api_key": api_key}
+        return Response(ConversationSerializer(conversation, context=context).data)

@@ -72,8 +72,8 @@ def _text(content: Any) -> str:
     return ""
 
 
-def _visible_collection(*, user, slug: str) -> Collection | None:
-    return selectors.collections_for_chat(user=user).filter(slug=slug).first()
+def _visible_collection(*, user, api_key, slug: str) -> Collection | None:
+    return selectors.collections_for_chat(user=user, api_key=api_key).filter(slug=slug).first()
 
 
 @csrf_exempt
@@ -98,7 +98,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     data = serializer.validated_data
     model = data["model"]
     slug = model.removeprefix(MODEL_PREFIX) if model.startswith(MODEL_PREFIX) else None
-    collection = await sync_to_async(_visible_collection)(user=user, slug=slug) if slug else None
+    collection = await sync_to_async(_visible_collection)(user=user, api_key=api_key, slug=slug) if slug else None
     if collection is None:
         return openai_error(
             404, f"The model `{model}` does not exist or you do not have access to it.",
@@ -224,22 +224,22 @@ def _usage(usage: dict) -> dict:
             "total_tokens": prompt + completion}
 
 
-def _models_for(user) -> list[dict]:
+def _models_for(user, api_key) -> list[dict]:
     return [
         {"id": f"{MODEL_PREFIX}{c.slug}", "object": "model",
          "created": int(c.created_at.timestamp()), "owned_by": "kb"}
-        for c in selectors.collections_for_chat(user=user)
+        for c in selectors.collections_for_chat(user=user, api_key=api_key)
     ]
 
 
 @csrf_exempt
 async def models(request: HttpRequest) -> HttpResponse:
-    """GET /v1/models: one model `kb-<slug>` per collection the key's user may read."""
+    """GET /v1/models: one model `kb-<slug>` per collection the key may read."""
     if request.method != "GET":
         return openai_error(405, "Use GET.", code="method_not_allowed")
     auth = await api.authenticate(request, allow_session=False)
     if isinstance(auth, HttpResponse):
         return _from_api_error(auth)
-    user, _ = auth
-    data = await sync_to_async(_models_for)(user=user)
+    user, api_key = auth
+    data = await sync_to_async(_models_for)(user=user, api_key=api_key)
     return JsonResponse({"object": "list", "data": data})

@@ -4,24 +4,52 @@ from __future__ import annotations
 
 import uuid
 
-from django.db.models import Exists, OuterRef, QuerySet
+from django.contrib.postgres.expressions import ArraySubquery
+from django.contrib.postgres.fields import ArrayField
+from django.db.models import BigIntegerField, Exists, Func, OuterRef, Q, QuerySet
 
-from chat.models import Conversation, Message
-from kb.models import Collection, Document
+from chat.models import AnswerCacheEntry, Conversation, Message
+from kb.models import ApiKey, Collection, Document
 from kb.providers.base import ChatMessage
+from kb.selectors import collections_visible, documents_visible
 from search.selectors import collections_visible_to
 
 
-def conversation_list(*, user) -> QuerySet[Conversation]:
-    """The user's conversations, most recently active first."""
+def conversation_list(*, user, api_key=None) -> QuerySet[Conversation]:
+    """The caller's conversations that its scope still covers, most recently active first.
+
+    A conversation about one collection is listed while the caller (user and key) may read
+    that collection. One over "every collection I can read" may have drawn on any of the
+    user's collections, so a key narrowed to some collections sees it only if that key
+    asked it and no answer in it (say, one added later through the web page) cites a
+    document outside the key's collections.
+    """
     if not getattr(user, "is_authenticated", False):
         return Conversation.objects.none()
-    return Conversation.objects.filter(user=user).order_by("-updated_at")
+    in_scope = Q(collection__in=collections_visible(user=user, api_key=api_key))
+    if api_key is None:
+        unscoped = Q(collection__isnull=True)
+    else:
+        narrowed = Exists(ApiKey.collections.through.objects.filter(apikey_id=api_key.pk))
+        in_key_scope = ArraySubquery(
+            documents_visible(user=user, api_key=api_key, include_disabled=True).values("pk")
+        )
+        cites_outside = Exists(
+            Message.objects.filter(conversation=OuterRef("pk"))
+            .alias(cited_ids=CitedDocumentIds("citations"))
+            .exclude(cited_ids__contained_by=in_key_scope)
+        )
+        unscoped = Q(collection__isnull=True) & (
+            ~narrowed | (Q(api_key_id=api_key.pk) & ~cites_outside)
+        )
+    return Conversation.objects.filter(in_scope | unscoped, user=user).order_by("-updated_at")
 
 
-def conversation_get(*, user, pk: uuid.UUID) -> Conversation | None:
-    """One of the user's conversations, with its collection, or None."""
-    return conversation_list(user=user).select_related("collection").filter(pk=pk).first()
+def conversation_get(*, user, pk: uuid.UUID, api_key=None) -> Conversation | None:
+    """One of the caller's conversations (conversation_list), with its collection, or None."""
+    return (
+        conversation_list(user=user, api_key=api_key).select_related("collection").filter(pk=pk).first()
+    )
 
 
 def message_list(*, conversation: Conversation) -> QuerySet[Message]:
@@ -29,11 +57,41 @@ def message_list(*, conversation: Conversation) -> QuerySet[Message]:
     return Message.objects.filter(conversation=conversation).order_by("created_at")
 
 
-def message_get(*, user, pk: uuid.UUID) -> Message | None:
-    """A message of one of the user's conversations, or None."""
+def message_get(*, user, pk: uuid.UUID, api_key=None) -> Message | None:
+    """A message of one of the caller's conversations (conversation_list), or None."""
     if not getattr(user, "is_authenticated", False):
         return None
-    return Message.objects.filter(pk=pk, conversation__user=user).first()
+    return Message.objects.filter(
+        pk=pk, conversation__in=conversation_list(user=user, api_key=api_key)
+    ).first()
+
+
+def messages_scoped(*, messages, user, api_key=None) -> list[Message]:
+    """The messages with only the citations the caller may read now.
+
+    A citation carries its passage's text; a document that was deleted, disabled, moved
+    or is outside the key's collections must not be read back through an old answer.
+    The instances are changed in memory only, never saved.
+    """
+    messages = list(messages)
+    cited_ids = {
+        citation.get("document_id")
+        for message in messages for citation in (message.citations or [])
+        if isinstance(citation, dict)
+    }
+    readable = set(
+        documents_visible(user=user, api_key=api_key)
+        .filter(pk__in=[pk for pk in cited_ids if isinstance(pk, int)])
+        .values_list("pk", flat=True)
+    )
+    for message in messages:
+        kept = [c for c in (message.citations or [])
+                if isinstance(c, dict) and c.get("document_id") in readable]
+        if len(kept) != len(message.citations or []):
+            numbers = {c.get("n") for c in kept}
+            message.citations = kept
+            message.cited = [n for n in (message.cited or []) if n in numbers]
+    return messages
 
 
 def conversation_history(*, conversation: Conversation, turns: int) -> list[ChatMessage]:
@@ -50,11 +108,11 @@ def conversation_history(*, conversation: Conversation, turns: int) -> list[Chat
     return [ChatMessage(role=role, content=content) for role, content in reversed(rows)]
 
 
-def collections_for_chat(*, user) -> QuerySet[Collection]:
-    """Collections the user may ask about, by name, each flagged `has_ready` if searchable."""
+def collections_for_chat(*, user, api_key=None) -> QuerySet[Collection]:
+    """Collections the caller may ask about, by name, each flagged `has_ready` if searchable."""
     ready = Document.objects.filter(collection=OuterRef("pk"), status=Document.Status.READY)
     return (
-        Collection.objects.filter(collections_visible_to(user=user))
+        Collection.objects.filter(collections_visible_to(user=user, api_key=api_key))
         .annotate(has_ready=Exists(ready))
         .order_by("name")
     )
@@ -69,3 +127,62 @@ def default_collection_slug(*, collections: list[Collection]) -> str:
     if "demo" in slugs:
         return "demo"
     return slugs[0] if slugs else ""
+
+
+# --- The editors' admin ------------------------------------------------------------------------
+
+
+class CitedDocumentIds(Func):
+    """The document ids in a citations JSON array, as bigint[] (non-arrays give an empty one)."""
+
+    template = (
+        "ARRAY(SELECT (passage ->> 'document_id')::bigint FROM jsonb_array_elements("
+        "CASE WHEN jsonb_typeof(%(expressions)s) = 'array' THEN %(expressions)s "
+        "ELSE '[]'::jsonb END) AS passage "
+        "WHERE jsonb_typeof(passage -> 'document_id') = 'number')"
+    )
+    output_field = ArrayField(BigIntegerField())
+
+
+def _readable_document_ids(*, user) -> ArraySubquery:
+    # The editors' admin shows disabled documents, so their answers stay visible there too.
+    return ArraySubquery(documents_visible(user=user, include_disabled=True).values("pk"))
+
+
+def conversations_for_admin(*, user) -> QuerySet[Conversation]:
+    """Conversations an editor may read in the admin: the document admin's rule.
+
+    A conversation is shown when its collection is one the editor may read (or none) and
+    none of its answers cites a document outside those collections; a deleted document's
+    collection is unknown, so only superusers see answers citing one.
+    """
+    if user.is_superuser:
+        return Conversation.objects.all()
+    outside = (
+        Message.objects.filter(conversation=OuterRef("pk"))
+        .alias(cited_ids=CitedDocumentIds("citations"))
+        .exclude(cited_ids__contained_by=_readable_document_ids(user=user))
+    )
+    return Conversation.objects.filter(
+        Q(collection__isnull=True) | Q(collection__in=collections_visible(user=user)),
+        ~Exists(outside),
+    )
+
+
+def messages_for_admin(*, user) -> QuerySet[Message]:
+    """Messages of the conversations an editor may read (conversations_for_admin)."""
+    if user.is_superuser:
+        return Message.objects.all()
+    return Message.objects.filter(conversation__in=conversations_for_admin(user=user))
+
+
+def answer_cache_entries_for_admin(*, user) -> QuerySet[AnswerCacheEntry]:
+    """Cached answers whose collection and every source document the editor may read."""
+    if user.is_superuser:
+        return AnswerCacheEntry.objects.all()
+    readable = _readable_document_ids(user=user)
+    return AnswerCacheEntry.objects.alias(cited_ids=CitedDocumentIds("citations")).filter(
+        Q(collection__isnull=True) | Q(collection__in=collections_visible(user=user)),
+        source_document_ids__contained_by=readable,
+        cited_ids__contained_by=readable,
+    )

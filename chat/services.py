@@ -413,7 +413,7 @@ def _turn_start(
             raise ChatInputError(f"There is no collection “{collection_slug}”.", field="collection")
     conversation = None
     if conversation_id:
-        conversation = selectors.conversation_get(user=user, pk=conversation_id)
+        conversation = selectors.conversation_get(user=user, pk=conversation_id, api_key=api_key)
         if conversation is None:
             raise ConversationNotFound("There is no such conversation.")
     budget_check(user=user, api_key=api_key)

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
-from django.db.models import F
+from django.db.models import F, Q
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
@@ -19,7 +19,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import ngettext
 
-from kb import embeddings, selectors, services, tasks
+from kb import api_key_access, embeddings, selectors, services, tasks
 from kb.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel, UsageRecord
 from kb.providers import registry
@@ -174,7 +174,8 @@ class MoveForm(forms.Form):
 class DocumentAdmin(admin.ModelAdmin):
     list_display = ["title_or_name", "collection", "status_badge", "progress", "mime_type",
                     "size", "created_at"]
-    list_filter = ["status", "collection", "mime_type"]
+    # Only collections that appear in the rows shown: the full list would name restricted ones.
+    list_filter = ["status", ("collection", admin.RelatedOnlyFieldListFilter), "mime_type"]
     search_fields = ["title", "original_filename"]
     list_select_related = ["collection"]
     date_hierarchy = "created_at"
@@ -398,6 +399,9 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
         return f"{obj.chunks_embedded}/{obj.chunks_total} ({100 * obj.chunks_embedded // obj.chunks_total}%)"
 
     def reembed_view(self, request: HttpRequest):
+        # Re-embedding the whole knowledge base is a change to the embedding models.
+        if not self.has_change_permission(request):
+            raise PermissionDenied("Re-embedding needs the “Can change embedding model” permission.")
         form = ReembedForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             try:
@@ -449,6 +453,13 @@ class UsageRecordAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     list_select_related = ["user", "api_key"]
 
+    def get_queryset(self, request):
+        # A record names its document: only those the editor may read, as in the document admin.
+        return super().get_queryset(request).filter(
+            Q(document__isnull=True)
+            | Q(document__in=selectors.documents_visible(user=request.user, include_disabled=True))
+        )
+
     def has_add_permission(self, request):
         return False
 
@@ -457,9 +468,21 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
 
 class ApiKeyForm(forms.ModelForm):
+    # Set by ApiKeyAdmin.get_form: the signed-in user who grants the key.
+    granter = None
+
     class Meta:
         model = ApiKey
         fields = ["name", "user", "collections", "rate_limit"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "user" in self.fields:
+            self.fields["user"].queryset = api_key_access.api_key_owners_assignable(user=self.granter)
+            self.fields["user"].initial = self.granter.pk
+        self.fields["collections"].queryset = api_key_access.api_key_collections_grantable(
+            granter=self.granter
+        )
 
     def clean_rate_limit(self) -> str:
         value = self.cleaned_data["rate_limit"].strip()
@@ -472,6 +495,21 @@ class ApiKeyForm(forms.ModelForm):
                 raise forms.ValidationError("Use the form N/s, N/m, N/h or N/d, e.g. 600/m.") from None
         return value
 
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        owner = cleaned.get("user") if "user" in self.fields else self.instance.user
+        collections = cleaned.get("collections")
+        if owner is None or collections is None:
+            return cleaned
+        # A rename or a new rate limit grants nothing; new collections and new keys do.
+        if self.instance.pk and "collections" not in self.changed_data:
+            return cleaned
+        try:
+            api_key_access.api_key_grant_check(granter=self.granter, owner=owner, collections=collections)
+        except api_key_access.ApiKeyGrantError as exc:
+            self.add_error(exc.field if exc.field in self.fields else None, str(exc))
+        return cleaned
+
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
@@ -481,6 +519,20 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_filter = ["revoked_at"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke"]
+
+    def get_queryset(self, request):
+        # Without kb.manage_all_api_keys a staff user sees, edits and revokes only their keys.
+        return super().get_queryset(request).filter(
+            pk__in=api_key_access.api_keys_manageable(user=request.user).values("pk")
+        )
+
+    def get_readonly_fields(self, request, obj=None):
+        # Moving a key to another user would hand them its access; make a new key instead.
+        return [*self.readonly_fields, "user"] if obj is not None else self.readonly_fields
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        return type(form.__name__, (form,), {"granter": request.user})
 
     def save_model(self, request, obj, form, change):
         if not change:
@@ -497,7 +549,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request, queryset):
-        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        count = api_key_access.api_keys_revoke(actor=request.user, keys=queryset)
         self.message_user(request, f"Revoked {count} keys.")
 
 

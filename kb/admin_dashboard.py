@@ -84,7 +84,7 @@ def usage_dashboard(request: HttpRequest) -> HttpResponse:
         return _csv_response(period, daily)
     top_users = dashboard.usage_top_users(period=period)
     top_api_keys = dashboard.usage_top_api_keys(period=period)
-    cited_documents = dashboard.documents_most_cited(period=period)
+    cited_documents = dashboard.documents_most_cited(period=period, user=request.user)
     context = {
         **admin.site.each_context(request),
         "title": "Usage dashboard",

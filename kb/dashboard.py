@@ -18,6 +18,7 @@ from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
 from kb.models import Document, UsageRecord
+from kb.selectors import collections_visible
 
 
 class PercentileCont(Aggregate):
@@ -270,7 +271,7 @@ class CitedDocument:
     exists: bool
 
 
-def documents_most_cited(*, period: Window, limit: int = 10) -> list[CitedDocument]:
+def documents_most_cited(*, period: Window, limit: int = 10, user=None) -> list[CitedDocument]:
     """The documents cited most often by answers in the period.
 
     A citation counts when the answer actually cites it: each assistant message keeps the
@@ -280,12 +281,23 @@ def documents_most_cited(*, period: Window, limit: int = 10) -> list[CitedDocume
     the number of cited passages from the document, `answers` the number of answers citing
     it. Unnested in SQL (`jsonb_array_elements ... WITH ORDINALITY`; the ordinal stands in
     for a missing n) so a period of any size is one query.
+
+    `user` is the viewer: only documents in collections they may read are counted (deleted
+    ones, whose collection is unknown, only for superusers), as in the document admin.
+    None is the system itself (kb_usage).
     """
     try:
         from chat.models import Message
     except ImportError:  # chat is an optional app; without it nothing is cited
         return []
     table = connection.ops.quote_name(Message._meta.db_table)
+    params: list = [Message.Role.ASSISTANT, period.since, period.until]
+    visible_sql = ""
+    if user is not None and not user.is_superuser:
+        visible = Document.objects.filter(
+            collection__in=collections_visible(user=user)).values("pk").query.sql_with_params()
+        visible_sql = f"AND (passage.value ->> 'document_id')::bigint IN ({visible[0]})"
+        params += list(visible[1])
     sql = f"""
         SELECT (passage.value ->> 'document_id')::bigint AS document_id,
                max(passage.value ->> 'document_title') AS title,
@@ -296,19 +308,19 @@ def documents_most_cited(*, period: Window, limit: int = 10) -> list[CitedDocume
             CASE WHEN jsonb_typeof(message.citations) = 'array' THEN message.citations
                  ELSE '[]'::jsonb END
         ) WITH ORDINALITY AS passage(value, ordinal)
-        WHERE message.role = %(role)s
-          AND message.created_at >= %(since)s AND message.created_at < %(until)s
+        WHERE message.role = %s
+          AND message.created_at >= %s AND message.created_at < %s
           AND passage.value ? 'document_id'
           AND jsonb_typeof(message.cited) = 'array'
           AND message.cited @> jsonb_build_array(
                 coalesce((passage.value ->> 'n')::int, passage.ordinal::int))
+          {visible_sql}
         GROUP BY 1
         ORDER BY citations DESC, answers DESC, document_id
-        LIMIT %(limit)s
+        LIMIT %s
     """
     with connection.cursor() as cursor:
-        cursor.execute(sql, {"role": Message.Role.ASSISTANT, "since": period.since,
-                             "until": period.until, "limit": limit})
+        cursor.execute(sql, [*params, limit])
         rows = cursor.fetchall()
     documents = Document.objects.in_bulk([row[0] for row in rows if row[0] is not None])
     result = []
@@ -322,4 +334,3 @@ def documents_most_cited(*, period: Window, limit: int = 10) -> list[CitedDocume
             exists=document is not None,
         ))
     return result
-

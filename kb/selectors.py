@@ -31,9 +31,9 @@ def _count_of(rows: QuerySet) -> Coalesce:
     return Coalesce(Subquery(rows.annotate(count=Count("pk")).values("count")), 0)
 
 
-def collection_list_with_counts() -> QuerySet[Collection]:
-    """Every collection with its counts (collections_with_counts), by name."""
-    return collections_with_counts(Collection.objects.all()).order_by("name")
+def collection_list_with_counts(*, user) -> QuerySet[Collection]:
+    """The collections the caller may read with their counts (collections_with_counts), by name."""
+    return collections_with_counts(collections_visible(user=user)).order_by("name")
 
 
 def collections_visible_to(*, user, api_key=None) -> Q:
@@ -72,11 +72,16 @@ def collections_visible(*, user, api_key=None) -> QuerySet[Collection]:
     return Collection.objects.filter(collections_visible_to(user=user, api_key=api_key))
 
 
-def documents_visible(*, user, api_key=None) -> QuerySet[Document]:
-    """Documents in collections the caller may read."""
-    return Document.objects.filter(
-        collection__in=collections_visible(user=user, api_key=api_key)
-    ).select_related("collection")
+def documents_visible(*, user, api_key=None, include_disabled: bool = False) -> QuerySet[Document]:
+    """Documents in collections the caller may read.
+
+    Disabled documents are hidden from every reader path; only the editors' admin (and the
+    usage dashboard beside it) passes include_disabled=True.
+    """
+    documents = Document.objects.filter(collection__in=collections_visible(user=user, api_key=api_key))
+    if not include_disabled:
+        documents = documents.exclude(status=Document.Status.DISABLED)
+    return documents.select_related("collection")
 
 
 def document_get_visible(*, pk: int, user, api_key=None) -> Document:

@@ -8,8 +8,9 @@ from kb import selectors
 
 
 def home(request: HttpRequest) -> HttpResponse:
-    """The landing page: what this is, and where to go."""
-    return render(request, "kb/home.html", {"collections": selectors.collection_list_with_counts()})
+    """The landing page: what this is, and the collections the visitor may read."""
+    return render(request, "kb/home.html",
+                  {"collections": selectors.collection_list_with_counts(user=request.user)})
 
 
 @login_required
