@@ -58,7 +58,17 @@ def human_size(size: int) -> str:
 class CollectionForm(forms.ModelForm):
     class Meta:
         model = Collection
-        fields = ["name", "slug", "description", "text_search_config", "is_public"]
+        fields = ["name", "slug", "description", "text_search_config", "is_public",
+                  "allowed_users", "allowed_groups"]
+        labels = {"is_public": "Public", "allowed_users": "Users who may read it",
+                  "allowed_groups": "Groups who may read it"}
+        help_texts = {
+            "is_public": "Readable by every signed-in user and API key. Untick to restrict it "
+                         "to the users and groups below (superusers always see it).",
+            "allowed_users": "Only used when the collection is not public.",
+            "allowed_groups": "Only used when the collection is not public; every member "
+                              "of a group chosen here may read it.",
+        }
 
     def clean_text_search_config(self) -> str:
         value = self.cleaned_data["text_search_config"]
@@ -79,6 +89,11 @@ class CollectionAdmin(admin.ModelAdmin):
     prepopulated_fields = {"slug": ["name"]}
 
     filter_horizontal = ["allowed_users", "allowed_groups"]
+    list_filter = ["is_public"]
+    fieldsets = [
+        (None, {"fields": ["name", "slug", "description", "text_search_config"]}),
+        ("Access", {"fields": ["is_public", "allowed_users", "allowed_groups"]}),
+    ]
 
     def get_queryset(self, request):
         return selectors.collections_with_counts(
