@@ -19,7 +19,6 @@ from django.utils.html import format_html
 from django.utils.translation import ngettext
 
 from kb import embeddings, selectors, services, tasks
-from kb.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel, UsageRecord
 from kb.providers import registry
 
@@ -504,7 +503,7 @@ class ApiKeyForm(forms.ModelForm):
 
             try:
                 _split_rate(value)
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, AttributeError):  # AttributeError: no N/unit at all
                 raise forms.ValidationError("Use the form N/s, N/m, N/h or N/d, e.g. 600/m.") from None
         return value
 
@@ -520,9 +519,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if not change:
-            raw_key, obj.prefix = api_key_generate()
-            obj.hashed_key = api_key_hash(raw_key)
-            super().save_model(request, obj, form, change)
+            # The form saves the chosen collections itself (save_related), after this.
+            _, raw_key = services.api_key_create(
+                user=obj.user, name=obj.name, rate_limit=obj.rate_limit, api_key=obj)
             self.message_user(
                 request,
                 f"API key created. Copy it now, it is not shown again: {raw_key}",
