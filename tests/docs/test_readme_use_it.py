@@ -51,6 +51,7 @@ def test_use_it_from_an_account_to_answers(django_user_model, settings):
     }
     account, key_line, search, chat, client = (code for _, code in use_it_blocks())
     assert "create_user('alice')" in account
+    assert "--user alice --collections demo" in key_line  # run below through call_command
     django_user_model.objects.create_user("alice")
     assert bootstrap.demo_corpus_load() == 5
 
