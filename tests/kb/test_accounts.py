@@ -82,3 +82,14 @@ def test_favicon_is_served_from_static(client):
     assert '<link rel="icon" href="/static/kb/favicon.svg"' in page
     response = client.get("/favicon.ico")
     assert response.status_code == 301 and response["Location"] == "/static/kb/favicon.svg"
+
+
+def test_admin_link_is_for_staff_and_visitors(client, reader, django_user_model):
+    """A chat user is not shown a link to an admin that would refuse them; staff are."""
+    client.force_login(reader)
+    assert 'href="/admin/"' not in client.get("/chat/").content.decode()
+    client.force_login(django_user_model.objects.create_user("ed", password="pw-ed-12345",
+                                                             is_staff=True))
+    assert 'href="/admin/"' in client.get("/chat/").content.decode()
+    client.logout()
+    assert 'href="/admin/"' in client.get("/").content.decode()
