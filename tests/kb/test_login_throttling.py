@@ -76,3 +76,15 @@ def test_failures_below_the_limit_do_not_lock(client, accounts):
     for _ in range(LIMIT - 1):
         attempt(client, LOGINS["chat"], "victim", "wrong", "10.0.0.1")
     assert attempt(client, LOGINS["chat"], "victim", "pw-victim-123", "10.0.0.1").status_code == 302
+
+
+def test_pair_policy_locks_only_that_client_on_that_account(client, accounts, settings):
+    """With KB_LOGIN_LOCKOUT_PARAMETERS=username+ip_address, the account still signs in from
+    another client, and the locked client may still sign in to another account."""
+    settings.AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+    for _ in range(LIMIT):
+        attempt(client, LOGINS["chat"], "victim", "wrong", "10.0.0.1")
+    assert attempt(client, LOGINS["chat"], "victim", "pw-victim-123", "10.0.0.1").status_code == 429
+    assert attempt(client, LOGINS["chat"], "other", "pw-other-123", "10.0.0.1").status_code == 302
+    client.logout()
+    assert attempt(client, LOGINS["chat"], "victim", "pw-victim-123", "10.0.0.2").status_code == 302
