@@ -118,8 +118,19 @@ def collections_for_chat(*, user, api_key=None) -> QuerySet[Collection]:
     )
 
 
-def default_collection_slug(*, collections: list[Collection]) -> str:
-    """The collection the chat page starts on: the first with ready documents, else demo."""
+def conversation_last_collection_slug(*, user) -> str | None:
+    """The collection of the user's most recently active conversation, if any."""
+    return (
+        conversation_list(user=user).exclude(collection=None)
+        .values_list("collection__slug", flat=True).first()
+    )
+
+
+def default_collection_slug(*, collections: list[Collection], last_used: str | None = None) -> str:
+    """The collection the chat page starts on: the last one used if still offered, else the
+    first with ready documents, else demo."""
+    if last_used and any(collection.slug == last_used for collection in collections):
+        return last_used
     for collection in collections:
         if getattr(collection, "has_ready", False):
             return collection.slug

@@ -5,6 +5,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from chat import selectors
+from chat.api import MAX_MESSAGE_CHARS
 
 
 @login_required
@@ -13,5 +14,9 @@ def chat_page(request: HttpRequest) -> HttpResponse:
     collections = list(selectors.collections_for_chat(user=request.user))
     return render(request, "chat/chat.html", {
         "collections": collections,
-        "default_collection": selectors.default_collection_slug(collections=collections),
+        "default_collection": selectors.default_collection_slug(
+            collections=collections,
+            last_used=selectors.conversation_last_collection_slug(user=request.user),
+        ),
+        "max_message_chars": MAX_MESSAGE_CHARS,
     })

@@ -20,7 +20,6 @@ from django.utils.html import format_html
 from django.utils.translation import ngettext
 
 from kb import api_key_access, embeddings, selectors, services, tasks
-from kb.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel, UsageRecord
 from kb.providers import registry
 
@@ -31,6 +30,27 @@ def _elapsed(document: Document) -> str:
     end = document.processing_finished_at or timezone.now()
     seconds = max(0, int((end - document.processing_started_at).total_seconds()))
     return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def chunk_count_text(count: int) -> str:
+    return ngettext("%(count)s chunk", "%(count)s chunks", count) % {"count": f"{count:,}"}
+
+
+def document_progress_text(document: Document) -> str:
+    """The progress cell's words: the stage, then chunks once there are any, then the time."""
+    if document.status == Document.Status.FAILED:
+        return document.error_message[:200]
+    elapsed = _elapsed(document)
+    if document.status in {Document.Status.PENDING, Document.Status.PROCESSING}:
+        stage = document.get_stage_display()
+        if document.chunks_total:
+            progress = f"{document.chunks_embedded:,}/{chunk_count_text(document.chunks_total)}"
+            return f"{stage}: {progress}, {elapsed}" if elapsed else f"{stage}: {progress}"
+        return f"{stage}, {elapsed}" if elapsed else stage
+    if not document.chunks_total:
+        return ""
+    embedded = f"{chunk_count_text(document.chunks_total)} embedded"
+    return f"{embedded} in {elapsed}" if elapsed else embedded
 
 
 def document_progress_payload(document: Document) -> dict:
@@ -45,6 +65,8 @@ def document_progress_payload(document: Document) -> dict:
         "elapsed": _elapsed(document),
         "error": document.error_message,
         "active": document.status in {Document.Status.PENDING, Document.Status.PROCESSING},
+        # The cell's text, worded here once (plurals included) for the page and the poller.
+        "text": document_progress_text(document),
     }
 
 
@@ -59,7 +81,17 @@ def human_size(size: int) -> str:
 class CollectionForm(forms.ModelForm):
     class Meta:
         model = Collection
-        fields = ["name", "slug", "description", "text_search_config", "is_public"]
+        fields = ["name", "slug", "description", "text_search_config", "is_public",
+                  "allowed_users", "allowed_groups"]
+        labels = {"is_public": "Public", "allowed_users": "Users who may read it",
+                  "allowed_groups": "Groups who may read it"}
+        help_texts = {
+            "is_public": "Readable by every signed-in user and API key. Untick to restrict it "
+                         "to the users and groups below (superusers always see it).",
+            "allowed_users": "Only used when the collection is not public.",
+            "allowed_groups": "Only used when the collection is not public; every member "
+                              "of a group chosen here may read it.",
+        }
 
     def clean_text_search_config(self) -> str:
         value = self.cleaned_data["text_search_config"]
@@ -80,6 +112,11 @@ class CollectionAdmin(admin.ModelAdmin):
     prepopulated_fields = {"slug": ["name"]}
 
     filter_horizontal = ["allowed_users", "allowed_groups"]
+    list_filter = ["is_public"]
+    fieldsets = [
+        (None, {"fields": ["name", "slug", "description", "text_search_config"]}),
+        ("Access", {"fields": ["is_public", "allowed_users", "allowed_groups"]}),
+    ]
 
     def get_queryset(self, request):
         return selectors.collections_with_counts(
@@ -102,7 +139,8 @@ class CollectionAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         if change and "text_search_config" in form.changed_data:
             count = services.collection_reindex(collection=obj)
-            self.message_user(request, f"Re-indexed {count} chunks with “{obj.text_search_config}”.")
+            self.message_user(
+                request, f"Re-indexed {chunk_count_text(count)} with “{obj.text_search_config}”.")
 
 
 class ChunkInline(admin.TabularInline):
@@ -224,15 +262,9 @@ class DocumentAdmin(admin.ModelAdmin):
     @admin.display(description="Progress")
     def progress(self, obj):
         data = document_progress_payload(obj)
-        if obj.status == Document.Status.FAILED:
-            text = obj.error_message[:200]
-        elif data["active"]:
-            text = f"{data['stage']}: {data['chunks_embedded']}/{data['chunks_total']} chunks, {data['elapsed']}"
-        else:
-            text = f"{obj.chunks_total} chunks embedded in {data['elapsed']}" if obj.chunks_total else ""
         return format_html(
             '<span data-document-progress="{}" data-active="{}">{}</span>',
-            obj.pk, "1" if data["active"] else "0", text,
+            obj.pk, "1" if data["active"] else "0", data["text"],
         )
 
     @admin.display(description="Size", ordering="size_bytes")
@@ -305,15 +337,21 @@ class DocumentAdmin(admin.ModelAdmin):
 
     @admin.action(description="Disable (remove from search, keep)")
     def disable(self, request, queryset):
+        count = 0
         for document in queryset:
             services.document_disable(document=document)
-        self.message_user(request, f"Disabled {queryset.count()} documents.")
+            count += 1
+        self.message_user(request, ngettext("Disabled %d document.", "Disabled %d documents.", count)
+                          % count)
 
     @admin.action(description="Enable (put back into search)")
     def enable(self, request, queryset):
+        count = 0
         for document in queryset.filter(status=Document.Status.DISABLED):
             services.document_enable(document=document)
-        self.message_user(request, "Enabled the selected disabled documents.")
+            count += 1
+        self.message_user(request, ngettext("Enabled %d document.", "Enabled %d documents.", count)
+                          % count)
 
     @admin.action(description="Move to collection…", permissions=["change"])
     def move(self, request, queryset):
@@ -352,8 +390,22 @@ class DocumentAdmin(admin.ModelAdmin):
             services.document_delete(document=document)
 
 
+class SelectWithUnavailable(forms.Select):
+    """A select whose options listed in `unavailable` are shown but cannot be chosen."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unavailable: set[str] = set()
+
+    def create_option(self, name, value, label, selected, index, subindex=None, attrs=None):
+        option = super().create_option(name, value, label, selected, index, subindex, attrs)
+        if value in self.unavailable:
+            option["attrs"]["disabled"] = True
+        return option
+
+
 class ReembedForm(forms.Form):
-    key = forms.ChoiceField(label="Embedding model")
+    key = forms.ChoiceField(label="Embedding model", widget=SelectWithUnavailable)
     activate = forms.BooleanField(
         required=False, initial=True,
         help_text="Switch search to the new model as soon as every chunk has a vector in it.",
@@ -362,11 +414,28 @@ class ReembedForm(forms.Form):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         active = selectors.embedding_model_active()
-        self.fields["key"].choices = [
-            (key, f"{key} — {registry.embedding_entry(key).get('MODEL', '')}")
-            for key in registry.embedding_model_keys()
-            if active is None or key != active.key
-        ]
+        keys = [key for key in registry.embedding_model_keys()
+                if active is None or key != active.key]
+        # A model that cannot work (no API key, say) is listed with the reason, not offered.
+        self.unavailable = {key: reason for key in keys
+                            if (reason := registry.embedding_unavailable_reason(key))}
+        choices = []
+        for key in keys:
+            label = f"{key} — {registry.embedding_entry(key).get('MODEL', '')}"
+            if key in self.unavailable:
+                label += f" (unavailable: {self.unavailable[key]})"
+            choices.append((key, label))
+        self.fields["key"].choices = choices
+        self.fields["key"].widget.unavailable = set(self.unavailable)
+        available = [key for key in keys if key not in self.unavailable]
+        if available:
+            self.fields["key"].initial = available[0]
+
+    def clean_key(self) -> str:
+        key = self.cleaned_data["key"]
+        if key in self.unavailable:
+            raise forms.ValidationError(f"{key} cannot be used: {self.unavailable[key]}.")
+        return key
 
 
 @admin.register(EmbeddingModel)
@@ -440,7 +509,9 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
         for model in queryset:
             try:
                 count = embeddings.embedding_model_drop_vectors(model=model)
-                self.message_user(request, f"Dropped {count} vectors of {model.key}.")
+                self.message_user(request, ngettext(
+                    "Dropped %(count)s vector of %(key)s.", "Dropped %(count)s vectors of %(key)s.",
+                    count) % {"count": f"{count:,}", "key": model.key})
             except embeddings.EmbeddingModelError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
 
@@ -491,7 +562,7 @@ class ApiKeyForm(forms.ModelForm):
 
             try:
                 _split_rate(value)
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, AttributeError):  # AttributeError: no N/unit at all
                 raise forms.ValidationError("Use the form N/s, N/m, N/h or N/d, e.g. 600/m.") from None
         return value
 
@@ -536,9 +607,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if not change:
-            raw_key, obj.prefix = api_key_generate()
-            obj.hashed_key = api_key_hash(raw_key)
-            super().save_model(request, obj, form, change)
+            # The form saves the chosen collections itself (save_related), after this.
+            _, raw_key = services.api_key_create(
+                user=obj.user, name=obj.name, rate_limit=obj.rate_limit, api_key=obj)
             self.message_user(
                 request,
                 f"API key created. Copy it now, it is not shown again: {raw_key}",

@@ -16,6 +16,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.utils import timezone
+from django.utils.translation import ngettext
 
 from kb import charts, dashboard
 from kb.charts import Series
@@ -116,6 +117,7 @@ def _daily_charts(period: dashboard.Period, daily: list[dashboard.UsageSummary])
         "cost": charts.bar_chart(
             title="Cost per day (USD)", x_labels=labels,
             series=[Series("Cost", [d.cost_usd for d in daily])], value_format=charts.format_usd,
+            zero_note=_free_calls_note(sum(d.model_calls for d in daily)),
         ),
         "tokens": charts.bar_chart(
             title="Tokens per day by model", x_labels=labels,
@@ -145,6 +147,14 @@ def _daily_charts(period: dashboard.Period, daily: list[dashboard.UsageSummary])
             series=[Series("Saved", [d.saved_cost_usd for d in daily])],
         ),
     }
+
+
+def _free_calls_note(calls: int) -> str:
+    # Local models record their calls at $0: a blank chart would read as "nothing happened".
+    if not calls:
+        return ""
+    return ngettext("%(calls)s model call, at no cost", "%(calls)s model calls, all at no cost",
+                    calls) % {"calls": f"{calls:,}"}
 
 
 def _spenders_chart(title: str, spenders: list[dashboard.TopSpender]):

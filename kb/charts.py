@@ -244,14 +244,24 @@ def bar_chart(
     value_format: Formatter = format_number,
     width: int = 720,
     height: int = 260,
+    zero_note: str = "",
 ) -> SafeString:
-    """Vertical bars per x label: stacked series (a total split by part) or side by side."""
+    """Vertical bars per x label: stacked series (a total split by part) or side by side.
+
+    `zero_note` is what to say when there were events but every value is 0 (calls to
+    local models cost $0): the axes are drawn with the note, not "No data".
+    """
     frame = _Frame(width, height)
     data = [[v or 0.0 for v in _floats(s.values)] for s in series]
     chart_id = _chart_id(title, tuple(x_labels), tuple((s.name, tuple(s.values)) for s in series),
-                         stacked)
+                         stacked, zero_note)
     parts = _open(frame, title, chart_id, f"Bar chart of {', '.join(s.name for s in series)} "
-                  f"over {len(x_labels)} points.")
+                  f"over {len(x_labels)} points." + (f" {zero_note}." if zero_note else ""))
+    if x_labels and data and zero_note and not any(v for values in data for v in values):
+        parts += _y_axis(frame, nice_ticks(0), y_label, value_format)
+        band = frame.plot_width / len(x_labels)
+        parts += _x_labels(frame, x_labels, [frame.left + band * (i + 0.5) for i in range(len(x_labels))])
+        return _empty(frame, parts, zero_note)
     if not x_labels or not data or not any(v for values in data for v in values):
         return _empty(frame, parts, "No data for this period")
     if stacked:

@@ -243,6 +243,9 @@ def chunks_missing_embedding(*, model: EmbeddingModel):
 
 def reembed_start(*, key: str) -> EmbeddingModel:
     """Register the model for key and mark it building; the caller queues reembed_run."""
+    reason = registry.embedding_unavailable_reason(key)
+    if reason:
+        raise EmbeddingModelError(f"{key} cannot be used: {reason}.")
     model = embedding_model_register(key=key)
     if model.is_active:
         raise EmbeddingModelError(f"{key} is already the active embedding model.")

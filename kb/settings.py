@@ -120,6 +120,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "django_q",
     "corsheaders",
+    "axes",
     "kb",
     "search",
     "chat",
@@ -137,6 +138,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "kb.urls"
@@ -219,7 +222,43 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
-LOGIN_URL = "/admin/login/"
+# Chat users sign in on the site's own page; the admin keeps its login for staff.
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/chat/"
+LOGOUT_REDIRECT_URL = "login"
+
+# Login throttling (django-axes, docs/DEPLOY.md) for the admin login and the chat sign-in.
+# AxesStandaloneBackend refuses a locked-out client or account before any password check;
+# failed attempts are kept in the database, so every web process sees the same counts.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_ENABLED = env_bool("KB_LOGIN_THROTTLE", True)
+AXES_FAILURE_LIMIT = env_int("KB_LOGIN_FAILURE_LIMIT", 5)
+# Hours; the lock lifts by itself after this (0: only an admin's `axes_reset` lifts it).
+_login_cooloff = env_float("KB_LOGIN_COOLOFF_HOURS", 0.25)
+AXES_COOLOFF_TIME = _login_cooloff or None
+# Each entry is counted on its own: "ip_address" throttles a client trying many accounts,
+# "username" an account tried from many clients; "username+ip_address" counts the pair only.
+AXES_LOCKOUT_PARAMETERS = [
+    entry.split("+") if "+" in entry else entry
+    for entry in env_list("KB_LOGIN_LOCKOUT_PARAMETERS", "ip_address,username")
+]
+if not AXES_LOCKOUT_PARAMETERS or any(
+    part not in {"ip_address", "username", "user_agent"}
+    for entry in AXES_LOCKOUT_PARAMETERS
+    for part in ([entry] if isinstance(entry, str) else entry)
+):
+    raise ImproperlyConfigured(
+        "KB_LOGIN_LOCKOUT_PARAMETERS lists ip_address, username or user_agent, "
+        "or pairs such as username+ip_address."
+    )
+# A success does not wipe the failures: else signing in to one's own account from time to
+# time would reset a client's count while it guesses other accounts' passwords.
+AXES_RESET_ON_SUCCESS = False
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env_str("TIME_ZONE", "UTC")
 USE_I18N = True

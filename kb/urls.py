@@ -1,7 +1,10 @@
 """URL map: the admin, the API, the chat page, health probes."""
 
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.templatetags.static import static
 from django.urls import include, path
+from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from kb import health, views
@@ -11,6 +14,11 @@ urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", include("kb.metrics_urls")),
+    # Chat users' sign-in; LOGIN_REDIRECT_URL (/chat/) unless a safe `next` is given.
+    path("accounts/login/", auth_views.LoginView.as_view(redirect_authenticated_user=True),
+         name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("favicon.ico", RedirectView.as_view(url=static("kb/favicon.svg"), permanent=True)),
     path("admin/usage/", include("kb.dashboard_urls")),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),

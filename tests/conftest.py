@@ -12,10 +12,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(autouse=True)
 def _isolated_settings(settings, tmp_path):
-    """Tasks run inline, uploads go to a temporary media root, rate limits stay out of the way."""
+    """Tasks run inline, uploads go to a temporary media root, rate limits stay out of the way.
+
+    Login throttling (django-axes) is off too: its backend refuses the test client's
+    `login()`, which authenticates without a request, and tests that sign in many times
+    must not lock each other out. tests/kb/test_login_throttling.py turns it back on.
+    """
     settings.KB_TASKS_SYNC = True
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.RATELIMIT_ENABLE = False
+    settings.AXES_ENABLED = False
 
 
 @pytest.fixture

@@ -74,6 +74,11 @@ class EmbeddingBackend(ABC):
         self.model = model
         self.options = options
 
+    @classmethod
+    def unavailable_reason(cls, entry: dict) -> str | None:
+        """Why a KB_PROVIDERS entry for this backend cannot work, known without calling it."""
+        return None
+
     @property
     @abstractmethod
     def dimensions(self) -> int:

@@ -57,6 +57,13 @@ class OpenAIEmbeddings(EmbeddingBackend):
     provider_name = "openai"
     remote = True
 
+    @classmethod
+    def unavailable_reason(cls, entry: dict) -> str | None:
+        """api.openai.com refuses every call without a key; a compatible server may not."""
+        if not entry.get("api_key") and not entry.get("base_url"):
+            return "OPENAI_API_KEY is not set (nor OPENAI_BASE_URL for a compatible server)"
+        return None
+
     def __init__(self, *, model: str, **options: Any) -> None:
         super().__init__(model=model, **options)
         self.base_url: str = options.get("base_url") or DEFAULT_BASE_URL

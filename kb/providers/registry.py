@@ -55,6 +55,18 @@ def embedding_entry(key: str) -> dict:
         raise ImproperlyConfigured(f"Unknown embedding model {key!r}; configured: {known}.") from None
 
 
+def embedding_unavailable_reason(key: str) -> str | None:
+    """Why the embedding model for key cannot work as configured, or None; builds nothing."""
+    entry = embedding_entry(key)
+    try:
+        backend_class = import_string(entry["BACKEND"])
+    except (ImportError, KeyError, TypeError) as exc:
+        return f"its backend cannot be imported ({exc})"
+    if not (isinstance(backend_class, type) and issubclass(backend_class, EmbeddingBackend)):
+        return f"{entry['BACKEND']} is not an embedding backend"
+    return backend_class.unavailable_reason(entry)
+
+
 def embedding_backend(key: str) -> EmbeddingBackend:
     """The backend for an embedding model key (see KB_PROVIDERS['embedding'])."""
     entry = embedding_entry(key)

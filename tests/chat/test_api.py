@@ -327,7 +327,7 @@ def test_chat_page_redirects_anonymous_users_to_login():
     response = Client().get("/chat/")
 
     assert response.status_code == 302
-    assert response["Location"] == "/admin/login/?next=/chat/"
+    assert response["Location"] == "/accounts/login/?next=/chat/"
 
 
 def test_chat_page_offers_visible_collections(client, corpus):

@@ -81,3 +81,13 @@ def test_nice_ticks_and_formats():
     assert charts.format_number(12_345) == "12.3k"
     assert charts.format_usd(0.00027) == "$0.0003"
     assert charts.format_percent(0.125) == "12%"
+
+
+def test_zero_valued_bars_with_events_show_the_note_not_no_data():
+    """Calls that all cost $0 draw the axes and say how many calls there were."""
+    svg = charts.bar_chart(title="Cost", x_labels=["a", "b"], series=[Series("Cost", [0, 0])],
+                           value_format=charts.format_usd, zero_note="245 model calls, all at no cost")
+    shown = texts(parse(svg))
+    assert "245 model calls, all at no cost" in shown
+    assert "No data for this period" not in shown
+    assert {"a", "b", "$0"} <= set(shown)

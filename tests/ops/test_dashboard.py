@@ -155,3 +155,18 @@ def test_csv_export_of_daily_aggregates(admin_client, ledger):
     assert Decimal(rows[-1]["cost_usd"]) == 5 * CALL_COST
     assert rows[-1]["chat_latency_p95_ms"] == "880.0"
     assert rows[1]["calls"] == "0" and rows[1]["chat_latency_p50_ms"] == ""
+
+
+def test_cost_chart_counts_free_calls_instead_of_saying_no_data(admin_client, db):
+    """Local models record calls at $0: the cost chart says how many calls there were."""
+    from kb.models import UsageRecord
+    from tests.ops.conftest import record
+
+    for _ in range(3):
+        record(kind=UsageRecord.Kind.EMBEDDING, provider="local", model="all-MiniLM-L6-v2",
+               input_tokens=50, latency_ms=12)
+    page = admin_client.get(reverse("usage-dashboard")).content.decode()
+    cost_chart = page[page.index("Cost per day (USD)"):]
+    cost_chart = cost_chart[:cost_chart.index("</svg>")]
+    assert "3 model calls, all at no cost" in cost_chart
+    assert "No data for this period" not in cost_chart

@@ -9,8 +9,8 @@ with a real API key of an ordinary user. Two checks run on every response:
 - `response_schema_conformance`: a documented status code comes with a body that matches
   its documented schema.
 
-POST /api/v1/chat is a plain async Django view, described by chat.schema's postprocessing
-hook; it is fuzzed non-streaming (`stream` is always false, as an SSE body cannot be
+POST /api/v1/chat and /v1 (OpenAI-compatible) are plain async Django views, described by
+chat.schema's postprocessing hook; the two chat operations are fuzzed non-streaming (`stream` is always false, as an SSE body cannot be
 validated against a JSON schema). Every failure is collected, per operation, with
 schemathesis' reproduction (a curl command), and reported together.
 
@@ -145,7 +145,7 @@ def fuzz_operation(operation, mode: GenerationMode, *, url: str, headers: dict[s
               suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case):
-        if label == "POST /api/v1/chat" and isinstance(case.body, dict):
+        if label in {"POST /api/v1/chat", "POST /v1/chat/completions"} and isinstance(case.body, dict):
             case.body["stream"] = False  # an SSE body has no JSON schema to check
         response = case.call(base_url=url, headers=headers, timeout=60)
         statuses[response.status_code] += 1

@@ -11,6 +11,7 @@
     list: $('[data-testid="message-list"]'),
     form: $(".composer"),
     input: $('[data-testid="question-input"]'),
+    counter: $('[data-testid="question-counter"]'),
     send: $('[data-testid="send-button"]'),
     stop: $('[data-testid="stop-button"]'),
     newChat: $('[data-testid="new-chat-button"]'),
@@ -60,10 +61,18 @@
     return response.json();
   }
 
-  // A non-2xx response is JSON {"error": {"code", "message"}}; fall back to the status line.
+  // A non-2xx response is JSON {"error": {"code", "message", "fields"?}}; a validation error's
+  // reasons are in its fields, so those are shown. Else the status line.
   async function errorText(response) {
     try {
       const body = await response.json();
+      const fields = body && body.error && body.error.fields;
+      if (fields && typeof fields === "object" && Object.keys(fields).length) {
+        return Object.entries(fields).map(([name, reasons]) => {
+          const text = [].concat(reasons).join(" ");
+          return name === "message" || name === "non_field_errors" ? text : `${name}: ${text}`;
+        }).join(" ");
+      }
       if (body && body.error && body.error.message) return body.error.message;
       if (body && body.detail) return String(body.detail);
     } catch (e) { /* not JSON */ }
@@ -321,6 +330,11 @@
         const text = await errorText(response);
         showNotice(bubble, "error", text, response.status >= 500 ? [["Retry", retry]] : []);
         setStatus(bubble, "error");
+        // A refused question goes back into the composer, so fixing it loses nothing.
+        if (response.status < 500 && !els.input.value) {
+          els.input.value = message;
+          autosize();
+        }
         return;
       }
       const reader = response.body.getReader();
@@ -501,9 +515,16 @@
 
   // --- Wiring ---------------------------------------------------------------------------------
 
+  const maxChars = Number(els.counter && els.counter.dataset.max) || 0;
+  const formatNumber = (n) => n.toLocaleString("en-US");
+
   function autosize() {
     els.input.style.height = "auto";
     els.input.style.height = `${Math.min(els.input.scrollHeight, 200)}px`;
+    if (!els.counter || !maxChars) return;
+    const length = els.input.value.length;
+    els.counter.textContent = `${formatNumber(length)} / ${formatNumber(maxChars)} characters`;
+    els.counter.classList.toggle("near-limit", length >= maxChars * 0.9);
   }
 
   function submit() {
@@ -545,9 +566,16 @@
     e.preventDefault();
   });
 
-  // ?collection=<slug> (links from the home page) wins over the server's default.
-  const wanted = new URLSearchParams(window.location.search).get("collection") || root.dataset.defaultCollection;
-  if (wanted && [...els.collection.options].some((o) => o.value === wanted)) els.collection.value = wanted;
+  // ?collection=<slug> (links from the home page) wins; then the one last chosen in this
+  // browser; then the server's default (the collection of the user's last conversation).
+  const STORED_COLLECTION = "kb.chat.collection";
+  const stored = () => { try { return window.localStorage.getItem(STORED_COLLECTION); } catch (e) { return null; } };
+  const offered = (slug) => slug && [...els.collection.options].some((o) => o.value === slug);
+  const wanted = [new URLSearchParams(window.location.search).get("collection"), stored(), root.dataset.defaultCollection].find(offered);
+  if (wanted) els.collection.value = wanted;
+  els.collection.addEventListener("change", () => {
+    try { window.localStorage.setItem(STORED_COLLECTION, els.collection.value); } catch (e) { /* private mode */ }
+  });
 
   setStreaming(false);
   autosize();

@@ -1,0 +1,59 @@
+"""manage.py kb_apikey create --user NAME [--collections SLUG ...]: issue an API key."""
+
+from __future__ import annotations
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from kb import services
+from kb.models import Collection
+
+
+class Command(BaseCommand):
+    help = ("Create an API key for a user and print it once (only its hash is stored). "
+            "The key goes to stdout alone, so KEY=$(manage.py kb_apikey create --user NAME) works.")
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        actions = parser.add_subparsers(dest="action", required=True, metavar="create")
+        create = actions.add_parser("create", help="Create a key and print it once.",
+                                    description="Create a key and print it once.")
+        create.add_argument("--user", required=True, dest="username",
+                            help="The user the key acts as; it reads what they may read.")
+        create.add_argument("--collections", nargs="+", default=[], metavar="SLUG",
+                            help="Narrow the key to these collections (default: all the user's).")
+        create.add_argument("--name", default="", help="A label to tell keys apart in the admin.")
+        create.add_argument("--rate-limit", default="",
+                            help="This key's own limit, e.g. 600/m (default: KB_RATELIMIT_*).")
+
+    def handle(self, *args, **options) -> None:
+        user_model = get_user_model()
+        try:
+            user = user_model.objects.get(**{user_model.USERNAME_FIELD: options["username"]})
+        except user_model.DoesNotExist:
+            raise CommandError(f"No user named {options['username']!r}.") from None
+        if not user.is_active:
+            raise CommandError(f"{options['username']} is deactivated; a key of theirs would be refused.")
+        slugs = list(dict.fromkeys(options["collections"]))
+        collections = list(Collection.objects.filter(slug__in=slugs))
+        missing = sorted(set(slugs) - {collection.slug for collection in collections})
+        if missing:
+            raise CommandError(f"No collection with the slug: {', '.join(missing)}.")
+        rate_limit = options["rate_limit"].strip()
+        if rate_limit:
+            from django_ratelimit.core import _split_rate
+
+            try:
+                _split_rate(rate_limit)
+            except (ValueError, KeyError, AttributeError):  # AttributeError: no N/unit at all
+                raise CommandError("--rate-limit takes N/s, N/m, N/h or N/d, e.g. 600/m.") from None
+        try:
+            api_key, raw_key = services.api_key_create(
+                user=user, name=options["name"] or f"{user.get_username()} (command line)",
+                collections=collections, rate_limit=rate_limit,
+            )
+        except services.ApiKeyError as exc:
+            raise CommandError(str(exc)) from None
+        scope = ", ".join(c.slug for c in collections) or "every collection the user may read"
+        self.stderr.write(f"Created API key {api_key.prefix}… for {user.get_username()} ({scope}). "
+                          "Copy it now, it is not shown again:")
+        self.stdout.write(raw_key)
