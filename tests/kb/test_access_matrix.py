@@ -165,11 +165,17 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
          "&term=private", ADMIN_ONLY),
     ],
     "admin/jsi18n/": [("/admin/jsi18n/", ADMIN_ONLY)],
-    "admin/^(?P<app_label>auth|django_q|kb|chat)/$": [
+    "admin/^(?P<app_label>auth|django_q|axes|kb|chat)/$": [
         ("/admin/kb/", ADMIN_ONLY), ("/admin/chat/", ADMIN_ONLY),
         ("/admin/auth/", _expect(superuser=200, editor=404, others=302)),
         ("/admin/django_q/", _expect(superuser=200, editor=404, others=302)),
+        ("/admin/axes/", _expect(superuser=200, editor=404, others=302)),
     ],
+    # The chat users' sign-in page: signed-in users are sent on to the chat.
+    "accounts/login/": [("/accounts/login/", _expect(superuser=302, editor=302, user=302,
+                                                     others=200))],
+    "accounts/logout/": [("/accounts/logout/", _expect(others=405))],
+    "favicon.ico": [("/favicon.ico", _expect(others=301))],
     "admin/(?P<url>.*)$": [("/admin/no-such-page/", _expect(staff=404, others=302))],
     "admin/r/<path:content_type_id>/<path:object_id>/": [
         # Redirects to the document's source page, which applies the reader's access.
@@ -235,6 +241,13 @@ ADMIN_MODELS: dict[str, list[tuple[str, dict, dict]]] = {
                      ("{answer_b_general}", _READ_ONLY, {**_HIDDEN, "change": 200,
                                                          "history": 200})],
     "chat.answercacheentry": [("{cache_a}", _READ_ONLY, _HIDDEN)],
+    # django-axes' login records (no rows exist): superusers only, never added by hand.
+    "axes.accessattempt": [("0", {**_FULL, "add": 403, "change": 302, "history": 302,
+                                  "delete": 302}, {**_NO_PERM, "history": 302})],
+    "axes.accesslog": [("0", {**_FULL, "add": 403, "change": 302, "history": 302,
+                              "delete": 302}, {**_NO_PERM, "history": 302})],
+    "axes.accessfailurelog": [("0", {**_FULL, "add": 403, "change": 302, "history": 302,
+                                     "delete": 302}, {**_NO_PERM, "history": 302})],
 }
 _ADMIN_VIEWS = {"changelist": "", "add": "add/", "change": "<path:object_id>/change/",
                 "history": "<path:object_id>/history/", "delete": "<path:object_id>/delete/",
