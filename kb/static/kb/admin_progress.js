@@ -25,9 +25,8 @@
       if (!progress) return;
       const wasActive = progress.dataset.active === "1";
       progress.dataset.active = doc.active ? "1" : "0";
-      if (doc.status === "failed") progress.textContent = doc.error;
-      else if (doc.active) progress.textContent = `${doc.stage}: ${doc.chunks_embedded}/${doc.chunks_total} chunks, ${doc.elapsed}`;
-      else progress.textContent = doc.chunks_total ? `${doc.chunks_total} chunks embedded in ${doc.elapsed}` : "";
+      // Worded by the server (plurals, a queued document without chunks yet), as on page load.
+      progress.textContent = doc.text;
       if (wasActive && !doc.active && root.dataset.reloadHint) {
         // The document page lists chunks and the extracted text, which only a reload shows.
         const link = document.createElement("a");
