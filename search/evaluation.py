@@ -214,6 +214,51 @@ def eval_collection_prepare(
     return result
 
 
+def eval_collection_check(*, dataset: BeirDataset, prepared: EvalCollection) -> list[str]:
+    """What would make the figures meaningless, read from the database as it is now.
+
+    Every corpus entry must stand behind a ready document, every ready document must have
+    searchable chunks, the BM25 statistics must count exactly those chunks, and each
+    must have a vector from the active model. Figures computed over less are not the
+    dataset's, whatever the process did before; kb_eval refuses to report them.
+    """
+    from django.db.models import Exists, OuterRef
+
+    from kb.models import Chunk, ChunkEmbedding
+    from search.models import CollectionStatistic
+
+    collection = prepared.collection
+    problems = []
+    mapped = {doc_id for doc_ids in prepared.doc_ids_by_document.values() for doc_id in doc_ids}
+    expected = {entry.doc_id for entry in dataset.corpus if entry.data.strip()}
+    # Uploads that were rejected name the corpus id; ingestion failures the file, <id>.txt.
+    failed = {Path(name).stem for name, _ in prepared.failures} | {name for name, _ in prepared.failures}
+    unmapped = expected - mapped - failed
+    if unmapped:
+        problems.append(f"{len(unmapped)} of {len(expected)} corpus entries have no ready document "
+                        f"in {collection.slug} (e.g. {sorted(unmapped)[:3]})")
+    searchable = Chunk.objects.filter(collection=collection, searchable=True)
+    without_chunks = Document.objects.filter(collection=collection, status=Document.Status.READY).exclude(
+        Exists(searchable.filter(document=OuterRef("pk")))
+    ).count()
+    if without_chunks:
+        problems.append(f"{without_chunks} ready documents of {collection.slug} have no searchable chunks")
+    indexed = searchable.exclude(search_vector=None).count()
+    statistic = CollectionStatistic.objects.filter(collection=collection).values_list(
+        "chunk_count", flat=True).first() or 0
+    if statistic != indexed:
+        problems.append(f"the BM25 statistics of {collection.slug} count {statistic} chunks, "
+                        f"but {indexed} are searchable")
+    model = EmbeddingModel.objects.filter(is_active=True).first()
+    if model is not None:
+        unembedded = searchable.exclude(Exists(ChunkEmbedding.objects.filter(
+            chunk=OuterRef("pk"), embedding_model=model))).count()
+        if unembedded:
+            problems.append(f"{unembedded} searchable chunks of {collection.slug} have no "
+                            f"{model.key} vector")
+    return problems
+
+
 def _stored_fingerprint(collection: Collection) -> str:
     for line in collection.description.splitlines():
         if line.startswith(FINGERPRINT_PREFIX):
