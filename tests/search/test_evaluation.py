@@ -95,3 +95,21 @@ def test_a_collection_with_ready_documents_missing_from_search_is_refused(beir_d
     with pytest.raises(CommandError, match="2 ready documents of beir-tinybeir have no searchable chunks"):
         evaluate(beir_dir, tmp_path, "second")
     assert not (tmp_path / "second.json").exists()
+
+
+@pytest.mark.slow
+def test_documents_replaced_after_preparation_are_still_scored(beir_dir, other_collections):
+    """The hits are mapped through the documents as they are when a mode runs: documents
+    replaced since the collection was prepared (new ids, same texts) still count."""
+    from search import evaluation
+
+    dataset = evaluation.beir_dataset_load(path=beir_dir)
+    prepared = evaluation.eval_collection_prepare(dataset=dataset)
+    collection = prepared.collection
+    for document in Document.objects.filter(collection=collection):
+        services.document_delete(document=document)
+    evaluation.eval_collection_prepare(dataset=dataset)  # another process, or another run
+
+    result = evaluation.mode_evaluate(dataset=dataset, prepared=prepared, mode="bm25")
+
+    assert result.metrics["recall@100"] == 1.0, result.metrics
