@@ -260,6 +260,15 @@ def eval_collection_check(*, dataset: BeirDataset, prepared: EvalCollection) -> 
     if statistic != indexed:
         problems.append(f"the BM25 statistics of {collection.slug} count {statistic} chunks, "
                         f"but {indexed} are searchable")
+    # Every chunk with a lexeme must have its postings (the BM25 index the queries read).
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(DISTINCT chunk_id) FROM search_posting WHERE collection_id = %s",
+                       [collection.pk])
+        (posted,) = cursor.fetchone()
+    worded = searchable.filter(search_length__gt=0).count()
+    if posted != worded:
+        problems.append(f"{worded} searchable chunks of {collection.slug} have words, "
+                        f"but {posted} have BM25 postings")
     model = EmbeddingModel.objects.filter(is_active=True).first()
     if model is not None:
         unembedded = searchable.exclude(Exists(ChunkEmbedding.objects.filter(

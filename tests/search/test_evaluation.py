@@ -113,3 +113,16 @@ def test_documents_replaced_after_preparation_are_still_scored(beir_dir, other_c
     result = evaluation.mode_evaluate(dataset=dataset, prepared=prepared, mode="bm25")
 
     assert result.metrics["recall@100"] == 1.0, result.metrics
+
+
+@pytest.mark.slow
+def test_a_collection_whose_postings_are_missing_is_refused(beir_dir, other_collections, tmp_path):
+    """BM25 reads postings, not chunks: chunks without their postings are named, not scored."""
+    from search.models import Posting
+
+    evaluate(beir_dir, tmp_path, "first")
+    chunk = Chunk.objects.filter(collection__slug="beir-tinybeir", searchable=True).first()
+    Posting.objects.filter(chunk_id=chunk.pk).delete()
+
+    with pytest.raises(CommandError, match=r"have words, but \d+ have BM25 postings"):
+        evaluate(beir_dir, tmp_path, "second")
