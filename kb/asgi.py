@@ -3,27 +3,52 @@
 import os
 
 import django
-from asgiref.sync import sync_to_async
+from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.conf import settings
-from django.core.handlers import asgi
+from django.core.handlers import asgi, base
+from django.urls import Resolver404, get_resolver
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kb.settings")
 
 
 class ASGIHandler(asgi.ASGIHandler):
-    """Django's ASGI handler, with the middleware chain entered once per request.
+    """Django's ASGI handler, with sync views' middleware chain entered once per request.
 
     Django builds the chain for async under ASGI, and then every hook of a MiddlewareMixin
     (all of Django's own middleware are) is a thread hop of its own: about fifteen a
     request, 3 of the 5 ms a health check took on the benchmark machine. Built for sync,
-    the chain and a sync view (every DRF view) run in one hop. Async views (chat's
-    streams) are run on the event loop through async_to_sync, and their bodies are still
-    streamed by the ASGI handler, outside the chain.
+    the chain and a sync view (every DRF view) run in one hop.
+
+    An async view (chat's streams) is not sent through that sync chain: there Django runs
+    it through async_to_sync, from the request's thread back onto the event loop, and
+    every sync_to_async call inside it (the chat's database work before the first token)
+    crosses back and forth through that thread; the chat's p95 time to first token went
+    over its goal (docs/CHAT.md). Each request's view is resolved first, and an async view gets
+    Django's own async chain, on the event loop, as with the stock handler.
     """
 
     def load_middleware(self, is_async: bool = False) -> None:
-        super().load_middleware(is_async=False)
-        self._middleware_chain = sync_to_async(self._middleware_chain, thread_sensitive=True)
+        super().load_middleware(is_async=True)
+        self._async_chain = self._middleware_chain
+        # A second handler holds the sync chain with its own view, template-response and
+        # exception middleware lists (load_middleware adapts each for its mode).
+        sync_handler = base.BaseHandler()
+        sync_handler.load_middleware(is_async=False)
+        self._sync_chain = sync_to_async(sync_handler._middleware_chain, thread_sensitive=True)
+        self._middleware_chain = self._dispatch
+
+    async def _dispatch(self, request):
+        chain = self._async_chain if _serves_async_view(request) else self._sync_chain
+        return await chain(request)
+
+
+def _serves_async_view(request) -> bool:
+    """Whether the request's URL resolves to an async view (unknown URLs: no)."""
+    try:
+        match = get_resolver(getattr(request, "urlconf", None)).resolve(request.path_info)
+    except Resolver404:
+        return False
+    return iscoroutinefunction(match.func)
 
 
 # uvicorn imported this module first, so this process exists to serve requests. (`serve`

@@ -94,7 +94,8 @@ def embedded_server_start(pgdata: Path):
             ) from exc
         _shared_buffers_apply(server, pgdata)
         _create_database_if_missing(server)
-        _bm25_extension_build()
+        # BM25's C function is not compiled here: `kb_build_extension` builds it once, on
+        # the first migrate (search.postgres_extension).
         # atexit runs last-registered first: prune before pgserver's own cleanup decides
         # whether this is the last process holding the server.
         atexit.register(_prune_dead_handles, pgdata, PostgresServer._lock)
@@ -164,16 +165,6 @@ def _check_data_dir(pgdata: Path) -> None:
             f"The data directory {probe_dir} is not writable. "
             "Set KB_DATA_DIR to a writable directory, or set DATABASE_URL to use an external server."
         )
-
-
-def _bm25_extension_build() -> None:
-    # pgserver ships the server's headers and pg_config, so BM25's C function can be built
-    # for it here; `migrate` then creates the extension (search.postgres_extension).
-    from pgserver._commands import POSTGRES_BIN_PATH
-
-    from search.postgres_extension import extension_build
-
-    extension_build(POSTGRES_BIN_PATH / "pg_config")
 
 
 def embedded_shared_buffers() -> str:

@@ -1,3 +1,5 @@
+import logging
+
 from django.apps import AppConfig
 from django.db.models.signals import post_migrate
 
@@ -12,8 +14,19 @@ class SearchConfig(AppConfig):
 
 def _bm25_extension_create(sender, using: str, **kwargs) -> None:
     # After every migrate, so a server that gained the extension since gets it created.
+    # The embedded server's library is built here the first time (and after an upgrade
+    # changed its source), never when the server starts.
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
     from django.db import connections
 
-    from search.postgres_extension import extension_create
+    from search.postgres_extension import embedded_pg_config, extension_built, extension_create
 
-    extension_create(connections[using])
+    connection = connections[using]
+    if connection.settings_dict.get("EMBEDDED_PGDATA") and not extension_built(embedded_pg_config()):
+        try:
+            call_command("kb_build_extension")
+        except CommandError as exc:
+            # Without a compiler search still works: BM25 runs in SQL. Migrate goes on.
+            logging.getLogger(__name__).warning("%s", exc)
+    extension_create(connection)

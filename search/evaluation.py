@@ -205,13 +205,78 @@ def eval_collection_prepare(
             description=f"BEIR {dataset.name}, ingested by kb_eval.\n{FINGERPRINT_PREFIX}{fingerprint}"
         )
         collection.refresh_from_db()
+    result.doc_ids_by_document = eval_doc_ids_by_document(dataset=dataset, collection=collection)
+    return result
+
+
+def eval_doc_ids_by_document(*, dataset: BeirDataset, collection: Collection) -> dict[int, list[str]]:
+    """The corpus ids each ready document of the collection stands for, as the database has it now."""
+    entries_by_hash: dict[str, list[CorpusEntry]] = {}
+    for entry in dataset.corpus:
+        if entry.data.strip():
+            entries_by_hash.setdefault(hashlib.sha256(entry.data).hexdigest(), []).append(entry)
+    mapping = {}
     for pk, content_hash in Document.objects.filter(
         collection=collection, status=Document.Status.READY
     ).values_list("pk", "content_hash"):
         entries = entries_by_hash.get(content_hash)
         if entries:
-            result.doc_ids_by_document[pk] = [entry.doc_id for entry in entries]
-    return result
+            mapping[pk] = [entry.doc_id for entry in entries]
+    return mapping
+
+
+def eval_collection_check(*, dataset: BeirDataset, prepared: EvalCollection) -> list[str]:
+    """What would make the figures meaningless, read from the database as it is now.
+
+    Every corpus entry must stand behind a ready document, every ready document must have
+    searchable chunks, the BM25 statistics must count exactly those chunks, and each
+    must have a vector from the active model. Figures computed over less are not the
+    dataset's, whatever the process did before; kb_eval refuses to report them.
+    """
+    from django.db.models import Exists, OuterRef
+
+    from kb.models import Chunk, ChunkEmbedding
+    from search.models import CollectionStatistic
+
+    collection = prepared.collection
+    problems = []
+    mapped = {doc_id for doc_ids in prepared.doc_ids_by_document.values() for doc_id in doc_ids}
+    expected = {entry.doc_id for entry in dataset.corpus if entry.data.strip()}
+    # Uploads that were rejected name the corpus id; ingestion failures the file, <id>.txt.
+    failed = {Path(name).stem for name, _ in prepared.failures} | {name for name, _ in prepared.failures}
+    unmapped = expected - mapped - failed
+    if unmapped:
+        problems.append(f"{len(unmapped)} of {len(expected)} corpus entries have no ready document "
+                        f"in {collection.slug} (e.g. {sorted(unmapped)[:3]})")
+    searchable = Chunk.objects.filter(collection=collection, searchable=True)
+    without_chunks = Document.objects.filter(collection=collection, status=Document.Status.READY).exclude(
+        Exists(searchable.filter(document=OuterRef("pk")))
+    ).count()
+    if without_chunks:
+        problems.append(f"{without_chunks} ready documents of {collection.slug} have no searchable chunks")
+    indexed = searchable.exclude(search_vector=None).count()
+    statistic = CollectionStatistic.objects.filter(collection=collection).values_list(
+        "chunk_count", flat=True).first() or 0
+    if statistic != indexed:
+        problems.append(f"the BM25 statistics of {collection.slug} count {statistic} chunks, "
+                        f"but {indexed} are searchable")
+    # Every chunk with a lexeme must have its postings (the BM25 index the queries read).
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(DISTINCT chunk_id) FROM search_posting WHERE collection_id = %s",
+                       [collection.pk])
+        (posted,) = cursor.fetchone()
+    worded = searchable.filter(search_length__gt=0).count()
+    if posted != worded:
+        problems.append(f"{worded} searchable chunks of {collection.slug} have words, "
+                        f"but {posted} have BM25 postings")
+    model = EmbeddingModel.objects.filter(is_active=True).first()
+    if model is not None:
+        unembedded = searchable.exclude(Exists(ChunkEmbedding.objects.filter(
+            chunk=OuterRef("pk"), embedding_model=model))).count()
+        if unembedded:
+            problems.append(f"{unembedded} searchable chunks of {collection.slug} have no "
+                            f"{model.key} vector")
+    return problems
 
 
 def _stored_fingerprint(collection: Collection) -> str:
@@ -336,6 +401,9 @@ def mode_evaluate(
     from search import services
 
     search_mode, rerank = ("hybrid", True) if mode == "hybrid+rerank" else (mode, False)
+    # Hits are mapped through the documents as they are now, not as they were when the
+    # collection was prepared: one replaced since (a new pk) would otherwise score 0.
+    prepared.doc_ids_by_document = eval_doc_ids_by_document(dataset=dataset, collection=prepared.collection)
     query_items = list(dataset.queries.items())[: limit_queries or None]
     collections = (prepared.collection.slug,)
     user = eval_user_get_or_create()
@@ -355,6 +423,7 @@ def mode_evaluate(
     services.query_vector_cache = services.QueryVectorCache(size=services.query_vector_cache.size)
     if query_items:
         run_one("warm up the models " + query_items[0][1][:50])
+        _known_items_check(mode=mode, dataset=dataset, prepared=prepared, run_one=run_one)
     rankings: dict[str, list[str]] = {}
     latencies: list[float] = []
     notices: set[str] = set()
@@ -379,6 +448,40 @@ def mode_evaluate(
         mode=mode, metrics=metrics_compute(qrels=qrels, run=run_from_rankings(rankings)),
         latencies_ms=latencies, queries=len(query_items), notices=sorted(notices),
     )
+
+
+# Documents searched for by their own opening words before a mode is timed.
+KNOWN_ITEMS = 20
+KNOWN_ITEM_WORDS = 40
+# Below this share found in their own top 10, the search this process runs does not see
+# the collection the figures are about.
+KNOWN_ITEMS_MIN_FOUND = 0.8
+
+
+def _known_items_check(*, mode: str, dataset: BeirDataset, prepared: EvalCollection, run_one) -> None:
+    """Each of a spread of corpus documents must come back for its own opening words.
+
+    The figures are computed through this process's search; whatever state it carries
+    (caches, connections, an engine chosen earlier), a document that its own text does
+    not find means they would not be the dataset's. Raises EvaluationError then.
+    """
+    entries = [entry for entry in dataset.corpus if entry.text.strip()]
+    if not entries:
+        return
+    step = max(1, len(entries) // KNOWN_ITEMS)
+    probes = entries[::step][:KNOWN_ITEMS]
+    found = 0
+    for entry in probes:
+        result = run_one(" ".join(entry.text.split()[:KNOWN_ITEM_WORDS]))
+        ranked = ranked_doc_ids(document_ids=[hit.document_id for hit in result.hits[:10]],
+                                doc_ids_by_document=prepared.doc_ids_by_document)
+        found += entry.doc_id in ranked
+    if found < KNOWN_ITEMS_MIN_FOUND * len(probes):
+        raise EvaluationError(
+            f"{mode}: only {found} of {len(probes)} documents of {prepared.collection.slug} came back "
+            "in the top 10 for their own opening words; the search does not see the collection "
+            "the figures would be about, so none are reported."
+        )
 
 
 def results_table(results: Sequence[ModeResult]) -> str:

@@ -5,9 +5,13 @@ asks its C function for the top chunks (search/postgres/kb_bm25.c); elsewhere, o
 server of your own without it, the same scores come from SQL (search.retrieval), at
 about half the speed at 100k chunks (docs/RETRIEVAL.md).
 
-The embedded server gets the extension built on start by `extension_build`, from the
-headers pgserver ships; `migrate` then creates it in the database (`extension_create`).
-For an external server, `make -C search/postgres install` does the build.
+The library is built once, explicitly: `manage.py kb_build_extension` compiles it for the
+embedded server from the headers pgserver ships (the first `migrate`, and so `serve`'s
+first run, runs it when the built library is missing or older than this source), and
+never when the server starts. `migrate` then creates the extension in the database
+(`extension_create`) and grants EXECUTE, which the extension revokes from PUBLIC, to the
+role that migrates. For an external server, `make -C search/postgres install` (or
+`kb_build_extension --pg-config PATH`) does the build.
 """
 
 from __future__ import annotations
@@ -24,8 +28,31 @@ logger = logging.getLogger(__name__)
 
 EXTENSION = "kb_bm25"
 SOURCE_DIR = Path(__file__).resolve().parent / "postgres"
-_SOURCES = (f"{EXTENSION}.c", f"{EXTENSION}.control", f"{EXTENSION}--1.0.sql")
+_SOURCES = (f"{EXTENSION}.c", f"{EXTENSION}.control", f"{EXTENSION}--1.0.sql", f"{EXTENSION}--1.1.sql",
+            f"{EXTENSION}--1.0--1.1.sql")
+FUNCTION_SIGNATURE = "kb_bm25_top_chunks(regclass, int8[], text[], int8[], float8[], float8[], float8[], int4)"
 _installed_by_database: dict[tuple, bool] = {}
+
+
+def embedded_pg_config() -> Path:
+    """pg_config of the embedded server pgserver ships (its headers are beside it)."""
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    return POSTGRES_BIN_PATH / "pg_config"
+
+
+def extension_built(pg_config: Path) -> bool:
+    """Whether the library built from this source is installed where pg_config says."""
+    try:
+        (lib_dir,) = _pg_config(pg_config, "--pkglibdir")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return False
+    stamp = Path(lib_dir) / f"{EXTENSION}.sha256"
+    return (Path(lib_dir) / f"{EXTENSION}.so").exists() and stamp.exists() and stamp.read_text() == _digest()
+
+
+def _digest() -> str:
+    return hashlib.sha256(b"".join((SOURCE_DIR / name).read_bytes() for name in _SOURCES)).hexdigest()
 
 
 def extension_build(pg_config: Path) -> bool:
@@ -44,13 +71,14 @@ def extension_build(pg_config: Path) -> bool:
         return False
     lib_dir, extension_dir = Path(lib_dir), Path(share_dir) / "extension"
     stamp = lib_dir / f"{EXTENSION}.sha256"
-    digest = hashlib.sha256(b"".join((SOURCE_DIR / name).read_bytes() for name in _SOURCES)).hexdigest()
+    digest = _digest()
     if (lib_dir / f"{EXTENSION}.so").exists() and stamp.exists() and stamp.read_text() == digest:
         return True
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.warning("kb_bm25 not built: no C compiler (cc) on this machine; BM25 uses the SQL engine.")
         return False
+    logger.info("Building the kb_bm25 extension (BM25's C function) into %s, once for this source.", lib_dir)
     try:
         # Another process may build at the same time: each writes its own file, and the
         # renames are atomic, so the server never loads half a library.
@@ -101,6 +129,9 @@ def extension_create(connection) -> None:
     try:
         with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
             cursor.execute(statement)
+            # The extension revokes EXECUTE from PUBLIC; the role that migrates is the
+            # application's (a different role needs the same GRANT, docs/RETRIEVAL.md).
+            cursor.execute(f"GRANT EXECUTE ON FUNCTION {FUNCTION_SIGNATURE} TO CURRENT_USER")
     except DatabaseError as exc:
         logger.warning("%s failed (%s); BM25 uses the SQL engine. A superuser can run it by hand.",
                        statement, str(exc).strip())
@@ -108,12 +139,23 @@ def extension_create(connection) -> None:
 
 
 def extension_installed(connection) -> bool:
-    """Whether kb_bm25 is installed in the connection's database (asked once per process)."""
+    """Whether kb_bm25 is installed in the connection's database and this role may run it
+    (asked once per process)."""
     key = (connection.alias, connection.settings_dict["NAME"], connection.settings_dict.get("HOST"))
     if key not in _installed_by_database:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = %s)", [EXTENSION])
-            _installed_by_database[key] = cursor.fetchone()[0]
+            cursor.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = %s), "
+                "coalesce(bool_or(has_function_privilege(p.oid, 'EXECUTE')), false) "
+                "FROM pg_proc p WHERE p.proname = 'kb_bm25_top_chunks'",
+                [EXTENSION],
+            )
+            installed, executable = cursor.fetchone()
+        if installed and not executable:
+            logger.warning("kb_bm25 is installed but this database role may not EXECUTE %s; BM25 uses "
+                           "the SQL engine (GRANT EXECUTE ON FUNCTION ... TO the app's role).",
+                           FUNCTION_SIGNATURE)
+        _installed_by_database[key] = installed and executable
     return _installed_by_database[key]
 
 

@@ -20,6 +20,15 @@
  * remaining terms' postings, by index lookups when they are few and otherwise by reading
  * the term's postings and skipping other chunks; after each term θ rises and candidates
  * that can no longer reach it drop out. The result is exactly the unpruned top k.
+ *
+ * Access: the caller needs SELECT on the postings table, and the table must not be under
+ * row-level security (the function reads the index directly, past any policy). EXECUTE
+ * is revoked from PUBLIC by the extension script; search.postgres_extension grants it to
+ * the role that runs migrate.
+ *
+ * Versions: PostgreSQL 14 to 18. InitMaterializedSRF exists from 15.1 (materialized_srf
+ * below does its work by hand before), and PostgreSQL 18 added index_beginscan's
+ * instrumentation argument and RelationGetPrimaryKeyIndex's deferrable_ok.
  */
 #include "postgres.h"
 
@@ -30,6 +39,7 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/visibilitymap.h"
+#include "catalog/objectaddress.h"
 #include "catalog/pg_am_d.h"
 #include "catalog/pg_type.h"
 #include "executor/tuptable.h"
@@ -38,15 +48,31 @@
 #include "miscadmin.h"
 #include "storage/bufmgr.h"
 #include "storage/predicate.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/relcache.h"
+#include "utils/rls.h"
 #include "utils/snapmgr.h"
 #include "utils/tuplestore.h"
 
 PG_MODULE_MAGIC;
+
+#if PG_VERSION_NUM < 140000
+#error "kb_bm25 needs PostgreSQL 14 or later"
+#endif
+
+#if PG_VERSION_NUM >= 180000
+#define KB_INDEX_BEGINSCAN(heap, index, snapshot, nkeys) \
+	index_beginscan((heap), (index), (snapshot), NULL, (nkeys), 0)
+#define KB_PRIMARY_KEY_INDEX(heap) RelationGetPrimaryKeyIndex((heap), false)
+#else
+#define KB_INDEX_BEGINSCAN(heap, index, snapshot, nkeys) \
+	index_beginscan((heap), (index), (snapshot), (nkeys), 0)
+#define KB_PRIMARY_KEY_INDEX(heap) RelationGetPrimaryKeyIndex(heap)
+#endif
 
 /* Columns of the postings index, in order: three keys, then two included columns. */
 #define POSTING_COLLECTION 0
@@ -462,6 +488,53 @@ scores_init(Scores *scores, PostingReader *reader, const Term *terms, int count)
 											 (uint32) Min(Max(postings, 16), MAX_PRESIZED_CHUNKS), NULL);
 }
 
+/* The set-returning call's tuplestore, as InitMaterializedSRF(fcinfo, 0) sets it up. */
+static void
+materialized_srf(FunctionCallInfo fcinfo)
+{
+#if PG_VERSION_NUM >= 150001
+	InitMaterializedSRF(fcinfo, 0);
+#else
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	TupleDesc	desc;
+	MemoryContext per_query,
+				previous;
+
+	if (rsinfo == NULL || !IsA(rsinfo, ReturnSetInfo))
+		ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						errmsg("set-valued function called in context that cannot accept a set")));
+	if (!(rsinfo->allowedModes & SFRM_Materialize))
+		ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						errmsg("materialize mode required, but it is not allowed in this context")));
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "kb_bm25_top_chunks: return type must be a row type");
+	per_query = rsinfo->econtext->ecxt_per_query_memory;
+	previous = MemoryContextSwitchTo(per_query);
+	rsinfo->returnMode = SFRM_Materialize;
+	rsinfo->setResult = tuplestore_begin_heap(true, false, work_mem);
+	rsinfo->setDesc = CreateTupleDescCopy(desc);
+	MemoryContextSwitchTo(previous);
+#endif
+}
+
+/*
+ * The caller may read the postings table: SELECT on it, and no row-level security, which
+ * reading its index directly would bypass. A regclass argument is only a name; without
+ * this, any role allowed to EXECUTE could read any table of the right shape.
+ */
+static void
+check_postings_access(Oid relid)
+{
+	AclResult	result = pg_class_aclcheck(relid, GetUserId(), ACL_SELECT);
+
+	if (result != ACLCHECK_OK)
+		aclcheck_error(result, get_relkind_objtype(get_rel_relkind(relid)), get_rel_name(relid));
+	if (check_enable_rls(relid, InvalidOid, false) == RLS_ENABLED)
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						errmsg("kb_bm25_top_chunks: \"%s\" has row-level security, which this function cannot apply",
+							   get_rel_name(relid))));
+}
+
 PG_FUNCTION_INFO_V1(kb_bm25_top_chunks);
 
 /*
@@ -527,7 +600,7 @@ kb_bm25_top_chunks(PG_FUNCTION_ARGS)
 		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 						errmsg("kb_bm25_top_chunks: top must be at most %d", MAX_TOP)));
 
-	InitMaterializedSRF(fcinfo, 0);
+	materialized_srf(fcinfo);
 	if (count == 0 || top <= 0)
 		return (Datum) 0;
 
@@ -537,15 +610,20 @@ kb_bm25_top_chunks(PG_FUNCTION_ARGS)
 	for (int i = count - 1; i >= 0; i--)
 		bound_from[i] = bound_from[i + 1] + terms[i].weight;
 
+	/* Before any lock is taken on a table the caller may not read. */
+	check_postings_access(PG_GETARG_OID(0));
 	reader.heap = table_open(PG_GETARG_OID(0), AccessShareLock);
-	reader.index = index_open(RelationGetPrimaryKeyIndex(reader.heap), AccessShareLock);
+	if (!OidIsValid(KB_PRIMARY_KEY_INDEX(reader.heap)))
+		ereport(ERROR, (errcode(ERRCODE_WRONG_OBJECT_TYPE),
+						errmsg("kb_bm25_top_chunks: \"%s\" has no primary key", RelationGetRelationName(reader.heap))));
+	reader.index = index_open(KB_PRIMARY_KEY_INDEX(reader.heap), AccessShareLock);
 	check_postings_index(reader.index);
 	reader.snapshot = GetActiveSnapshot();
 	reader.slot = table_slot_create(reader.heap, NULL);
 	reader.vmbuffer = InvalidBuffer;
-	reader.term_scan = index_beginscan(reader.heap, reader.index, reader.snapshot, 2, 0);
+	reader.term_scan = KB_INDEX_BEGINSCAN(reader.heap, reader.index, reader.snapshot, 2);
 	reader.term_scan->xs_want_itup = true;
-	reader.chunk_scan = index_beginscan(reader.heap, reader.index, reader.snapshot, 3, 0);
+	reader.chunk_scan = KB_INDEX_BEGINSCAN(reader.heap, reader.index, reader.snapshot, 3);
 	reader.chunk_scan->xs_want_itup = true;
 
 	scores_init(&scores, &reader, terms, count);

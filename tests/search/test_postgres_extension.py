@@ -1,5 +1,6 @@
-"""The kb_bm25 extension: built for a server from its pg_config, created by migrate, and
-its C function's answer to bad arguments."""
+"""The kb_bm25 extension: built once for a server from its pg_config (never when the
+server starts), created by migrate, and its C function's answer to bad arguments and to
+roles that may not read the postings."""
 
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ def test_build_installs_the_library_and_extension_files_once(fake_server):
     assert extension_build(pg_config)
     library = lib_dir / f"{EXTENSION}.so"
     assert library.stat().st_size > 0
-    assert {path.name for path in extension_dir.iterdir()} == {f"{EXTENSION}.control", f"{EXTENSION}--1.0.sql"}
+    assert {path.name for path in extension_dir.iterdir()} == {
+        f"{EXTENSION}.control", f"{EXTENSION}--1.0.sql", f"{EXTENSION}--1.1.sql", f"{EXTENSION}--1.0--1.1.sql",
+    }
     built_at = library.stat().st_mtime_ns
 
     assert extension_build(pg_config), "an unchanged source is not rebuilt"
@@ -84,7 +87,7 @@ def test_migrate_created_the_extension_and_creating_again_changes_nothing():
     extension_create(connection)
     with connection.cursor() as cursor:
         cursor.execute("SELECT extversion FROM pg_extension WHERE extname = %s", [EXTENSION])
-        assert cursor.fetchall() == [("1.0",)]
+        assert cursor.fetchall() == [("1.1",)]
 
 
 def top_chunks(*arguments) -> list[tuple]:
@@ -110,3 +113,112 @@ def test_the_function_rejects_bad_arguments_with_a_clear_error(kb_bm25_installed
     assert top_chunks("search_posting", [], [], [], [], [], [], 10) == []
     assert top_chunks("search_posting", *one, 0) == []
     assert top_chunks("search_posting", *one, 10) == []  # no such posting
+
+
+def test_the_build_command_builds_once_and_says_so(fake_server, capsys):
+    """kb_build_extension compiles for the pg_config it is given, and then finds it current."""
+    from django.core.management import call_command
+
+    pg_config, lib_dir, _ = fake_server
+
+    call_command("kb_build_extension", pg_config=str(pg_config))
+    assert "Built kb_bm25" in capsys.readouterr().out
+    assert (lib_dir / f"{EXTENSION}.so").exists()
+
+    call_command("kb_build_extension", pg_config=str(pg_config))
+    assert "built and current" in capsys.readouterr().out
+
+
+def test_starting_the_embedded_server_compiles_nothing(settings, monkeypatch):
+    """A server start never builds the extension: the first migrate does (kb_build_extension)."""
+    import shutil
+    import tempfile
+
+    from kb.database import embedded_server_start, embedded_server_stop
+
+    builds = []
+    monkeypatch.setattr(postgres_extension, "extension_build", lambda *args: builds.append(args) or True)
+    # Beside the test server's data: pytest's tmp_path is private to root, and pgserver runs
+    # the server as its own user.
+    parent = Path(tempfile.mkdtemp(dir=settings.KB_DATA_DIR, prefix="test-start-"))
+    parent.chmod(0o755)
+    try:
+        embedded_server_start(parent / "pgdata")
+        embedded_server_stop(parent / "pgdata")
+        assert builds == []
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+READER_ROLE = "kb_test_postings_reader"
+
+
+def as_reader(sql: str, arguments=(), *, grants: tuple[str, ...] = ()) -> list[tuple]:
+    """Run `sql` as a fresh role given only `grants`, rolled back with the role afterwards."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"CREATE ROLE {READER_ROLE} NOLOGIN")
+        cursor.execute(f"GRANT USAGE ON SCHEMA public TO {READER_ROLE}")
+        for grant in grants:
+            cursor.execute(f"GRANT {grant} TO {READER_ROLE}")
+        cursor.execute(f"SET LOCAL ROLE {READER_ROLE}")
+        try:
+            cursor.execute(sql, arguments)
+            return cursor.fetchall()
+        finally:
+            transaction.set_rollback(True)
+
+
+ONE_TERM = ("search_posting", [1], ["word"], [10], [1.0], [0.5], [0.003], 10)
+CALL = "SELECT * FROM kb_bm25_top_chunks(%s::regclass, %s, %s, %s, %s, %s, %s, %s)"
+
+
+def test_public_may_not_execute_the_function(kb_bm25_installed):
+    """EXECUTE is revoked from PUBLIC; the role that migrated (the app's) keeps it."""
+    signature = postgres_extension.FUNCTION_SIGNATURE
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT has_function_privilege(%s, 'EXECUTE')", [signature])
+        assert cursor.fetchone() == (True,)
+    with pytest.raises(DatabaseError, match="permission denied for function kb_bm25_top_chunks"):
+        as_reader(CALL, ONE_TERM, grants=("SELECT ON search_posting",))
+
+
+def test_a_role_without_select_on_the_postings_table_is_refused(kb_bm25_installed):
+    """EXECUTE alone does not read a table: the function checks SELECT on the one it is given."""
+    execute = f"EXECUTE ON FUNCTION {postgres_extension.FUNCTION_SIGNATURE}"
+
+    with pytest.raises(DatabaseError, match="permission denied for table search_posting"):
+        as_reader(CALL, ONE_TERM, grants=(execute,))
+    with pytest.raises(DatabaseError, match="permission denied for table kb_chunk"):
+        as_reader(CALL, ("kb_chunk", *ONE_TERM[1:]), grants=(execute, "SELECT ON search_posting"))
+
+    assert as_reader(CALL, ONE_TERM, grants=(execute, "SELECT ON search_posting")) == []
+
+
+def test_row_level_security_on_the_postings_table_is_refused(kb_bm25_installed):
+    """The function reads the index directly, past any policy, so it refuses such a table."""
+    execute = f"EXECUTE ON FUNCTION {postgres_extension.FUNCTION_SIGNATURE}"
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE search_posting ENABLE ROW LEVEL SECURITY")
+        with pytest.raises(DatabaseError, match="row-level security"):
+            as_reader(CALL, ONE_TERM, grants=(execute, "SELECT ON search_posting"))
+        transaction.set_rollback(True)
+
+
+def test_migrate_updates_a_1_0_install_and_revokes_public_execute(kb_bm25_installed):
+    """A database created with 1.0 (EXECUTE for PUBLIC) is updated to 1.1 by migrate."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP EXTENSION {EXTENSION}")
+            cursor.execute(f"CREATE EXTENSION {EXTENSION} VERSION '1.0'")
+            cursor.execute("SELECT has_function_privilege('public', %s, 'EXECUTE')",
+                           [postgres_extension.FUNCTION_SIGNATURE])
+            assert cursor.fetchone() == (True,)
+        extension_create(connection)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT extversion FROM pg_extension WHERE extname = %s", [EXTENSION])
+            assert cursor.fetchone() == ("1.1",)
+            cursor.execute("SELECT has_function_privilege('public', %s, 'EXECUTE')",
+                           [postgres_extension.FUNCTION_SIGNATURE])
+            assert cursor.fetchone() == (False,)
+        transaction.set_rollback(True)

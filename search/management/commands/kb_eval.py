@@ -85,6 +85,10 @@ class Command(BaseCommand):
             self.stdout.write(f"Ingested {prepared.ingested} documents into {prepared.collection.slug}.")
         for name, reason in prepared.failures:
             self.stderr.write(f"FAILED {name}: {reason}")
+        problems = evaluation.eval_collection_check(dataset=data, prepared=prepared)
+        if problems:
+            raise CommandError("The collection is not in a state to evaluate: " + "; ".join(problems)
+                               + ". Nothing was reported; run kb_eval again once it is.")
 
         results = []
         with evaluation.retrieval_settings(k1=k1, b=b, rrf_k=rrf_k, ef_search=ef_search,
