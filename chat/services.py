@@ -78,9 +78,9 @@ NOTICE_MODEL_DOWN = (
 )
 NOTICE_FALLBACK = "The primary model is unavailable; this answer comes from a fallback model."
 NOTICE_CACHE_EXACT = "This answer was given before to the same question over the same documents."
+# Never the earlier question itself: it may be another user's words.
 NOTICE_CACHE_SEMANTIC = (
-    "This answer was given before to a very similar question (“{question}”) over the same "
-    "documents."
+    "This answer was given before to a very similar question over the same documents."
 )
 NOTICE_NO_PASSAGES = "No passage in the selected documents matches this question."
 NO_PASSAGES_ANSWER = (
@@ -589,8 +589,7 @@ async def _serve_cached(turn: _Turn, hit: caches.CacheHit) -> AsyncGenerator[Cha
     turn.mode = entry.mode
     turn.citations = list(entry.citations)
     turn.notices.append(
-        NOTICE_CACHE_EXACT if hit.kind == "exact"
-        else NOTICE_CACHE_SEMANTIC.format(question=entry.question)
+        NOTICE_CACHE_EXACT if hit.kind == "exact" else NOTICE_CACHE_SEMANTIC
     )
     yield Meta(*turn.ids, mode=turn.mode, notice=turn.notice)
     yield Citations(citations=turn.citations)
