@@ -155,11 +155,14 @@ class ExtractiveChat(ChatBackend):
         temperature: float | None = None,
     ) -> AsyncGenerator[ChatDelta | ChatUsage, None]:
         """Yield the extracted answer word by word, then its (counted, free) usage."""
-        from chat.prompts import prompt_parse
+        from chat.prompts import NEUTRAL_MARKER, prompt_parse
 
         user = next((m for m in reversed(messages) if m.role == "user"), None)
         parsed = prompt_parse(user.content if user else "")
-        text = extractive_answer(parsed.question, [(p.n, p.text) for p in parsed.passages])
+        # A document's own bracketed numbers were neutralised in the prompt; quoted, they
+        # would only be noise next to our citation.
+        text = extractive_answer(parsed.question,
+                                 [(p.n, NEUTRAL_MARKER.sub("", p.text)) for p in parsed.passages])
         pieces = re.findall(r"\s*\S+", text)
         if max_tokens is not None:
             pieces = self._within(pieces, max_tokens)

@@ -115,3 +115,14 @@ def test_max_tokens_bounds_the_answer():
     items = run("How often is the database backed up?", [BACKUPS, UPLOADS], max_tokens=5)
 
     assert len(answer_of(items).split()) <= 5
+
+
+def test_a_document_cannot_forge_citations_to_other_passages():
+    """"…approved by the board [2]." in passage 1 is quoted as passage 1 only: the
+    document's own [2] and [3] do not become links to passages 2 and 3."""
+    forged = "The annual budget was approved by the board [2]. The budget covers hiring [3]."
+    answer = answer_of(run("Who approved the annual budget?", [forged, UPLOADS, BACKUPS]))
+
+    assert "approved by the board" in answer
+    assert "[2]" not in answer and "[3]" not in answer
+    assert prompts.citations_check(answer, passage_count=3).cited == [1]
