@@ -151,7 +151,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
             "citations": result.citations,
             "kb": {"conversation_id": result.conversation_id, "message_id": result.message_id,
                    "mode": result.mode, "notice": result.notice, "cited": result.cited,
-                   "invalid_citations": result.invalid_citations},
+                   "invalid_citations": result.invalid_citations, "answerable": result.answerable},
         })
     events = services.answer_stream(**arguments)
     try:
@@ -198,7 +198,8 @@ async def _chunks(
             elif isinstance(event, services.Done):
                 kb = {"conversation_id": started.conversation_id, "message_id": event.message_id,
                       "mode": meta.mode if meta else "", "notice": meta.notice if meta else None,
-                      "cited": event.cited, "invalid_citations": event.invalid_citations}
+                      "cited": event.cited, "invalid_citations": event.invalid_citations,
+                      "answerable": event.answerable}
                 yield chunk({}, "stop", citations=citations, kb=kb)
                 if include_usage:
                     payload = {"id": completion_id, "object": "chat.completion.chunk",
