@@ -248,6 +248,30 @@ def citations_check(text: str, *, passage_count: int) -> CitationCheck:
     return CitationCheck(text=cleaned, cited=sorted(cited), invalid=sorted(invalid))
 
 
+def citations_renumber(text: str, *, passage_count: int) -> tuple[str, list[int]]:
+    """The text with its citations renumbered 1..n in order of first appearance, and the
+    old passage numbers in their new order (cited ones first, then the rest as they were).
+
+    Numbers outside 1..passage_count are left for citations_check to remove.
+    """
+    order: list[int] = []
+    for match in _CITATION.finditer(text):
+        for part in match.group(1).split(","):
+            n = int(part)
+            if 1 <= n <= passage_count and n not in order:
+                order.append(n)
+    order += [n for n in range(1, passage_count + 1) if n not in order]
+    new = {old: position for position, old in enumerate(order, start=1)}
+
+    def renumber(match: re.Match[str]) -> str:
+        whole = match.group(0)
+        leading = whole[: len(whole) - len(whole.lstrip(" \t"))]
+        numbers = [int(part) for part in match.group(1).split(",")]
+        return leading + "[" + ", ".join(str(new.get(n, n)) for n in numbers) + "]"
+
+    return _CITATION.sub(renumber, text), order
+
+
 def rewrite_messages(*, history: Sequence[ChatMessage], question: str) -> list[ChatMessage]:
     """Messages asking a model to turn a follow-up into a standalone search question."""
     lines = []
