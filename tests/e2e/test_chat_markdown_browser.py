@@ -49,7 +49,7 @@ def _ask(driver, wait, question: str):
 
 @pytest.mark.django_db(transaction=True)
 def test_hostile_markdown_renders_inert_and_out_of_scope_is_not_covered(
-    browser, settings, django_user_model, client,  # noqa: F811
+    browser, settings, django_user_model, client, tmp_path,  # noqa: F811
 ):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -83,6 +83,7 @@ def test_hostile_markdown_renders_inert_and_out_of_scope_is_not_covered(
         assert links and all("cite" in (a.get_attribute("class") or "").split() for a in links)
         assert not [a for a in links if (a.get_attribute("href") or "").startswith("javascript")]
         assert browser.execute_script("return window.__xss") is None
+        browser.save_screenshot(str(tmp_path / "chat-markdown.png"))
         # The extracted label appears once: the answer text does not repeat it.
         assert len(answer.find_elements(By.CSS_SELECTOR, "[data-testid=mode-label]")) == 1
         assert "not generated" not in body.text.lower()
@@ -92,6 +93,7 @@ def test_hostile_markdown_renders_inert_and_out_of_scope_is_not_covered(
         code = code_answer.find_element(By.CSS_SELECTOR, ".message-body pre code")
         assert code.text.strip().startswith("launch-console --mode=safe")
         assert "--policy=/etc/launch.conf" in code.text
+        browser.save_screenshot(str(tmp_path / "chat-code.png"))
 
         # A new conversation: in this one it would be a follow-up, searched with the question before.
         browser.find_element(By.CSS_SELECTOR, "[data-testid=new-chat-button]").click()
@@ -101,3 +103,4 @@ def test_hostile_markdown_renders_inert_and_out_of_scope_is_not_covered(
         related = not_covered.find_element(By.CSS_SELECTOR, "[data-testid=related-sources]")
         assert "launch-policy" in related.text.lower() or related.find_elements(By.CSS_SELECTOR, "button")
         assert browser.execute_script("return window.__xss") is None
+        browser.save_screenshot(str(tmp_path / "chat-markdown.png"))
