@@ -6,9 +6,14 @@ For each BEIR dataset (scifact, nfcorpus, cranfield, cisi by default) a small co
 is built from a sample: every judged-relevant document of --queries sampled test queries
 (at most 3 per query) plus random distractors, up to --docs documents. Then:
 
-- in scope: each sampled query asked of its own collection (its documents cover it);
-- out of scope: --foreign queries of every other dataset asked of each collection, and
-  a list of nonsense and general-knowledge questions asked of every collection.
+A fifth collection holds the demo documents (fixtures/demo), with hand-written questions
+they answer. Then:
+
+- in scope: each sampled query asked of its own collection (its documents cover it),
+  and the demo questions asked of the demo;
+- out of scope: --foreign queries of every other dataset asked of each collection (a
+  third as many of the demo), and a list of nonsense and general-knowledge questions
+  asked of every collection.
 
 Each question goes through search() exactly as the chat asks it (hybrid, KB_CHAT_TOP_K)
 and chat.answerability's evidence. A logistic regression over the evidence is fitted
@@ -44,7 +49,27 @@ NONSENSE = [
     "qwerty uiop asdf ghjkl",
     "What is the plot of Hamlet?",
 ]
-FEATURES = ("coverage", "top_similarity", "similarity_margin", "agreement")
+# The product's own demo documents (fixtures/demo), with questions they answer, labelled
+# by hand: a small collection of prose, unlike the BEIR abstracts.
+DEMO_QUESTIONS = [
+    "How are duplicate uploads handled?",
+    "What file formats can I upload?",
+    "How does BM25 keyword search work?",
+    "What does hybrid search combine?",
+    "How do I change the embedding model?",
+    "What happens when an upload fails?",
+    "How do I disable a document?",
+    "What do the citation numbers in an answer mean?",
+    "What is the difference between generated and extracted answers?",
+    "What happens when a rate limit is exceeded?",
+    "Which endpoint lists the collections as models?",
+    "How do I start the knowledge base?",
+    "What should I know about budgets?",
+    "What should I know about zip archives?",
+    "Can I stop an answer while it is streaming?",
+    "How do I filter search results by metadata?",
+]
+FEATURES = ("coverage", "top_similarity", "agreement")
 
 
 def sample_dataset(dataset, *, queries: int, docs: int, rng: random.Random):
@@ -148,11 +173,24 @@ def main(argv: list[str] | None = None) -> int:
         questions += [(text, prepared.collection.slug, 1, f"{name} in scope") for text in subset.queries.values()]
         print(f"{name}: {len(subset.corpus)} documents, {len(subset.queries)} in-scope queries "
               f"({'reused' if prepared.reused else f'{prepared.ingested} ingested'})", flush=True)
+    from kb import services as kb_services
+    from kb.models import Document
+
+    demo = kb_services.collection_get_or_create(slug="answerability-demo", name="Answerability demo")
+    if not Document.objects.filter(collection=demo).exists():
+        for path in sorted((ROOT / "fixtures" / "demo").glob("*.md")):
+            outcomes = kb_services.documents_upload(collection=demo, filename=path.name,
+                                                    data=path.read_bytes(), queue=False)
+            kb_services.documents_ingest_batch(document_ids=[o.document.pk for o in outcomes if o.document])
+    questions += [(text, demo.slug, 1, "demo in scope") for text in DEMO_QUESTIONS]
+    questions += [(text, demo.slug, 0, f"{other} asked of demo") for other in names
+                  for text in foreign[other][: args.foreign // 3]]
     for name, slug in collections.items():
         for other in names:
             if other != name:
                 questions += [(text, slug, 0, f"{other} asked of {name}") for text in foreign[other][: args.foreign]]
         questions += [(text, slug, 0, "nonsense") for text in NONSENSE]
+    questions += [(text, demo.slug, 0, "nonsense") for text in NONSENSE]
     print(f"prepared in {time.perf_counter() - started:.0f}s; {len(questions)} questions "
           f"({sum(q[2] for q in questions)} in scope)", flush=True)
 
@@ -165,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         decision = answerability_assess(result=result)
         assess_ms.append((time.perf_counter() - t) * 1000)
-        features = [decision.coverage, decision.top_similarity or 0.0, decision.similarity_margin or 0.0,
-                    decision.agreement]
+        features = [decision.coverage, decision.top_similarity or 0.0, decision.agreement]
         rows.append((features, label, kind, text))
 
     print("\nmean evidence by kind of question:")
@@ -182,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     for fold in (0, 1):
         coefficients = fit_logistic([(row[0], row[1]) for row in folds[1 - fold]])
         held_out += [(answerability_probability(coverage=row[0][0], top_similarity=row[0][1],
-                                                similarity_margin=row[0][2], agreement=row[0][3],
+                                                agreement=row[0][2],
                                                 coefficients=coefficients), row[1], row) for row in folds[fold]]
-    current = [(answerability_probability(coverage=row[0][0], top_similarity=row[0][1], similarity_margin=row[0][2],
-                                          agreement=row[0][3]), row[1]) for row in rows]
+    current = [(answerability_probability(coverage=row[0][0], top_similarity=row[0][1],
+                                          agreement=row[0][2]), row[1]) for row in rows]
     threshold = settings.KB_CHAT_ANSWERABLE_THRESHOLD
     print(f"\nheld-out (2-fold) rates by threshold; {sum(r[1] for r in rows)} in scope, "
           f"{sum(1 - r[1] for r in rows)} out of scope:")

@@ -109,7 +109,5 @@ def test_sse_meta_and_done_events_say_answerable_false():
 
 
 def test_probability_without_a_vector_leg_uses_coverage_alone():
-    assert answerability_probability(coverage=0.9, top_similarity=None, similarity_margin=None,
-                                     agreement=0.0) == 1.0
-    assert answerability_probability(coverage=0.1, top_similarity=None, similarity_margin=None,
-                                     agreement=0.0) == 0.0
+    assert answerability_probability(coverage=0.9, top_similarity=None, agreement=0.0) == 1.0
+    assert answerability_probability(coverage=0.1, top_similarity=None, agreement=0.0) == 0.0
