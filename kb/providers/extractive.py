@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage
 
-# The chat page labels extracted answers itself (from `mode`); the text carries no lead
-# line, so the label is shown once. Kept for API clients that want to say it.
-LEAD = "Extracted from your documents (not generated):"
+# No lead line ("Extracted from your documents…"): the chat page labels extracted answers
+# from `mode`, so the label is shown once.
 NO_PASSAGES = "No passage in your documents matches this question."
 MAX_UNITS = 4
 MAX_CODE_BLOCKS = 2
