@@ -64,7 +64,20 @@ class MessageSerializer(serializers.ModelSerializer):
     class Meta:
         model = Message
         fields = ["id", "conversation_id", "role", "content", "status", "mode", "notice",
-                  "citations", "cited", "invalid_citations", "created_at"]
+                  "citations", "cited", "invalid_citations", "answerable", "related", "created_at"]
+
+    related = serializers.SerializerMethodField()
+
+    @extend_schema_field(CitationSerializer(many=True))
+    def get_related(self, message: Message) -> list[dict]:
+        """A not-covered answer's closest passages: stored as its citations, cited by nothing."""
+        return CitationSerializer(message.citations, many=True).data if message.answerable is False else []
+
+    def to_representation(self, message: Message) -> dict:
+        data = super().to_representation(message)
+        if message.answerable is False:
+            data["citations"] = []
+        return data
 
 
 class ConversationListSerializer(serializers.ModelSerializer):
@@ -183,15 +196,16 @@ def sse_event(event: services.ChatEvent) -> str:
     if isinstance(event, services.Meta):
         name, data = "meta", {"conversation_id": event.conversation_id,
                               "message_id": event.message_id, "mode": event.mode,
-                              "notice": event.notice}
+                              "notice": event.notice, "answerable": event.answerable}
     elif isinstance(event, services.Citations):
-        name, data = "citations", {"citations": event.citations}
+        name, data = "citations", {"citations": event.citations, "related": event.related}
     elif isinstance(event, services.Delta):
         name, data = "delta", {"text": event.text}
     elif isinstance(event, services.Done):
         name, data = "done", {"message_id": event.message_id, "status": event.status,
                               "usage": event.usage, "cited": event.cited,
-                              "invalid_citations": event.invalid_citations}
+                              "invalid_citations": event.invalid_citations,
+                              "answerable": event.answerable}
     elif isinstance(event, services.Error):
         name, data = "error", {"code": event.code, "message": event.message}
     else:
@@ -267,6 +281,8 @@ async def chat(request: HttpRequest) -> HttpResponse:
             "cited": result.cited,
             "invalid_citations": result.invalid_citations,
             "usage": result.usage,
+            "answerable": result.answerable,
+            "related": result.related,
         })
     events = services.answer_stream(**arguments)
     try:

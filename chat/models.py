@@ -77,6 +77,10 @@ class Message(models.Model):
     input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)
     cache_hit = models.BooleanField(default=False)
+    # Whether retrieval found enough evidence to answer (chat.answerability); False means
+    # the answer says the documents do not cover the question and no model was asked.
+    # None for user messages and answers from before the decision existed.
+    answerable = models.BooleanField(null=True, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

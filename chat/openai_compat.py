@@ -151,7 +151,8 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
             "citations": result.citations,
             "kb": {"conversation_id": result.conversation_id, "message_id": result.message_id,
                    "mode": result.mode, "notice": result.notice, "cited": result.cited,
-                   "invalid_citations": result.invalid_citations},
+                   "invalid_citations": result.invalid_citations, "answerable": result.answerable,
+                   "related": result.related},
         })
     events = services.answer_stream(**arguments)
     try:
@@ -183,6 +184,7 @@ async def _chunks(
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     citations: list[dict] = []
+    related: list[dict] = []
     meta: services.Meta | None = None
     async with aclosing(events):
         yield chunk({"role": "assistant", "content": ""})
@@ -192,13 +194,14 @@ async def _chunks(
             elif isinstance(event, services.Meta):
                 meta = event
             elif isinstance(event, services.Citations):
-                citations = event.citations
+                citations, related = event.citations, event.related
             elif isinstance(event, services.Delta):
                 yield chunk({"content": event.text})
             elif isinstance(event, services.Done):
                 kb = {"conversation_id": started.conversation_id, "message_id": event.message_id,
                       "mode": meta.mode if meta else "", "notice": meta.notice if meta else None,
-                      "cited": event.cited, "invalid_citations": event.invalid_citations}
+                      "cited": event.cited, "invalid_citations": event.invalid_citations,
+                      "answerable": event.answerable, "related": related}
                 yield chunk({}, "stop", citations=citations, kb=kb)
                 if include_usage:
                     payload = {"id": completion_id, "object": "chat.completion.chunk",

@@ -15,7 +15,9 @@ The user message carries the passages between explicit markers:
     <<<END QUESTION>>>
 
 Markers are stripped from passage and question text before assembly, so a document
-cannot close its passage early and smuggle text into the prompt as if it were ours.
+cannot close its passage early and smuggle text into the prompt as if it were ours, and
+a document's own bracketed numbers ("approved by the board [2].") are neutralised, so
+they cannot pass for citations of other passages.
 The same format is parsed back by kb.providers.extractive, which gets exactly the
 messages a generative model gets.
 """
@@ -60,6 +62,11 @@ _PASSAGE_BLOCK = re.compile(r"<<<PASSAGE (\d+)>>>\n(.*?)\n<<<END PASSAGE \1>>>",
 _QUESTION_BLOCK = re.compile(r"<<<QUESTION>>>\n(.*?)\n<<<END QUESTION>>>", re.S)
 # [1], [2, 3]. At most three digits, so a year in brackets ([2024]) is not a citation.
 _CITATION = re.compile(r"[ \t]*\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
+# What a document's own "[2]" becomes in a passage: shown the same, but no answerer and
+# no citation check reads it as one of our markers, so a document cannot cite (link to)
+# another passage. Fullwidth brackets, so a model sees the footnote and not a citation.
+_SOURCE_MARKER = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
+NEUTRAL_MARKER = re.compile(r"[ \t]*［\d{1,3}(?:\s*,\s*\d{1,3})*］")
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,11 @@ def defang(text: str) -> str:
     return _MARKER.sub(lambda m: ("‹" if m.group()[0] == "<" else "›") * len(m.group()), text)
 
 
+def citations_neutralise(text: str) -> str:
+    """Source text whose bracketed numbers can no longer be taken for citations."""
+    return _SOURCE_MARKER.sub(lambda m: f"［{m.group(1)}］", text)
+
+
 def passage_source(passage: Passage) -> str:
     """"Title › Heading › Sub, page 3": where a passage comes from, on one line."""
     parts = [passage.document_title or "Untitled", *passage.heading_path]
@@ -126,8 +138,8 @@ def passage_source(passage: Passage) -> str:
 def passage_block(n: int, passage: Passage) -> str:
     """One numbered passage between its markers."""
     return (
-        f"<<<PASSAGE {n}>>>\nSource: {defang(passage_source(passage))}\n"
-        f"{defang(passage.text.strip())}\n<<<END PASSAGE {n}>>>"
+        f"<<<PASSAGE {n}>>>\nSource: {citations_neutralise(defang(passage_source(passage)))}\n"
+        f"{citations_neutralise(defang(passage.text.strip()))}\n<<<END PASSAGE {n}>>>"
     )
 
 
@@ -234,6 +246,30 @@ def citations_check(text: str, *, passage_count: int) -> CitationCheck:
 
     cleaned = _CITATION.sub(fix, text)
     return CitationCheck(text=cleaned, cited=sorted(cited), invalid=sorted(invalid))
+
+
+def citations_renumber(text: str, *, passage_count: int) -> tuple[str, list[int]]:
+    """The text with its citations renumbered 1..n in order of first appearance, and the
+    old passage numbers in their new order (cited ones first, then the rest as they were).
+
+    Numbers outside 1..passage_count are left for citations_check to remove.
+    """
+    order: list[int] = []
+    for match in _CITATION.finditer(text):
+        for part in match.group(1).split(","):
+            n = int(part)
+            if 1 <= n <= passage_count and n not in order:
+                order.append(n)
+    order += [n for n in range(1, passage_count + 1) if n not in order]
+    new = {old: position for position, old in enumerate(order, start=1)}
+
+    def renumber(match: re.Match[str]) -> str:
+        whole = match.group(0)
+        leading = whole[: len(whole) - len(whole.lstrip(" \t"))]
+        numbers = [int(part) for part in match.group(1).split(",")]
+        return leading + "[" + ", ".join(str(new.get(n, n)) for n in numbers) + "]"
+
+    return _CITATION.sub(renumber, text), order
 
 
 def rewrite_messages(*, history: Sequence[ChatMessage], question: str) -> list[ChatMessage]:

@@ -40,7 +40,7 @@ CHAT_REQUEST_SCHEMA = {
 CHAT_ANSWER_SCHEMA = {
     "type": "object",
     "required": ["conversation_id", "message_id", "answer", "mode", "notice", "citations",
-                 "cited", "invalid_citations", "usage"],
+                 "cited", "invalid_citations", "usage", "answerable", "related"],
     "properties": {
         "conversation_id": {"type": "string", "format": "uuid"},
         "message_id": {"type": "string", "format": "uuid"},
@@ -51,6 +51,11 @@ CHAT_ANSWER_SCHEMA = {
         "cited": {"type": "array", "items": {"type": "integer"}},
         "invalid_citations": {"type": "array", "items": {"type": "integer"}},
         "usage": {"type": "object", "additionalProperties": True},
+        "answerable": {"type": "boolean",
+                       "description": "False: the documents do not cover the question; the "
+                                      "answer says so, cites nothing, and no model was asked."},
+        "related": {"type": "array", "items": {"$ref": "#/components/schemas/Citation"},
+                    "description": "A not-covered answer's closest passages (not citations)."},
     },
 }
 

@@ -38,6 +38,7 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from chat import caches, circuit, prompts, selectors
+from chat.answerability import Answerability, answerability_assess
 from chat.budgets import BudgetExceeded, budget_check
 from chat.models import Conversation, Message
 from kb.log_privacy import loggable_text
@@ -78,15 +79,22 @@ NOTICE_MODEL_DOWN = (
 )
 NOTICE_FALLBACK = "The primary model is unavailable; this answer comes from a fallback model."
 NOTICE_CACHE_EXACT = "This answer was given before to the same question over the same documents."
+# Never the earlier question itself: it may be another user's words.
 NOTICE_CACHE_SEMANTIC = (
-    "This answer was given before to a very similar question (“{question}”) over the same "
-    "documents."
+    "This answer was given before to a very similar question over the same documents."
 )
 NOTICE_NO_PASSAGES = "No passage in the selected documents matches this question."
-NO_PASSAGES_ANSWER = (
-    "I could not find anything about this in your documents. Try other words, or another "
-    "collection."
+# Said when nothing was found, and when what was found is too weak to answer from
+# (chat.answerability): vector search always finds neighbours, related or not.
+NOT_COVERED_ANSWER = (
+    "Your documents do not cover this question. Try other words, or another collection."
 )
+NOT_COVERED_RELATED = (
+    "Your documents do not cover this question. The closest passages are listed below as "
+    "related sources; they do not answer it."
+)
+# How many of the closest passages a not-covered answer shows as related.
+RELATED_COUNT = 3
 
 
 # --- Events --------------------------------------------------------------------------------
@@ -111,11 +119,16 @@ class Meta:
     message_id: str
     mode: str
     notice: str | None
+    # False: the documents do not cover the question; the answer says so, cites nothing
+    # and no model was asked.
+    answerable: bool = True
 
 
 @dataclass(frozen=True)
 class Citations:
     citations: list[dict]
+    # The closest passages of a not-covered answer: shown as related, never cited.
+    related: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,7 @@ class Done:
     invalid_citations: list[int]
     # The persisted answer, invented citations removed; not part of the SSE event.
     text: str = ""
+    answerable: bool = True
 
 
 @dataclass(frozen=True)
@@ -190,6 +204,8 @@ class AnswerResult:
     usage: dict
     status: str
     error: Error | None = None
+    answerable: bool = True
+    related: list[dict] = field(default_factory=list)
 
 
 # --- Internal state of one answer ------------------------------------------------------------
@@ -268,6 +284,10 @@ class _Turn:
     error: str = ""
     check: prompts.CitationCheck | None = None
     finish_task: asyncio.Future | None = None
+    # Set after retrieval (None: not decided, e.g. a cached answer).
+    answerability: Answerability | None = None
+    answerable: bool | None = None
+    related: list[dict] = field(default_factory=list)
 
     @property
     def ids(self) -> tuple[str, str]:
@@ -358,8 +378,9 @@ async def answer_complete(
             assert result is not None
             if isinstance(event, Meta):
                 result.mode, result.notice = event.mode, event.notice
+                result.answerable = event.answerable
             elif isinstance(event, Citations):
-                result.citations = event.citations
+                result.citations, result.related = event.citations, event.related
             elif isinstance(event, Delta):
                 result.answer += event.text
             elif isinstance(event, Done):
@@ -473,21 +494,39 @@ async def _answer(turn: _Turn) -> AsyncGenerator[ChatEvent, None]:
         )
         for hit in result.hits
     ]
-    if not passages:
-        # Nothing to answer from: a model could only guess, so none is asked.
-        turn.mode = Message.Mode.EXTRACTED
-        turn.notices.append(NOTICE_NO_PASSAGES)
-        turn.cacheable = False
-        yield Meta(*turn.ids, mode=turn.mode, notice=turn.notice)
-        yield Citations(citations=[])
-        turn.parts.append(NO_PASSAGES_ANSWER)
-        yield Delta(text=NO_PASSAGES_ANSWER)
-        turn.status = Message.Status.COMPLETE
+    if not passages or not (turn.answerability and turn.answerability.answerable):
+        # Nothing, or nothing close enough, to answer from: a model could only guess, so
+        # none is asked (and none is paid for).
+        async with aclosing(_not_covered(turn, passages)) as events:
+            async for event in events:
+                yield event
         return
 
+    turn.answerable = True
     async with aclosing(_cascade(turn, backends, passages)) as events:
         async for event in events:
             yield event
+
+
+async def _not_covered(turn: _Turn, passages: list[prompts.Passage]) -> AsyncGenerator[ChatEvent, None]:
+    """The answer that says the documents do not cover the question, with the closest
+    passages as related sources (not citations)."""
+    turn.mode = Message.Mode.EXTRACTED
+    turn.answerable = False
+    turn.cacheable = False
+    if not passages:
+        turn.notices.append(NOTICE_NO_PASSAGES)
+        text = NOT_COVERED_ANSWER
+    else:
+        text = NOT_COVERED_RELATED
+        turn.related = prompts.citations_for(passages[:RELATED_COUNT])
+        logger.info("Message %s not answerable, no model asked: %s", turn.assistant.pk,
+                    turn.answerability.describe() if turn.answerability else "no evidence")
+    yield Meta(*turn.ids, mode=turn.mode, notice=turn.notice, answerable=False)
+    yield Citations(citations=[], related=turn.related)
+    turn.parts.append(text)
+    yield Delta(text=text)
+    turn.status = Message.Status.COMPLETE
 
 
 async def _rewrite(turn: _Turn, backends: Sequence[ChatBackend]) -> str | None:
@@ -553,6 +592,9 @@ def _retrieve(turn: _Turn) -> tuple[caches.CacheHit | None, SearchResult | None]
         api_key=turn.api_key,
         embedded=turn.embedded,
     )
+    if result.hits:
+        # In the same trip to the sync thread: one small indexed query.
+        turn.answerability = answerability_assess(result=result)
     return None, result
 
 
@@ -586,11 +628,11 @@ async def _serve_cached(turn: _Turn, hit: caches.CacheHit) -> AsyncGenerator[Cha
     turn.calls.append(call)
     turn.answer_call = call
     turn.cacheable = False
+    turn.answerable = True
     turn.mode = entry.mode
     turn.citations = list(entry.citations)
     turn.notices.append(
-        NOTICE_CACHE_EXACT if hit.kind == "exact"
-        else NOTICE_CACHE_SEMANTIC.format(question=entry.question)
+        NOTICE_CACHE_EXACT if hit.kind == "exact" else NOTICE_CACHE_SEMANTIC
     )
     yield Meta(*turn.ids, mode=turn.mode, notice=turn.notice)
     yield Citations(citations=turn.citations)
@@ -662,12 +704,38 @@ async def _cascade(
             call.first_token_at = time.perf_counter()
             turn.answer_call = call
             turn.mode = Message.Mode.GENERATED if backend.generative else Message.Mode.EXTRACTED
-            turn.passages = prompt.passages
-            turn.citations = prompts.citations_for(prompt.passages)
+            passages_shown = prompt.passages
+            buffered: list[Any] | None = None
+            if not backend.generative:
+                # A local answerer is done in an instant: read it whole, so its citations
+                # can be numbered 1..n in the order they appear (passages reordered to match).
+                buffered = [first]
+                with contextlib.suppress(StopAsyncIteration):
+                    while True:
+                        buffered.append(await upstream.next(heartbeat))
+                text = "".join(i.text for i in buffered if isinstance(i, ChatDelta))
+                text, order = prompts.citations_renumber(text, passage_count=len(prompt.passages))
+                passages_shown = [prompt.passages[n - 1] for n in order]
+                buffered = [*(ChatDelta(text=piece) for piece in _words(text)),
+                            *(i for i in buffered if isinstance(i, ChatUsage))]
+            turn.passages = passages_shown
+            turn.citations = prompts.citations_for(passages_shown)
             if failed:
                 turn.notices.append(NOTICE_FALLBACK if backend.generative else NOTICE_MODEL_DOWN)
             yield Meta(*turn.ids, mode=turn.mode, notice=turn.notice)
             yield Citations(citations=turn.citations)
+
+            if buffered is not None:
+                for item in buffered:
+                    if isinstance(item, ChatDelta) and item.text:
+                        call.parts.append(item.text)
+                        turn.parts.append(item.text)
+                        yield Delta(text=item.text)
+                    elif isinstance(item, ChatUsage):
+                        call.usage = item
+                call.ended = time.perf_counter()
+                turn.status = Message.Status.COMPLETE
+                return
 
             item = first
             while True:
@@ -817,7 +885,10 @@ def _turn_finish(turn: _Turn) -> None:
         status=turn.status,
         mode=turn.mode,
         notice=turn.notice or "",
-        citations=turn.citations,
+        # A not-covered answer keeps its related passages where citations would be; the
+        # API tells them apart by `answerable`.
+        citations=turn.citations if turn.answerable is not False else turn.related,
+        answerable=turn.answerable,
         cited=turn.check.cited,
         invalid_citations=turn.check.invalid,
         provider=answer.provider if answer else "",
@@ -862,7 +933,8 @@ def _done_event(turn: _Turn) -> Done:
         "cache_hit": bool(answer and answer.cache_hit),
     }
     return Done(message_id=str(turn.assistant.pk), status=turn.status, usage=usage,
-                cited=check.cited, invalid_citations=check.invalid, text=check.text)
+                cited=check.cited, invalid_citations=check.invalid, text=check.text,
+                answerable=turn.answerable is not False)
 
 
 def _describe_error(exc: BaseException) -> str:

@@ -527,6 +527,10 @@ KB_CHAT_MAX_OUTPUT_TOKENS = env_int("KB_CHAT_MAX_OUTPUT_TOKENS", 700)
 KB_CHAT_TEMPERATURE = env_float("KB_CHAT_TEMPERATURE", 0.2)
 # Passages retrieved per question before the token budget trims them.
 KB_CHAT_TOP_K = env_int("KB_CHAT_TOP_K", 8)
+# Below this probability that the passages cover the question (chat.answerability), the
+# chat says the documents do not cover it and asks no model. Chosen with
+# benchmarks/answerability.py; docs/CHAT.md has the error rates.
+KB_CHAT_ANSWERABLE_THRESHOLD = env_float("KB_CHAT_ANSWERABLE_THRESHOLD", 0.5)
 # Earlier turns shown to the query rewriter (a turn is one question and its answer).
 KB_CHAT_HISTORY_TURNS = env_int("KB_CHAT_HISTORY_TURNS", 3)
 # Cosine similarity above which a cached answer to another question is reused. Chosen for

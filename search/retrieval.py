@@ -454,6 +454,44 @@ def chunk_details(chunk_ids: Sequence[int]) -> dict[int, ChunkDetails]:
     return details
 
 
+def query_term_coverage(*, chunk_ids: Sequence[int], lexemes: Sequence[str]) -> dict[int, float]:
+    """For each chunk, the share of the query's idf that its own terms match:
+
+        coverage(D, Q) = Σ_{t ∈ Q ∩ D} idf(t) / Σ_{t ∈ Q} idf(t)
+
+    with idf as BM25 computes it over the chunk's collection; a query term the collection
+    has never seen (df = 0) gets the largest idf, so an unknown word weighs most. Q is the
+    query's lexemes (SearchResult.query_lexemes). One indexed lookup per (chunk, term).
+    """
+    if not chunk_ids or not lexemes:
+        return {}
+    sql = """
+    WITH q AS (SELECT DISTINCT unnest(%(lexemes)s::text[]) AS lexeme),
+    chunks AS (
+        SELECT c.id AS chunk_id, c.collection_id FROM kb_chunk c WHERE c.id = ANY(%(chunks)s)
+    ),
+    weighted AS (
+        SELECT ch.chunk_id, q.lexeme, ch.collection_id,
+               ln(1 + (s.chunk_count - coalesce(t.document_frequency, 0) + 0.5::float8)
+                      / (coalesce(t.document_frequency, 0) + 0.5::float8)) AS idf
+        FROM chunks ch
+        CROSS JOIN q
+        JOIN search_collectionstatistic s ON s.collection_id = ch.collection_id
+        LEFT JOIN search_termstatistic t ON t.collection_id = ch.collection_id AND t.lexeme = q.lexeme
+    )
+    SELECT w.chunk_id,
+           coalesce(sum(w.idf) FILTER (WHERE EXISTS (
+               SELECT 1 FROM search_posting p
+               WHERE p.collection_id = w.collection_id AND p.lexeme = w.lexeme AND p.chunk_id = w.chunk_id
+           )), 0) / nullif(sum(w.idf), 0)
+    FROM weighted w
+    GROUP BY w.chunk_id
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {"lexemes": list(lexemes), "chunks": list(chunk_ids)})
+        return {chunk_id: float(share or 0.0) for chunk_id, share in cursor.fetchall()}
+
+
 def _bm25_native(filters: SearchFilters) -> bool:
     """Whether BM25 for these filters runs in the kb_bm25 extension rather than in SQL."""
     return (settings.KB_BM25_ENGINE == "auto" and not filters.needs_chunk_join

@@ -75,6 +75,25 @@ class QueryEmbedding:
     vector: list[float]
 
 
+@dataclass(frozen=True)
+class RetrievalEvidence:
+    """How strongly the two retrievers agree that something matches, for chat's decision
+    whether the documents cover a question (chat.answerability). Read from the candidates
+    retrieval returned anyway: it costs no query.
+    """
+
+    # The best cosine similarity of the vector leg, and how far it stands above the
+    # median candidate's: a peak means a real neighbour, a plateau only the nearest noise.
+    top_similarity: float | None = None
+    similarity_margin: float | None = None
+    top_bm25: float | None = None
+    # Chunks in both legs' top AGREEMENT_DEPTH, as a share of the smaller of the two.
+    agreement: float = 0.0
+
+
+AGREEMENT_DEPTH = 5
+
+
 @dataclass
 class SearchResult:
     hits: list[SearchHit]
@@ -83,6 +102,7 @@ class SearchResult:
     timings_ms: dict
     notices: list[str] = field(default_factory=list)
     query_lexemes: list[str] = field(default_factory=list)
+    evidence: RetrievalEvidence = field(default_factory=RetrievalEvidence)
 
 
 class QueryVectorCache:
@@ -279,7 +299,27 @@ def search(
             latency_ms=timings["total"], user=user, api_key=api_key,
         )
     return SearchResult(hits=hits, mode=mode, reranked=reranked, timings_ms=timings,
-                        notices=notices, query_lexemes=retrieved.query_lexemes)
+                        notices=notices, query_lexemes=retrieved.query_lexemes,
+                        evidence=retrieval_evidence(retrieved.candidates))
+
+
+def retrieval_evidence(candidates: list[Candidate]) -> RetrievalEvidence:
+    """The evidence summary of one retrieval's candidates (see RetrievalEvidence)."""
+    similarities = sorted((c.vector_similarity for c in candidates if c.vector_similarity is not None),
+                          reverse=True)
+    bm25 = [c.bm25_score for c in candidates if c.bm25_score is not None]
+    top_vector = {c.chunk_id for c in candidates
+                  if c.vector_rank is not None and c.vector_rank <= AGREEMENT_DEPTH}
+    top_bm25 = {c.chunk_id for c in candidates
+                if c.bm25_rank is not None and c.bm25_rank <= AGREEMENT_DEPTH}
+    return RetrievalEvidence(
+        top_similarity=similarities[0] if similarities else None,
+        similarity_margin=(similarities[0] - similarities[len(similarities) // 2]
+                           if similarities else None),
+        top_bm25=max(bm25) if bm25 else None,
+        # Out of what both legs could agree on: a collection of three chunks has only three.
+        agreement=len(top_vector & top_bm25) / max(1, min(len(top_vector), len(top_bm25))),
+    )
 
 
 def _fuse(candidates: list[Candidate], *, mode: str, fusion: str) -> list[tuple[Candidate, float]]:

@@ -1,4 +1,4 @@
-"""The answerer of last resort: quotes the passages' most relevant sentences, never generates.
+"""The answerer of last resort: quotes the passages' most relevant sentences and code, never generates.
 
 It needs no network and no model weights, so it cannot fail, and it is always the last
 entry of the chat cascade. It receives the same messages as a generative backend and
@@ -17,11 +17,18 @@ from dataclasses import dataclass
 
 from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage
 
-LEAD = "Extracted from your documents (not generated):"
+# No lead line ("Extracted from your documents…"): the chat page labels extracted answers
+# from `mode`, so the label is shown once.
 NO_PASSAGES = "No passage in your documents matches this question."
-MAX_SENTENCES = 4
-MIN_SENTENCES = 3
+MAX_UNITS = 4
+MAX_CODE_BLOCKS = 2
+# A unit is quoted only if it scores at least this share of the best one: no padding.
+RELATIVE_CUTOFF = 0.5
 MAX_SENTENCE_CHARS = 400
+# A sentence shorter than this many words ("Defaults to 'cursor'.") only makes sense with
+# the one before it, so it is quoted with it.
+MIN_SENTENCE_WORDS = 6
+MAX_CODE_LINES = 60
 # BM25 over short "documents" (sentences): the usual constants (Robertson & Zaragoza, 2009).
 K1 = 1.2
 B = 0.75
@@ -30,6 +37,7 @@ _WORD = re.compile(r"[^\W_]+")
 # A sentence ends at . ! ? (or a line break) followed by space and a capital, digit or quote.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“(\[A-Z0-9])")
 _LINE_MARKUP = re.compile(r"^\s*(?:#{1,6}\s+|[-*•+]\s+|\d+[.)]\s+|>\s*)")
+_CODE_LINE = re.compile(r"^(?:\s{2,}|\t)\S|[=(){};<>\[\]]|^\s*(?:\$|>>>|def |class |import |from |return )")
 # English function words: they match everywhere and would drown the question's terms.
 _STOPWORD_TEXT = """a about above after again all also am an and any are as at be been before being
     between both but by can could did do does doing down during each few for from further
@@ -43,17 +51,22 @@ _SUFFIXES = ("ations", "ation", "ements", "ement", "ings", "ing", "edly", "ed", 
 
 
 @dataclass
-class _Sentence:
+class _Unit:
+    """What may be quoted: a sentence (or short block) of prose, or a whole code block."""
+
     n: int
     position: int
     text: str
     terms: list[str]
+    code: bool = False
     score: float = 0.0
 
 
 def stem(word: str) -> str:
     """A crude suffix stripper: enough for "indexes"/"indexing"/"index" to meet."""
     for suffix in _SUFFIXES:
+        if suffix == "es" and not word.endswith(("sses", "xes", "zes", "ches", "shes")):
+            continue  # "takes" is "take" + "s", not "tak" + "es"
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
             word = word[: -len(suffix)]
             return word + "y" if suffix == "ies" else word
@@ -65,44 +78,76 @@ def terms(text: str) -> list[str]:
     return [stem(w) for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
 
 
-def sentences(text: str) -> list[str]:
-    """A passage split into sentences; list items and headings become their own lines."""
-    result = []
-    for line in text.splitlines():
-        line = _LINE_MARKUP.sub("", line).strip()
-        if not line:
-            continue
-        if len(_WORD.findall(line)) < 8 and not line.rstrip().endswith((".", "!", "?", ";", ":")):
-            continue  # a heading line: the source panel shows it as the heading path
+def _is_code(lines: list[str]) -> bool:
+    """Chunk text keeps code blocks' line breaks and indentation, while prose blocks are
+    one line each; a multi-line block mostly of code-looking lines is code."""
+    lines = [line for line in lines if line.strip()]
+    if len(lines) < 2:
+        return False
+    return sum(1 for line in lines if _CODE_LINE.search(line)) * 2 >= len(lines)
 
-        for sentence in _SENTENCE_END.split(line):
-            sentence = " ".join(sentence.split())
-            if len(_WORD.findall(sentence)) < 3:
-                continue  # headings and fragments say too little on their own
-            if len(sentence) > MAX_SENTENCE_CHARS:
-                sentence = sentence[: MAX_SENTENCE_CHARS - 1].rsplit(" ", 1)[0] + "…"
-            result.append(sentence)
+
+def _prose_units(line: str) -> list[str]:
+    """One prose line as quotable units: its sentences, short ones joined to the one before."""
+    line = " ".join(_LINE_MARKUP.sub("", line).split())
+    if not line:
+        return []
+    if len(_WORD.findall(line)) < 8 and not line.endswith((".", "!", "?", ";", ":")):
+        return []  # a heading line: the source panel shows it as the heading path
+    units: list[str] = []
+    for part in _SENTENCE_END.split(line):
+        if units and len(_WORD.findall(part)) < MIN_SENTENCE_WORDS:
+            units[-1] = f"{units[-1]} {part}"
+        else:
+            units.append(part)
+    result = []
+    for unit in units:
+        if len(_WORD.findall(unit)) < 3:
+            continue  # fragments say too little on their own
+        if len(unit) > MAX_SENTENCE_CHARS:
+            unit = unit[: MAX_SENTENCE_CHARS - 1].rsplit(" ", 1)[0] + "…"
+        result.append(unit)
     return result
 
 
-def select_sentences(question: str, passages: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
-    """The best (passage number, sentence) pairs for the question, in reading order."""
-    pool: list[_Sentence] = []
+def units(text: str) -> list[tuple[str, bool]]:
+    """A passage as (text, is_code) units in reading order."""
+    result: list[tuple[str, bool]] = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = block.split("\n")
+        if _is_code(lines):
+            if len(lines) <= MAX_CODE_LINES:
+                result.append((block.strip("\n"), True))
+            continue
+        for line in lines:
+            result += [(unit, False) for unit in _prose_units(line)]
+    return result
+
+
+def sentences(text: str) -> list[str]:
+    """A passage's prose units (sentences, short blocks), without its code."""
+    return [unit for unit, code in units(text) if not code]
+
+
+def _pool(passages: Sequence[tuple[int, str]]) -> list[_Unit]:
+    pool: list[_Unit] = []
     seen: set[str] = set()
     for n, text in passages:
-        for position, sentence in enumerate(sentences(text)):
-            key = " ".join(_WORD.findall(sentence.lower()))
+        for position, (unit, code) in enumerate(units(text)):
+            key = " ".join(_WORD.findall(unit.lower()))
             if key in seen:
                 continue  # overlapping chunks repeat sentences
             seen.add(key)
-            pool.append(_Sentence(n=n, position=position, text=sentence, terms=terms(sentence)))
-    if not pool:
-        return []
+            pool.append(_Unit(n=n, position=position, text=unit, terms=terms(unit), code=code))
+    return pool
+
+
+def _score(question: str, pool: list[_Unit]) -> None:
     query = set(terms(question))
-    document_frequency = Counter(term for s in pool for term in set(s.terms))
-    average_length = sum(len(s.terms) for s in pool) / len(pool) or 1.0
-    for s in pool:
-        counts = Counter(s.terms)
+    document_frequency = Counter(term for u in pool for term in set(u.terms))
+    average_length = sum(len(u.terms) for u in pool) / len(pool) or 1.0
+    for u in pool:
+        counts = Counter(u.terms)
         score = 0.0
         for term in query:
             tf = counts.get(term, 0)
@@ -110,31 +155,93 @@ def select_sentences(question: str, passages: Sequence[tuple[int, str]]) -> list
                 continue
             df = document_frequency[term]
             idf = math.log(1 + (len(pool) - df + 0.5) / (df + 0.5))
-            score += idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * len(s.terms) / average_length))
+            # Code repeats identifiers; its length must not drown a clear sentence.
+            length = min(len(u.terms), average_length) if u.code else len(u.terms)
+            score += idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / average_length))
         # Passages arrive best first: a small prior keeps ties with the better passage.
-        s.score = score / (1 + 0.1 * (s.n - 1))
-    ranked = sorted((s for s in pool if s.score > 0), key=lambda s: (-s.score, s.n, s.position))
-    if ranked:
-        best = ranked[0].score
-        chosen = [s for i, s in enumerate(ranked[:MAX_SENTENCES])
-                  if i < MIN_SENTENCES or s.score >= 0.25 * best]
-    else:
-        # Nothing shares a word with the question: the retrieval still ranked these
-        # passages first, so their opening sentences are the best we can show.
-        firsts: dict[int, _Sentence] = {}
-        for s in pool:
-            firsts.setdefault(s.n, s)
-        chosen = list(firsts.values())[:2]
-    chosen.sort(key=lambda s: (s.n, s.position))
-    return [(s.n, s.text) for s in chosen]
+        u.score = score / (1 + 0.1 * (u.n - 1))
+
+
+def select_units(question: str, passages: Sequence[tuple[int, str]]) -> list[_Unit]:
+    """The units that answer the question, in reading order: the best-scoring sentences and
+    code blocks, each code block whole and with the sentence that introduces it."""
+    pool = _pool(passages)
+    if not pool:
+        return []
+    _score(question, pool)
+    ranked = sorted((u for u in pool if u.score > 0), key=lambda u: (-u.score, u.n, u.position))
+    if not ranked:
+        # Nothing shares a word with the question: the retrieval still ranked the first
+        # passage first, so its opening sentence is the best there is to show.
+        first = next((u for u in pool if not u.code), pool[0])
+        return [first]
+    best = ranked[0].score
+    chosen: list[_Unit] = []
+    for u in ranked:
+        if u.score < RELATIVE_CUTOFF * best or len(chosen) >= MAX_UNITS:
+            break
+        if u.code and sum(c.code for c in chosen) >= MAX_CODE_BLOCKS:
+            continue
+        chosen.append(u)
+    # A code block comes with its introduction, and an introduction ("…like this:") with
+    # the code it introduces.
+    by_place = {(u.n, u.position): u for u in pool}
+    for u in list(chosen):
+        if u.code:
+            intro = by_place.get((u.n, u.position - 1))
+            if intro is not None and not intro.code and intro not in chosen:
+                chosen.append(intro)
+        elif u.text.endswith(":"):
+            code = by_place.get((u.n, u.position + 1))
+            if code is not None and code.code and code not in chosen:
+                chosen.append(code)
+    chosen.sort(key=lambda u: (u.n, u.position))
+    return chosen
+
+
+def select_sentences(question: str, passages: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The chosen (passage number, text) pairs for the question, in reading order."""
+    return [(u.n, u.text) for u in select_units(question, passages)]
+
+
+def _fence(code: str) -> str:
+    longest = max((len(m) for m in re.findall(r"`{3,}", code)), default=2)
+    fence = "`" * (longest + 1)
+    return f"{fence}\n{code}\n{fence}"
 
 
 def extractive_answer(question: str, passages: Sequence[tuple[int, str]]) -> str:
-    """The full answer text: the lead line, then one cited sentence per line."""
-    picked = select_sentences(question, passages)
+    """The answer as Markdown: consecutive quoted sentences run together as a paragraph
+    ending with its citation [n]; code blocks fenced and whole."""
+    picked = select_units(question, passages)
     if not picked:
-        return f"{LEAD}\n\n{NO_PASSAGES}"
-    return LEAD + "\n\n" + "\n".join(f"{sentence} [{n}]" for n, sentence in picked)
+        return NO_PASSAGES
+    blocks: list[str] = []
+    paragraph: list[str] = []
+    paragraph_n: int | None = None
+    last: tuple[int, int] | None = None
+
+    def flush() -> None:
+        nonlocal paragraph, paragraph_n
+        if paragraph:
+            blocks.append(f"{' '.join(paragraph)} [{paragraph_n}]")
+        paragraph, paragraph_n = [], None
+
+    for u in picked:
+        if u.code:
+            cited = paragraph_n == u.n
+            flush()
+            blocks.append(_fence(u.text))
+            if not cited:
+                blocks.append(f"[{u.n}]")
+            continue
+        if paragraph_n is not None and last != (u.n, u.position - 1):
+            flush()  # not the next sentence of the same passage: a paragraph of its own
+        paragraph.append(u.text)
+        paragraph_n = u.n
+        last = (u.n, u.position)
+    flush()
+    return "\n\n".join(blocks)
 
 
 class ExtractiveChat(ChatBackend):
@@ -155,11 +262,14 @@ class ExtractiveChat(ChatBackend):
         temperature: float | None = None,
     ) -> AsyncGenerator[ChatDelta | ChatUsage, None]:
         """Yield the extracted answer word by word, then its (counted, free) usage."""
-        from chat.prompts import prompt_parse
+        from chat.prompts import NEUTRAL_MARKER, prompt_parse
 
         user = next((m for m in reversed(messages) if m.role == "user"), None)
         parsed = prompt_parse(user.content if user else "")
-        text = extractive_answer(parsed.question, [(p.n, p.text) for p in parsed.passages])
+        # A document's own bracketed numbers were neutralised in the prompt; quoted, they
+        # would only be noise next to our citation.
+        text = extractive_answer(parsed.question,
+                                 [(p.n, NEUTRAL_MARKER.sub("", p.text)) for p in parsed.passages])
         pieces = re.findall(r"\s*\S+", text)
         if max_tokens is not None:
             pieces = self._within(pieces, max_tokens)

@@ -15,7 +15,6 @@ from chat.models import AnswerCacheEntry, Budget, Message
 from chat.services import Citations, Delta, Done, Error, Meta, Started
 from kb import services as kb_services
 from kb.models import Document, UsageRecord
-from kb.providers.extractive import LEAD
 from kb.usage import usage_record_create
 from tests.chat.conftest import (
     EXTRACTIVE_ENTRY,
@@ -121,7 +120,8 @@ def test_model_down_answers_extractively_with_a_notice(corpus, generative, user)
     meta = of_type(events, Meta)[0]
     assert meta.mode == "extracted" and meta.notice == services.NOTICE_MODEL_DOWN
     answer = text_of(events)
-    assert answer.startswith(LEAD)
+    # The page labels the mode once; the text does not say it again.
+    assert "not generated" not in answer.lower()
     assert "every night at 02:00 UTC" in answer and "[1]" in answer
     done = of_type(events, Done)[0]
     assert done.usage == {"input_tokens": done.usage["input_tokens"], "output_tokens":
@@ -261,14 +261,20 @@ def test_exact_cache_hit_replays_the_answer_and_records_the_saving(corpus, gener
     assert Message.objects.get(pk=done.message_id).cache_hit
 
 
-def test_semantic_cache_hit_for_a_paraphrase(settings, corpus, generative, user):
-    """A reworded question above the similarity threshold reuses the answer."""
-    ask("How often is the database backed up?", user=user)
+def test_semantic_cache_hit_for_a_paraphrase(settings, corpus, generative, user, django_user_model):
+    """A reworded question reuses the answer; the notice says so without quoting the
+    earlier question, which may be another user's words."""
+    other = django_user_model.objects.create_user("other-asker", password="pw-other-123")
+    ask("How often is the database backed up?", user=other)
     events = ask("How frequently is the database backed up?", user=user)
 
     assert len(chat_requests(generative)) == 1
     assert of_type(events, Done)[0].usage["cache_hit"] is True
-    assert "very similar question" in of_type(events, Meta)[0].notice
+    notice = of_type(events, Meta)[0].notice
+    assert "very similar question" in notice
+    assert "How often" not in notice and "“" not in notice
+    stored = Message.objects.get(pk=of_type(events, Done)[0].message_id)
+    assert "How often" not in stored.notice
     assert chat_usage()[-1].saved_cost_usd > 0
 
 

@@ -88,13 +88,15 @@ def test_sse_stream_sends_meta_citations_deltas_done(corpus, generative, user):
     events = parse_sse(body)
     assert names(events) == ["meta", "citations", "delta", "done"]
     meta, citations = events[0][1], events[1][1]
-    assert set(meta) == {"conversation_id", "message_id", "mode", "notice"}
-    assert meta["mode"] == "generated"
+    assert set(meta) == {"conversation_id", "message_id", "mode", "notice", "answerable"}
+    assert meta["mode"] == "generated" and meta["answerable"] is True
+    assert citations["related"] == []
     assert set(citations["citations"][0]) == {"n", "chunk_id", "document_id", "document_title",
                                               "page", "heading_path", "text", "url"}
     assert "".join(data["text"] for name, data in events if name == "delta") == CITED_REPLY
     done = events[-1][1]
     assert done["status"] == "complete" and done["cited"] == [1] and done["invalid_citations"] == []
+    assert done["answerable"] is True
     assert set(done["usage"]) == {"input_tokens", "output_tokens", "cost_usd", "model", "provider",
                                   "cache_hit"}
     assert done["message_id"] == meta["message_id"]

@@ -9,7 +9,7 @@ import pytest
 from chat import prompts
 from chat.prompts import Passage
 from kb.providers.base import ChatBackend, ChatDelta, ChatUsage
-from kb.providers.extractive import LEAD, NO_PASSAGES, ExtractiveChat, select_sentences, stem
+from kb.providers.extractive import NO_PASSAGES, ExtractiveChat, select_sentences, stem
 
 
 @pytest.fixture(autouse=True)
@@ -54,14 +54,14 @@ def test_is_a_non_generative_local_backend():
 
 
 def test_quotes_the_matching_sentences_with_their_citations():
-    """The lead line, then the best sentences, each followed by its passage number."""
+    """The best sentences, each paragraph followed by its passage number; no lead line (the
+    page labels extracted answers once) and no off-topic padding."""
     answer = answer_of(run("How often is the database backed up?", [BACKUPS, UPLOADS]))
 
-    lines = answer.split("\n")
-    assert lines[0] == LEAD and lines[1] == ""
-    assert "The database is backed up every night at 02:00 UTC. [1]" in lines
-    assert all(line.endswith(("[1]", "[2]")) for line in lines[2:])
-    assert "nice view" not in answer.split("\n")[2]  # the best sentence comes from the match
+    assert "not generated" not in answer.lower()
+    assert answer.startswith("The database is backed up every night at 02:00 UTC.")
+    assert answer.split("\n\n")[0].endswith("[1]")
+    assert "nice view" not in answer and "Zip archives" not in answer
 
 
 def test_streams_word_by_word_then_one_usage():
@@ -69,7 +69,7 @@ def test_streams_word_by_word_then_one_usage():
     items = run("What is the PDF upload limit?", [BACKUPS, UPLOADS])
 
     deltas = [item for item in items if isinstance(item, ChatDelta)]
-    assert len(deltas) > 10 and all(len(d.text.split()) == 1 for d in deltas)
+    assert len(deltas) >= 8 and all(len(d.text.split()) == 1 for d in deltas)
     usage = items[-1]
     assert isinstance(usage, ChatUsage) and sum(isinstance(i, ChatUsage) for i in items) == 1
     assert usage.input_tokens > 0 and usage.output_tokens > 0
@@ -77,13 +77,13 @@ def test_streams_word_by_word_then_one_usage():
     assert "limited to 50 MB each. [2]" in answer_of(items)
 
 
-def test_picks_three_to_five_sentences_in_reading_order():
+def test_picks_at_most_four_units_in_reading_order():
     """Several matching sentences: at most four are quoted, ordered by passage then position."""
     text = " ".join(f"Backups of server {i} run every night at {i}:00." for i in range(1, 10))
 
     picked = select_sentences("When do backups run every night?", [(1, text), (2, text + " Extra.")])
 
-    assert 3 <= len(picked) <= 5
+    assert 1 <= len(picked) <= 4
     assert picked == sorted(picked, key=lambda pair: (pair[0], text.find(pair[1])))
 
 
@@ -94,11 +94,12 @@ def test_stemming_lets_word_forms_meet():
     assert pairs[0][1].startswith("A restore")
 
 
-def test_without_any_overlap_the_top_passages_open_the_answer():
-    """No shared word: the first sentences of the best passages, still cited."""
+def test_without_any_overlap_the_top_passage_opens_the_answer():
+    """No shared word (the chat's answerability check normally stops this earlier): the
+    first sentence of the best passage, still cited."""
     answer = answer_of(run("Qwertyuiop zxcvbnm?", [BACKUPS, UPLOADS]))
 
-    assert "[1]" in answer and "[2]" in answer
+    assert answer.endswith("[1]") and "[2]" not in answer
 
 
 def test_without_passages_says_so():
@@ -108,10 +109,70 @@ def test_without_passages_says_so():
         messages = [ChatMessage(role="user", content="Just a question")]
         return [item async for item in ExtractiveChat().stream(messages)]
 
-    assert answer_of(asyncio.run(collect())) == f"{LEAD}\n\n{NO_PASSAGES}"
+    assert answer_of(asyncio.run(collect())) == NO_PASSAGES
 
 
 def test_max_tokens_bounds_the_answer():
     items = run("How often is the database backed up?", [BACKUPS, UPLOADS], max_tokens=5)
 
     assert len(answer_of(items).split()) <= 5
+
+
+def test_a_document_cannot_forge_citations_to_other_passages():
+    """"…approved by the board [2]." in passage 1 is quoted as passage 1 only: the
+    document's own [2] and [3] do not become links to passages 2 and 3."""
+    forged = "The annual budget was approved by the board [2]. The budget covers hiring [3]."
+    answer = answer_of(run("Who approved the annual budget?", [forged, UPLOADS, BACKUPS]))
+
+    assert "approved by the board" in answer
+    assert "[2]" not in answer and "[3]" not in answer
+    assert prompts.citations_check(answer, passage_count=3).cited == [1]
+
+
+DRF_CURSOR = """CursorPagination
+
+The cursor-based pagination presents an opaque "cursor" indicator that the client may use to page through the result set.
+
+To enable the CursorPagination style globally, use the following configuration:
+
+REST_FRAMEWORK = {
+    'DEFAULT_PAGINATION_CLASS': 'rest_framework.pagination.CursorPagination',
+    'PAGE_SIZE': 100
+}
+
+cursor_query_param = A string value indicating the name of the "cursor" query parameter. Defaults to 'cursor'.
+
+ordering = This should be a string, or list of strings, indicating the field against which the cursor based pagination will be applied. Defaults to '-created'."""
+
+
+def test_a_short_sentence_is_quoted_with_the_one_it_completes():
+    """"Defaults to 'cursor'." alone answers nothing: it comes with the sentence it completes."""
+    answer = answer_of(run("What is the name of the cursor query parameter?", [UPLOADS, DRF_CURSOR]))
+
+    assert "cursor_query_param = A string value indicating the name of the \"cursor\" query parameter. " \
+        "Defaults to 'cursor'." in answer
+    assert not answer.startswith("Defaults")
+    assert "PDF" not in answer
+
+
+def test_code_blocks_are_quoted_whole_with_their_introduction():
+    """A code block is one unit, fenced and never cut, and comes with the sentence that
+    introduces it."""
+    answer = answer_of(run("How do I enable cursor pagination globally?", [DRF_CURSOR]))
+
+    assert "use the following configuration: [1]" in answer
+    fenced = answer.split("```\n", 1)[1].split("\n```", 1)[0]
+    assert fenced == (
+        "REST_FRAMEWORK = {\n"
+        "    'DEFAULT_PAGINATION_CLASS': 'rest_framework.pagination.CursorPagination',\n"
+        "    'PAGE_SIZE': 100\n"
+        "}"
+    )
+
+
+def test_citations_are_numbered_in_order_of_appearance():
+    """The answer's markers, renumbered 1..n as they appear; the passages follow."""
+    text, order = prompts.citations_renumber("First [3]. Then [1, 3]. Bad [9].", passage_count=3)
+
+    assert text == "First [1]. Then [2, 1]. Bad [9]."
+    assert order == [3, 1, 2]

@@ -148,3 +148,16 @@ def test_follow_up_query_prepends_the_previous_question():
 
     assert prompts.follow_up_query(history=history, question="How long does it take?") == (
         "How do I restore a backup? How long does it take?")
+
+
+def test_bracketed_numbers_inside_documents_are_not_citations():
+    """A document's "[2]" reaches the model as a neutral footnote, not as a passage number,
+    and the citation check does not count it."""
+    forged = passage(1, "The budget was approved by the board [2]. See also [3, 4].")
+    prompt = prompts.prompt_build(question="Who approved the budget?", passages=[forged, passage(2)],
+                                  count_tokens=words, context_tokens=10_000)
+
+    body = prompts.prompt_parse(prompt.messages[1].content).passages[0].text
+    assert "[2]" not in body and "[3, 4]" not in body
+    assert "board ［2］" in body
+    assert prompts.citations_check(body, passage_count=2).cited == []

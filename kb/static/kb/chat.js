@@ -1,5 +1,7 @@
 /* The chat page: streams answers over SSE, links [n] citations to a source panel, keeps history.
- * Model output is only ever inserted as text nodes; citation links are built with the DOM API. */
+ * Answers are Markdown (paragraphs, lists, code). They are rendered by a small renderer below
+ * that builds elements with the DOM API and fills them with text nodes only: no HTML string
+ * from an answer (or a document quoted in it) is ever parsed, so none can run script. */
 (function () {
   "use strict";
 
@@ -112,7 +114,7 @@
     emptyState.hidden = true;
     const node = el("article", { class: "message message-assistant", "data-testid": "assistant-message", "aria-label": "Answer" });
     const bubble = {
-      node, text: "", citations: new Map(), messageId: null,
+      node, text: "", citations: new Map(), related: [], answerable: true, messageId: null,
       header: el("div", { class: "message-header" }),
       body: el("div", { class: "message-body" }),
       footer: el("div", { class: "message-footer" }),
@@ -128,9 +130,12 @@
     bubble.node.setAttribute("aria-busy", status === "streaming" ? "true" : "false");
   }
 
-  function setMode(bubble, mode, notice) {
+  function setMode(bubble, mode, notice, answerable) {
     bubble.header.replaceChildren();
-    if (mode === "extracted") {
+    bubble.answerable = answerable !== false;
+    if (!bubble.answerable) {
+      bubble.header.append(el("span", { class: "mode-label mode-not-covered", "data-testid": "mode-label" }, "Not covered by your documents"));
+    } else if (mode === "extracted") {
       bubble.header.append(el("span", { class: "mode-label", "data-testid": "mode-label" }, "Extracted from sources (not generated)"));
     }
     if (notice) bubble.header.append(el("p", { class: "message-notice" }, notice));
@@ -140,25 +145,102 @@
     bubble.citations = new Map((citations || []).map((c) => [Number(c.n), c]));
   }
 
-  // Text with [n] (or [1, 2]) markers → text nodes and citation links; unknown n stay plain text.
+  // Inline Markdown: `code`, **strong**, *em*, and [n] (or [1, 2]) citation links; unknown n
+  // stay plain text. Links and HTML are not Markdown we render: they stay visible as text.
+  function renderInline(text, bubble) {
+    const frag = document.createDocumentFragment();
+    const pattern = /(`+)([^`]+?)\1|\*\*(?=\S)([^*]+?)\*\*|\*(?=[^\s*])([^*]+?)\*|\[(\d+(?:\s*,\s*\d+)*)\]/g;
+    let last = 0;
+    for (const match of text.matchAll(pattern)) {
+      let node;
+      if (match[2] !== undefined) node = el("code", {}, match[2]);
+      else if (match[3] !== undefined) node = el("strong", {}, match[3]);
+      else if (match[4] !== undefined) node = el("em", {}, match[4]);
+      else {
+        const nums = match[5].split(",").map((s) => Number(s.trim()));
+        if (!nums.some((n) => bubble.citations.has(n))) continue;
+        node = document.createDocumentFragment();
+        nums.forEach((n, i) => {
+          if (i > 0) node.append(" ");
+          node.append(bubble.citations.has(n) ? citationLink(bubble.citations.get(n)) : `[${n}]`);
+        });
+      }
+      frag.append(text.slice(last, match.index), node);
+      last = match.index + match[0].length;
+    }
+    frag.append(text.slice(last));
+    return frag;
+  }
+
+  // Block Markdown: fenced code (kept whole, even while it streams in unclosed), bulleted and
+  // numbered lists, headings and paragraphs.
+  function renderMarkdown(text, bubble) {
+    const frag = document.createDocumentFragment();
+    const lines = text.split("\n");
+    let paragraph = [];
+    let list = null;
+    const flushParagraph = () => {
+      if (paragraph.length) {
+        const p = el("p");
+        p.append(renderInline(paragraph.join("\n"), bubble));
+        frag.append(p);
+      }
+      paragraph = [];
+    };
+    const flushList = () => { list = null; };
+    for (let i = 0; i < lines.length; i++) {
+      const line = lines[i];
+      const fence = line.match(/^\s*(`{3,}|~{3,})/);
+      if (fence) {
+        flushParagraph(); flushList();
+        const marker = fence[1];
+        const closing = new RegExp(`^\\s*\\${marker[0]}{${marker.length},}\\s*$`);
+        const code = [];
+        for (i += 1; i < lines.length && !closing.test(lines[i]); i++) code.push(lines[i]);
+        const pre = el("pre", { class: "md-code" });
+        pre.append(el("code", {}, code.join("\n")));
+        frag.append(pre);
+        continue;
+      }
+      const item = line.match(/^\s*([-*+]|\d{1,9}[.)])\s+(.*)$/);
+      if (item) {
+        flushParagraph();
+        const ordered = /\d/.test(item[1]);
+        if (!list || (list.tagName === "OL") !== ordered) {
+          list = el(ordered ? "ol" : "ul", { class: "md-list" });
+          frag.append(list);
+        }
+        const li = el("li");
+        li.append(renderInline(item[2], bubble));
+        list.append(li);
+        continue;
+      }
+      if (!line.trim()) { flushParagraph(); flushList(); continue; }
+      const heading = line.match(/^\s*#{1,6}\s+(.*)$/);
+      if (heading) {
+        flushParagraph(); flushList();
+        const p = el("p", { class: "md-heading" });
+        const strong = el("strong");
+        strong.append(renderInline(heading[1], bubble));
+        p.append(strong);
+        frag.append(p);
+        continue;
+      }
+      if (list && /^\s+\S/.test(line)) {
+        list.lastChild.append(" ", renderInline(line.trim(), bubble));
+        continue;
+      }
+      flushList();
+      paragraph.push(line);
+    }
+    flushParagraph();
+    return frag;
+  }
+
   function renderBody(bubble) {
     const active = document.activeElement;
     const refocus = active && bubble.body.contains(active) ? active.dataset.n : null;
-    const frag = document.createDocumentFragment();
-    const pattern = /\[(\d+(?:\s*,\s*\d+)*)\]/g;
-    let last = 0;
-    for (const match of bubble.text.matchAll(pattern)) {
-      const nums = match[1].split(",").map((s) => Number(s.trim()));
-      if (!nums.some((n) => bubble.citations.has(n))) continue;
-      frag.append(bubble.text.slice(last, match.index));
-      nums.forEach((n, i) => {
-        if (i > 0) frag.append(" ");
-        frag.append(bubble.citations.has(n) ? citationLink(bubble.citations.get(n)) : `[${n}]`);
-      });
-      last = match.index + match[0].length;
-    }
-    frag.append(bubble.text.slice(last));
-    bubble.body.replaceChildren(frag);
+    bubble.body.replaceChildren(renderMarkdown(bubble.text, bubble));
     if (refocus) {
       const again = bubble.body.querySelector(`[data-n="${refocus}"]`);
       if (again) again.focus();
@@ -175,9 +257,28 @@
     return link;
   }
 
+  // Under a not-covered answer: the closest passages, as related sources, never as citations.
+  function renderRelated(bubble) {
+    bubble.node.querySelector(".message-related")?.remove();
+    if (!bubble.related.length) return;
+    const box = el("div", { class: "message-related", "data-testid": "related-sources" });
+    box.append(el("p", { class: "related-title muted" }, "Related passages (they do not answer the question):"));
+    const list = el("ul", { class: "message-sources", "aria-label": "Related passages" });
+    for (const c of bubble.related) {
+      const button = el("button", { type: "button", class: "source-chip source-related", "aria-controls": "source-panel" },
+        `${c.document_title || "Untitled"}${c.page ? `, p. ${c.page}` : ""}`);
+      button._citation = Object.assign({}, c, { related: true });
+      const item = el("li");
+      item.append(button);
+      list.append(item);
+    }
+    box.append(list);
+    bubble.body.after(box);
+  }
+
   // Under a finished answer: the sources it actually cites, as buttons into the source panel.
   function renderSources(bubble, cited) {
-    bubble.node.querySelector(".message-sources")?.remove();
+    bubble.node.querySelector(":scope > .message-sources")?.remove();
     // Without the server's `cited` list (stored messages), list the markers the text actually uses.
     const marked = [...bubble.body.querySelectorAll(".cite")].map((a) => Number(a.dataset.n));
     const ns = [...new Set(cited && cited.length ? cited.map(Number) : marked)].filter((n) => bubble.citations.has(n));
@@ -216,9 +317,11 @@
     bubble.messageId = message.id || bubble.messageId;
     bubble.text = message.content || "";
     setCitations(bubble, message.citations);
-    if (message.mode) setMode(bubble, message.mode, message.notice);
+    bubble.related = message.related || [];
+    if (message.mode) setMode(bubble, message.mode, message.notice, message.answerable);
     renderBody(bubble);
     renderSources(bubble, message.cited);
+    renderRelated(bubble);
     setStatus(bubble, STATUS_FROM_SERVER[message.status] || "complete");
     bubble.footer.replaceChildren();
     if (message.status === "interrupted") showNotice(bubble, "stopped", "Stopped");
@@ -289,9 +392,10 @@
       if (name === "meta") {
         if (data.conversation_id) state.conversationId = data.conversation_id;
         bubble.messageId = data.message_id || bubble.messageId;
-        setMode(bubble, data.mode, data.notice);
+        setMode(bubble, data.mode, data.notice, data.answerable);
       } else if (name === "citations") {
         setCitations(bubble, data.citations);
+        bubble.related = data.related || [];
         renderBody(bubble);
       } else if (name === "delta") {
         bubble.text += data.text || "";
@@ -302,6 +406,7 @@
         if (data.message_id) bubble.messageId = data.message_id;
         renderBody(bubble);
         renderSources(bubble, data.cited);
+        renderRelated(bubble);
         setStatus(bubble, "complete");
       } else if (name === "error") {
         finished = true;
@@ -463,7 +568,7 @@
 
   function openPanel(citation, opener) {
     state.panelOpener = opener || null;
-    els.panelN.textContent = `[${citation.n}]`;
+    els.panelN.textContent = citation.related ? "(related, not cited)" : `[${citation.n}]`;
     els.panelTitle.textContent = citation.document_title || "Untitled document";
     const meta = [];
     if (citation.page) meta.push(`Page ${citation.page}`);
