@@ -58,6 +58,10 @@ def main() -> None:
         "KB_RATELIMIT_ENABLE": "false",
         # Every question is new, and paraphrase hits are switched off: no cache answers.
         "KB_SEMANTIC_CACHE_THRESHOLD": "1.01",
+        # Every question reaches the model: the answerability decision is still computed
+        # (its cost is part of the overhead), but a "not covered" verdict, which asks no
+        # model and so has no upstream first token, would mix refusals into the figures.
+        "KB_CHAT_ANSWERABLE_THRESHOLD": "0",
         "LOG_LEVEL": "WARNING",
         "DJANGO_SETTINGS_MODULE": "kb.settings",
         "HF_HUB_OFFLINE": "1",
