@@ -311,3 +311,42 @@ def test_workers_stop_when_serve_is_killed_outright(serve_data_dir, tmp_path):
         for postmaster in postmasters:
             postmaster.terminate()
         psutil.wait_procs(postmasters, timeout=30)
+
+
+@pytest.mark.django_db
+def test_serve_names_the_admin_password_source_when_it_was_chosen(monkeypatch):
+    """With KB_ADMIN_PASSWORD set, the first run says the password is that variable's value,
+    and neither prints it nor claims to show it once."""
+    from io import StringIO
+
+    from django.contrib.auth import get_user_model
+
+    from kb.management.commands.serve import Command
+
+    monkeypatch.setenv("KB_ADMIN_PASSWORD", "pw-chosen-123")
+    out = StringIO()
+    Command(stdout=out, no_color=True)._first_run(demo=False)
+
+    text = out.getvalue()
+    assert "Username: admin  Password: the value of KB_ADMIN_PASSWORD" in text
+    assert "shown once" not in text and "pw-chosen-123" not in text
+    assert get_user_model().objects.get(username="admin").check_password("pw-chosen-123")
+
+
+@pytest.mark.django_db
+def test_serve_shows_a_generated_admin_password_once(monkeypatch):
+    """Without KB_ADMIN_PASSWORD, the generated password is printed, with the advice to change it."""
+    from io import StringIO
+
+    from django.contrib.auth import get_user_model
+
+    from kb.management.commands.serve import Command
+
+    monkeypatch.delenv("KB_ADMIN_PASSWORD", raising=False)
+    out = StringIO()
+    Command(stdout=out, no_color=True)._first_run(demo=False)
+
+    text = out.getvalue()
+    password = text.split("Password:")[1].split()[0]
+    assert "(shown once; change it in the admin)" in text
+    assert get_user_model().objects.get(username="admin").check_password(password)

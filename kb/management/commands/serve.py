@@ -78,12 +78,15 @@ class Command(BaseCommand):
     def _first_run(self, *, demo: bool) -> None:
         user_model = get_user_model()
         if not user_model.objects.filter(is_superuser=True).exists():
-            password = os.environ.get("KB_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+            chosen = os.environ.get("KB_ADMIN_PASSWORD")
+            password = chosen or secrets.token_urlsafe(12)
             user_model.objects.create_superuser("admin", "admin@localhost", password)
-            shown = "from KB_ADMIN_PASSWORD" if os.environ.get("KB_ADMIN_PASSWORD") else password
+            if chosen:  # the operator knows it: printing it would only put it in logs
+                shown = "the value of KB_ADMIN_PASSWORD"
+            else:
+                shown = f"{password}\n  (shown once; change it in the admin)"
             self.stdout.write(self.style.SUCCESS(
-                f"Created the admin user. Username: admin  Password: {shown}\n"
-                "  (shown once; change it in the admin)"
+                f"Created the admin user. Username: admin  Password: {shown}"
             ))
         loaded = bootstrap.demo_corpus_load() if demo else 0
         if loaded:
