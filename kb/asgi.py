@@ -59,9 +59,10 @@ django.setup(set_prefix=False)
 application = ASGIHandler()
 
 if serving:
-    from kb.web_process import web_process_prepare
+    from kb.web_process import query_embedding_warm_up_start, web_process_prepare
 
     web_process_prepare()
+    query_embedding_warm_up_start()
 
 if os.environ.get("KB_SERVE_STATIC", "true").lower() in {"1", "true", "yes", "on"}:
     # One self-contained process serves its own CSS and JS; behind nginx, set

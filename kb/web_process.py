@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from django.conf import settings
 from django.db import connections
+
+logger = logging.getLogger(__name__)
 
 
 def web_process_prepare() -> None:
@@ -23,3 +28,32 @@ def web_process_prepare() -> None:
         database["CONN_MAX_AGE"] = 0
         database["OPTIONS"]["pool"] = settings.KB_DB_POOL_OPTIONS
     settings.KB_TORCH_THREADS = settings.KB_WEB_TORCH_THREADS
+
+
+def query_embedding_warm_up_start() -> threading.Thread:
+    """Load the active embedding model's query path on a background thread, and return it.
+
+    A local model loads, and exports its ONNX twin, on its first query: the first question
+    after a start waited about 17 s for that. Serving starts at once; a question asked
+    before the warm-up ends waits for the same load, not a second one. A remote model is
+    not called: there is nothing to load, and a call would cost money.
+    """
+    thread = threading.Thread(target=_query_embedding_warm_up, name="query-embedding-warm-up",
+                              daemon=True)
+    thread.start()
+    return thread
+
+
+def _query_embedding_warm_up() -> None:
+    from kb import selectors
+    from kb.providers import registry
+
+    try:
+        active = selectors.embedding_model_active()
+        backend = registry.embedding_backend(active.key if active else settings.KB_DEFAULT_EMBEDDING_MODEL)
+        if not backend.remote:
+            backend.embed_query("warm-up")
+    except Exception as exc:  # the first question loads the model instead, and reports it
+        logger.warning("Could not warm up the query embedding model: %s", exc)
+    finally:
+        connections.close_all()  # this thread's own, or the pool's if pooled

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import pytest
+
+from kb.models import EmbeddingModel
+from kb.providers.base import EmbeddingBackend, EmbeddingResult
+from kb.web_process import query_embedding_warm_up_start
 from kb.worker_threads import WorkerThreads
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,3 +131,98 @@ def test_a_pooled_connection_that_died_while_idle_is_replaced():
     report = run_python("import kb.asgi\n" + SURVIVES_A_DROPPED_CONNECTION)
 
     assert None not in report["after"]
+
+
+# Embedding backends the warm-up tests configure by dotted path, as KB_PROVIDERS names any.
+class RecordingEmbeddings(EmbeddingBackend):
+    """Records each query's text and thread, and holds the query until `gate` is set."""
+
+    calls: list[tuple[str, str]] = []
+    gate = threading.Event()
+
+    @property
+    def dimensions(self) -> int:
+        return 3
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def embed_batch(self, texts):
+        type(self).calls.append((texts[0], threading.current_thread().name))
+        assert type(self).gate.wait(timeout=30)
+        return EmbeddingResult(vectors=[[1.0, 0.0, 0.0] for _ in texts], input_tokens=len(texts))
+
+
+class BrokenEmbeddings(RecordingEmbeddings):
+    def embed_batch(self, texts):
+        raise OSError("weights not found at /nowhere")
+
+
+class RemoteEmbeddings(RecordingEmbeddings):
+    remote = True
+
+
+def _embedding_provider(settings, backend: type[EmbeddingBackend], key: str = "warm-test") -> None:
+    settings.KB_PROVIDERS = {
+        **settings.KB_PROVIDERS,
+        "embedding": {key: {"BACKEND": f"{__name__}.{backend.__name__}", "MODEL": backend.__name__}},
+    }
+    settings.KB_DEFAULT_EMBEDDING_MODEL = key
+    RecordingEmbeddings.calls = []
+    RecordingEmbeddings.gate = threading.Event()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_warm_up_embeds_one_query_with_the_active_model_on_a_background_thread(settings):
+    """Serving starts while the active model loads: the start returns before the model has
+    answered, and the model answers one query on the warm-up's own thread."""
+    _embedding_provider(settings, RecordingEmbeddings, key="warm-active")
+    settings.KB_DEFAULT_EMBEDDING_MODEL = "minilm"  # not this one: the active model is
+    EmbeddingModel.objects.create(key="warm-active", backend="RecordingEmbeddings", model_name="r",
+                                  dimensions=3, is_active=True, status=EmbeddingModel.Status.ACTIVE)
+
+    thread = query_embedding_warm_up_start()
+    try:
+        assert thread.daemon and thread.is_alive()  # still inside the model: start did not wait
+    finally:
+        RecordingEmbeddings.gate.set()
+    thread.join(timeout=30)
+
+    assert not thread.is_alive()
+    assert RecordingEmbeddings.calls == [("warm-up", "query-embedding-warm-up")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_warm_up_uses_the_default_model_before_any_is_active(settings):
+    """On a new install no model is active yet; the default one becomes active on the first
+    ingestion, so that is the one warmed up."""
+    _embedding_provider(settings, RecordingEmbeddings)
+    RecordingEmbeddings.gate.set()
+
+    query_embedding_warm_up_start().join(timeout=30)
+
+    assert RecordingEmbeddings.calls == [("warm-up", "query-embedding-warm-up")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_model_that_fails_to_warm_up_is_logged_and_the_thread_ends(settings, caplog):
+    _embedding_provider(settings, BrokenEmbeddings)
+
+    with caplog.at_level(logging.WARNING, logger="kb.web_process"):
+        thread = query_embedding_warm_up_start()
+        thread.join(timeout=30)
+
+    assert not thread.is_alive()
+    assert "Could not warm up the query embedding model: weights not found at /nowhere" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_remote_model_is_not_called_to_warm_up(settings, caplog):
+    """A remote model has nothing to load, and a call would cost money."""
+    _embedding_provider(settings, RemoteEmbeddings)
+    RecordingEmbeddings.gate.set()
+
+    with caplog.at_level(logging.WARNING, logger="kb.web_process"):
+        query_embedding_warm_up_start().join(timeout=30)
+
+    assert RecordingEmbeddings.calls == [] and "warm up" not in caplog.text

@@ -20,7 +20,7 @@ from django.db import connection
 
 from kb import bootstrap
 from kb.database import DatabaseSetupError
-from kb.web_process import web_process_prepare
+from kb.web_process import query_embedding_warm_up_start, web_process_prepare
 
 
 class Command(BaseCommand):
@@ -70,6 +70,7 @@ class Command(BaseCommand):
         try:
             self._print_urls(host, port)
             web_process_prepare()
+            query_embedding_warm_up_start()
             _run_uvicorn(host, port)
         finally:
             if workers is not None:
