@@ -54,6 +54,8 @@ def _query_embedding_warm_up() -> None:
         if not backend.remote:
             backend.embed_query("warm-up")
     except Exception as exc:  # the first question loads the model instead, and reports it
-        logger.warning("Could not warm up the query embedding model: %s", exc)
+        # Stopped while loading, the inference thread refuses work: that is no failure.
+        if threading.main_thread().is_alive():
+            logger.warning("Could not warm up the query embedding model: %s", exc)
     finally:
         connections.close_all()  # this thread's own, or the pool's if pooled
