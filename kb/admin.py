@@ -20,8 +20,15 @@ from django.utils.html import format_html
 from django.utils.translation import ngettext
 
 from kb import api_key_access, embeddings, selectors, services, tasks
+from kb.ingestion import parsing
 from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel, UsageRecord
 from kb.providers import registry
+
+# Short names for the document list; any other type shows as it is.
+DOCUMENT_KINDS = {
+    parsing.PDF_MIME: "PDF", parsing.DOCX_MIME: "DOCX", parsing.HTML_MIME: "HTML",
+    parsing.MARKDOWN_MIME: "Markdown", parsing.TEXT_MIME: "Text", parsing.ZIP_MIME: "Zip",
+}
 
 
 def _elapsed(document: Document) -> str:
@@ -57,6 +64,7 @@ def document_progress_payload(document: Document) -> dict:
     """What the admin shows of a document's progress; also served as JSON for polling."""
     return {
         "id": document.pk,
+        "title": document.title or document.original_filename,
         "status": document.status,
         "status_label": document.get_status_display(),
         "stage": document.get_stage_display(),
@@ -210,8 +218,8 @@ class MoveForm(forms.Form):
 
 @admin.register(Document)
 class DocumentAdmin(admin.ModelAdmin):
-    list_display = ["title_or_name", "collection", "status_badge", "progress", "mime_type",
-                    "size", "created_at"]
+    list_display = ["title_or_name", "collection", "status_badge", "progress", "kind", "size",
+                    "created_at"]
     # Only collections that appear in the rows shown: the full list would name restricted ones.
     list_filter = ["status", ("collection", admin.RelatedOnlyFieldListFilter), "mime_type"]
     search_fields = ["title", "original_filename"]
@@ -250,7 +258,15 @@ class DocumentAdmin(admin.ModelAdmin):
 
     @admin.display(description="Title", ordering="title")
     def title_or_name(self, obj):
-        return obj.title or obj.original_filename
+        # The poller replaces it once parsing has found the document's own title.
+        return format_html('<span data-document-title="{}">{}</span>', obj.pk,
+                           obj.title or obj.original_filename)
+
+    @admin.display(description="Type", ordering="mime_type")
+    def kind(self, obj):
+        # Office MIME types are longer than the rest of the row; the full one is the tooltip.
+        return format_html('<span title="{}">{}</span>', obj.mime_type,
+                           DOCUMENT_KINDS.get(obj.mime_type, obj.mime_type))
 
     @admin.display(description="Status", ordering="status")
     def status_badge(self, obj):
@@ -311,9 +327,16 @@ class DocumentAdmin(admin.ModelAdmin):
             level = messages.INFO  # nothing has been read yet: not a success until it is
         else:
             level = messages.SUCCESS
+        if summary.rejected or summary.failed:
+            link = "Show failed documents"
+        elif summary.queued:
+            link = "Any that fail will be listed here"
+        else:
+            link = None
         self.message_user(
             request,
-            format_html('{} <a href="{}">Show failed documents</a>', summary.text, failed_url),
+            format_html('{} <a href="{}">{}</a>', summary.text, failed_url, link) if link
+            else summary.text,
             level,
         )
         for outcome in outcomes:

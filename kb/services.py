@@ -82,8 +82,11 @@ class UploadSummary:
             parts.append(f"{self.ready} already ready")
         if self.failed:
             parts.append(f"{self.failed} failed while processing")
-        parts.append(count(self.duplicates, "duplicate", "duplicates"))
-        parts.append(f"{self.rejected} rejected")
+        # Zero counts are left out: "0 rejected" reads as a verdict on files not yet read.
+        if self.duplicates:
+            parts.append(count(self.duplicates, "duplicate", "duplicates"))
+        if self.rejected:
+            parts.append(f"{self.rejected} rejected")
         text = ", ".join(parts) + "."
         if self.new_versions == 1:
             text += " 1 is a new version of an existing document."

@@ -57,9 +57,13 @@ def test_progress_updates_without_a_reload(page, browser, client, admin_user, tm
         assert status.text == "Processing"
 
         Document.objects.filter(pk=document.pk).update(status=Document.Status.READY,
-                                                        chunks_embedded=10)
+                                                        chunks_embedded=10, title="Tide notes")
         wait.until(lambda _: status.text == "Ready")
         browser.save_screenshot(str(tmp_path / f"progress-{page}.png"))
         assert "10 chunks" in progress.text
+        if page == "list":
+            # The title parsing found replaces the file name without a reload.
+            title = browser.find_element(By.CSS_SELECTOR, f"[data-document-title='{document.pk}']")
+            assert title.text == "Tide notes"
         if page == "detail":
             assert "Reload to see its chunks" in progress.text

@@ -96,3 +96,27 @@ def test_a_compatible_server_without_key_stays_available(admin_client, settings)
     }
     page = admin_client.get(reverse("admin:kb_embeddingmodel_reembed")).content.decode()
     assert '<option value="openai">openai — nomic</option>' in page
+
+
+def test_the_document_list_names_office_types_briefly(admin_client, ingest_one, collection):
+    """The list shows "DOCX" for the long Office MIME type, with the full type as a tooltip."""
+    from pathlib import Path
+
+    from django.urls import reverse
+
+    sample = Path(__file__).resolve().parents[2] / "fixtures" / "samples" / "policy.docx"
+    ingest_one(collection, "policy.docx", sample.read_bytes())
+    page = admin_client.get(reverse("admin:kb_document_changelist")).content.decode()
+    assert ">DOCX</span>" in page
+    assert 'title="application/vnd.openxmlformats-officedocument.wordprocessingml.document"' in page
+
+
+def test_an_upload_summary_leaves_out_zero_counts(collection):
+    """A queued upload's summary does not say "0 duplicates, 0 rejected"."""
+    from kb import services
+
+    outcomes = services.documents_upload(collection=collection, filename="a.md",
+                                         data=b"# A\n\nText.", queue=False)
+    text = services.upload_summary(outcomes=outcomes).text
+    assert "1 file queued for processing" in text
+    assert "0 rejected" not in text and "0 duplicates" not in text

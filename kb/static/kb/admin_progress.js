@@ -17,6 +17,8 @@
     function render(doc) {
       const progress = document.querySelector(`[data-document-progress="${doc.id}"]`);
       const status = document.querySelector(`[data-document-status="${doc.id}"]`);
+      const title = document.querySelector(`[data-document-title="${doc.id}"]`);
+      if (title && doc.title) title.textContent = doc.title;
       if (status) {
         status.textContent = doc.status_label;
         status.className = `kb-status kb-status-${doc.status}`;
