@@ -71,3 +71,11 @@ def test_page_has_a_sign_out_control(page):
     html = page()
     assert 'data-testid="signed-in-user">reader<' in html
     assert 'data-testid="sign-out"' in html
+
+
+def test_history_status_sits_under_the_heading(page):
+    """'No conversations yet.' (the sidebar status) comes right under the History heading,
+    not after the list, which fills the sidebar's height."""
+    html = page()
+    heading = html.index('id="history-title"')
+    assert heading < html.index('class="sidebar-status') < html.index('data-testid="conversation-list"')
