@@ -14,6 +14,7 @@
     form: $(".composer"),
     input: $('[data-testid="question-input"]'),
     counter: $('[data-testid="question-counter"]'),
+    limit: $('[data-testid="question-too-long"]'),
     send: $('[data-testid="send-button"]'),
     stop: $('[data-testid="stop-button"]'),
     newChat: $('[data-testid="new-chat-button"]'),
@@ -368,7 +369,7 @@
   }
 
   function setStreaming(on) {
-    els.send.disabled = on;
+    els.send.disabled = on || tooLong();
     els.stop.disabled = !on;
     els.list.setAttribute("aria-busy", on ? "true" : "false");
     // The focused Stop button is about to be disabled: keep keyboard focus somewhere useful.
@@ -622,19 +623,31 @@
 
   const maxChars = Number(els.counter && els.counter.dataset.max) || 0;
   const formatNumber = (n) => n.toLocaleString("en-US");
+  // The server limits the trimmed question, so surrounding blank lines do not count.
+  const tooLong = () => Boolean(maxChars) && els.input.value.trim().length > maxChars;
 
   function autosize() {
     els.input.style.height = "auto";
     els.input.style.height = `${Math.min(els.input.scrollHeight, 200)}px`;
     if (!els.counter || !maxChars) return;
     const length = els.input.value.length;
+    const over = tooLong();
     els.counter.textContent = `${formatNumber(length)} / ${formatNumber(maxChars)} characters`;
-    els.counter.classList.toggle("near-limit", length >= maxChars * 0.9);
+    els.counter.classList.toggle("near-limit", !over && length >= maxChars * 0.9);
+    els.counter.classList.toggle("over-limit", over);
+    // No maxlength on the textarea: it would cut a long paste silently. The whole text stays,
+    // and sending waits until the user has shortened it.
+    els.input.setAttribute("aria-invalid", over ? "true" : "false");
+    els.limit.hidden = !over;
+    els.limit.textContent = over
+      ? `Questions are limited to ${formatNumber(maxChars)} characters: shorten this one by ${formatNumber(els.input.value.trim().length - maxChars)} to send it.`
+      : "";
+    els.send.disabled = Boolean(state.controller) || over;
   }
 
   function submit() {
     const message = els.input.value.trim();
-    if (!message || state.controller) return;
+    if (!message || state.controller || tooLong()) return;
     els.input.value = "";
     autosize();
     send(message);
