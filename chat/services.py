@@ -508,6 +508,18 @@ async def _answer(turn: _Turn) -> AsyncGenerator[ChatEvent, None]:
             yield event
 
 
+def _one_per_document(passages: list[prompts.Passage]) -> list[prompts.Passage]:
+    """The best passage of each document, best first: related chips name documents, and two
+    chips with the same title look like a bug."""
+    seen: set[int] = set()
+    result = []
+    for passage in passages:
+        if passage.document_id not in seen:
+            seen.add(passage.document_id)
+            result.append(passage)
+    return result
+
+
 async def _not_covered(turn: _Turn, passages: list[prompts.Passage]) -> AsyncGenerator[ChatEvent, None]:
     """The answer that says the documents do not cover the question, with the closest
     passages as related sources (not citations)."""
@@ -519,7 +531,7 @@ async def _not_covered(turn: _Turn, passages: list[prompts.Passage]) -> AsyncGen
         text = NOT_COVERED_ANSWER
     else:
         text = NOT_COVERED_RELATED
-        turn.related = prompts.citations_for(passages[:RELATED_COUNT])
+        turn.related = prompts.citations_for(_one_per_document(passages)[:RELATED_COUNT])
         logger.info("Message %s not answerable, no model asked: %s", turn.assistant.pk,
                     turn.answerability.describe() if turn.answerability else "no evidence")
     yield Meta(*turn.ids, mode=turn.mode, notice=turn.notice, answerable=False)

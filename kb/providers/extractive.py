@@ -47,6 +47,21 @@ _STOPWORD_TEXT = """a about above after again all also am an and any are as at b
     to too under until up very was we were what when where which while who whom why will
     with would you your yours"""
 _STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+# An instruction: "If a pump fails to start, do not …" begins a procedure whose steps
+# ("Record the alarm code …", "Call the duty engineer …") follow in the same paragraph and
+# rarely repeat the question's words, so the best-scoring sentence alone stops short.
+_INSTRUCTION_START = re.compile(
+    r"^(?:if|when|whenever|before|after|in case|should|to)\b|"
+    r"\b(?:do not|don't|never|always|must|make sure)\b|:$", re.IGNORECASE)
+_STEP_START = re.compile(r"^(?:then|next|finally|afterwards|also|and|please|do not|don't|never|always)\b",
+                         re.IGNORECASE)
+# Words that open a statement rather than a command: "The …", "It …", "Pumps …".
+_NOT_A_COMMAND = _STOPWORDS | frozenset([
+    "although", "because", "however", "once", "since", "though", "unless", "whether", "yes",
+    "anyone", "everyone", "someone", "nobody", "many", "several", "one", "two", "three"])
+# How much of the procedure's paragraph an instruction may bring with it.
+MAX_STEP_UNITS = 3
+MAX_STEP_CHARS = 500
 _SUFFIXES = ("ations", "ation", "ements", "ement", "ings", "ing", "edly", "ed", "ies", "es", "s", "ly")
 
 
@@ -60,6 +75,7 @@ class _Unit:
     terms: list[str]
     code: bool = False
     score: float = 0.0
+    paragraph: int = 0
 
 
 def stem(word: str) -> str:
@@ -110,18 +126,41 @@ def _prose_units(line: str) -> list[str]:
     return result
 
 
-def units(text: str) -> list[tuple[str, bool]]:
-    """A passage as (text, is_code) units in reading order."""
-    result: list[tuple[str, bool]] = []
+def _paragraph_units(text: str) -> list[tuple[str, bool, int]]:
+    """A passage as (text, is_code, paragraph) units in reading order; prose paragraphs are
+    one line each in chunk text."""
+    result: list[tuple[str, bool, int]] = []
+    paragraph = 0
     for block in re.split(r"\n\s*\n", text):
         lines = block.split("\n")
         if _is_code(lines):
             if len(lines) <= MAX_CODE_LINES:
-                result.append((block.strip("\n"), True))
+                result.append((block.strip("\n"), True, paragraph))
+            paragraph += 1
             continue
         for line in lines:
-            result += [(unit, False) for unit in _prose_units(line)]
+            result += [(unit, False, paragraph) for unit in _prose_units(line)]
+            paragraph += 1
     return result
+
+
+def units(text: str) -> list[tuple[str, bool]]:
+    """A passage as (text, is_code) units in reading order."""
+    return [(unit, code) for unit, code, _ in _paragraph_units(text)]
+
+
+def _is_step(sentence: str) -> bool:
+    """An imperative sentence ("Record the alarm code …") or one that continues a procedure
+    ("Then …"): a command opens with a verb's bare form, not a subject."""
+    if _STEP_START.match(sentence):
+        return True
+    words = _WORD.findall(sentence)
+    if not words or not words[0][:1].isupper():
+        return False
+    first = words[0].lower()
+    # "Pumps …", "Operators …": a plural subject; "Press", "Access" end in -ss and are verbs.
+    plural = first.endswith("s") and not first.endswith("ss")
+    return first not in _NOT_A_COMMAND and not plural and not first.endswith(("ed", "ing", "ly"))
 
 
 def sentences(text: str) -> list[str]:
@@ -133,12 +172,13 @@ def _pool(passages: Sequence[tuple[int, str]]) -> list[_Unit]:
     pool: list[_Unit] = []
     seen: set[str] = set()
     for n, text in passages:
-        for position, (unit, code) in enumerate(units(text)):
+        for position, (unit, code, paragraph) in enumerate(_paragraph_units(text)):
             key = " ".join(_WORD.findall(unit.lower()))
             if key in seen:
                 continue  # overlapping chunks repeat sentences
             seen.add(key)
-            pool.append(_Unit(n=n, position=position, text=unit, terms=terms(unit), code=code))
+            pool.append(_Unit(n=n, position=position, text=unit, terms=terms(unit), code=code,
+                              paragraph=paragraph))
     return pool
 
 
@@ -195,8 +235,32 @@ def select_units(question: str, passages: Sequence[tuple[int, str]]) -> list[_Un
             code = by_place.get((u.n, u.position + 1))
             if code is not None and code.code and code not in chosen:
                 chosen.append(code)
+    for u in list(chosen):
+        if not u.code and _INSTRUCTION_START.search(u.text):
+            chosen += [s for s in _steps_after(u, by_place) if s not in chosen]
     chosen.sort(key=lambda u: (u.n, u.position))
     return chosen
+
+
+def _steps_after(start: _Unit, by_place: dict[tuple[int, int], _Unit]) -> list[_Unit]:
+    """The rest of the procedure an instruction opens: the following sentences of its
+    paragraph, all of them if the paragraph is short, else while they read as steps, within
+    MAX_STEP_UNITS and MAX_STEP_CHARS."""
+    rest: list[_Unit] = []
+    position = start.position + 1
+    while (u := by_place.get((start.n, position))) is not None and not u.code \
+            and u.paragraph == start.paragraph:
+        rest.append(u)
+        position += 1
+    short = len(rest) <= MAX_STEP_UNITS and sum(len(u.text) for u in rest) <= MAX_STEP_CHARS
+    steps: list[_Unit] = []
+    budget = MAX_STEP_CHARS
+    for u in rest[:MAX_STEP_UNITS]:
+        if not (short or _is_step(u.text)) or len(u.text) > budget:
+            break
+        steps.append(u)
+        budget -= len(u.text)
+    return steps
 
 
 def select_sentences(question: str, passages: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:

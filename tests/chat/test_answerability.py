@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from chat import services
+from chat import prompts, services
 from chat.answerability import answerability_assess, answerability_probability
 from chat.models import Message
 from chat.services import Citations, Delta, Done, Meta
@@ -58,6 +58,9 @@ def test_extractive_answer_says_not_covered_and_lists_related_sources(demo, extr
     meta, citations, done = of_type(events, Meta)[0], of_type(events, Citations)[0], of_type(events, Done)[0]
     assert meta.answerable is False and done.answerable is False
     assert citations.citations == [] and 1 <= len(citations.related) <= services.RELATED_COUNT
+    documents = [c["document_id"] for c in citations.related]
+    assert len(documents) == len(set(documents)), "each related document is listed once"
+    assert [c["n"] for c in citations.related] == list(range(1, len(documents) + 1))
     assert "[1]" not in text_of(events) and done.cited == []
     stored = Message.objects.get(pk=done.message_id)
     assert stored.answerable is False and stored.cited == []
@@ -111,3 +114,16 @@ def test_sse_meta_and_done_events_say_answerable_false():
 def test_probability_without_a_vector_leg_uses_coverage_alone():
     assert answerability_probability(coverage=0.9, top_similarity=None, agreement=0.0) == 1.0
     assert answerability_probability(coverage=0.1, top_similarity=None, agreement=0.0) == 0.0
+
+
+def test_related_passages_name_each_document_once():
+    """Several close passages of one document give one related chip, its best passage; the
+    next document's passage takes the freed place."""
+    def passage(chunk_id: int, document_id: int, title: str) -> prompts.Passage:
+        return prompts.Passage(chunk_id=chunk_id, document_id=document_id, document_title=title,
+                               text=f"passage {chunk_id}")
+
+    ranked = [passage(1, 10, "Composting at Home"), passage(2, 10, "Composting at Home"),
+              passage(3, 11, "Street trees"), passage(4, 10, "Composting at Home"),
+              passage(5, 12, "Bike lanes"), passage(6, 13, "Parks")]
+    assert [p.chunk_id for p in services._one_per_document(ranked)] == [1, 3, 5, 6]

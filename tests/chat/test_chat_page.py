@@ -36,9 +36,10 @@ def selected_collection(html: str) -> str:
 
 
 def test_question_box_shows_the_server_limit(page):
-    """The textarea carries the API's limit as maxlength, and a counter shows it."""
+    """A counter shows the API's limit; the textarea has no maxlength, which would cut a long
+    paste silently (the page warns and holds the question back instead)."""
     html = page()
-    assert f'maxlength="{MAX_MESSAGE_CHARS}"' in html
+    assert "maxlength" not in html.split('id="question-input"')[1].split(">")[0]
     assert f'data-testid="question-counter"\n         data-max="{MAX_MESSAGE_CHARS}"' in html
     assert f"0 / {MAX_MESSAGE_CHARS} characters" in html
 
@@ -71,3 +72,11 @@ def test_page_has_a_sign_out_control(page):
     html = page()
     assert 'data-testid="signed-in-user">reader<' in html
     assert 'data-testid="sign-out"' in html
+
+
+def test_history_status_sits_under_the_heading(page):
+    """'No conversations yet.' (the sidebar status) comes right under the History heading,
+    not after the list, which fills the sidebar's height."""
+    html = page()
+    heading = html.index('id="history-title"')
+    assert heading < html.index('class="sidebar-status') < html.index('data-testid="conversation-list"')

@@ -176,3 +176,34 @@ def test_citations_are_numbered_in_order_of_appearance():
 
     assert text == "First [1]. Then [2, 1]. Bad [9]."
     assert order == [3, 1, 2]
+
+
+PUMPS = (
+    "# Pump room\n"
+    "If a pump fails to start, do not press the start button repeatedly. Record the alarm "
+    "code shown on the control panel and call the duty engineer on extension 4471. Leave the "
+    "pump isolated until the engineer arrives.\n"
+    "The pump room was refitted in 2019. Its floor drains into the sump under the stairs. "
+    "Visitors are shown the pumps on open days. The old pumps are kept in the museum."
+)
+
+
+def test_an_instruction_comes_with_the_steps_that_follow_it():
+    """"If a pump fails to start, do not …" opens a procedure: the steps after it in the same
+    paragraph (which do not repeat the question's words) are quoted with it, and the next
+    paragraph is not."""
+    answer = answer_of(run("What should I do if a pump fails to start?", [PUMPS]))
+
+    assert answer.startswith("If a pump fails to start, do not press the start button repeatedly. "
+                             "Record the alarm code shown on the control panel and call the duty "
+                             "engineer on extension 4471. Leave the pump isolated until the "
+                             "engineer arrives. [1]")
+    assert "refitted" not in answer and "museum" not in answer
+
+
+def test_a_statement_does_not_bring_its_paragraph():
+    """Only instructions pull in what follows: a plain statement is quoted alone."""
+    answer = answer_of(run("When was the pump room refitted?", [PUMPS]))
+
+    assert answer.startswith("The pump room was refitted in 2019.")
+    assert "museum" not in answer and "4471" not in answer

@@ -1,5 +1,5 @@
-"""In a real headless Chromium: the question box shows its limit, a refused question shows the
-server's reason and stays in the box, and the collection last chosen is kept."""
+"""In a real headless Chromium: the question box shows its limit, an over-long question is kept
+whole with a visible warning and cannot be sent, and the collection last chosen is kept."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ pytestmark = [
 
 
 @pytest.mark.django_db(transaction=True)
-def test_limit_reason_and_remembered_collection(browser, django_user_model):  # noqa: F811
+def test_limit_warning_and_remembered_collection(browser, django_user_model):  # noqa: F811
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -40,21 +41,37 @@ def test_limit_reason_and_remembered_collection(browser, django_user_model):  # 
 
         question = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=question-input]")))
         counter = browser.find_element(By.CSS_SELECTOR, "[data-testid=question-counter]")
-        assert question.get_attribute("maxlength") == str(MAX_MESSAGE_CHARS)
+        send = browser.find_element(By.CSS_SELECTOR, "[data-testid=send-button]")
+        warning = browser.find_element(By.CSS_SELECTOR, "[data-testid=question-too-long]")
+        assert question.get_attribute("maxlength") is None
         question.send_keys("Hello")
         assert counter.text == f"5 / {MAX_MESSAGE_CHARS:,} characters"
+        assert not warning.is_displayed() and send.is_enabled()
 
-        # maxlength stops typing; a pasted or scripted value can still be too long, and the
-        # server's refusal must then say why.
-        too_long = "x" * (MAX_MESSAGE_CHARS + 1)
+        # A long paste is kept whole (no silent cut), the counter turns red, a message says
+        # why, and neither Send nor Enter sends it.
         browser.execute_script(
             "arguments[0].value = arguments[1];"
-            "arguments[0].dispatchEvent(new Event('input'));", question, too_long)
-        browser.find_element(By.CSS_SELECTOR, "[data-testid=send-button]").click()
-        error = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "[data-testid=error-message]")))
-        assert f"no more than {MAX_MESSAGE_CHARS} characters" in error.text
-        assert "Some parameters are invalid" not in error.text
+            "arguments[0].dispatchEvent(new Event('input'));", question, "x" * MAX_MESSAGE_CHARS)
+        question.send_keys("y" * 300)
+        too_long = "x" * MAX_MESSAGE_CHARS + "y" * 300
         assert question.get_attribute("value") == too_long
+        assert counter.text == f"{MAX_MESSAGE_CHARS + 300:,} / {MAX_MESSAGE_CHARS:,} characters"
+        assert "over-limit" in counter.get_attribute("class")
+        assert counter.value_of_css_property("color") == "rgba(179, 38, 30, 1)"  # --danger
+        assert warning.is_displayed()
+        assert f"limited to {MAX_MESSAGE_CHARS:,} characters" in warning.text
+        assert "shorten this one by 300" in warning.text
+        assert not send.is_enabled()
+        question.send_keys(Keys.ENTER)
+        assert question.get_attribute("value") == too_long
+        assert not browser.find_elements(By.CSS_SELECTOR, ".message-user")
+
+        # Shortened back to the limit, it can be sent again.
+        question.send_keys(Keys.BACKSPACE * 300)
+        assert counter.text == f"{MAX_MESSAGE_CHARS:,} / {MAX_MESSAGE_CHARS:,} characters"
+        assert not warning.is_displayed() and send.is_enabled()
+        assert "over-limit" not in counter.get_attribute("class")
 
         Select(browser.find_element(By.CSS_SELECTOR, "[data-testid=collection-select]")).select_by_value("team")
         browser.get(f"{base}/chat/")

@@ -14,6 +14,7 @@
     form: $(".composer"),
     input: $('[data-testid="question-input"]'),
     counter: $('[data-testid="question-counter"]'),
+    limit: $('[data-testid="question-too-long"]'),
     send: $('[data-testid="send-button"]'),
     stop: $('[data-testid="stop-button"]'),
     newChat: $('[data-testid="new-chat-button"]'),
@@ -257,6 +258,32 @@
     return link;
   }
 
+  // Several passages of one document would give identical chips: each is told apart by its
+  // section (the last heading) when that differs, else as "passage 2 of 3". The panel shows
+  // the same note.
+  function labelSources(citations) {
+    const byDocument = new Map();
+    for (const c of citations) {
+      const key = c.document_id ?? c.document_title;
+      byDocument.set(key, [...(byDocument.get(key) || []), c]);
+    }
+    const labels = new Map();
+    for (const group of byDocument.values()) {
+      const section = (c) => (c.heading_path || []).slice(-1)[0] || "";
+      group.forEach((c, i) => {
+        let label = `${c.document_title || "Untitled"}${c.page ? `, p. ${c.page}` : ""}`;
+        c.passageNote = "";
+        if (group.length > 1) {
+          const unique = section(c) && group.filter((o) => section(o) === section(c) && o.page === c.page).length === 1;
+          c.passageNote = `passage ${i + 1} of ${group.length} from this document`;
+          label += unique ? ` › ${section(c)}` : ` · passage ${i + 1}`;
+        }
+        labels.set(c, label);
+      });
+    }
+    return labels;
+  }
+
   // Under a not-covered answer: the closest passages, as related sources, never as citations.
   function renderRelated(bubble) {
     bubble.node.querySelector(".message-related")?.remove();
@@ -264,9 +291,10 @@
     const box = el("div", { class: "message-related", "data-testid": "related-sources" });
     box.append(el("p", { class: "related-title muted" }, "Related passages (they do not answer the question):"));
     const list = el("ul", { class: "message-sources", "aria-label": "Related passages" });
+    const labels = labelSources(bubble.related);
     for (const c of bubble.related) {
       const button = el("button", { type: "button", class: "source-chip source-related", "aria-controls": "source-panel" },
-        `${c.document_title || "Untitled"}${c.page ? `, p. ${c.page}` : ""}`);
+        labels.get(c));
       button._citation = Object.assign({}, c, { related: true });
       const item = el("li");
       item.append(button);
@@ -284,10 +312,11 @@
     const ns = [...new Set(cited && cited.length ? cited.map(Number) : marked)].filter((n) => bubble.citations.has(n));
     if (!ns.length) return;
     const list = el("ol", { class: "message-sources", "aria-label": "Sources" });
+    const labels = labelSources(ns.map((n) => bubble.citations.get(n)));
     for (const n of ns) {
       const c = bubble.citations.get(n);
       const button = el("button", { type: "button", class: "source-chip", "aria-controls": "source-panel" });
-      button.append(el("span", { class: "source-chip-n" }, `[${c.n}]`), ` ${c.document_title || "Untitled"}${c.page ? `, p. ${c.page}` : ""}`);
+      button.append(el("span", { class: "source-chip-n" }, `[${c.n}]`), ` ${labels.get(c)}`);
       button._citation = c;
       const item = el("li");
       item.append(button);
@@ -368,7 +397,7 @@
   }
 
   function setStreaming(on) {
-    els.send.disabled = on;
+    els.send.disabled = on || tooLong();
     els.stop.disabled = !on;
     els.list.setAttribute("aria-busy", on ? "true" : "false");
     // The focused Stop button is about to be disabled: keep keyboard focus somewhere useful.
@@ -573,6 +602,7 @@
     const meta = [];
     if (citation.page) meta.push(`Page ${citation.page}`);
     if (citation.heading_path && citation.heading_path.length) meta.push(citation.heading_path.join(" › "));
+    if (citation.passageNote) meta.push(citation.passageNote);
     els.panelMeta.textContent = meta.join(" · ");
     els.panelMeta.hidden = !meta.length;
     els.panelText.textContent = citation.text || "";
@@ -622,19 +652,31 @@
 
   const maxChars = Number(els.counter && els.counter.dataset.max) || 0;
   const formatNumber = (n) => n.toLocaleString("en-US");
+  // The server limits the trimmed question, so surrounding blank lines do not count.
+  const tooLong = () => Boolean(maxChars) && els.input.value.trim().length > maxChars;
 
   function autosize() {
     els.input.style.height = "auto";
     els.input.style.height = `${Math.min(els.input.scrollHeight, 200)}px`;
     if (!els.counter || !maxChars) return;
     const length = els.input.value.length;
+    const over = tooLong();
     els.counter.textContent = `${formatNumber(length)} / ${formatNumber(maxChars)} characters`;
-    els.counter.classList.toggle("near-limit", length >= maxChars * 0.9);
+    els.counter.classList.toggle("near-limit", !over && length >= maxChars * 0.9);
+    els.counter.classList.toggle("over-limit", over);
+    // No maxlength on the textarea: it would cut a long paste silently. The whole text stays,
+    // and sending waits until the user has shortened it.
+    els.input.setAttribute("aria-invalid", over ? "true" : "false");
+    els.limit.hidden = !over;
+    els.limit.textContent = over
+      ? `Questions are limited to ${formatNumber(maxChars)} characters: shorten this one by ${formatNumber(els.input.value.trim().length - maxChars)} to send it.`
+      : "";
+    els.send.disabled = Boolean(state.controller) || over;
   }
 
   function submit() {
     const message = els.input.value.trim();
-    if (!message || state.controller) return;
+    if (!message || state.controller || tooLong()) return;
     els.input.value = "";
     autosize();
     send(message);
