@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,10 +92,13 @@ class KbServer:
 
 
 @pytest.fixture(scope="session")
-def kb_server(tmp_path_factory) -> Iterator[KbServer]:
+def kb_server() -> Iterator[KbServer]:
     """`serve` started once for the suite; torn down with SIGTERM to its process group, after
     which no process of its tree, nor its Postgres, may be left."""
-    workdir = tmp_path_factory.mktemp("acceptance")
+    # Not under pytest's basetemp: run as root, the embedded server runs as the `pgserver`
+    # user, which must traverse the path, and every pytest session that starts resets
+    # /tmp/pytest-of-root to 0700 (two sessions at once made Postgres fail to start).
+    workdir = Path(tempfile.mkdtemp(prefix="kb-acceptance-"))
     data_dir = workdir / "data"
     log_path = workdir / "serve.log"
     port = free_port()
@@ -107,7 +112,10 @@ def kb_server(tmp_path_factory) -> Iterator[KbServer]:
         server.api_key = json.loads(output.split("SETUP ", 1)[1])["api_key"]
         yield server
     finally:
-        _stop_and_check(server)
+        try:
+            _stop_and_check(server)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _stop_and_check(server: KbServer) -> None:
