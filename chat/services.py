@@ -3,6 +3,9 @@
     budget → (rewrite a follow-up) → cache → retrieval → prompt → model cascade
            → citation check → usage ledger, message, cache
 
+The question's rows are written while the model is asked (off the path to the first
+token); their ids are made up front, so the first event can already name them.
+
 `answer_stream` is an async generator of events (dataclasses below); the views turn
 them into SSE or JSON. Everything blocking (ORM, the embedding model inside search) runs
 in Django's per-request sync thread through sync_to_async, bounded by a timeout, so the
@@ -284,6 +287,7 @@ class _Turn:
     error: str = ""
     check: prompts.CitationCheck | None = None
     finish_task: asyncio.Future | None = None
+    record_task: asyncio.Future | None = None
     # Set after retrieval (None: not decided, e.g. a cached answer).
     answerability: Answerability | None = None
     answerable: bool | None = None
@@ -318,7 +322,7 @@ async def answer_stream(
     (the OpenAI-compatible API sends its own).
     """
     turn = await _db(
-        _turn_start, question=question, conversation_id=conversation_id,
+        _turn_check, question=question, conversation_id=conversation_id,
         collection_slug=collection_slug, user=user, api_key=api_key, request_id=request_id,
         history=history,
     )
@@ -413,11 +417,15 @@ async def _db(fn: Callable[..., T], *args: Any, timeout: float | None = None, **
         raise ChatUnavailable("The database is unavailable. Please try again in a moment.") from exc
 
 
-def _turn_start(
+def _turn_check(
     *, question: str, conversation_id, collection_slug: str | None, user, api_key,
     request_id: str, history: Sequence[ChatMessage] | None,
 ) -> _Turn:
-    """Validate, check budgets, and write the question and an empty (streaming) answer."""
+    """Validate and check budgets; the turn's rows are built (ids included) but not written.
+
+    Only reads: the writes (_turn_record) wait for a moment when the sync thread would
+    otherwise be idle, so they cost no time before the first token.
+    """
     question = question.strip()
     if not question:
         raise ChatInputError("Ask a question.", field="message")
@@ -444,24 +452,44 @@ def _turn_start(
                                            turns=settings.KB_CHAT_HISTORY_TURNS)
             if conversation is not None else []
         )
-    with transaction.atomic():
-        if conversation is None:
-            conversation = Conversation.objects.create(
-                user=user if getattr(user, "is_authenticated", False) else None,
-                api_key=api_key,
-                collection=collection,
-                title=" ".join(question.split())[:120],
-            )
-        Message.objects.create(conversation=conversation, role=Message.Role.USER, content=question)
-        assistant = Message.objects.create(
-            conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING
+    if conversation is None:
+        # Unsaved, but its id is already the one the client is told (uuid default).
+        conversation = Conversation(
+            user=user if getattr(user, "is_authenticated", False) else None,
+            api_key=api_key,
+            collection=collection,
+            title=" ".join(question.split())[:120],
         )
-        Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+    assistant = Message(
+        conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING
+    )
     return _Turn(
         question=question, user=user, api_key=api_key, request_id=request_id,
         conversation=conversation, assistant=assistant, collection=collection,
         history=list(history), kb_version=caches.kb_version(collection=collection, user=user, api_key=api_key),
     )
+
+
+def _turn_record(turn: _Turn) -> None:
+    """Write the question and an empty (streaming) answer, and touch the conversation."""
+    with transaction.atomic():
+        if turn.conversation._state.adding:
+            turn.conversation.save(force_insert=True)
+        Message.objects.create(conversation=turn.conversation, role=Message.Role.USER,
+                               content=turn.question)
+        turn.assistant.save(force_insert=True)
+        Conversation.objects.filter(pk=turn.conversation.pk).update(updated_at=timezone.now())
+
+
+def _record_start(turn: _Turn) -> asyncio.Future:
+    """Start writing the turn's rows (once) in the sync thread, without waiting for them.
+
+    Called when the thread has nothing else to do before the first token (while a model
+    is asked); _finish waits for it, so the outcome is never written before the question.
+    """
+    if turn.record_task is None:
+        turn.record_task = asyncio.ensure_future(_db(_turn_record, turn))
+    return turn.record_task
 
 
 async def _answer(turn: _Turn) -> AsyncGenerator[ChatEvent, None]:
@@ -479,6 +507,9 @@ async def _answer(turn: _Turn) -> AsyncGenerator[ChatEvent, None]:
     # One trip to the request's sync thread for the caches and retrieval: each trip costs
     # time before the first token.
     hit, result = await _db(_retrieve, turn)
+    # Runs while the model below is asked for its first token (or the cached or
+    # not-covered answer is sent): off the path to the first token.
+    _record_start(turn)
     if hit is not None:
         async with aclosing(_serve_cached(turn, hit)) as events:
             async for event in events:
@@ -556,6 +587,8 @@ async def _rewrite(turn: _Turn, backends: Sequence[ChatBackend]) -> str | None:
             count_tokens=backend.count_tokens,
         )
         turn.calls.append(call)
+        # The rewrite waits on a model, not on the sync thread: the writes fit in meanwhile.
+        _record_start(turn)
         try:
             await asyncio.wait_for(
                 _collect(backend.stream(messages, max_tokens=120, temperature=0.0), call),
@@ -603,6 +636,8 @@ def _retrieve(turn: _Turn) -> tuple[caches.CacheHit | None, SearchResult | None]
         user=turn.user,
         api_key=turn.api_key,
         embedded=turn.embedded,
+        # _turn_check found the collection among those the caller may read.
+        collection_ids=(turn.collection.pk,) if turn.collection else None,
     )
     if result.hits:
         # In the same trip to the sync thread: one small indexed query.
@@ -845,6 +880,8 @@ async def _finish_once(turn: _Turn) -> None:
 
 async def _finish(turn: _Turn) -> None:
     try:
+        # The question's rows first (started now if the answer ended before they were).
+        await _record_start(turn)
         await _db(_turn_finish, turn)
     except ChatUnavailable:
         logger.error("Could not persist message %s (status %s)", turn.assistant.pk, turn.status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from threading import Lock
@@ -160,20 +161,24 @@ def search(
     api_key=None,
     record_usage: bool = True,
     embedded: QueryEmbedding | None = None,
+    collection_ids: Sequence[int] | None = None,
 ) -> SearchResult:
     """Hybrid (or single-mode) retrieval, fusion and optional reranking, with timings.
 
     `embedded` is the query's vector when the caller has it already, from the model that
     is active for search; it is used instead of embedding the query again.
+    `collection_ids` are the collections to search when the caller has already resolved
+    them against what this user may read (params.collections is then not looked up again).
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
     notices: list[str] = []
     # PostgreSQL text cannot hold NUL; anything else, however odd, goes through as data.
     text = params.query[:MAX_QUERY_CHARS].replace("\x00", " ")
-    collection_ids = selectors.collection_ids_for_search(
-        user=user, slugs=params.collections, api_key=api_key
-    )
+    if collection_ids is None:
+        collection_ids = selectors.collection_ids_for_search(
+            user=user, slugs=params.collections, api_key=api_key
+        )
     filters = SearchFilters(
         collection_ids=tuple(collection_ids),
         document_ids=tuple(params.document_ids),

@@ -384,6 +384,51 @@ def test_closing_the_stream_stops_the_upstream_and_keeps_the_partial_answer(
     assert usage.status == UsageRecord.Status.INTERRUPTED and usage.output_tokens >= 3
 
 
+def test_the_question_is_written_after_retrieval_while_the_model_is_asked(
+    corpus, generative, user, monkeypatch
+):
+    """The turn's rows are off the path to the first token: written after retrieval (while
+    the upstream is asked), and the stream still ends with both messages stored."""
+    order = []
+    search, record = services.search, services._turn_record
+    monkeypatch.setattr(services, "search",
+                        lambda **kwargs: (order.append("search"), search(**kwargs))[1])
+    monkeypatch.setattr(services, "_turn_record",
+                        lambda turn: (order.append("record"), record(turn))[1])
+
+    events = ask(QUESTION, user=user)
+
+    assert order == ["search", "record"]
+    started = of_type(events, Started)[0]
+    message = Message.objects.get(pk=started.message_id)
+    assert str(message.conversation_id) == started.conversation_id
+    assert message.status == Message.Status.COMPLETE
+    assert list(message.conversation.messages.order_by("created_at").values_list("role", flat=True)) \
+        == ["user", "assistant"]
+
+
+def test_leaving_right_after_started_still_stores_the_question_as_interrupted(
+    corpus, generative, user
+):
+    """A client gone before retrieval: the ids it was told name real rows, the answer interrupted."""
+
+    async def leave_at_once() -> Started:
+        events = services.answer_stream(question=QUESTION, conversation_id=None,
+                                        collection_slug="docs", user=user, api_key=None)
+        started = await anext(events)
+        await events.aclose()
+        return started
+
+    started = async_to_sync(leave_at_once)()
+
+    message = Message.objects.get(pk=started.message_id)
+    assert message.status == Message.Status.INTERRUPTED
+    assert str(message.conversation_id) == started.conversation_id
+    question = message.conversation.messages.get(role=Message.Role.USER)
+    assert question.content == QUESTION
+    assert generative.requests == []
+
+
 def test_unknown_collection_and_conversation_are_refused_before_starting(corpus, user):
     """Bad input raises before the first event, so the view can answer 400/404."""
     with pytest.raises(services.ChatInputError) as raised:
