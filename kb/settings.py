@@ -508,6 +508,9 @@ LOGGING = {
         "django-q": {"level": "WARNING"},
         "pgserver": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
+        # torch logs its FakeTensor cache statistics at exit, at INFO, after the ONNX export
+        # the query-embedding warm-up runs: lines after serve's "Stopped.".
+        "torch": {"level": "WARNING"},
         # uvicorn configures its own handlers before Django starts; route them through ours
         # so a JSON deployment has no plain-text lines. kb.request logs each request with
         # its id, so uvicorn's access log (which cannot see the id) is left at WARNING.
