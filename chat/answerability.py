@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from search.retrieval import query_term_coverage
+from kb.models import Chunk
+from search.retrieval import query_lexemes, query_term_coverage
 from search.services import SearchResult
 
 # How many of the top passages may supply the coverage (the best one counts).
@@ -96,3 +97,29 @@ def answerability_assess(*, result: SearchResult, threshold: float | None = None
         similarity_margin=evidence.similarity_margin,
         agreement=evidence.agreement,
     )
+
+
+# A follow-up with at least this many words of its own, none of them in the passages found,
+# asks something new: the passages answer the question before it.
+FOLLOW_UP_OWN_WORDS = 2
+
+
+def follow_up_strays(*, question: str, result: SearchResult) -> bool:
+    """Whether a follow-up, searched together with the question before it, brings words of
+    its own (at least FOLLOW_UP_OWN_WORDS) of which none is in the top passages.
+
+    Its search then finds the previous topic, with good evidence, and would answer that
+    again ("zxqv blorptang" or "Capital of Mongolia?" after a real question). A short
+    follow-up ("And for PDFs?", "what about the second one?") has too few words of its own
+    to tell, and keeps the combined decision. Costs two small queries, for follow-ups only.
+    """
+    top = [hit.chunk_id for hit in result.hits[:COVERAGE_DEPTH]]
+    if not top:
+        return False
+    collection_ids = tuple(
+        Chunk.objects.filter(pk__in=top).values_list("collection_id", flat=True).distinct()
+    )
+    own = query_lexemes(query=question, collection_ids=collection_ids)
+    if len(own) < FOLLOW_UP_OWN_WORDS:
+        return False
+    return max(query_term_coverage(chunk_ids=top, lexemes=own).values(), default=0.0) == 0.0

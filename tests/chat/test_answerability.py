@@ -127,3 +127,32 @@ def test_related_passages_name_each_document_once():
               passage(3, 11, "Street trees"), passage(4, 10, "Composting at Home"),
               passage(5, 12, "Bike lanes"), passage(6, 13, "Parks")]
     assert [p.chunk_id for p in services._one_per_document(ranked)] == [1, 3, 5, 6]
+
+
+@pytest.mark.parametrize("follow_up", OUT_OF_SCOPE)
+def test_an_off_topic_follow_up_is_not_covered(demo, extractive_only, user, follow_up):
+    """After a question the documents answer, nonsense or general knowledge in the same
+    conversation is still "not covered": searched with the question before it, it finds
+    that topic again, but none of its own words are in those passages."""
+    from chat.services import Started
+
+    first = ask(IN_SCOPE[0], user=user)
+    assert of_type(first, Done)[0].answerable is True
+    conversation_id = of_type(first, Started)[0].conversation_id
+
+    events = ask(follow_up, user=user, conversation_id=conversation_id)
+
+    assert "do not cover" in text_of(events)
+    assert of_type(events, Done)[0].answerable is False
+
+
+def test_a_short_follow_up_keeps_the_topic_before_it(demo, extractive_only, user):
+    """A follow-up with fewer than two words of its own is decided on the combined search."""
+    from chat.services import Started
+
+    first = ask(IN_SCOPE[0], user=user)
+    conversation_id = of_type(first, Started)[0].conversation_id
+
+    events = ask("And for PDFs?", user=user, conversation_id=conversation_id)
+
+    assert of_type(events, Done)[0].answerable is True, text_of(events)
