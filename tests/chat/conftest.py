@@ -151,3 +151,40 @@ def kinds(events: list) -> list[str]:
 
 
 Asker = Callable[..., list]
+
+
+@pytest.fixture
+def private_and_public(django_user_model, ingest_one):
+    """A public "general" collection and a restricted one readable by one user, each with a
+    document ingested for real; returns them, the user and `ask` through the chat API as that
+    user (stream off)."""
+    import json
+
+    from django.test import Client
+
+    from kb import services
+
+    def _make(*, username: str, slug: str, private_doc: tuple[str, str],
+              public_doc: tuple[str, str]):
+        general = services.collection_get_or_create(slug="general")
+        private = services.collection_get_or_create(slug=slug)
+        private.is_public = False
+        private.save()
+        user = django_user_model.objects.create_user(username, password=f"pw-{username}-11")
+        private.allowed_users.add(user)
+        ingest_one(private, *private_doc)
+        ingest_one(general, *public_doc)
+        session = Client()
+        session.force_login(user)
+
+        def ask(question: str, collection: str | None = None) -> dict:
+            body = {"message": question, "stream": False,
+                    **({"collection": collection} if collection else {})}
+            response = session.post("/api/v1/chat", data=json.dumps(body),
+                                    content_type="application/json")
+            assert response.status_code == 200, response.content
+            return response.json()
+
+        return general, private, user, ask
+
+    return _make

@@ -10,7 +10,6 @@ from django.test import Client
 
 from chat import selectors
 from chat.models import AnswerCacheEntry, Conversation, Message
-from kb import services
 
 pytestmark = pytest.mark.django_db
 
@@ -20,25 +19,11 @@ MARKERS = ("Nightjar", "40 million", "merger.md")
 
 
 @pytest.fixture
-def world(django_user_model, ingest_one, generative):
+def world(django_user_model, private_and_public, generative):
     generative.chat_reply = "Here is the answer [1]."
-    general = services.collection_get_or_create(slug="general")
-    private = services.collection_get_or_create(slug="a-private")
-    private.is_public = False
-    private.save()
-    user_a = django_user_model.objects.create_user("user-a", password="pw-user-a-11")
-    private.allowed_users.add(user_a)
-    ingest_one(private, "merger.md", SECRET)
-    ingest_one(general, "cafeteria.md", PUBLIC)
-    session = Client()
-    session.force_login(user_a)
-
-    def ask(question, collection=None):
-        body = {"message": question, "stream": False, **({"collection": collection} if collection else {})}
-        response = session.post("/api/v1/chat", data=json.dumps(body), content_type="application/json")
-        assert response.status_code == 200, response.content
-        return response.json()
-
+    _, _, _, ask = private_and_public(username="user-a", slug="a-private",
+                                      private_doc=("merger.md", SECRET),
+                                      public_doc=("cafeteria.md", PUBLIC))
     secret_answers = [ask("How much does Project Nightjar pay for Harbour Tides?", "a-private"),
                       ask("When does the Nightjar merger close?")]
     public_answer = ask("When does the cafeteria open?", "general")

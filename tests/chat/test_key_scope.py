@@ -19,24 +19,10 @@ PUBLIC = "# Cafeteria\n\nThe cafeteria opens at 11:30 and serves soup every day.
 
 
 @pytest.fixture
-def world(django_user_model, ingest_one, extractive_only):
-    general = services.collection_get_or_create(slug="general")
-    private = services.collection_get_or_create(slug="b-private")
-    private.is_public = False
-    private.save()
-    user_b = django_user_model.objects.create_user("user-b", password="pw-user-b-11")
-    private.allowed_users.add(user_b)
-    ingest_one(private, "salaries.md", PRIVATE)
-    ingest_one(general, "cafeteria.md", PUBLIC)
-    session = Client()
-    session.force_login(user_b)
-
-    def ask(question, collection=None):
-        body = {"message": question, "stream": False, **({"collection": collection} if collection else {})}
-        response = session.post("/api/v1/chat", data=json.dumps(body), content_type="application/json")
-        assert response.status_code == 200, response.content
-        return response.json()
-
+def world(private_and_public, extractive_only):
+    general, _, user_b, ask = private_and_public(username="user-b", slug="b-private",
+                                                 private_doc=("salaries.md", PRIVATE),
+                                                 public_doc=("cafeteria.md", PUBLIC))
     scoped = ask("What does the B4 salary band start at?", "b-private")
     anywhere = ask("What does the B4 salary band start at for senior engineers?")
     assert "71,500" in json.dumps(scoped) and "71,500" in json.dumps(anywhere)
