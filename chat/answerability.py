@@ -76,10 +76,15 @@ def answerability_probability(
     return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
 
-def answerability_assess(*, result: SearchResult, threshold: float | None = None) -> Answerability:
+def answerability_assess(
+    *, result: SearchResult, threshold: float | None = None, follow_up: str | None = None,
+) -> Answerability:
     """Decide from a search result whether its passages can answer its query.
 
-    Costs one small indexed query (the coverage of the top passages).
+    `follow_up`: the user's own words when the query searched was built from them and the
+    conversation before (a follow-up); those words must then be found too
+    (_follow_up_strays). Costs one small indexed query (the coverage of the top passages),
+    two more for a follow-up.
     """
     threshold = settings.KB_CHAT_ANSWERABLE_THRESHOLD if threshold is None else threshold
     evidence = result.evidence
@@ -89,8 +94,11 @@ def answerability_assess(*, result: SearchResult, threshold: float | None = None
     probability = answerability_probability(
         coverage=coverage, top_similarity=evidence.top_similarity, agreement=evidence.agreement,
     )
+    answerable = bool(result.hits) and probability >= threshold
+    if answerable and follow_up is not None:
+        answerable = not _follow_up_strays(question=follow_up, top=top)
     return Answerability(
-        answerable=bool(result.hits) and probability >= threshold,
+        answerable=answerable,
         probability=probability,
         coverage=coverage,
         top_similarity=evidence.top_similarity,
@@ -104,7 +112,7 @@ def answerability_assess(*, result: SearchResult, threshold: float | None = None
 FOLLOW_UP_OWN_WORDS = 2
 
 
-def follow_up_strays(*, question: str, result: SearchResult) -> bool:
+def _follow_up_strays(*, question: str, top: list[int]) -> bool:
     """Whether a follow-up, searched together with the question before it, brings words of
     its own (at least FOLLOW_UP_OWN_WORDS) of which none is in the top passages.
 
@@ -113,7 +121,6 @@ def follow_up_strays(*, question: str, result: SearchResult) -> bool:
     follow-up ("And for PDFs?", "what about the second one?") has too few words of its own
     to tell, and keeps the combined decision. Costs two small queries, for follow-ups only.
     """
-    top = [hit.chunk_id for hit in result.hits[:COVERAGE_DEPTH]]
     if not top:
         return False
     collection_ids = tuple(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import dataclasses
 import logging
 import re
 import time
@@ -42,7 +41,7 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from chat import caches, circuit, prompts, selectors
-from chat.answerability import Answerability, answerability_assess, follow_up_strays
+from chat.answerability import Answerability, answerability_assess
 from chat.budgets import BudgetExceeded, budget_check
 from chat.models import Conversation, Message
 from kb.log_privacy import loggable_text
@@ -642,10 +641,8 @@ def _retrieve(turn: _Turn) -> tuple[caches.CacheHit | None, SearchResult | None]
     )
     if result.hits:
         # In the same trip to the sync thread: one small indexed query.
-        turn.answerability = answerability_assess(result=result)
-        if (turn.query != turn.question and turn.answerability.answerable
-                and follow_up_strays(question=turn.question, result=result)):
-            turn.answerability = dataclasses.replace(turn.answerability, answerable=False)
+        turn.answerability = answerability_assess(
+            result=result, follow_up=turn.question if turn.query != turn.question else None)
     return None, result
 
 
