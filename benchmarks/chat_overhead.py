@@ -113,7 +113,11 @@ def main() -> None:
         up_ttft.append((first - started) * 1000)
         up_per_token.append((end - first) * 1000 / max(1, pieces - 1))
 
-    # 2. Through our chat API, and 3. retrieval alone, against a real uvicorn server.
+    # 2. Through our chat API, and 3. retrieval alone, against a real uvicorn server,
+    # with this process prepared as `serve` prepares its web process (pooled connections).
+    from kb.web_process import web_process_prepare
+
+    web_process_prepare()
     ours_ttft, ours_per_token, retrieval = [], [], []
     headers = {"Authorization": f"Bearer {raw_key}"}
     with running_asgi_server() as base, httpx.Client(base_url=base, headers=headers, timeout=60) as http:

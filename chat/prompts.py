@@ -164,7 +164,15 @@ def prompt_build(
     Passages come best first; the first one that does not fit, and every one after it,
     is dropped, so the numbering always follows the ranking.
     """
-    overhead = count_tokens(SYSTEM_PROMPT) + count_tokens(user_message(question, []))
+    system_tokens = count_tokens(SYSTEM_PROMPT)
+    # Usually everything fits: one count of the whole message, before the first token.
+    content = user_message(question, passages)
+    total = system_tokens + count_tokens(content)
+    if total <= context_tokens or not passages:
+        return Prompt(messages=[ChatMessage(role="system", content=SYSTEM_PROMPT),
+                                ChatMessage(role="user", content=content)],
+                      passages=list(passages), tokens=total)
+    overhead = system_tokens + count_tokens(user_message(question, []))
     kept: list[Passage] = []
     used = overhead
     for n, passage in enumerate(passages, start=1):
@@ -177,7 +185,7 @@ def prompt_build(
     # Token counts of concatenated text are not exactly additive; check the real total.
     while True:
         content = user_message(question, kept)
-        total = count_tokens(SYSTEM_PROMPT) + count_tokens(content)
+        total = system_tokens + count_tokens(content)
         if total <= context_tokens or not kept:
             break
         kept.pop()

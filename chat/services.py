@@ -49,7 +49,7 @@ from kb.models import Collection, UsageRecord
 from kb.providers import registry
 from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage, ProviderError
 from kb.providers.retrying import FailedAttempt, failed_attempts_sink
-from kb.usage import model_cost, retried_attempts_record_usage, usage_record_create
+from kb.usage import UsageBuffer, model_cost, retried_attempts_record_usage, usage_record_create
 from search import selectors as search_selectors
 from search.services import QueryEmbedding, SearchParams, SearchResult, query_vector, search
 
@@ -292,6 +292,12 @@ class _Turn:
     answerability: Answerability | None = None
     answerable: bool | None = None
     related: list[dict] = field(default_factory=list)
+    # The query embedding's and the search's ledger rows, written off the path to the
+    # first token (_turn_record) and tagged with the conversation.
+    usage: UsageBuffer = field(default_factory=UsageBuffer)
+    # What _turn_open retrieved (cached answer, or search result), or the error it met.
+    retrieved: tuple[caches.CacheHit | None, SearchResult | None] | None = None
+    retrieval_error: Exception | None = None
 
     @property
     def ids(self) -> tuple[str, str]:
@@ -317,12 +323,14 @@ async def answer_stream(
 ) -> AsyncGenerator[ChatEvent, None]:
     """Answer a question with cited passages, as events: Started, Meta, Citations, Delta…, Done.
 
-    Raises ChatError or BudgetExceeded before the first event. After it, failures are
-    reported as an Error event. `history` replaces the stored conversation's history
+    Raises ChatError or BudgetExceeded before the first event: bad input, a budget used
+    up, or (for a question without history, whose retrieval runs before that event) a
+    database that fails or does not answer in time. After it, failures are reported as
+    an Error event. `history` replaces the stored conversation's history
     (the OpenAI-compatible API sends its own).
     """
     turn = await _db(
-        _turn_check, question=question, conversation_id=conversation_id,
+        _turn_open, question=question, conversation_id=conversation_id,
         collection_slug=collection_slug, user=user, api_key=api_key, request_id=request_id,
         history=history,
     )
@@ -413,8 +421,29 @@ async def _db(fn: Callable[..., T], *args: Any, timeout: float | None = None, **
             "The database did not answer in time. Please try again in a moment."
         ) from None
     except DatabaseError as exc:
-        logger.exception("Database error in %s", fn.__name__)
-        raise ChatUnavailable("The database is unavailable. Please try again in a moment.") from exc
+        raise _database_unavailable(fn.__name__, exc) from exc
+
+
+def _database_unavailable(step: str, exc: DatabaseError) -> ChatUnavailable:
+    logger.error("Database error in %s", step, exc_info=exc)
+    return ChatUnavailable("The database is unavailable. Please try again in a moment.")
+
+
+def _turn_open(**arguments: Any) -> _Turn:
+    """_turn_check, and for a question without history (nothing to rewrite) the retrieval
+    too: one trip to the request's sync thread before the first token instead of two.
+
+    A retrieval failure is kept for _answer to raise, so it is reported inside the
+    stream, as it is when retrieval runs on its own.
+    """
+    turn = _turn_check(**arguments)
+    if not turn.history:
+        turn.query = turn.question
+        try:
+            turn.retrieved = _retrieve(turn)
+        except Exception as exc:
+            turn.retrieval_error = exc
+    return turn
 
 
 def _turn_check(
@@ -466,7 +495,9 @@ def _turn_check(
     return _Turn(
         question=question, user=user, api_key=api_key, request_id=request_id,
         conversation=conversation, assistant=assistant, collection=collection,
-        history=list(history), kb_version=caches.kb_version(collection=collection, user=user, api_key=api_key),
+        history=list(history),
+        kb_version=(caches.collection_version(collection) if collection is not None
+                    else caches.kb_version(collection=None, user=user, api_key=api_key)),
     )
 
 
@@ -479,6 +510,7 @@ def _turn_record(turn: _Turn) -> None:
                                content=turn.question)
         turn.assistant.save(force_insert=True)
         Conversation.objects.filter(pk=turn.conversation.pk).update(updated_at=timezone.now())
+        turn.usage.flush(conversation_id=turn.conversation.pk)
 
 
 def _record_start(turn: _Turn) -> asyncio.Future:
@@ -494,25 +526,29 @@ def _record_start(turn: _Turn) -> asyncio.Future:
 
 async def _answer(turn: _Turn) -> AsyncGenerator[ChatEvent, None]:
     backends = registry.chat_backends()
-    turn.query = turn.question
-    if turn.history:
-        rewritten = await _rewrite(turn, backends)
-        if rewritten is not None:
-            turn.query = rewritten
-        else:
-            # Not a real question, so not worth caching under this text.
-            turn.query = prompts.follow_up_query(history=turn.history, question=turn.question)
-            turn.cacheable = False
-
-    # One trip to the request's sync thread for the caches and retrieval: each trip costs
-    # time before the first token.
-    hit, result = await _db(_retrieve, turn)
-    # Runs while the model below is asked for its first token (or the cached or
-    # not-covered answer is sent): off the path to the first token.
-    _record_start(turn)
+    if turn.retrieval_error is not None:
+        error, turn.retrieval_error = turn.retrieval_error, None
+        if isinstance(error, DatabaseError):
+            raise _database_unavailable("_retrieve", error) from error
+        raise error
+    if turn.retrieved is not None:
+        hit, result = turn.retrieved  # retrieved in _turn_open
+    else:
+        turn.query = turn.question
+        if turn.history:
+            rewritten = await _rewrite(turn, backends)
+            if rewritten is not None:
+                turn.query = rewritten
+            else:
+                # Not a real question, so not worth caching under this text.
+                turn.query = prompts.follow_up_query(history=turn.history, question=turn.question)
+                turn.cacheable = False
+        # One trip to the request's sync thread for the caches and retrieval: each trip
+        # costs time before the first token.
+        hit, result = await _db(_retrieve, turn)
     if hit is not None:
         async with aclosing(_serve_cached(turn, hit)) as events:
-            async for event in events:
+            async for event in _recording_after_first_delta(turn, events):
                 yield event
         return
     assert result is not None
@@ -529,14 +565,29 @@ async def _answer(turn: _Turn) -> AsyncGenerator[ChatEvent, None]:
         # Nothing, or nothing close enough, to answer from: a model could only guess, so
         # none is asked (and none is paid for).
         async with aclosing(_not_covered(turn, passages)) as events:
-            async for event in events:
+            async for event in _recording_after_first_delta(turn, events):
                 yield event
         return
 
     turn.answerable = True
     async with aclosing(_cascade(turn, backends, passages)) as events:
-        async for event in events:
+        async for event in _recording_after_first_delta(turn, events):
             yield event
+
+
+async def _recording_after_first_delta(
+    turn: _Turn, events: AsyncIterator[ChatEvent]
+) -> AsyncGenerator[ChatEvent, None]:
+    """The events, with the turn's rows started once the first text is out.
+
+    The writes take the sync thread about 10 ms, much of it holding the GIL: started
+    earlier, they slowed the prompt and the request to the model on the event loop.
+    After the first delta they overlap the rest of the stream instead.
+    """
+    async for event in events:
+        yield event
+        if isinstance(event, Delta):
+            _record_start(turn)
 
 
 def _one_per_document(passages: list[prompts.Passage]) -> list[prompts.Passage]:
@@ -638,6 +689,7 @@ def _retrieve(turn: _Turn) -> tuple[caches.CacheHit | None, SearchResult | None]
         embedded=turn.embedded,
         # _turn_check found the collection among those the caller may read.
         collection_ids=(turn.collection.pk,) if turn.collection else None,
+        usage=turn.usage,
     )
     if result.hits:
         # In the same trip to the sync thread: one small indexed query.
@@ -648,21 +700,20 @@ def _retrieve(turn: _Turn) -> tuple[caches.CacheHit | None, SearchResult | None]
 
 def _cache_lookup(turn: _Turn) -> caches.CacheHit | None:
     """Exact, then semantic; keeps the question's vector for search and the cache entry."""
-    hit = caches.cache_lookup_exact(question=turn.query, kb_version=turn.kb_version)
     model = search_selectors.embedding_model_for_search()
     if model is not None:
         try:
             vector = query_vector(model=model, text=turn.query, user=turn.user,
-                                  api_key=turn.api_key)
+                                  api_key=turn.api_key, usage=turn.usage)
             turn.embedded = QueryEmbedding(model=model, vector=vector)
         except ProviderError as exc:
             # Search tries again, and falls back to BM25 with a notice if it fails too.
             logger.warning("Embedding the question for the semantic cache failed: %s", exc)
-    if hit is None and turn.embedded is not None:
-        hit = caches.cache_lookup_semantic(
-            vector=turn.embedded.vector, embedding_model=turn.embedded.model.key,
-            kb_version=turn.kb_version,
-        )
+    hit = caches.cache_lookup(
+        question=turn.query, kb_version=turn.kb_version,
+        vector=turn.embedded.vector if turn.embedded is not None else None,
+        embedding_model=turn.embedded.model.key if turn.embedded is not None else "",
+    )
     if hit is not None:
         caches.cache_hit_record(entry=hit.entry)
     return hit
@@ -900,6 +951,8 @@ async def _finish(turn: _Turn) -> None:
 
 def _turn_finish(turn: _Turn) -> None:
     """Write the usage ledger, the assistant message and (for new answers) the cache."""
+    # Rows held after the question's were written (a follow-up's search runs after them).
+    turn.usage.flush(conversation_id=turn.conversation.pk)
     for call in turn.calls:
         end = call.ended or time.perf_counter()
         retried_attempts_record_usage(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
-from django.utils.deprecation import MiddlewareMixin
+
+from kb.middleware import HooksOnEventLoop
 
 # Our pages load only same-origin scripts and styles (nothing from a CDN), so the policy
 # can be strict. The admin and Swagger UI ship inline scripts, so they keep Django's
@@ -17,7 +18,7 @@ CONTENT_SECURITY_POLICY = (
 _EXEMPT_PREFIXES = ("/admin/", "/api/docs/", "/api/schema/")
 
 
-class ContentSecurityPolicyMiddleware(MiddlewareMixin):
+class ContentSecurityPolicyMiddleware(HooksOnEventLoop):
     """Adds the CSP header to HTML responses of our own pages (sync and async alike)."""
 
     def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:

@@ -129,15 +129,15 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "kb.observability.RequestIdMiddleware",
     "kb.metrics.PrometheusMiddleware",
-    "django.middleware.security.SecurityMiddleware",
+    "kb.middleware.SecurityMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "kb.security.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "kb.middleware.CommonMiddleware",
+    "kb.middleware.CsrfViewMiddleware",
+    "kb.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "kb.middleware.XFrameOptionsMiddleware",
     # Last, as django-axes asks: it turns a locked-out login into the lockout page.
     "axes.middleware.AxesMiddleware",
 ]

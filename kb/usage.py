@@ -45,6 +45,29 @@ def model_cost(*, model: str, input_tokens: int, output_tokens: int = 0) -> Deci
     ) / _MILLION
 
 
+class UsageBuffer:
+    """Ledger rows held back, then written together by flush().
+
+    Chat holds the rows of its query embedding and search until the answer's first token
+    is on its way: each row written at once is a commit, and the commits cost time before
+    that token. A call that costs money is never held (tracked_model_call writes its row
+    ahead of the call); held rows are local or cached calls, and searches.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def flush(self, *, conversation_id: object = None) -> None:
+        """Write the held rows in one statement (tagged with the conversation, if given)."""
+        records, self.records = self.records, []
+        if not records:
+            return
+        for record in records:
+            if conversation_id is not None and record.conversation_id is None:
+                record.conversation_id = conversation_id
+        UsageRecord.objects.bulk_create(records)
+
+
 def usage_record_create(
     *,
     kind: str,
@@ -63,12 +86,13 @@ def usage_record_create(
     document=None,
     conversation_id=None,
     request_id: str = "",
+    buffer: UsageBuffer | None = None,
 ) -> UsageRecord:
-    """Write one ledger row, pricing it from the model's price table."""
+    """Write one ledger row, pricing it from the model's price table (or hold it in `buffer`)."""
     cost = Decimal(0) if cache_hit else model_cost(
         model=model, input_tokens=input_tokens, output_tokens=output_tokens
     )
-    return _ledger_write(UsageRecord(
+    record = UsageRecord(
         kind=kind,
         provider=provider,
         model=model,
@@ -88,7 +112,11 @@ def usage_record_create(
         conversation_id=conversation_id,
         # The id of the request or task this call serves (kb.observability), unless given.
         request_id=request_id or current_request_id(),
-    ))
+    )
+    if buffer is not None:
+        buffer.records.append(record)
+        return record
+    return _ledger_write(record)
 
 
 def _ledger_write(record: UsageRecord, *, update_fields: list[str] | None = None) -> UsageRecord:
@@ -142,9 +170,10 @@ def tracked_model_call(
     "interrupted", and fills in the outcome after: a process killed mid-call (SIGKILL, OOM)
     still leaves the call in the ledger, so no billable call goes unaccounted for.
     """
+    # A call written ahead costs money: its row goes in now, never into a buffer.
     placeholder = usage_record_create(
         kind=kind, provider=provider, model=model, status=UsageRecord.Status.INTERRUPTED,
-        error=IN_FLIGHT_ERROR, **record_fields,
+        error=IN_FLIGHT_ERROR, **{**record_fields, "buffer": None},
     ) if write_ahead else None
     call = TrackedCall()
     started = time.perf_counter()

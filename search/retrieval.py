@@ -316,6 +316,11 @@ def _bm25_pruned(full: str) -> str:
     )"""
 
 
+def vector_literal(values: Sequence[float]) -> str:
+    """A vector as pgvector's text input, for a `%s::vector` parameter in raw SQL."""
+    return "[" + ",".join(repr(float(x)) for x in values) + "]"
+
+
 def _vector_ctes(filters: SearchFilters, params: dict, *, model_id: int, dimensions: int,
                  exact: bool) -> str:
     """Cosine similarity on the model's own HNSW index (partial, over embedding::vector(d)).
@@ -372,7 +377,7 @@ def retrieve_candidates(
     if use_bm25:
         ctes.append(_bm25_ctes(filters, params, native=native))
     if use_vector:
-        params["qvec"] = "[" + ",".join(repr(float(x)) for x in query_vector) + "]"
+        params["qvec"] = vector_literal(query_vector)
         ctes.append(_vector_ctes(filters, params, model_id=model_id, dimensions=dimensions,
                                  exact=exact_vector))
     if use_bm25 and use_vector:

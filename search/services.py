@@ -17,7 +17,7 @@ from kb.models import EmbeddingModel, UsageRecord
 from kb.providers import registry
 from kb.providers.base import ProviderError
 from kb.tracing import span, traced
-from kb.usage import usage_record_create
+from kb.usage import UsageBuffer, usage_record_create
 from search import selectors
 from search.fusion import convex_fusion, reciprocal_rank_fusion
 from search.highlight import highlighted_snippet
@@ -132,23 +132,28 @@ class QueryVectorCache:
 query_vector_cache = QueryVectorCache()
 
 
-def query_vector(*, model: EmbeddingModel, text: str, user=None, api_key=None) -> list[float]:
+def query_vector(
+    *, model: EmbeddingModel, text: str, user=None, api_key=None, usage: UsageBuffer | None = None
+) -> list[float]:
     """The query's embedding, from the LRU when seen before (recorded as a cache hit)."""
-    cached = cached_query_vector(model=model, text=text, user=user, api_key=api_key)
+    cached = cached_query_vector(model=model, text=text, user=user, api_key=api_key, usage=usage)
     if cached is not None:
         return cached
-    vector = embeddings.embed_query(model=model, text=text, user=user, api_key=api_key)
+    vector = embeddings.embed_query(model=model, text=text, user=user, api_key=api_key, buffer=usage)
     query_vector_cache.put((model.pk, text), vector)
     return vector
 
 
-def cached_query_vector(*, model: EmbeddingModel, text: str, user=None, api_key=None) -> list[float] | None:
+def cached_query_vector(
+    *, model: EmbeddingModel, text: str, user=None, api_key=None, usage: UsageBuffer | None = None
+) -> list[float] | None:
     """The query's embedding if the LRU has it (recorded as a cache hit), else None."""
     cached = query_vector_cache.get((model.pk, text))
     if cached is not None:
         usage_record_create(
             kind=UsageRecord.Kind.EMBEDDING, provider=embeddings.backend_for(model).provider_name,
             model=model.model_name or model.key, cache_hit=True, user=user, api_key=api_key,
+            buffer=usage,
         )
     return cached
 
@@ -162,6 +167,7 @@ def search(
     record_usage: bool = True,
     embedded: QueryEmbedding | None = None,
     collection_ids: Sequence[int] | None = None,
+    usage: UsageBuffer | None = None,
 ) -> SearchResult:
     """Hybrid (or single-mode) retrieval, fusion and optional reranking, with timings.
 
@@ -169,6 +175,7 @@ def search(
     is active for search; it is used instead of embedding the query again.
     `collection_ids` are the collections to search when the caller has already resolved
     them against what this user may read (params.collections is then not looked up again).
+    `usage` holds the ledger rows for the caller to write later (chat, before its first token).
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -201,7 +208,8 @@ def search(
             vector = embedded.vector
         else:
             t = time.perf_counter()
-            vector = cached_query_vector(model=model, text=text, user=user, api_key=api_key)
+            vector = cached_query_vector(model=model, text=text, user=user, api_key=api_key,
+                                         usage=usage)
             timings["embed"] = _ms(t)
         if model is not None and vector is None:
             error = None
@@ -210,14 +218,15 @@ def search(
                 alongside = embeddings.embed_query_alongside(
                     lambda: _retrieve_timed(timings, "retrieve", mode="bm25", query=text, vector=None,
                                             filters=filters, model=None, limit=limit),
-                    model=model, text=text, user=user, api_key=api_key,
+                    model=model, text=text, user=user, api_key=api_key, buffer=usage,
                 )
                 vector, error, keyword = alongside.vector, alongside.error, alongside.outcome
                 timings["embed"] = round(alongside.latency_ms, 3)
             else:
                 t = time.perf_counter()
                 try:
-                    vector = embeddings.embed_query(model=model, text=text, user=user, api_key=api_key)
+                    vector = embeddings.embed_query(model=model, text=text, user=user, api_key=api_key,
+                                                    buffer=usage)
                 except ProviderError as exc:
                     error = exc
                 timings["embed"] = _ms(t)
@@ -268,7 +277,7 @@ def search(
             try:
                 scored, rerank_scores = _rerank(
                     backend, text, scored, top_n=settings.KB_RERANK_TOP_N, details=details,
-                    user=user, api_key=api_key,
+                    user=user, api_key=api_key, usage=usage,
                 )
                 reranked = True
             except ProviderError as exc:
@@ -301,7 +310,7 @@ def search(
     if record_usage:
         usage_record_create(
             kind=UsageRecord.Kind.SEARCH, provider="postgres", model=mode,
-            latency_ms=timings["total"], user=user, api_key=api_key,
+            latency_ms=timings["total"], user=user, api_key=api_key, buffer=usage,
         )
     return SearchResult(hits=hits, mode=mode, reranked=reranked, timings_ms=timings,
                         notices=notices, query_lexemes=retrieved.query_lexemes,
@@ -361,7 +370,8 @@ def _with_details(scored: list[tuple[Candidate, float]], count: int,
     return found
 
 
-def _rerank(backend, query: str, scored, *, top_n: int, details: dict, user, api_key):
+def _rerank(backend, query: str, scored, *, top_n: int, details: dict, user, api_key,
+            usage: UsageBuffer | None = None):
     from kb.usage import tracked_model_call
 
     head = _with_details(scored, top_n, details)
@@ -371,7 +381,7 @@ def _rerank(backend, query: str, scored, *, top_n: int, details: dict, user, api
         span("rerank", provider=backend.provider_name, model=backend.model, documents=len(head)),
         tracked_model_call(
             kind=UsageRecord.Kind.RERANK, provider=backend.provider_name, model=backend.model,
-            user=user, api_key=api_key, write_ahead=backend.remote,
+            user=user, api_key=api_key, write_ahead=backend.remote, buffer=usage,
         ) as call,
     ):
         result = backend.rerank(query, [chunk.text for _, _, chunk in head])

@@ -447,8 +447,10 @@ def test_no_matching_passages_answers_without_a_model(collection, generative, us
     assert generative.requests == []
 
 
-def test_a_stuck_database_ends_with_an_error_event(settings, corpus, generative, user, monkeypatch):
-    """Retrieval that exceeds the timeout yields an error event instead of hanging."""
+def test_a_stuck_database_is_refused_within_the_timeout(settings, corpus, generative, user, monkeypatch):
+    """Retrieval that exceeds the timeout refuses the question (the view answers 503)
+    instead of hanging: a new question's checks and retrieval are one step before the
+    stream starts."""
     settings.KB_CHAT_DB_TIMEOUT_SECONDS = 0.5
 
     def slow_search(**kwargs):
@@ -458,9 +460,49 @@ def test_a_stuck_database_ends_with_an_error_event(settings, corpus, generative,
     monkeypatch.setattr(services, "search", slow_search)
     started = time.monotonic()
 
-    events = ask("A brand new question about backups?", user=user)
+    with pytest.raises(services.ChatUnavailable) as raised:
+        ask("A brand new question about backups?", user=user)
 
     assert time.monotonic() - started < 5
-    error = of_type(events, Error)[0]
-    assert error.code == "database_unavailable"
+    assert raised.value.code == "database_unavailable"
     assert generative.requests == []
+
+
+def test_a_failing_search_ends_the_stream_with_an_error_event(corpus, generative, user, monkeypatch):
+    """A search that fails (not a database timeout) is reported inside the stream."""
+    def broken_search(**kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(services, "search", broken_search)
+
+    events = ask("A brand new question about restores?", user=user)
+
+    assert of_type(events, Started)
+    assert of_type(events, Error)[0].code == "internal_error"
+    assert generative.requests == []
+
+
+def test_the_searchs_usage_rows_are_written_off_the_first_token_path_with_the_conversation(
+    corpus, generative, user, monkeypatch
+):
+    """The query embedding's and the search's ledger rows are held until the first delta is
+    out, then written with the question, and carry the conversation they served."""
+    written_before_first_delta = []
+    real_record = services._turn_record
+
+    def record(turn):
+        written_before_first_delta.append(
+            UsageRecord.objects.filter(kind=UsageRecord.Kind.SEARCH).count())
+        return real_record(turn)
+
+    monkeypatch.setattr(services, "_turn_record", record)
+
+    events = ask("Which regions are the backups copied to?", user=user)
+
+    conversation_id = of_type(events, Started)[0].conversation_id
+    assert written_before_first_delta == [0]
+    search_row = UsageRecord.objects.get(kind=UsageRecord.Kind.SEARCH)
+    embedding_row = UsageRecord.objects.filter(kind=UsageRecord.Kind.EMBEDDING).latest("created_at")
+    assert str(search_row.conversation_id) == conversation_id
+    assert str(embedding_row.conversation_id) == conversation_id
+    assert search_row.user == user

@@ -11,6 +11,7 @@ from django.test import override_settings
 from django.utils.deprecation import MiddlewareMixin
 
 from kb.asgi import ASGIHandler
+from kb.middleware import HooksOnEventLoop
 
 
 class ModeProbe(MiddlewareMixin):
@@ -64,3 +65,38 @@ def test_an_unknown_path_gets_the_sync_chain():
 
     assert response.status_code == 404
     assert ModeProbe.modes == [False]
+
+
+class LoopProbe(HooksOnEventLoop):
+    """Records whether its hooks ran on the event loop (no thread hop) or in a thread."""
+
+    on_loop: list[bool] = []
+
+    def process_request(self, request):
+        LoopProbe.on_loop.append(_running_loop())
+
+    def process_response(self, request, response):
+        LoopProbe.on_loop.append(_running_loop())
+        return response
+
+
+def _running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@override_settings(MIDDLEWARE=[*settings.MIDDLEWARE, "tests.kb.test_asgi.LoopProbe"])
+def test_io_free_middleware_hooks_run_on_the_event_loop_before_an_async_view():
+    LoopProbe.on_loop.clear()
+
+    response = asyncio.run(_get(ASGIHandler(), "/api/v1/chat", method="POST"))
+
+    assert response.status_code == 401
+    assert LoopProbe.on_loop == [True, True]
+    # Django's security, clickjacking and request-id headers are still set on that path.
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["X-Request-ID"]

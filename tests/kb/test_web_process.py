@@ -1,4 +1,5 @@
-"""Serving processes pool connections and keep one torch thread; other processes do not."""
+"""Serving processes pool connections, keep one torch thread and freeze what they loaded out
+of the garbage collector; other processes do not."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from kb.worker_threads import WorkerThreads
 ROOT = Path(__file__).resolve().parents[2]
 
 REPORT = """
-import json, threading
+import gc, json, threading
 from django.conf import settings
 from django.db import connection
 
@@ -38,6 +39,7 @@ print(json.dumps({
     "pool": settings.DATABASES["default"]["OPTIONS"].get("pool"),
     "pool_size": pool.get_stats()["pool_size"] if pool else None,
     "torch_threads": settings.KB_TORCH_THREADS,
+    "gc_frozen": gc.get_freeze_count() > 0,
 }))
 """
 
@@ -57,18 +59,20 @@ def test_the_asgi_entry_point_pools_connections_and_uses_one_torch_thread():
     assert report["pool"]["max_size"] >= 1
     assert 1 <= report["pool_size"] <= report["pool"]["max_size"]
     assert report["torch_threads"] == 1
+    # A full collection would walk everything loaded at start on some request's time.
+    assert report["gc_frozen"] is True
 
 
 def test_other_processes_keep_plain_connections_and_every_core():
     report = run_python("import django\ndjango.setup()\n" + REPORT)
 
-    assert report == {"pool": None, "pool_size": None, "torch_threads": 0}
+    assert report == {"pool": None, "pool_size": None, "torch_threads": 0, "gc_frozen": False}
 
 
 def test_pooling_can_be_turned_off_for_the_web_process():
     report = run_python("import kb.asgi\n" + REPORT, KB_DB_POOL="false", KB_WEB_TORCH_THREADS="2")
 
-    assert report == {"pool": None, "pool_size": None, "torch_threads": 2}
+    assert report == {"pool": None, "pool_size": None, "torch_threads": 2, "gc_frozen": True}
 
 
 def test_worker_threads_run_nested_calls_in_place():
