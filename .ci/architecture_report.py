@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGES = ("kb", "search", "chat")
@@ -92,13 +93,20 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     return components
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
-    parser.add_argument("--top", type=int, default=15)
-    args = parser.parse_args()
-    root = Path(args.root)
+@dataclass
+class Figures:
+    kb_top_modules: list[str]
+    cycles: list[list[str]]
+    hidden_cycles: list[list[str]]
+    inner_imports: list[str]
+    functions: list[tuple[int, str]]  # (lines, "path:line name"), longest first
+    untyped: int
 
+    def over(self, lines: int, prefixes: tuple[str, ...] = ("",)) -> list[tuple[int, str]]:
+        return [(n, where) for n, where in self.functions if n > lines and where.startswith(prefixes)]
+
+
+def architecture_figures(root: Path) -> Figures:
     files = python_files(root)
     modules = {module_name(root, path): path for path in files}
     known = set(modules)
@@ -109,48 +117,65 @@ def main() -> None:
     functions = []
     untyped = 0
     for name, path in modules.items():
-        tree = ast.parse(path.read_text(), filename=str(path))
+        source = path.read_text()
+        lines = source.splitlines()
+        tree = ast.parse(source, filename=str(path))
         for node in tree.body:
             for target in imported_modules(node, known, name):
                 if target != name:
                     graph[name].add(target)
         for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = (node.end_lineno or node.lineno) - node.lineno + 1
-                functions.append((length, f"{path.relative_to(root)}:{node.lineno} {node.name}"))
-                arguments = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
-                untyped += sum(1 for a in arguments
-                               if a.annotation is None and a.arg not in {"self", "cls"})
-                for inner in ast.walk(node):
-                    if not isinstance(inner, (ast.Import, ast.ImportFrom)):
-                        continue
-                    targets = imported_modules(inner, known, name)
-                    if targets:
-                        inner_imports.append(f"{path.relative_to(root)}:{inner.lineno}")
-                        hidden[name].update(t for t in targets if t != name)
-    cycles = strongly_connected(graph)
-    hidden_cycles = strongly_connected({name: graph[name] | hidden[name] for name in graph})
-
-    kb_top = sorted(p.stem for p in (root / "kb").glob("*.py") if p.stem != "__init__")
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            functions.append((length, f"{path.relative_to(root)}:{node.lineno} {node.name}"))
+            arguments = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+            untyped += sum(1 for a in arguments if a.annotation is None and a.arg not in {"self", "cls"})
+            for inner in ast.walk(node):
+                if not isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    continue
+                targets = imported_modules(inner, known, name)
+                if not targets:
+                    continue
+                hidden[name].update(t for t in targets if t != name)
+                # Allowed when a comment on the line or the one above says which cycle it breaks.
+                context = " ".join(lines[max(0, inner.lineno - 2): inner.lineno]).lower()
+                if "cycle" not in context:
+                    inner_imports.append(f"{path.relative_to(root)}:{inner.lineno}")
     functions.sort(reverse=True)
-    print(f"kb/ top-level modules: {len(kb_top)}")
-    print(f"first-party import cycles: {len(cycles)}")
-    for cycle in cycles:
+    return Figures(
+        kb_top_modules=sorted(p.stem for p in (root / "kb").glob("*.py") if p.stem != "__init__"),
+        cycles=strongly_connected(graph),
+        hidden_cycles=strongly_connected({name: graph[name] | hidden[name] for name in graph}),
+        inner_imports=inner_imports,
+        functions=functions,
+        untyped=untyped,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    figures = architecture_figures(Path(args.root))
+    print(f"kb/ top-level modules: {len(figures.kb_top_modules)}")
+    print(f"first-party import cycles: {len(figures.cycles)}")
+    for cycle in figures.cycles:
         print("  " + " <-> ".join(cycle))
-    print(f"cycles once imports inside functions count: {len(hidden_cycles)}")
-    for cycle in hidden_cycles:
+    print(f"cycles once imports inside functions count: {len(figures.hidden_cycles)}")
+    for cycle in figures.hidden_cycles:
         print("  " + " <-> ".join(cycle))
-    print(f"first-party imports inside functions: {len(inner_imports)}")
-    print(f"functions over 80 lines: {sum(1 for length, _ in functions if length > 80)}")
-    hot = [(length, where) for length, where in functions
-           if length > 60 and where.startswith(HOT_PATHS)]
+    print(f"first-party imports inside functions (no comment naming a cycle): {len(figures.inner_imports)}")
+    print(f"functions over 80 lines: {len(figures.over(80))}")
+    hot = figures.over(60, HOT_PATHS)
     print(f"functions over 60 lines on the search and chat paths: {len(hot)}")
     for length, where in hot:
         print(f"  {length:4d} {where}")
     print(f"longest {args.top} functions:")
-    for length, where in functions[: args.top]:
+    for length, where in figures.functions[: args.top]:
         print(f"  {length:4d} {where}")
-    print(f"untyped parameters: {untyped}")
+    print(f"untyped parameters: {figures.untyped}")
 
 
 if __name__ == "__main__":

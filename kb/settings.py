@@ -129,15 +129,15 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "kb.observability.RequestIdMiddleware",
     "kb.metrics.PrometheusMiddleware",
-    "kb.middleware.SecurityMiddleware",
+    "django.middleware.security.SecurityMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "kb.security.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
-    "kb.middleware.CommonMiddleware",
-    "kb.middleware.CsrfViewMiddleware",
-    "kb.middleware.AuthenticationMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
-    "kb.middleware.XFrameOptionsMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes asks: it turns a locked-out login into the lockout page.
     "axes.middleware.AxesMiddleware",
 ]
