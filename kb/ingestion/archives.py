@@ -9,7 +9,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from kb.ingestion.parsing import ParseError, sniff_mime_type
+from kb.ingestion.document import ParseError
+from kb.ingestion.sniff import sniff_mime_type
 
 _READ_PIECE = 64 * 1024
 # Below this size a high ratio is harmless (a few KB of blank lines compress 500:1) and

@@ -21,7 +21,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kb.ingestion.parsing import Block, ParsedDocument
+from kb.ingestion.document import Block, ParsedDocument
 
 # Chunks are also capped in characters, because some tokenizers map a very long unbroken
 # string (base64, a hash list) to a single unknown token; 16 characters per token is several

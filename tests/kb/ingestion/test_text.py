@@ -1,0 +1,41 @@
+"""Decoding text: BOMs, UTF-8 with a stray byte and legacy code pages."""
+
+from __future__ import annotations
+
+import pytest
+
+from kb.ingestion.sniff import TEXT_MIME
+from tests.kb.ingestion.samples import parse_file
+
+
+def test_latin1_text_is_detected():
+    """A latin-1 file decodes to the right accents and reports its encoding."""
+    parsed = parse_file("notes-latin1.txt")
+    assert parsed.mime_type == TEXT_MIME
+    assert parsed.metadata["encoding"] == "latin-1"
+    assert parsed.title == "notes-latin1"
+    assert parsed.blocks[0].text == "Procès-verbal de la réunion du comité des fêtes"
+    assert "François Müller, Zoë Dubois et Jérôme Garçon" in parsed.text
+    assert len(parsed.blocks) == 4
+
+
+@pytest.mark.parametrize(("data", "encoding", "text"), [
+    ("\ufeffBOM text é".encode(), "utf-8", "BOM text é"),
+    ("Plain utf-8 ☃ text".encode(), "utf-8", "Plain utf-8 ☃ text"),
+    ("UTF-16 with BOM ü 日本".encode("utf-16"), "utf-16", "UTF-16 with BOM ü 日本"),
+    ("He said “hi” – it costs €5.".encode("cp1252"), "cp1252", "He said “hi” – it costs €5."),
+    ("Съешь же ещё этих мягких французских булок, да выпей чаю.".encode("cp1251"), "cp1251",
+     "Съешь же ещё этих мягких французских булок, да выпей чаю."),
+])
+def test_text_encodings(data, encoding, text):
+    """UTF-8 with or without BOM, UTF-16 with BOM and legacy code pages decode correctly."""
+    parsed = parse_file("t.txt", data)
+    assert parsed.metadata["encoding"] == encoding
+    assert parsed.text == text
+
+
+def test_utf8_with_a_bad_byte_is_still_text():
+    """One stray byte in otherwise UTF-8 text does not make the file binary."""
+    data = "Grüße aus München. ".encode() * 20 + b"\xff" + b" end."
+    parsed = parse_file("t.txt", data)
+    assert "end." in parsed.text
