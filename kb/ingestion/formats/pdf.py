@@ -51,14 +51,22 @@ def _server_failure(name: str, detail: str) -> ParserUnavailableError:
     )
 
 
+def _child_environment() -> dict[str, str]:
+    """This process's environment with the code root first on PYTHONPATH.
+
+    The web process, the django-q workers and `kb_ingest --sync` start from different
+    directories and -P drops the current one, so the child finds kb only through this."""
+    python_path = os.environ.get("PYTHONPATH")
+    paths = [_CODE_ROOT, python_path] if python_path else [_CODE_ROOT]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def _run_pdf_extraction(name: str, data: bytes, limits: ParseLimits) -> dict[str, Any]:
     """Extract in a child interpreter so a pathological PDF can be killed at the deadline."""
-    python_path = os.environ.get("PYTHONPATH")
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join([_CODE_ROOT, python_path] if python_path else [_CODE_ROOT])}
     try:
         process = subprocess.Popen(_pdf_child_command(limits), stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=_child_environment())
     except OSError as exc:
         raise _server_failure(name, f"{type(exc).__name__}: {exc}") from exc
     try:

@@ -189,7 +189,8 @@ def test_pdf_deadline_holds_on_a_thread_that_is_not_the_main_one():
 def test_pdf_that_needs_too_much_memory_fails_with_the_limit():
     """A 70 MB content stream exceeds the child's memory limit; the message names the limit."""
     limit = 128 * 1024 * 1024
-    assert parse_file("manual.pdf", max_parse_memory_bytes=limit).blocks  # the limit itself is livable
+    # The limit itself is livable.
+    assert parse_file("manual.pdf", max_parse_memory_bytes=limit).blocks
     bomb = one_page_pdf(zlib.compress(b"BT (a) Tj ET " + b" " * (70 * 1024 * 1024), 9))
     with pytest.raises(ParseError, match="more than the 128 MB of memory"):
         parse_file("bomb.pdf", bomb, max_parse_memory_bytes=limit)
