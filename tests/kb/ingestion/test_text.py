@@ -1,10 +1,12 @@
-"""Decoding text: BOMs, UTF-8 with a stray byte and legacy code pages."""
+"""Decoding bytes (BOMs, stray bytes, legacy code pages), cleaning text and building blocks."""
 
 from __future__ import annotations
 
 import pytest
 
+from kb.ingestion.document import ParseError
 from kb.ingestion.sniff import TEXT_MIME
+from kb.ingestion.text import BlockBuilder, code_text, decode_text, prose
 from tests.kb.ingestion.samples import parse_file
 
 
@@ -39,3 +41,32 @@ def test_utf8_with_a_bad_byte_is_still_text():
     data = "Grüße aus München. ".encode() * 20 + b"\xff" + b" end."
     parsed = parse_file("t.txt", data)
     assert "end." in parsed.text
+
+
+def test_decode_text_refuses_bytes_with_nul_and_names_the_file():
+    """NUL bytes without a UTF-16/32 pattern are binary: a ParseError that names the file."""
+    with pytest.raises(ParseError, match=r"^blob\.txt is not text: it contains binary data\.$"):
+        decode_text("blob.txt", b"abc\x00def")
+
+
+def test_prose_and_code_text_clean_differently():
+    """Prose is one line without controls or soft hyphens; code keeps its lines and indent."""
+    assert prose("  Soft\u00adhyphen\r\n and\x07   bell  ") == "Softhyphen and bell"
+    assert code_text("\n\n  def f():\r\n      return 1   \n\n") == "  def f():\n      return 1"
+
+
+def test_block_builder_offsets_and_heading_paths():
+    """Blocks are slices of the joined text and carry the headings above them."""
+    builder = BlockBuilder()
+    builder.heading("Guide", 1)
+    builder.add("  Intro   text. ", "paragraph")
+    builder.heading("Setup", 2)
+    builder.add("Step one.", "list_item")
+    builder.heading("Other", 1)
+    builder.add("Done.", "paragraph")
+    parsed = builder.build(title="  The   Guide ", mime_type="text/plain", metadata={})
+    assert parsed.title == "The Guide"
+    assert [b.heading_path for b in parsed.blocks] == [
+        (), ("Guide",), ("Guide",), ("Guide", "Setup"), (), ("Other",)]
+    for block in parsed.blocks:
+        assert parsed.text[block.char_start:block.char_end] == block.text
