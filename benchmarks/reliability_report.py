@@ -33,6 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
+# The parser edge cases: parse_document, sniffing, decoding, and one file per format.
+PARSER_TESTS = [
+    "tests/kb/ingestion/test_parsing.py",
+    "tests/kb/ingestion/test_sniff.py",
+    "tests/kb/ingestion/test_text.py",
+    "tests/kb/ingestion/formats",
+]
+
 PYTEST_TARGETS = [
     "tests/reliability",
     "tests/kb/test_log_privacy.py",
@@ -42,7 +50,7 @@ PYTEST_TARGETS = [
     "tests/kb/test_reembedding.py",
     "tests/kb/test_document_ingest.py",
     "tests/kb/ingestion/test_archives.py",
-    "tests/kb/ingestion/test_parsing.py",
+    *PARSER_TESTS,
 ]
 
 
@@ -310,10 +318,11 @@ def bad_inputs_section(cases: list[Case], figures: dict) -> list[str]:
                  f"sizes, encryption, too many entries) | {len(archives)} cases | "
                  f"{verdict(archives)} | "
                  f"{pytest_command('tests/kb/ingestion/test_archives.py')} |")
-    parsing = select(cases, "test_parsing.py")
+    parsing = [case for case in cases if any(case.node.startswith(target)
+                                             for target in PARSER_TESTS)]
     lines.append(f"| parser edge cases (encodings, lying extensions, damaged formats) | "
                  f"{len(parsing)} cases | {verdict(parsing)} | "
-                 f"{pytest_command('tests/kb/ingestion/test_parsing.py')} |")
+                 f"{pytest_command(*PARSER_TESTS)} |")
     privacy = select(cases, "test_log_privacy.py")
     lines.append(f"| secrets and content in logs (known SECRET_KEY, provider key echoed by the "
                  f"upstream, proxy password in a URL, API key, question, search query) | "

@@ -20,14 +20,14 @@ from django.utils.html import format_html
 from django.utils.translation import ngettext
 
 from kb import api_key_access, embeddings, selectors, services, tasks
-from kb.ingestion import parsing
+from kb.ingestion import sniff
 from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel, UsageRecord
 from kb.providers import registry
 
 # Short names for the document list; any other type shows as it is.
 DOCUMENT_KINDS = {
-    parsing.PDF_MIME: "PDF", parsing.DOCX_MIME: "DOCX", parsing.HTML_MIME: "HTML",
-    parsing.MARKDOWN_MIME: "Markdown", parsing.TEXT_MIME: "Text", parsing.ZIP_MIME: "Zip",
+    sniff.PDF_MIME: "PDF", sniff.DOCX_MIME: "DOCX", sniff.HTML_MIME: "HTML",
+    sniff.MARKDOWN_MIME: "Markdown", sniff.TEXT_MIME: "Text", sniff.ZIP_MIME: "Zip",
 }
 
 

@@ -27,7 +27,9 @@ from kb import embeddings, selectors
 from kb.authentication import api_key_generate, api_key_hash
 from kb.ingestion.archives import ArchiveLimits, extract_archive
 from kb.ingestion.chunking import chunk_document, embedding_input
-from kb.ingestion.parsing import ParseError, ParseLimits, parse_document, sniff_mime_type
+from kb.ingestion.document import ParseError, ParseLimits
+from kb.ingestion.parsing import parse_document
+from kb.ingestion.sniff import sniff_mime_type
 from kb.models import ApiKey, Chunk, ChunkEmbedding, Collection, Document
 from kb.providers.base import ProviderError
 from kb.selectors import collections_visible

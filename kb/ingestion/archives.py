@@ -9,7 +9,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from kb.ingestion.parsing import ParseError, sniff_mime_type
+from kb.ingestion.document import ParseError
+from kb.ingestion.sniff import sniff_mime_type
 
 _READ_PIECE = 64 * 1024
 # Below this size a high ratio is harmless (a few KB of blank lines compress 500:1) and
@@ -91,6 +92,74 @@ def _entry_type_problem(info: zipfile.ZipInfo) -> str:
     return ""
 
 
+def _entry_problem(info: zipfile.ZipInfo, name: str, seen: set[str],
+                   limits: ArchiveLimits) -> str:
+    """Why an entry with a safe name must still be skipped, judged by its header ("" if not)."""
+    problem = _entry_type_problem(info)
+    if problem:
+        return problem
+    if name.lower().endswith(_NESTED_ARCHIVE_SUFFIXES):
+        return "nested archives are not expanded"
+    if name.casefold() in seen:
+        return "duplicate name in the archive"
+    if info.file_size > limits.max_member_bytes:
+        return f"larger than {limits.max_member_bytes // (1024 * 1024)} MB once unpacked"
+    if info.file_size >= _RATIO_MIN_BYTES and (
+            info.compress_size == 0
+            or info.file_size / info.compress_size > limits.max_compression_ratio):
+        ratio = info.file_size / max(1, info.compress_size)
+        return f"compression ratio {ratio:.0f}:1 is suspicious (zip bomb?)"
+    return ""
+
+
+def _plan(infos: list[zipfile.ZipInfo], limits: ArchiveLimits,
+          skipped: list[SkippedMember]) -> list[tuple[zipfile.ZipInfo, str]]:
+    """The entries to extract with their safe names; the others go to skipped with a reason."""
+    planned: list[tuple[zipfile.ZipInfo, str]] = []
+    seen: set[str] = set()
+    for info in infos:
+        shown = _display_name(info)
+        name, reason = _safe_name(shown)
+        if name is None:
+            skipped.append(SkippedMember(name=shown, reason=reason))
+            continue
+        problem = _entry_problem(info, name, seen, limits)
+        if problem:
+            skipped.append(SkippedMember(name=name, reason=problem))
+            continue
+        seen.add(name.casefold())
+        planned.append((info, name))
+    return planned
+
+
+def _inflate(archive: zipfile.ZipFile, info: zipfile.ZipInfo, member_limit: int,
+             max_ratio: float) -> tuple[bytes, int, str]:
+    """The member's bytes, how many were inflated, and what went wrong ("" if nothing).
+
+    Inflating stops just past member_limit or once the real ratio exceeds max_ratio."""
+    pieces: list[bytes] = []
+    size = 0
+    problem = ""
+    try:
+        with archive.open(info) as stream:
+            while True:
+                piece = stream.read(_READ_PIECE)
+                if not piece:
+                    break
+                size += len(piece)
+                if size > member_limit:
+                    break
+                if size >= _RATIO_MIN_BYTES and size / max(1, info.compress_size) > max_ratio:
+                    problem = "compression ratio is suspicious (zip bomb?)"
+                    break
+                pieces.append(piece)
+    except NotImplementedError as exc:
+        problem = f"unsupported compression method ({exc})"
+    except Exception as exc:  # CRC, zlib and header errors: skip the entry, keep the rest
+        problem = f"the entry is damaged ({exc})"
+    return b"".join(pieces), size, problem
+
+
 def extract_archive(
     *, filename: str, data: bytes, limits: ArchiveLimits = ArchiveLimits()
 ) -> tuple[list[ArchiveMember], list[SkippedMember]]:
@@ -102,85 +171,29 @@ def extract_archive(
         raise ParseError(f"{filename} is not a valid zip archive: {exc}") from exc
     if len(infos) > limits.max_entries:
         raise ParseError(f"{filename} has {len(infos)} entries; the limit is {limits.max_entries}.")
-
     skipped: list[SkippedMember] = []
-    planned: list[tuple[zipfile.ZipInfo, str]] = []
-    seen: set[str] = set()
-    for info in infos:
-        shown = _display_name(info)
-        name, reason = _safe_name(shown)
-        if name is None:
-            skipped.append(SkippedMember(name=shown, reason=reason))
-            continue
-        problem = _entry_type_problem(info)
-        if problem:
-            skipped.append(SkippedMember(name=name, reason=problem))
-            continue
-        if name.lower().endswith(_NESTED_ARCHIVE_SUFFIXES):
-            skipped.append(SkippedMember(name=name, reason="nested archives are not expanded"))
-            continue
-        if name.casefold() in seen:
-            skipped.append(SkippedMember(name=name, reason="duplicate name in the archive"))
-            continue
-        if info.file_size > limits.max_member_bytes:
-            skipped.append(SkippedMember(
-                name=name, reason=f"larger than {limits.max_member_bytes // (1024 * 1024)} MB "
-                                  "once unpacked"))
-            continue
-        if info.file_size >= _RATIO_MIN_BYTES and (
-                info.compress_size == 0
-                or info.file_size / info.compress_size > limits.max_compression_ratio):
-            ratio = info.file_size / max(1, info.compress_size)
-            skipped.append(SkippedMember(
-                name=name, reason=f"compression ratio {ratio:.0f}:1 is suspicious (zip bomb?)"))
-            continue
-        seen.add(name.casefold())
-        planned.append((info, name))
-
+    planned = _plan(infos, limits, skipped)
     declared = sum(info.file_size for info, _ in planned)
-    if declared > limits.max_total_uncompressed_bytes:
+    max_total = limits.max_total_uncompressed_bytes
+    if declared > max_total:
         raise ParseError(f"{filename} would unpack to {declared // (1024 * 1024)} MB; the limit is "
-                         f"{limits.max_total_uncompressed_bytes // (1024 * 1024)} MB "
-                         "(it looks like a zip bomb).")
-
+                         f"{max_total // (1024 * 1024)} MB (it looks like a zip bomb).")
     members: list[ArchiveMember] = []
     total = 0
     for info, name in planned:
         # Declared sizes are attacker-controlled, so count the bytes actually inflated.
-        member_limit = min(limits.max_member_bytes,
-                           limits.max_total_uncompressed_bytes - total)
-        pieces: list[bytes] = []
-        size = 0
-        problem = ""
-        try:
-            with archive.open(info) as stream:
-                while True:
-                    piece = stream.read(_READ_PIECE)
-                    if not piece:
-                        break
-                    size += len(piece)
-                    if size > member_limit:
-                        break
-                    if size >= _RATIO_MIN_BYTES and (
-                            size / max(1, info.compress_size) > limits.max_compression_ratio):
-                        problem = "compression ratio is suspicious (zip bomb?)"
-                        break
-                    pieces.append(piece)
-        except NotImplementedError as exc:
-            problem = f"unsupported compression method ({exc})"
-        except Exception as exc:  # CRC, zlib and header errors: skip the entry, keep the rest
-            problem = f"the entry is damaged ({exc})"
+        member_limit = min(limits.max_member_bytes, max_total - total)
+        content, size, problem = _inflate(archive, info, member_limit,
+                                          limits.max_compression_ratio)
         if size > member_limit:
-            if total + size > limits.max_total_uncompressed_bytes:
-                raise ParseError(f"{filename} unpacks to more than "
-                                 f"{limits.max_total_uncompressed_bytes // (1024 * 1024)} MB "
-                                 "(it looks like a zip bomb).")
+            if total + size > max_total:
+                raise ParseError(f"{filename} unpacks to more than {max_total // (1024 * 1024)} "
+                                 "MB (it looks like a zip bomb).")
             problem = (f"larger than {limits.max_member_bytes // (1024 * 1024)} MB once unpacked "
                        "(its declared size was wrong)")
         if problem:
             skipped.append(SkippedMember(name=name, reason=problem))
             continue
-        content = b"".join(pieces)
         total += size
         if content.startswith(b"PK\x03\x04") and sniff_mime_type(
                 filename=name, head=content[:8192]) == "application/zip":

@@ -21,7 +21,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kb.ingestion.parsing import Block, ParsedDocument
+from kb.ingestion.document import Block, ParsedDocument
 
 # Chunks are also capped in characters, because some tokenizers map a very long unbroken
 # string (base64, a hash list) to a single unknown token; 16 characters per token is several
@@ -208,21 +208,11 @@ def _common_prefix(paths: list[tuple[str, ...]]) -> tuple[str, ...]:
     return prefix
 
 
-def chunk_document(*, parsed: ParsedDocument, count_tokens: Callable[[str], int],
-                   max_tokens: int = 256, overlap_tokens: int = 32) -> list[ChunkDraft]:
-    """Pack a document's blocks into chunks of at most max_tokens, following its sections."""
-    if max_tokens < 1:
-        raise ValueError("max_tokens must be positive")
-    if not 0 <= overlap_tokens < max_tokens:
-        raise ValueError("overlap_tokens must be at least 0 and less than max_tokens")
-    cost = _Cost(count_tokens)
-    budget = max_tokens - cost.overhead
-    if budget < 1:
-        raise ValueError("max_tokens leaves no room after the tokenizer's special tokens")
-    max_chars = budget * _MAX_CHARS_PER_TOKEN
+def _section_groups(parsed: ParsedDocument, cost: _Cost, budget: int, max_chars: int
+                    ) -> tuple[list[tuple[str, ...]], list[list[list[_Atom]]]]:
+    """Sections (runs of consecutive blocks with the same heading path) and, per section, its
+    groups: atoms that must stay in one chunk (a heading and the first thing under it)."""
     text = parsed.text
-
-    # Sections: runs of consecutive blocks with the same heading path.
     paths: list[tuple[str, ...]] = []
     groups_by_section: list[list[list[_Atom]]] = []
     for block in parsed.blocks:
@@ -252,7 +242,12 @@ def chunk_document(*, parsed: ParsedDocument, count_tokens: Callable[[str], int]
                 previous.append(atom)
             else:
                 groups.append([atom])
+    return paths, groups_by_section
 
+
+def _pack(text: str, paths: list[tuple[str, ...]], groups_by_section: list[list[list[_Atom]]],
+          *, cost: _Cost, budget: int, max_chars: int, overlap_tokens: int) -> list[list[_Atom]]:
+    """Fill chunks with whole groups in order; see the module docstring for the rules."""
     chunks: list[list[_Atom]] = []
     current: list[_Atom] = []
     current_tokens = 0
@@ -288,23 +283,43 @@ def chunk_document(*, parsed: ParsedDocument, count_tokens: Callable[[str], int]
             current_tokens += tokens
     if current:
         chunks.append(current)
+    return chunks
 
-    drafts = []
-    for ordinal, atoms in enumerate(chunks):
-        start, end = atoms[0].start, atoms[-1].end
-        chunk_text = text[start:end]
-        pages = [a.page for a in atoms if a.page is not None]
-        drafts.append(ChunkDraft(
-            ordinal=ordinal,
-            text=chunk_text,
-            token_count=count_tokens(chunk_text),
-            heading_path=_common_prefix([paths[a.section] for a in atoms]),
-            char_start=start,
-            char_end=end,
-            page_start=min(pages) if pages else None,
-            page_end=max(pages) if pages else None,
-        ))
-    return drafts
+
+def _draft(ordinal: int, atoms: list[_Atom], text: str, paths: list[tuple[str, ...]],
+           count_tokens: Callable[[str], int]) -> ChunkDraft:
+    start, end = atoms[0].start, atoms[-1].end
+    chunk_text = text[start:end]
+    pages = [a.page for a in atoms if a.page is not None]
+    return ChunkDraft(
+        ordinal=ordinal,
+        text=chunk_text,
+        token_count=count_tokens(chunk_text),
+        heading_path=_common_prefix([paths[a.section] for a in atoms]),
+        char_start=start,
+        char_end=end,
+        page_start=min(pages) if pages else None,
+        page_end=max(pages) if pages else None,
+    )
+
+
+def chunk_document(*, parsed: ParsedDocument, count_tokens: Callable[[str], int],
+                   max_tokens: int = 256, overlap_tokens: int = 32) -> list[ChunkDraft]:
+    """Pack a document's blocks into chunks of at most max_tokens, following its sections."""
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be positive")
+    if not 0 <= overlap_tokens < max_tokens:
+        raise ValueError("overlap_tokens must be at least 0 and less than max_tokens")
+    cost = _Cost(count_tokens)
+    budget = max_tokens - cost.overhead
+    if budget < 1:
+        raise ValueError("max_tokens leaves no room after the tokenizer's special tokens")
+    max_chars = budget * _MAX_CHARS_PER_TOKEN
+    paths, groups_by_section = _section_groups(parsed, cost, budget, max_chars)
+    chunks = _pack(parsed.text, paths, groups_by_section, cost=cost, budget=budget,
+                   max_chars=max_chars, overlap_tokens=overlap_tokens)
+    return [_draft(ordinal, atoms, parsed.text, paths, count_tokens)
+            for ordinal, atoms in enumerate(chunks)]
 
 
 def embedding_input(*, title: str, heading_path: Sequence[str], text: str) -> str:

@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 
 from kb.ingestion.archives import ArchiveLimits, extract_archive
 from kb.ingestion.chunking import chunk_document
-from kb.ingestion.parsing import ParsedDocument, ParseError, ParseLimits, parse_document
+from kb.ingestion.document import ParsedDocument, ParseError, ParseLimits
+from kb.ingestion.parsing import parse_document
 from tests.reliability.stats import fuzz_count
 
 # Random member names repeat; zipfile warns about each duplicate it is asked to write.

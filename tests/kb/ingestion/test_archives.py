@@ -12,14 +12,9 @@ from pathlib import Path
 import pytest
 
 from kb.ingestion.archives import ArchiveLimits, ArchiveMember, extract_archive
-from kb.ingestion.parsing import ParseError
+from kb.ingestion.document import ParseError
 
 SAMPLES = Path(__file__).resolve().parents[3] / "fixtures" / "samples"
-
-
-@pytest.fixture(autouse=True)
-def _isolated_settings():
-    """These are pure functions: replace the suite-wide Django settings fixture with nothing."""
 
 
 def make_zip(entries: list[tuple[str | zipfile.ZipInfo, bytes]],

@@ -11,15 +11,11 @@ from pathlib import Path
 import pytest
 
 from kb.ingestion.chunking import ChunkDraft, chunk_document, embedding_input
-from kb.ingestion.parsing import Block, ParsedDocument, parse_document
+from kb.ingestion.document import Block, ParsedDocument
+from kb.ingestion.parsing import parse_document
 
 SAMPLES = Path(__file__).resolve().parents[3] / "fixtures" / "samples"
 SAMPLE_NAMES = ["manual.pdf", "policy.docx", "article.html", "guide.md", "notes-latin1.txt"]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_settings():
-    """These are pure functions: replace the suite-wide Django settings fixture with nothing."""
 
 
 def words(text: str) -> int:

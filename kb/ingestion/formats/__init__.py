@@ -1,0 +1,1 @@
+"""One parser per supported format: `parse_<format>(name, data, limits) -> ParsedDocument`."""
