@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -121,7 +122,7 @@ def _port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def _interrupt(signum, frame) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
