@@ -65,6 +65,9 @@ def main() -> None:
         "LOG_LEVEL": "WARNING",
         "DJANGO_SETTINGS_MODULE": "kb.settings",
         "HF_HUB_OFFLINE": "1",
+        # This process serves the chat below as `serve`'s does: its settings give it pooled
+        # connections and one torch thread (kb/settings.py).
+        "KB_PROCESS_ROLE": "web",
     })
     os.environ.pop("DATABASE_URL", None)
     import django
@@ -114,7 +117,7 @@ def main() -> None:
         up_per_token.append((end - first) * 1000 / max(1, pieces - 1))
 
     # 2. Through our chat API, and 3. retrieval alone, against a real uvicorn server,
-    # with this process prepared as `serve` prepares its web process (pooled connections).
+    # with this process prepared as `serve` prepares its web process (KB_PROCESS_ROLE above).
     from kb.web_process import web_process_prepare
 
     web_process_prepare()

@@ -6,6 +6,7 @@ import django
 from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.conf import settings
 from django.core.handlers import asgi, base
+from django.http import HttpRequest, HttpResponseBase
 from django.urls import Resolver404, get_resolver
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kb.settings")
@@ -37,12 +38,12 @@ class ASGIHandler(asgi.ASGIHandler):
         self._sync_chain = sync_to_async(sync_handler._middleware_chain, thread_sensitive=True)
         self._middleware_chain = self._dispatch
 
-    async def _dispatch(self, request):
+    async def _dispatch(self, request: HttpRequest) -> HttpResponseBase:
         chain = self._async_chain if _serves_async_view(request) else self._sync_chain
         return await chain(request)
 
 
-def _serves_async_view(request) -> bool:
+def _serves_async_view(request: HttpRequest) -> bool:
     """Whether the request's URL resolves to an async view (unknown URLs: no)."""
     try:
         match = get_resolver(getattr(request, "urlconf", None)).resolve(request.path_info)
@@ -54,6 +55,10 @@ def _serves_async_view(request) -> bool:
 # uvicorn imported this module first, so this process exists to serve requests. (`serve`
 # prepares its own process; tests that serve the app in their process keep theirs.)
 serving = not settings.configured
+if serving:
+    # Written before the settings load, as DJANGO_SETTINGS_MODULE above: they decide from
+    # it what a web process gets (pooled connections, one torch thread; kb/settings.py).
+    os.environ["KB_PROCESS_ROLE"] = "web"
 
 django.setup(set_prefix=False)
 application = ASGIHandler()
@@ -64,7 +69,7 @@ if serving:
     web_process_prepare()
     query_embedding_warm_up_start()
 
-if os.environ.get("KB_SERVE_STATIC", "true").lower() in {"1", "true", "yes", "on"}:
+if settings.KB_SERVE_STATIC:
     # One self-contained process serves its own CSS and JS; behind nginx, set
     # KB_SERVE_STATIC=false and let nginx serve collectstatic's output (docs/DEPLOY.md).
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler

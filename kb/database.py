@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 logger = logging.getLogger(__name__)
@@ -176,9 +177,8 @@ def embedded_shared_buffers() -> str:
     several times that, and each search read some of them back from the OS: the vector
     statement took 7.2 ms at 128 MB and 3.7 ms at 1 GB (docs/RETRIEVAL.md).
     """
-    configured = os.environ.get("KB_PG_SHARED_BUFFERS", "").strip()
-    if configured:
-        return configured
+    if settings.KB_PG_SHARED_BUFFERS:
+        return settings.KB_PG_SHARED_BUFFERS
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return f"{min(max(memory // 4 // 2**20, 128), 1024)}MB"
 

@@ -1,11 +1,17 @@
 """Django settings: the only module that reads the environment.
 
-Every variable is listed in README.md's configuration table. Nothing here connects to
-anything: the embedded database starts on first connection, and model providers are
-built lazily from KB_PROVIDERS by kb.providers.registry.
+Every variable is listed in README.md's configuration table (tests/docs checks both, and
+that no other module reads the environment). Nothing here connects to anything: the
+embedded database starts on first connection, and model providers are built lazily from
+KB_PROVIDERS by kb.providers.registry.
+
+Sections, in order: core (and the process's role), security, database, caches, auth and
+static files, background tasks, REST API, model providers, ingestion, retrieval,
+operations, logging, serving, tools we look for, chat.
 """
 
 import os
+import tempfile
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -16,10 +22,12 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 
 def env_str(name: str, default: str = "") -> str:
+    """The variable as set (an empty value stays empty), or default when unset."""
     return os.environ.get(name, default)
 
 
 def env_bool(name: str, default: bool = False) -> bool:
+    """true/false (1/0, yes/no, on/off); unset or empty gives default."""
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -31,6 +39,7 @@ def env_bool(name: str, default: bool = False) -> bool:
 
 
 def env_int(name: str, default: int) -> int:
+    """An integer; unset or empty gives default."""
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -41,6 +50,7 @@ def env_int(name: str, default: int) -> int:
 
 
 def env_float(name: str, default: float) -> float:
+    """A number; unset or empty gives default."""
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -51,6 +61,7 @@ def env_float(name: str, default: float) -> float:
 
 
 def env_list(name: str, default: str = "") -> list[str]:
+    """Comma-separated items, blanks dropped."""
     return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
 
 
@@ -77,6 +88,16 @@ if not SECRET_KEY:
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+# "web" in a process that serves requests: `manage.py` sets it for `serve`, and kb.asgi when
+# a server (uvicorn) imports it first, both before these settings load. Such a process
+# pools its database connections and keeps one torch thread (below); commands and the
+# worker cluster do not. Decided here, once, so no code changes settings at run time
+# (docs/ARCHITECTURE.md).
+KB_PROCESS_ROLE = env_str("KB_PROCESS_ROLE").lower()
+if KB_PROCESS_ROLE not in {"", "web"}:
+    raise ImproperlyConfigured(f"KB_PROCESS_ROLE must be web or unset, got {KB_PROCESS_ROLE!r}")
+KB_SERVES_REQUESTS = KB_PROCESS_ROLE == "web"
 
 # --- Security -----------------------------------------------------------------------------
 # KB_PRODUCTION=true turns on everything `manage.py check --deploy` asks for: it expects
@@ -178,7 +199,7 @@ DATABASES["default"].setdefault("OPTIONS", {})
 # persistent connection (CONN_MAX_AGE) is never reused: every request would open one, and
 # a new backend plans and writes with cold catalog caches (~15 ms a search request).
 # "web" (the default) pools connections in processes that serve requests
-# (kb.web_process); commands and the qcluster, which forks its workers, keep plain ones.
+# (KB_SERVES_REQUESTS); commands and the qcluster, which forks its workers, keep plain ones.
 # With CONN_HEALTH_CHECKS (above) Django has the pool check each connection it hands out,
 # so one that died while idle (a database restart) is replaced, not given to a request.
 KB_DB_POOL = env_str("KB_DB_POOL", "web").lower()
@@ -188,12 +209,14 @@ KB_DB_POOL_OPTIONS = {
     "timeout": env_float("KB_DB_POOL_TIMEOUT_SECONDS", 10.0),
 }
 DATABASES["default"]["CONN_MAX_AGE"] = env_int("KB_DB_CONN_MAX_AGE", 0)
-if KB_DB_POOL in {"1", "true", "yes", "on"}:
+if KB_DB_POOL in {"1", "true", "yes", "on"} or (KB_DB_POOL == "web" and KB_SERVES_REQUESTS):
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["OPTIONS"]["pool"] = KB_DB_POOL_OPTIONS
 # HNSW's candidate-list size (search.retrieval). 200: vector nDCG@10 on scifact is 0.6397
 # at 100, 0.6414 at 200 and at 400 (docs/RETRIEVAL.md).
 KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 200)
+# The embedded server's shared_buffers; empty: kb.database.embedded_shared_buffers sizes it.
+KB_PG_SHARED_BUFFERS = env_str("KB_PG_SHARED_BUFFERS").strip()
 # Session settings go with the connection request, so none costs a statement per request
 # (a pooled connection is handed out anew to each). A statement that runs away must not
 # hold a request or a worker forever; pgvector reads hnsw.ef_search when it loads.
@@ -415,12 +438,13 @@ KB_CHUNK_OVERLAP_TOKENS = env_int("KB_CHUNK_OVERLAP_TOKENS", 32)
 # --- Retrieval ----------------------------------------------------------------------------
 
 # Intra-op threads for local models (0: torch's default, one per core). A process that
-# serves requests uses KB_WEB_TORCH_THREADS instead (kb.web_process): there a query's
+# serves requests (KB_SERVES_REQUESTS) uses KB_WEB_TORCH_THREADS instead: there a query's
 # forward pass runs beside PostgreSQL answering the same request, and OpenMP's spinning
 # threads then slow both down (hybrid search p95 102 -> 79 ms on 2 cores). Ingestion in
-# the qcluster keeps every core for its batches.
-KB_TORCH_THREADS = env_int("KB_TORCH_THREADS", 0)
-KB_WEB_TORCH_THREADS = env_int("KB_WEB_TORCH_THREADS", 1)
+# the qcluster keeps every core for its batches. KB_TORCH_THREADS is the one in effect.
+_torch_threads = env_int("KB_TORCH_THREADS", 0)
+_web_torch_threads = env_int("KB_WEB_TORCH_THREADS", 1)
+KB_TORCH_THREADS = _web_torch_threads if KB_SERVES_REQUESTS else _torch_threads
 KB_BM25_K1 = env_float("KB_BM25_K1", 0.9)
 KB_BM25_B = env_float("KB_BM25_B", 0.4)
 # "auto": the kb_bm25 extension's C function where it is installed (the embedded server
@@ -519,6 +543,29 @@ LOGGING = {
         "uvicorn.access": {"handlers": ["console"], "propagate": False, "level": "WARNING"},
     },
 }
+
+# --- Serving (`manage.py serve`, kb.asgi) ---------------------------------------------------
+
+KB_HOST = env_str("KB_HOST", "127.0.0.1")
+KB_PORT = env_int("KB_PORT", 8000)
+# The first run's admin password; unset, `serve` generates one and prints it once.
+KB_ADMIN_PASSWORD = env_str("KB_ADMIN_PASSWORD")
+KB_UVICORN_LOG_LEVEL = env_str("KB_UVICORN_LOG_LEVEL", "warning")
+# One self-contained process serves its own CSS and JS; behind nginx, KB_SERVE_STATIC=false
+# lets nginx serve collectstatic's output (docs/DEPLOY.md).
+KB_SERVE_STATIC = env_bool("KB_SERVE_STATIC", True)
+
+# --- Tools we look for ----------------------------------------------------------------------
+# Other programs' own variables, read here so that nothing else reads the environment.
+
+# tiktoken's cache, in tiktoken's order (tiktoken.load.read_file_cached); empty turns its
+# cache off. kb.providers.openai looks for a cached file so that counting never downloads.
+TIKTOKEN_CACHE_DIR = env_str(
+    "TIKTOKEN_CACHE_DIR",
+    env_str("DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")),
+)
+# The C compiler that builds the kb_bm25 extension (search.postgres_extension); empty: cc.
+CC = env_str("CC")
 
 # --- Chat (owned by chat/) ----------------------------------------------------------------
 # docs/CHAT.md explains each of these; every one can be set from the environment.

@@ -15,22 +15,19 @@ logger = logging.getLogger(__name__)
 def web_process_prepare() -> None:
     """Tune this process for serving requests; call it before the first request.
 
-    - Database connections come from a pool (KB_DB_POOL=web). Django runs each ASGI
-      request on a new thread, so thread-local persistent connections are never reused.
-      The qcluster must not pool: it forks workers, which would share the pool's sockets.
-    - Local models use KB_WEB_TORCH_THREADS intra-op threads: a query's forward pass runs
+    What a web process gets from its settings is decided when they load, from
+    KB_PROCESS_ROLE=web (set by manage.py for `serve`, and by kb.asgi under uvicorn):
+    - database connections from a pool (KB_DB_POOL=web). Django runs each ASGI request on
+      a new thread, so thread-local persistent connections are never reused. The qcluster
+      must not pool: it forks workers, which would share the pool's sockets.
+    - KB_WEB_TORCH_THREADS intra-op threads for local models: a query's forward pass runs
       beside PostgreSQL answering the same request.
-    - What is loaded so far is frozen out of the garbage collector (and again once the
-      query model is warm): full collections would otherwise pause requests.
+    Here, what is loaded so far is frozen out of the garbage collector (and again once the
+    query model is warm): full collections would otherwise pause requests.
     """
-    if settings.KB_DB_POOL == "web":
-        # Django reads these when the first connection of a thread is opened, so closing
-        # this thread's connection is enough for every later one to come from the pool.
-        connections.close_all()
-        database = settings.DATABASES["default"]
-        database["CONN_MAX_AGE"] = 0
-        database["OPTIONS"]["pool"] = settings.KB_DB_POOL_OPTIONS
-    settings.KB_TORCH_THREADS = settings.KB_WEB_TORCH_THREADS
+    if not settings.KB_SERVES_REQUESTS:
+        logger.warning("This process serves requests but was not started as a web process "
+                       "(KB_PROCESS_ROLE=web): its database connections are not pooled.")
     garbage_collection_settle()
 
 

@@ -24,6 +24,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from django.conf import settings
+
 logger = logging.getLogger(__name__)
 
 EXTENSION = "kb_bm25"
@@ -74,7 +76,7 @@ def extension_build(pg_config: Path) -> bool:
     digest = _digest()
     if (lib_dir / f"{EXTENSION}.so").exists() and stamp.exists() and stamp.read_text() == digest:
         return True
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = settings.CC or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.warning("kb_bm25 not built: no C compiler (cc) on this machine; BM25 uses the SQL engine.")
         return False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class ProviderError(Exception):
@@ -53,13 +53,6 @@ class ChatUsage:
 class ChatMessage:
     role: str  # "system" | "user" | "assistant"
     content: str
-
-
-@dataclass
-class BackendOptions:
-    """Whatever a settings entry carried besides BACKEND, passed through to the backend."""
-
-    values: dict = field(default_factory=dict)
 
 
 class EmbeddingBackend(ABC):

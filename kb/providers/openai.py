@@ -15,12 +15,13 @@ import hashlib
 import logging
 import math
 import os
-import tempfile
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
 
 from kb.providers.base import (
     ChatBackend,
@@ -468,13 +469,9 @@ def _offline_encoding(model: str) -> tiktoken.Encoding | None:
 
 def _tiktoken_file_cached(name: str) -> bool:
     # Mirrors tiktoken.load.read_file_cached (tiktoken 0.14): the cache directory comes
-    # from these variables and the file is named by the SHA-1 of its download URL. This
-    # reads the environment only to find tiktoken's own cache, not to configure us.
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
-    if cache_dir is None:
-        cache_dir = os.environ.get("DATA_GYM_CACHE_DIR")
-    if cache_dir is None:
-        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    # from its variables (settings.TIKTOKEN_CACHE_DIR reads them in its order) and the
+    # file is named by the SHA-1 of its download URL.
+    cache_dir = settings.TIKTOKEN_CACHE_DIR
     if not cache_dir:
         return False  # caching disabled: every load would download
     url = f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"

@@ -314,7 +314,7 @@ def test_workers_stop_when_serve_is_killed_outright(serve_data_dir, tmp_path):
 
 
 @pytest.mark.django_db
-def test_serve_names_the_admin_password_source_when_it_was_chosen(monkeypatch):
+def test_serve_names_the_admin_password_source_when_it_was_chosen(settings):
     """With KB_ADMIN_PASSWORD set, the first run says the password is that variable's value,
     and neither prints it nor claims to show it once."""
     from io import StringIO
@@ -323,7 +323,7 @@ def test_serve_names_the_admin_password_source_when_it_was_chosen(monkeypatch):
 
     from kb.management.commands.serve import Command
 
-    monkeypatch.setenv("KB_ADMIN_PASSWORD", "pw-chosen-123")
+    settings.KB_ADMIN_PASSWORD = "pw-chosen-123"
     out = StringIO()
     Command(stdout=out, no_color=True)._first_run(demo=False)
 
@@ -334,7 +334,7 @@ def test_serve_names_the_admin_password_source_when_it_was_chosen(monkeypatch):
 
 
 @pytest.mark.django_db
-def test_serve_shows_a_generated_admin_password_once(monkeypatch):
+def test_serve_shows_a_generated_admin_password_once(settings):
     """Without KB_ADMIN_PASSWORD, the generated password is printed, with the advice to change it."""
     from io import StringIO
 
@@ -342,7 +342,7 @@ def test_serve_shows_a_generated_admin_password_once(monkeypatch):
 
     from kb.management.commands.serve import Command
 
-    monkeypatch.delenv("KB_ADMIN_PASSWORD", raising=False)
+    settings.KB_ADMIN_PASSWORD = ""
     out = StringIO()
     Command(stdout=out, no_color=True)._first_run(demo=False)
 

@@ -80,12 +80,12 @@ def test_serve_refuses_a_port_in_use():
             call_command("serve", "--port", str(port), "--no-workers")
 
 
-def test_embedded_shared_buffers_default_to_a_quarter_of_memory_within_bounds(monkeypatch):
-    monkeypatch.delenv("KB_PG_SHARED_BUFFERS", raising=False)
+def test_embedded_shared_buffers_default_to_a_quarter_of_memory_within_bounds(settings):
+    settings.KB_PG_SHARED_BUFFERS = ""
     quarter = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // 2**20
 
     assert embedded_shared_buffers() == f"{min(max(quarter, 128), 1024)}MB"
-    monkeypatch.setenv("KB_PG_SHARED_BUFFERS", "300MB")
+    settings.KB_PG_SHARED_BUFFERS = "300MB"
     assert embedded_shared_buffers() == "300MB"
 
 

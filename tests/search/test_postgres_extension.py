@@ -64,9 +64,9 @@ def test_build_installs_the_library_and_extension_files_once(fake_server):
     assert sorted(path.name for path in lib_dir.iterdir()) == [f"{EXTENSION}.sha256", f"{EXTENSION}.so"]
 
 
-def test_a_failed_build_is_logged_and_leaves_nothing(fake_server, monkeypatch, caplog):
+def test_a_failed_build_is_logged_and_leaves_nothing(fake_server, settings, caplog):
     pg_config, lib_dir, extension_dir = fake_server
-    monkeypatch.setenv("CC", "false")
+    settings.CC = "false"
 
     with caplog.at_level(logging.WARNING, logger=postgres_extension.__name__):
         assert not extension_build(pg_config)

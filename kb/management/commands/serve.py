@@ -11,11 +11,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
 from kb import bootstrap
@@ -26,13 +27,14 @@ from kb.web_process import query_embedding_warm_up_start, web_process_prepare
 class Command(BaseCommand):
     help = "Start PostgreSQL (embedded unless DATABASE_URL is set), migrate, start workers, serve."
 
-    def add_arguments(self, parser):
-        parser.add_argument("--host", default=os.environ.get("KB_HOST", "127.0.0.1"))
-        parser.add_argument("--port", type=int, default=int(os.environ.get("KB_PORT", "8000")))
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default=settings.KB_HOST)
+        parser.add_argument("--port", type=int, default=settings.KB_PORT)
         parser.add_argument("--no-workers", action="store_true", help="Do not start qcluster.")
         parser.add_argument("--no-demo", action="store_true", help="Do not load the demo corpus.")
 
-    def handle(self, *args, host: str, port: int, no_workers: bool, no_demo: bool, **options):
+    def handle(self, *args: str, host: str, port: int, no_workers: bool, no_demo: bool,
+               **options: object) -> None:
         # SIGTERM (systemd, docker stop, kill) stops us as Ctrl-C does: through the finally
         # blocks and atexit, so the workers and the embedded database stop with us.
         signal.signal(signal.SIGTERM, _interrupt)
@@ -61,11 +63,14 @@ class Command(BaseCommand):
             # processes directly: django-q's master whose sentinel and workers were killed
             # under it hangs and ignores a second SIGTERM. `serve` alone stops the cluster,
             # in order, and kills its whole group if that does not finish.
+            env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                   "KB_STOP_WITH_PARENT_PID": str(os.getpid())}
+            # manage.py made this process a web process; the cluster is not one: it forks
+            # its workers, which must not share a connection pool's sockets.
+            env.pop("KB_PROCESS_ROLE", None)
             workers = subprocess.Popen(
                 [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "qcluster"],
-                env={**os.environ, "PYTHONUNBUFFERED": "1",
-                     "KB_STOP_WITH_PARENT_PID": str(os.getpid())},
-                start_new_session=True,
+                env=env, start_new_session=True,
             )
         try:
             self._print_urls(host, port)
@@ -79,7 +84,7 @@ class Command(BaseCommand):
     def _first_run(self, *, demo: bool) -> None:
         user_model = get_user_model()
         if not user_model.objects.filter(is_superuser=True).exists():
-            chosen = os.environ.get("KB_ADMIN_PASSWORD")
+            chosen = settings.KB_ADMIN_PASSWORD
             password = chosen or secrets.token_urlsafe(12)
             user_model.objects.create_superuser("admin", "admin@localhost", password)
             if chosen:  # the operator knows it: printing it would only put it in logs
@@ -117,7 +122,7 @@ def _port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def _interrupt(signum, frame) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
@@ -146,7 +151,7 @@ def _run_uvicorn(host: str, port: int) -> None:
         host=host,
         port=port,
         lifespan="off",
-        log_level=os.environ.get("KB_UVICORN_LOG_LEVEL", "warning"),
+        log_level=settings.KB_UVICORN_LOG_LEVEL,
         timeout_graceful_shutdown=5,
     )
     Server(config).run()

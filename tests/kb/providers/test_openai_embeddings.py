@@ -205,7 +205,7 @@ def test_malformed_json_is_a_provider_error(server, make_backend):
         make_backend().embed_batch(["x"])
 
 
-def test_count_tokens_never_downloads(tmp_path, monkeypatch):
+def test_count_tokens_never_downloads(tmp_path, monkeypatch, settings):
     """Without cached tiktoken files, counting uses the bundled cl100k file, never the network."""
     # Any download would go through this proxy, which counts connections and never answers.
     proxy = socket.create_server(("127.0.0.1", 0))
@@ -215,7 +215,9 @@ def test_count_tokens_never_downloads(tmp_path, monkeypatch):
         monkeypatch.setenv(name, proxy_url)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
+    # tiktoken reads its variable itself; we look for its files where settings say.
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    settings.TIKTOKEN_CACHE_DIR = str(tmp_path)
     openai_backend._offline_encoding.cache_clear()
     backend = OpenAIEmbeddings(model="text-embedding-3-small")
     counts: list[int] = []
