@@ -135,7 +135,7 @@ def of_type(events: list, kind: type) -> list:
 
 
 def text_of(events: list) -> str:
-    from chat.services import Delta
+    from chat.events import Delta
 
     return "".join(event.text for event in of_type(events, Delta))
 

@@ -9,10 +9,10 @@ import pytest
 from asgiref.sync import async_to_sync
 from django.db import connection
 
-from chat import prompts, services
+from chat import cascade, prompts, services
 from chat.budgets import BudgetExceeded
+from chat.events import Citations, Delta, Done, Error, Meta, Started
 from chat.models import AnswerCacheEntry, Budget, Message
-from chat.services import Citations, Delta, Done, Error, Meta, Started
 from kb import services as kb_services
 from kb.models import Document, UsageRecord
 from kb.usage import usage_record_create
@@ -101,7 +101,7 @@ def test_rate_limited_primary_falls_back_to_the_next_model(settings, corpus, ope
     events = ask(QUESTION, user=user)
 
     meta = of_type(events, Meta)[0]
-    assert meta.mode == "generated" and meta.notice == services.NOTICE_FALLBACK
+    assert meta.mode == "generated" and meta.notice == cascade.NOTICE_FALLBACK
     assert [r.body["model"] for r in chat_requests(openai_server)] == ["gpt-4o", "gpt-4o-mini"]
     failed, answered = chat_usage()
     assert (failed.model, failed.status) == ("gpt-4o", UsageRecord.Status.ERROR)
@@ -118,7 +118,7 @@ def test_model_down_answers_extractively_with_a_notice(corpus, generative, user)
 
     assert kinds(events) == ["Started", "Meta", "Citations", "Delta", "Done"]
     meta = of_type(events, Meta)[0]
-    assert meta.mode == "extracted" and meta.notice == services.NOTICE_MODEL_DOWN
+    assert meta.mode == "extracted" and meta.notice == cascade.NOTICE_MODEL_DOWN
     answer = text_of(events)
     # The page labels the mode once; the text does not say it again.
     assert "not generated" not in answer.lower()
