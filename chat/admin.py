@@ -1,20 +1,21 @@
 """Admin for chat: budgets are edited here; conversations and the cache are read and cleared."""
 
 from django.contrib import admin, messages
-from django.db.models import Count
+from django.db.models import Count, Model, QuerySet
+from django.http import HttpRequest
 from django.utils.text import Truncator
 
-from chat import caches, selectors
+from chat import answer_cache, selectors
 from chat.models import AnswerCacheEntry, Budget, Conversation, Message
 
 
 class _ReadOnly:
     """Rows written only by the chat pipeline: visible, never edited by hand."""
 
-    def has_add_permission(self, request, obj=None):
+    def has_add_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
-    def has_change_permission(self, request, obj=None):
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
 
@@ -51,7 +52,7 @@ class ConversationAdmin(_ReadOnly, admin.ModelAdmin):
     date_hierarchy = "updated_at"
     inlines = [MessageInline]
 
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
         # Editors read only what the document admin shows them (collections_visible_to).
         return (
             super().get_queryset(request)
@@ -73,7 +74,7 @@ class MessageAdmin(_ReadOnly, admin.ModelAdmin):
     search_fields = ["content"]
     date_hierarchy = "created_at"
 
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Message]:
         return super().get_queryset(request).filter(
             pk__in=selectors.messages_for_admin(user=request.user).values("pk")
         )
@@ -93,12 +94,12 @@ class AnswerCacheEntryAdmin(_ReadOnly, admin.ModelAdmin):
     exclude = ["embedding"]
     actions = ["clear"]
 
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[AnswerCacheEntry]:
         return super().get_queryset(request).filter(
             pk__in=selectors.answer_cache_entries_for_admin(user=request.user).values("pk")
         )
 
     @admin.action(description="Clear selected cached answers")
-    def clear(self, request, queryset):
-        deleted = caches.cache_clear(entry_ids=list(queryset.values_list("pk", flat=True)))
+    def clear(self, request: HttpRequest, queryset: QuerySet[AnswerCacheEntry]) -> None:
+        deleted = answer_cache.cache_clear(entry_ids=list(queryset.values_list("pk", flat=True)))
         self.message_user(request, f"Cleared {deleted} cached answers.", messages.SUCCESS)

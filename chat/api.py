@@ -10,25 +10,30 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
-from django.middleware.csrf import CsrfViewMiddleware
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import exceptions, generics, serializers
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from chat import selectors, services
+from chat.budgets import BudgetExceeded
 from chat.models import Conversation, Message
+from chat.sse import event_stream_response, sse_stream
 from kb.authentication import ApiKeyAuthentication
 from kb.models import ApiKey
 from kb.ratelimits import rate_limit_enforce
+
+if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
+    from django.contrib.auth.models import AnonymousUser
 
 MAX_MESSAGE_CHARS = 4000
 
@@ -121,21 +126,22 @@ def error_response(
     return response
 
 
-class _CsrfCheck(CsrfViewMiddleware):
-    def _reject(self, request: HttpRequest, reason: str) -> str:  # type: ignore[override]
-        return reason
-
-
 def csrf_failure(request: HttpRequest) -> str | None:
-    """Why a session-authenticated request fails CSRF, or None if it passes."""
-    check = _CsrfCheck(lambda req: HttpResponse())
-    check.process_request(request)
-    return check.process_view(request, None, (), {})  # type: ignore[return-value]
+    """Why a session-authenticated request fails CSRF ("CSRF Failed: …"), or None if it passes.
+
+    DRF's public SessionAuthentication.enforce_csrf, so the chat refuses a forged post
+    with the same message as the DRF views (search) do.
+    """
+    try:
+        SessionAuthentication().enforce_csrf(request)
+    except exceptions.PermissionDenied as exc:
+        return str(exc.detail)
+    return None
 
 
 async def authenticate(
     request: HttpRequest, *, allow_session: bool = True
-) -> tuple[Any, Any] | JsonResponse:
+) -> tuple[AbstractBaseUser | AnonymousUser, ApiKey | None] | JsonResponse:
     """(user, api_key) for a bearer key or (with allow_session) a logged-in session.
 
     Session callers must pass CSRF: the view is csrf_exempt only so that API-key callers,
@@ -152,15 +158,17 @@ async def authenticate(
     if allow_session:
         user = await request.auser()
         if user.is_authenticated:
-            reason = csrf_failure(request)
-            if reason:
-                return error_response(403, "permission_denied", f"CSRF Failed: {reason}")
+            failure = csrf_failure(request)
+            if failure:
+                return error_response(403, "permission_denied", failure)
             return user, None
     return error_response(401, "not_authenticated", "Authentication credentials were not provided.",
                           headers={"WWW-Authenticate": "Bearer"})
 
 
-async def enforce_rate_limit(request: HttpRequest, *, user, api_key) -> JsonResponse | None:
+async def enforce_rate_limit(
+    request: HttpRequest, *, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None
+) -> JsonResponse | None:
     """A 429 response if the caller is over the chat rate limit."""
     request.user = user
     request.auth = api_key  # type: ignore[attr-defined]
@@ -174,7 +182,7 @@ async def enforce_rate_limit(request: HttpRequest, *, user, api_key) -> JsonResp
 
 def chat_error_response(exc: Exception) -> JsonResponse:
     """The JSON answer for an error raised before the first event."""
-    if isinstance(exc, services.BudgetExceeded):
+    if isinstance(exc, BudgetExceeded):
         return error_response(429, "budget_exceeded", str(exc),
                               headers={"Retry-After": str(exc.retry_after)})
     assert isinstance(exc, services.ChatError)
@@ -187,50 +195,6 @@ def chat_error_response(exc: Exception) -> JsonResponse:
 def request_id_for(request: HttpRequest) -> str:
     """The request's id (set from a sane X-Request-ID by kb.observability), else a new one."""
     return (getattr(request, "request_id", "") or uuid.uuid4().hex)[:64]
-
-
-def sse_event(event: services.ChatEvent) -> str:
-    """One event in text/event-stream framing."""
-    if isinstance(event, services.Heartbeat):
-        return ": ping\n\n"
-    if isinstance(event, services.Meta):
-        name, data = "meta", {"conversation_id": event.conversation_id,
-                              "message_id": event.message_id, "mode": event.mode,
-                              "notice": event.notice, "answerable": event.answerable}
-    elif isinstance(event, services.Citations):
-        name, data = "citations", {"citations": event.citations, "related": event.related}
-    elif isinstance(event, services.Delta):
-        name, data = "delta", {"text": event.text}
-    elif isinstance(event, services.Done):
-        name, data = "done", {"message_id": event.message_id, "status": event.status,
-                              "usage": event.usage, "cited": event.cited,
-                              "invalid_citations": event.invalid_citations,
-                              "answerable": event.answerable}
-    elif isinstance(event, services.Error):
-        name, data = "error", {"code": event.code, "message": event.message}
-    else:
-        return ""
-    # json.dumps escapes newlines, so each event is exactly one data line.
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def event_stream_response(content: AsyncIterator[str]) -> StreamingHttpResponse:
-    """A text/event-stream response that proxies pass through unbuffered and uncompressed."""
-    response = StreamingHttpResponse(content, content_type="text/event-stream; charset=utf-8")
-    response["Cache-Control"] = "no-cache"
-    # nginx buffers proxied responses unless told not to; a buffered stream arrives at once.
-    response["X-Accel-Buffering"] = "no"
-    return response
-
-
-async def _sse(events: AsyncGenerator[services.ChatEvent, None]) -> AsyncGenerator[str, None]:
-    # aclosing: when the client leaves, closing this generator closes the pipeline's,
-    # whose finally: blocks close the upstream and persist the partial answer.
-    async with aclosing(events):
-        async for event in events:
-            text = sse_event(event)
-            if text:
-                yield text
 
 
 @csrf_exempt
@@ -266,7 +230,7 @@ async def chat(request: HttpRequest) -> HttpResponse:
     if not data["stream"]:
         try:
             result = await services.answer_complete(**arguments)
-        except (services.ChatError, services.BudgetExceeded) as exc:
+        except (services.ChatError, BudgetExceeded) as exc:
             return chat_error_response(exc)
         if result.error is not None:
             status = 503 if result.error.code == "database_unavailable" else 502
@@ -288,9 +252,9 @@ async def chat(request: HttpRequest) -> HttpResponse:
     try:
         # Runs validation, the budget check and message creation: refusals are plain JSON.
         await anext(events)
-    except (services.ChatError, services.BudgetExceeded) as exc:
+    except (services.ChatError, BudgetExceeded) as exc:
         return chat_error_response(exc)
-    return event_stream_response(_sse(events))
+    return event_stream_response(sse_stream(events))
 
 
 # --- Reading messages and conversations ------------------------------------------------------
@@ -320,7 +284,7 @@ class ConversationList(generics.ListAPIView):
 
     serializer_class = ConversationListSerializer
 
-    def get_queryset(self):
+    def get_queryset(self) -> QuerySet[Conversation]:
         return selectors.conversation_list(user=self.request.user, api_key=_api_key(self.request))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db.models import F, Q, Sum
@@ -25,6 +26,10 @@ from django.utils import timezone
 
 from chat.models import Budget
 from kb.models import ApiKey, UsageRecord
+
+if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
+    from django.contrib.auth.models import AnonymousUser
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ def _limit(scope: str, row: Budget | None, tokens_default: int, cost_default: fl
     )
 
 
-def budget_limits_for(*, user, api_key: ApiKey | None) -> list[BudgetLimit]:
+def budget_limits_for(*, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None) -> list[BudgetLimit]:
     """The limits that apply to this caller, with admin rows overriding the settings."""
     rows = Budget.objects.filter(
         Q(scope=Budget.Scope.GLOBAL)
@@ -88,7 +93,9 @@ def budget_limits_for(*, user, api_key: ApiKey | None) -> list[BudgetLimit]:
     return [limit for limit in limits if limit.token_limit or limit.cost_limit_usd]
 
 
-def usage_today(*, scopes: list[str], user, api_key: ApiKey | None) -> dict[str, tuple[int, Decimal]]:
+def usage_today(
+    *, scopes: list[str], user: AbstractBaseUser | AnonymousUser | None, api_key: ApiKey | None
+) -> dict[str, tuple[int, Decimal]]:
     """Tokens and USD spent today per scope, in one query over the ledger."""
     tokens = F("input_tokens") + F("output_tokens")
     filters = {
@@ -111,7 +118,7 @@ def usage_today(*, scopes: list[str], user, api_key: ApiKey | None) -> dict[str,
     }
 
 
-def budget_check(*, user, api_key: ApiKey | None) -> None:
+def budget_check(*, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None) -> None:
     """Raise BudgetExceeded if any budget that applies to this caller is used up today."""
     limits = budget_limits_for(user=user, api_key=api_key)
     if not limits:

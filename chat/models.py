@@ -9,8 +9,6 @@ from django.contrib.postgres.fields import ArrayField
 from django.contrib.postgres.indexes import GinIndex
 from django.db import models
 from django.db.models import Q
-from django.db.models.signals import post_delete, post_save
-from django.dispatch import receiver
 from pgvector.django import VectorField
 
 from kb.models import ApiKey, Collection
@@ -97,7 +95,7 @@ class AnswerCacheEntry(models.Model):
     """A complete generated answer, reusable for the same (or a very similar) question.
 
     An entry only matches while its kb_version is the collection's current one, so any
-    document change retires it (chat.caches.kb_version).
+    document change retires it (chat.answer_cache.kb_version).
     """
 
     question = models.TextField(help_text="The normalised question.")
@@ -184,14 +182,3 @@ class Budget(models.Model):
             return f"Budget for key {self.api_key}"
         return "Global budget"
 
-
-# Connected here, not in an AppConfig.ready(), because this module is always imported
-# when the app loads. Document.delete() and Document.save() (a new upload of a file) fire
-# them; disabling and enabling use queryset.update() and are caught by kb_version instead.
-@receiver(post_delete, sender="kb.Document", dispatch_uid="chat_cache_forget_deleted_document")
-@receiver(post_save, sender="kb.Document", dispatch_uid="chat_cache_forget_saved_document")
-def _answer_cache_forget_document(sender, instance, **kwargs) -> None:
-    from chat.caches import cache_invalidate_documents
-
-    if instance.pk is not None and not kwargs.get("created", False):
-        cache_invalidate_documents(document_ids=[instance.pk])

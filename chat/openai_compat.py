@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -24,8 +24,15 @@ from django.views.decorators.csrf import csrf_exempt
 from rest_framework import serializers
 
 from chat import api, selectors, services
-from kb.models import Collection
+from chat.budgets import BudgetExceeded
+from chat.events import ChatEvent, Citations, Delta, Done, Error, Heartbeat, Meta, Started
+from chat.sse import event_stream_response
+from kb.models import ApiKey, Collection
 from kb.providers.base import ChatMessage
+
+if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
+    from django.contrib.auth.models import AnonymousUser
 
 MODEL_PREFIX = "kb-"
 
@@ -72,7 +79,9 @@ def _text(content: Any) -> str:
     return ""
 
 
-def _visible_collection(*, user, api_key, slug: str) -> Collection | None:
+def _visible_collection(
+    *, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None, slug: str
+) -> Collection | None:
     return selectors.collections_for_chat(user=user, api_key=api_key).filter(slug=slug).first()
 
 
@@ -85,6 +94,47 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     if isinstance(auth, HttpResponse):
         return _from_api_error(auth)
     user, api_key = auth
+    parsed = await _completion_request(request, user=user, api_key=api_key)
+    if isinstance(parsed, HttpResponse):
+        return parsed
+    data, collection, turns = parsed
+    limited = await api.enforce_rate_limit(request, user=user, api_key=api_key)
+    if limited is not None:
+        return _from_api_error(limited)
+    arguments = {
+        "question": turns[-1].content[: api.MAX_MESSAGE_CHARS],
+        "conversation_id": None,
+        "collection_slug": collection.slug,
+        "user": user,
+        "api_key": api_key,
+        "request_id": api.request_id_for(request),
+        "history": turns[:-1],
+    }
+    created = int(time.time())
+    model = data["model"]
+    if not data["stream"]:
+        try:
+            result = await services.answer_complete(**arguments)
+        except (services.ChatError, BudgetExceeded) as exc:
+            return _from_api_error(api.chat_error_response(exc))
+        return _completion(result, model=model, created=created)
+    events = services.answer_stream(**arguments)
+    try:
+        started = await anext(events)
+    except (services.ChatError, BudgetExceeded) as exc:
+        return _from_api_error(api.chat_error_response(exc))
+    assert isinstance(started, Started)
+    include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+    return event_stream_response(
+        _chunks(events, started=started, model=model, created=created, include_usage=include_usage)
+    )
+
+
+async def _completion_request(
+    request: HttpRequest, *, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None
+) -> tuple[dict[str, Any], Collection, list[ChatMessage]] | JsonResponse:
+    """The validated body, the collection its model names and the conversation's turns, or
+    the OpenAI-shaped error that refuses it."""
     try:
         body = json.loads(request.body or b"{}")
     except (ValueError, UnicodeDecodeError):
@@ -112,62 +162,38 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     if not turns or turns[-1].role != "user" or not turns[-1].content.strip():
         return openai_error(400, "The last message must be a non-empty user message.",
                             param="messages", code="invalid_value")
-    limited = await api.enforce_rate_limit(request, user=user, api_key=api_key)
-    if limited is not None:
-        return _from_api_error(limited)
-    arguments = {
-        "question": turns[-1].content[: api.MAX_MESSAGE_CHARS],
-        "conversation_id": None,
-        "collection_slug": collection.slug,
-        "user": user,
-        "api_key": api_key,
-        "request_id": api.request_id_for(request),
-        "history": turns[:-1],
-    }
-    created = int(time.time())
-    if not data["stream"]:
-        try:
-            result = await services.answer_complete(**arguments)
-        except (services.ChatError, services.BudgetExceeded) as exc:
-            return _from_api_error(api.chat_error_response(exc))
-        if result.error is not None:
-            status = 503 if result.error.code == "database_unavailable" else 502
-            return openai_error(status, result.error.message, type_="server_error",
-                                code=result.error.code)
-        usage = result.usage
-        return JsonResponse({
-            "id": _completion_id(result.message_id),
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": result.answer, "refusal": None},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }],
-            "usage": _usage(usage),
-            "system_fingerprint": None,
-            "citations": result.citations,
-            "kb": {"conversation_id": result.conversation_id, "message_id": result.message_id,
-                   "mode": result.mode, "notice": result.notice, "cited": result.cited,
-                   "invalid_citations": result.invalid_citations, "answerable": result.answerable,
-                   "related": result.related},
-        })
-    events = services.answer_stream(**arguments)
-    try:
-        started = await anext(events)
-    except (services.ChatError, services.BudgetExceeded) as exc:
-        return _from_api_error(api.chat_error_response(exc))
-    assert isinstance(started, services.Started)
-    include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-    return api.event_stream_response(
-        _chunks(events, started=started, model=model, created=created, include_usage=include_usage)
-    )
+    return data, collection, turns
+
+
+def _completion(result: services.AnswerResult, *, model: str, created: int) -> JsonResponse:
+    """A whole answer as a chat.completion (or the OpenAI-shaped error it ended with)."""
+    if result.error is not None:
+        status = 503 if result.error.code == "database_unavailable" else 502
+        return openai_error(status, result.error.message, type_="server_error",
+                            code=result.error.code)
+    return JsonResponse({
+        "id": _completion_id(result.message_id),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": result.answer, "refusal": None},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }],
+        "usage": _usage(result.usage),
+        "system_fingerprint": None,
+        "citations": result.citations,
+        "kb": {"conversation_id": result.conversation_id, "message_id": result.message_id,
+               "mode": result.mode, "notice": result.notice, "cited": result.cited,
+               "invalid_citations": result.invalid_citations, "answerable": result.answerable,
+               "related": result.related},
+    })
 
 
 async def _chunks(
-    events: AsyncGenerator[services.ChatEvent, None], *, started: services.Started, model: str,
+    events: AsyncGenerator[ChatEvent, None], *, started: Started, model: str,
     created: int, include_usage: bool,
 ) -> AsyncGenerator[str, None]:
     """The pipeline's events as chat.completion.chunk SSE lines, ending with [DONE]."""
@@ -185,19 +211,19 @@ async def _chunks(
 
     citations: list[dict] = []
     related: list[dict] = []
-    meta: services.Meta | None = None
+    meta: Meta | None = None
     async with aclosing(events):
         yield chunk({"role": "assistant", "content": ""})
         async for event in events:
-            if isinstance(event, services.Heartbeat):
+            if isinstance(event, Heartbeat):
                 yield ": ping\n\n"
-            elif isinstance(event, services.Meta):
+            elif isinstance(event, Meta):
                 meta = event
-            elif isinstance(event, services.Citations):
+            elif isinstance(event, Citations):
                 citations, related = event.citations, event.related
-            elif isinstance(event, services.Delta):
+            elif isinstance(event, Delta):
                 yield chunk({"content": event.text})
-            elif isinstance(event, services.Done):
+            elif isinstance(event, Done):
                 kb = {"conversation_id": started.conversation_id, "message_id": event.message_id,
                       "mode": meta.mode if meta else "", "notice": meta.notice if meta else None,
                       "cited": event.cited, "invalid_citations": event.invalid_citations,
@@ -209,7 +235,7 @@ async def _chunks(
                                "choices": [], "usage": _usage(event.usage)}
                     yield f"data: {json.dumps(payload)}\n\n"
                 yield "data: [DONE]\n\n"
-            elif isinstance(event, services.Error):
+            elif isinstance(event, Error):
                 # The SDKs raise on a chunk carrying "error"; no [DONE] follows an error.
                 error = {"message": event.message, "type": "server_error", "param": None,
                          "code": event.code}
@@ -227,7 +253,7 @@ def _usage(usage: dict) -> dict:
             "total_tokens": prompt + completion}
 
 
-def _models_for(user, api_key) -> list[dict]:
+def _models_for(user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None) -> list[dict]:
     return [
         {"id": f"{MODEL_PREFIX}{c.slug}", "object": "model",
          "created": int(c.created_at.timestamp()), "owned_by": "kb"}

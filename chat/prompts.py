@@ -18,8 +18,9 @@ Markers are stripped from passage and question text before assembly, so a docume
 cannot close its passage early and smuggle text into the prompt as if it were ours, and
 a document's own bracketed numbers ("approved by the board [2].") are neutralised, so
 they cannot pass for citations of other passages.
-The same format is parsed back by kb.providers.extractive, which gets exactly the
-messages a generative model gets.
+prompt_build gives a backend a kb.providers.base.Prompt: the messages for a generative
+model, and the question and numbered passages exactly as those messages show them, for
+an answerer that works from the passages themselves (kb.providers.extractive).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kb.providers.base import ChatMessage
+from kb.providers.base import ChatMessage, Prompt, PromptPassage
 
 SYSTEM_PROMPT = (
     "You answer questions about a knowledge base of documents.\n"
@@ -58,15 +59,12 @@ REWRITE_SYSTEM_PROMPT = (
 )
 
 _MARKER = re.compile(r"<{3,}|>{3,}")
-_PASSAGE_BLOCK = re.compile(r"<<<PASSAGE (\d+)>>>\n(.*?)\n<<<END PASSAGE \1>>>", re.S)
-_QUESTION_BLOCK = re.compile(r"<<<QUESTION>>>\n(.*?)\n<<<END QUESTION>>>", re.S)
 # [1], [2, 3]. At most three digits, so a year in brackets ([2024]) is not a citation.
 _CITATION = re.compile(r"[ \t]*\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 # What a document's own "[2]" becomes in a passage: shown the same, but no answerer and
 # no citation check reads it as one of our markers, so a document cannot cite (link to)
 # another passage. Fullwidth brackets, so a model sees the footnote and not a citation.
 _SOURCE_MARKER = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
-NEUTRAL_MARKER = re.compile(r"[ \t]*［\d{1,3}(?:\s*,\s*\d{1,3})*］")
 
 
 @dataclass(frozen=True)
@@ -83,25 +81,13 @@ class Passage:
 
 
 @dataclass(frozen=True)
-class Prompt:
-    """The messages for a chat backend and the passages in them, numbered from 1 in order."""
+class BuiltPrompt:
+    """What a backend is asked, the retrieved passages in it (numbered from 1 in order),
+    and its size in the backend's tokens."""
 
-    messages: list[ChatMessage]
+    prompt: Prompt
     passages: list[Passage]
     tokens: int
-
-
-@dataclass(frozen=True)
-class ParsedPassage:
-    n: int
-    source: str
-    text: str
-
-
-@dataclass(frozen=True)
-class ParsedPrompt:
-    passages: list[ParsedPassage]
-    question: str
 
 
 @dataclass(frozen=True)
@@ -135,20 +121,24 @@ def passage_source(passage: Passage) -> str:
     return source
 
 
-def passage_block(n: int, passage: Passage) -> str:
+def passage_shown(n: int, passage: Passage) -> PromptPassage:
+    """A passage as the prompt shows it: markers defanged, its own [n] neutralised."""
+    return PromptPassage(n=n, source=citations_neutralise(defang(passage_source(passage))),
+                         text=citations_neutralise(defang(passage.text.strip())))
+
+
+def passage_block(shown: PromptPassage) -> str:
     """One numbered passage between its markers."""
-    return (
-        f"<<<PASSAGE {n}>>>\nSource: {citations_neutralise(defang(passage_source(passage)))}\n"
-        f"{citations_neutralise(defang(passage.text.strip()))}\n<<<END PASSAGE {n}>>>"
-    )
+    return (f"<<<PASSAGE {shown.n}>>>\nSource: {shown.source}\n{shown.text}\n"
+            f"<<<END PASSAGE {shown.n}>>>")
 
 
-def user_message(question: str, passages: Sequence[Passage]) -> str:
-    """The user message: the passages between markers, then the question."""
-    blocks = "\n\n".join(passage_block(n, p) for n, p in enumerate(passages, start=1))
+def user_message(question: str, passages: Sequence[PromptPassage]) -> str:
+    """The user message: the passages between markers, then the question (as shown)."""
+    blocks = "\n\n".join(passage_block(p) for p in passages)
     return (
         f"{PASSAGES_INTRO}\n\n<<<PASSAGES>>>\n{blocks}\n<<<END PASSAGES>>>\n\n"
-        f"<<<QUESTION>>>\n{defang(question.strip())}\n<<<END QUESTION>>>"
+        f"<<<QUESTION>>>\n{question}\n<<<END QUESTION>>>"
     )
 
 
@@ -158,55 +148,41 @@ def prompt_build(
     passages: Sequence[Passage],
     count_tokens: Callable[[str], int],
     context_tokens: int,
-) -> Prompt:
+) -> BuiltPrompt:
     """System and user messages within context_tokens, keeping the best-ranked passages.
 
     Passages come best first; the first one that does not fit, and every one after it,
     is dropped, so the numbering always follows the ranking.
     """
+    asked = defang(question.strip())
+    shown = [passage_shown(n, p) for n, p in enumerate(passages, start=1)]
     system_tokens = count_tokens(SYSTEM_PROMPT)
     # Usually everything fits: one count of the whole message, before the first token.
-    content = user_message(question, passages)
+    content = user_message(asked, shown)
     total = system_tokens + count_tokens(content)
-    if total <= context_tokens or not passages:
-        return Prompt(messages=[ChatMessage(role="system", content=SYSTEM_PROMPT),
-                                ChatMessage(role="user", content=content)],
-                      passages=list(passages), tokens=total)
-    overhead = system_tokens + count_tokens(user_message(question, []))
-    kept: list[Passage] = []
-    used = overhead
-    for n, passage in enumerate(passages, start=1):
-        # +2 for the blank line between blocks.
-        cost = count_tokens(passage_block(n, passage)) + 2
-        if used + cost > context_tokens:
-            break
-        kept.append(passage)
-        used += cost
-    # Token counts of concatenated text are not exactly additive; check the real total.
-    while True:
-        content = user_message(question, kept)
-        total = system_tokens + count_tokens(content)
-        if total <= context_tokens or not kept:
-            break
-        kept.pop()
+    if total > context_tokens and passages:
+        overhead = system_tokens + count_tokens(user_message(asked, []))
+        kept = 0
+        used = overhead
+        for block in shown:
+            # +2 for the blank line between blocks.
+            cost = count_tokens(passage_block(block)) + 2
+            if used + cost > context_tokens:
+                break
+            kept += 1
+            used += cost
+        # Token counts of concatenated text are not exactly additive; check the real total.
+        while True:
+            content = user_message(asked, shown[:kept])
+            total = system_tokens + count_tokens(content)
+            if total <= context_tokens or not kept:
+                break
+            kept -= 1
+        passages, shown = passages[:kept], shown[:kept]
     messages = [ChatMessage(role="system", content=SYSTEM_PROMPT),
                 ChatMessage(role="user", content=content)]
-    return Prompt(messages=messages, passages=kept, tokens=total)
-
-
-def prompt_parse(content: str) -> ParsedPrompt:
-    """The passages and question of a user message built by user_message()."""
-    passages = []
-    for match in _PASSAGE_BLOCK.finditer(content):
-        body = match.group(2)
-        source, text = "", body
-        if body.startswith("Source: "):
-            source, _, text = body.partition("\n")
-            source = source.removeprefix("Source: ")
-        passages.append(ParsedPassage(n=int(match.group(1)), source=source, text=text))
-    question_match = _QUESTION_BLOCK.search(content)
-    question = question_match.group(1) if question_match else content.strip()
-    return ParsedPrompt(passages=passages, question=question)
+    return BuiltPrompt(prompt=Prompt(messages=messages, question=asked, passages=shown),
+                       passages=list(passages), tokens=total)
 
 
 def citation_url(passage: Passage) -> str:

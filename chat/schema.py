@@ -7,9 +7,13 @@ postprocessing hook. The Citation component they refer to comes from MessageSeri
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chat.api import MAX_MESSAGE_CHARS
+
+if TYPE_CHECKING:
+    from drf_spectacular.generators import SchemaGenerator
+    from rest_framework.request import Request
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -243,7 +247,9 @@ OPENAI_MODELS_OPERATION = {
 }
 
 
-def chat_operation_add(result: dict, generator, request, public) -> dict:
+def chat_operation_add(
+    result: dict, generator: SchemaGenerator, request: Request | None, public: bool
+) -> dict:
     """drf-spectacular postprocessing hook: describe the chat endpoints it cannot see."""
     paths = result.setdefault("paths", {})
     paths["/api/v1/chat"] = CHAT_OPERATION

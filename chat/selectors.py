@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from django.contrib.postgres.expressions import ArraySubquery
 from django.contrib.postgres.fields import ArrayField
@@ -14,8 +16,14 @@ from kb.providers.base import ChatMessage
 from kb.selectors import collections_visible, documents_visible
 from search.selectors import collections_visible_to
 
+if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
+    from django.contrib.auth.models import AnonymousUser
 
-def conversation_list(*, user, api_key=None) -> QuerySet[Conversation]:
+
+def conversation_list(
+    *, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None = None
+) -> QuerySet[Conversation]:
     """The caller's conversations that its scope still covers, most recently active first.
 
     A conversation about one collection is listed while the caller (user and key) may read
@@ -45,7 +53,9 @@ def conversation_list(*, user, api_key=None) -> QuerySet[Conversation]:
     return Conversation.objects.filter(in_scope | unscoped, user=user).order_by("-updated_at")
 
 
-def conversation_get(*, user, pk: uuid.UUID, api_key=None) -> Conversation | None:
+def conversation_get(
+    *, user: AbstractBaseUser | AnonymousUser, pk: uuid.UUID | str, api_key: ApiKey | None = None
+) -> Conversation | None:
     """One of the caller's conversations (conversation_list), with its collection, or None."""
     return (
         conversation_list(user=user, api_key=api_key).select_related("collection").filter(pk=pk).first()
@@ -57,7 +67,9 @@ def message_list(*, conversation: Conversation) -> QuerySet[Message]:
     return Message.objects.filter(conversation=conversation).order_by("created_at")
 
 
-def message_get(*, user, pk: uuid.UUID, api_key=None) -> Message | None:
+def message_get(
+    *, user: AbstractBaseUser | AnonymousUser, pk: uuid.UUID, api_key: ApiKey | None = None
+) -> Message | None:
     """A message of one of the caller's conversations (conversation_list), or None."""
     if not getattr(user, "is_authenticated", False):
         return None
@@ -66,7 +78,9 @@ def message_get(*, user, pk: uuid.UUID, api_key=None) -> Message | None:
     ).first()
 
 
-def messages_scoped(*, messages, user, api_key=None) -> list[Message]:
+def messages_scoped(
+    *, messages: Iterable[Message], user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None = None
+) -> list[Message]:
     """The messages with only the citations the caller may read now.
 
     A citation carries its passage's text; a document that was deleted, disabled, moved
@@ -108,7 +122,9 @@ def conversation_history(*, conversation: Conversation, turns: int) -> list[Chat
     return [ChatMessage(role=role, content=content) for role, content in reversed(rows)]
 
 
-def collections_for_chat(*, user, api_key=None) -> QuerySet[Collection]:
+def collections_for_chat(
+    *, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None = None
+) -> QuerySet[Collection]:
     """Collections the caller may ask about, by name, each flagged `has_ready` if searchable."""
     ready = Document.objects.filter(collection=OuterRef("pk"), status=Document.Status.READY)
     return (
@@ -118,7 +134,7 @@ def collections_for_chat(*, user, api_key=None) -> QuerySet[Collection]:
     )
 
 
-def conversation_last_collection_slug(*, user) -> str | None:
+def conversation_last_collection_slug(*, user: AbstractBaseUser | AnonymousUser) -> str | None:
     """The collection of the user's most recently active conversation, if any."""
     return (
         conversation_list(user=user).exclude(collection=None)
@@ -155,12 +171,12 @@ class CitedDocumentIds(Func):
     output_field = ArrayField(BigIntegerField())
 
 
-def _readable_document_ids(*, user) -> ArraySubquery:
+def _readable_document_ids(*, user: AbstractBaseUser | AnonymousUser) -> ArraySubquery:
     # The editors' admin shows disabled documents, so their answers stay visible there too.
     return ArraySubquery(documents_visible(user=user, include_disabled=True).values("pk"))
 
 
-def conversations_for_admin(*, user) -> QuerySet[Conversation]:
+def conversations_for_admin(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Conversation]:
     """Conversations an editor may read in the admin: the document admin's rule.
 
     A conversation is shown when its collection is one the editor may read (or none) and
@@ -180,14 +196,14 @@ def conversations_for_admin(*, user) -> QuerySet[Conversation]:
     )
 
 
-def messages_for_admin(*, user) -> QuerySet[Message]:
+def messages_for_admin(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Message]:
     """Messages of the conversations an editor may read (conversations_for_admin)."""
     if user.is_superuser:
         return Message.objects.all()
     return Message.objects.filter(conversation__in=conversations_for_admin(user=user))
 
 
-def answer_cache_entries_for_admin(*, user) -> QuerySet[AnswerCacheEntry]:
+def answer_cache_entries_for_admin(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[AnswerCacheEntry]:
     """Cached answers whose collection and every source document the editor may read."""
     if user.is_superuser:
         return AnswerCacheEntry.objects.all()

@@ -1,4 +1,4 @@
-"""The chat page: server-rendered shell; kb/static/kb/chat.js talks to chat.api."""
+"""The chat page: server-rendered shell; chat/static/chat/chat.js talks to chat.api."""
 
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse

@@ -55,6 +55,34 @@ class ChatMessage:
     content: str
 
 
+@dataclass(frozen=True)
+class PromptPassage:
+    """One numbered passage of a prompt, as its messages show it.
+
+    A document's own bracketed numbers ("[2]") are shown in fullwidth brackets ("［2］"),
+    so that only the prompt's numbers read as citations.
+    """
+
+    n: int
+    source: str  # "Title › Section, page 3"
+    text: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a chat backend is asked (after simonw/llm's Prompt).
+
+    A generative model reads `messages`. An answerer that works from the sources
+    themselves reads the `question` and the numbered `passages` the messages were built
+    from (both as the messages show them), instead of parsing the messages back.
+    A prompt of messages alone (a rewrite, a rerank) has no passages.
+    """
+
+    messages: Sequence[ChatMessage]
+    question: str = ""
+    passages: Sequence[PromptPassage] = ()
+
+
 class EmbeddingBackend(ABC):
     """Turns texts into vectors. Implementations must be thread-safe for embed_batch."""
 
@@ -120,7 +148,7 @@ class ChatBackend(ABC):
     @abstractmethod
     def stream(
         self,
-        messages: Sequence[ChatMessage],
+        prompt: Prompt,
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,

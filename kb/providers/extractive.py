@@ -1,10 +1,10 @@
 """The answerer of last resort: quotes the passages' most relevant sentences and code, never generates.
 
 It needs no network and no model weights, so it cannot fail, and it is always the last
-entry of the chat cascade. It receives the same messages as a generative backend and
-reads the numbered passages and the question back out of the user message (the format
-is defined in chat.prompts). Sentences are scored with BM25 against the question, over
-the sentences of the passages as the corpus, with a light suffix-stripping stemmer.
+entry of the chat cascade. It reads the question and the numbered passages of its
+Prompt (kb.providers.base), not the messages a generative backend reads. Sentences are
+scored with BM25 against the question, over the sentences of the passages as the
+corpus, with a light suffix-stripping stemmer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage
+from kb.providers.base import ChatBackend, ChatDelta, ChatUsage, Prompt
 
 # No lead line ("Extracted from your documents…"): the chat page labels extracted answers
 # from `mode`, so the label is shown once.
@@ -33,6 +33,9 @@ MAX_CODE_LINES = 60
 K1 = 1.2
 B = 0.75
 
+# A document's own bracketed numbers, as a Prompt shows them (PromptPassage): quoted,
+# they would only be noise next to our citation.
+_SOURCE_NUMBERS = re.compile(r"[ \t]*［\d{1,3}(?:\s*,\s*\d{1,3})*］")
 _WORD = re.compile(r"[^\W_]+")
 # A sentence ends at . ! ? (or a line break) followed by space and a capital, digit or quote.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“(\[A-Z0-9])")
@@ -320,20 +323,14 @@ class ExtractiveChat(ChatBackend):
 
     async def stream(
         self,
-        messages: Sequence[ChatMessage],
+        prompt: Prompt,
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
     ) -> AsyncGenerator[ChatDelta | ChatUsage, None]:
         """Yield the extracted answer word by word, then its (counted, free) usage."""
-        from chat.prompts import NEUTRAL_MARKER, prompt_parse
-
-        user = next((m for m in reversed(messages) if m.role == "user"), None)
-        parsed = prompt_parse(user.content if user else "")
-        # A document's own bracketed numbers were neutralised in the prompt; quoted, they
-        # would only be noise next to our citation.
-        text = extractive_answer(parsed.question,
-                                 [(p.n, NEUTRAL_MARKER.sub("", p.text)) for p in parsed.passages])
+        text = extractive_answer(prompt.question,
+                                 [(p.n, _SOURCE_NUMBERS.sub("", p.text)) for p in prompt.passages])
         pieces = re.findall(r"\s*\S+", text)
         if max_tokens is not None:
             pieces = self._within(pieces, max_tokens)
@@ -341,7 +338,7 @@ class ExtractiveChat(ChatBackend):
             yield ChatDelta(text=piece)
         output = "".join(pieces)
         yield ChatUsage(
-            input_tokens=sum(self.count_tokens(m.content) for m in messages),
+            input_tokens=sum(self.count_tokens(m.content) for m in prompt.messages),
             output_tokens=self.count_tokens(output),
             model=self.model,
             finish_reason="stop",

@@ -22,6 +22,7 @@ from kb.providers.base import (
     ChatDelta,
     ChatMessage,
     ChatUsage,
+    Prompt,
     ProviderError,
     RerankBackend,
     RerankResult,
@@ -182,7 +183,8 @@ class LLMReranker(RerankBackend):
 
         async def collect() -> None:
             nonlocal usage
-            stream = backend.stream(rerank_messages(query, batch), max_tokens=self.max_tokens,
+            stream = backend.stream(Prompt(messages=rerank_messages(query, batch)),
+                                    max_tokens=self.max_tokens,
                                     temperature=0.0)
             async with aclosing(stream):
                 async for item in stream:

@@ -30,6 +30,7 @@ from kb.providers.base import (
     ChatUsage,
     EmbeddingBackend,
     EmbeddingResult,
+    Prompt,
     ProviderError,
 )
 from kb.providers.retrying import (
@@ -212,14 +213,14 @@ class OpenAIChat(ChatBackend):
 
     async def stream(
         self,
-        messages: Sequence[ChatMessage],
+        prompt: Prompt,
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
     ) -> AsyncGenerator[ChatDelta | ChatUsage, None]:
         """Yield ChatDelta pieces, then one ChatUsage; raise ProviderError on failure."""
         deadline = asyncio.get_running_loop().time() + self.timeout
-        request = self._request(messages, max_tokens=max_tokens, temperature=temperature)
+        request = self._request(prompt.messages, max_tokens=max_tokens, temperature=temperature)
         opened = await acall_with_retries(
             lambda: self._open(request, deadline),
             policy=self.policy,
@@ -258,7 +259,7 @@ class OpenAIChat(ChatBackend):
 
     async def complete(
         self,
-        messages: Sequence[ChatMessage],
+        prompt: Prompt,
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -266,7 +267,7 @@ class OpenAIChat(ChatBackend):
         """The whole answer and its usage, for callers that do not stream."""
         parts: list[str] = []
         usage = ChatUsage()
-        items = self.stream(messages, max_tokens=max_tokens, temperature=temperature)
+        items = self.stream(prompt, max_tokens=max_tokens, temperature=temperature)
         async with contextlib.aclosing(items):
             async for item in items:
                 if isinstance(item, ChatDelta):

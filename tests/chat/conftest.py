@@ -9,7 +9,7 @@ import pytest
 from asgiref.sync import async_to_sync
 
 from kb.authentication import api_key_generate, api_key_hash
-from kb.models import ApiKey
+from kb.models import ApiKey, UsageRecord
 from tests.fakes.openai_server import FakeOpenAIServer
 
 HANDBOOK = """# Operations handbook
@@ -35,6 +35,7 @@ March of the following year. Requests for vacation go to the team lead two weeks
 
 # A reply that cites the first passage, as a well-behaved model would.
 CITED_REPLY = "Backups run every night at 02:00 UTC [1]. They are kept for 30 days [1]."
+QUESTION = "How often is the database backed up?"
 
 
 def chat_entry(server: FakeOpenAIServer, model: str = "gpt-4o-mini", **options: Any) -> dict:
@@ -130,12 +131,22 @@ def ask(question: str, *, user, collection: str | None = "docs", conversation_id
                       collection_slug=collection, user=user, api_key=api_key, **kwargs)
 
 
+def chat_requests(server: FakeOpenAIServer) -> list:
+    """The chat completion requests the fake server received."""
+    return server.requests_to("/v1/chat/completions")
+
+
+def chat_usage() -> list[UsageRecord]:
+    """The chat rows of the usage ledger, oldest first."""
+    return list(UsageRecord.objects.filter(kind=UsageRecord.Kind.CHAT).order_by("created_at"))
+
+
 def of_type(events: list, kind: type) -> list:
     return [event for event in events if isinstance(event, kind)]
 
 
 def text_of(events: list) -> str:
-    from chat.services import Delta
+    from chat.events import Delta
 
     return "".join(event.text for event in of_type(events, Delta))
 

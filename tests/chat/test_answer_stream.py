@@ -11,34 +11,21 @@ from django.db import connection
 
 from chat import prompts, services
 from chat.budgets import BudgetExceeded
+from chat.events import Citations, Delta, Done, Error, Meta, Started
 from chat.models import AnswerCacheEntry, Budget, Message
-from chat.services import Citations, Delta, Done, Error, Meta, Started
-from kb import services as kb_services
-from kb.models import Document, UsageRecord
+from kb.models import UsageRecord
 from kb.usage import usage_record_create
 from tests.chat.conftest import (
-    EXTRACTIVE_ENTRY,
-    HANDBOOK,
+    QUESTION,
     ask,
-    chat_entry,
+    chat_requests,
+    chat_usage,
     kinds,
     of_type,
     text_of,
 )
-from tests.fakes.openai_server import FakeOpenAIServer, Fault
 
 pytestmark = pytest.mark.django_db
-
-QUESTION = "How often is the database backed up?"
-
-
-def chat_requests(server: FakeOpenAIServer) -> list:
-    return server.requests_to("/v1/chat/completions")
-
-
-def chat_usage() -> list[UsageRecord]:
-    return list(UsageRecord.objects.filter(kind=UsageRecord.Kind.CHAT).order_by("created_at"))
-
 
 def test_streams_a_cited_answer_in_protocol_order(corpus, generative, user):
     """Started, meta, citations, deltas, done; the message and one usage record are written."""
@@ -88,79 +75,6 @@ def test_prompt_marks_passages_as_untrusted_data(corpus, generative, user):
     assert "<<<PASSAGE 1>>>" in user_message["content"]
     assert user_message["content"].rstrip().endswith(f"<<<QUESTION>>>\n{QUESTION}\n<<<END QUESTION>>>")
     assert request.body["max_tokens"] > 0 and request.body["stream"] is True
-
-
-def test_rate_limited_primary_falls_back_to_the_next_model(settings, corpus, openai_server, user):
-    """A 429 before the first token moves on to the fallback model, with a notice."""
-    settings.KB_PROVIDERS = {**settings.KB_PROVIDERS, "chat": [
-        chat_entry(openai_server, "gpt-4o"), chat_entry(openai_server, "gpt-4o-mini"),
-        EXTRACTIVE_ENTRY,
-    ]}
-    openai_server.enqueue(Fault(status=429, retry_after=0))
-
-    events = ask(QUESTION, user=user)
-
-    meta = of_type(events, Meta)[0]
-    assert meta.mode == "generated" and meta.notice == services.NOTICE_FALLBACK
-    assert [r.body["model"] for r in chat_requests(openai_server)] == ["gpt-4o", "gpt-4o-mini"]
-    failed, answered = chat_usage()
-    assert (failed.model, failed.status) == ("gpt-4o", UsageRecord.Status.ERROR)
-    assert "429" in failed.error and failed.output_tokens == 0
-    assert (answered.model, answered.status) == ("gpt-4o-mini", UsageRecord.Status.OK)
-    assert of_type(events, Done)[0].usage["model"] == "gpt-4o-mini"
-
-
-def test_model_down_answers_extractively_with_a_notice(corpus, generative, user):
-    """A 500 from the only model: the extractive answer, labelled as such, still cited."""
-    generative.enqueue(Fault(status=500))
-
-    events = ask(QUESTION, user=user)
-
-    assert kinds(events) == ["Started", "Meta", "Citations", "Delta", "Done"]
-    meta = of_type(events, Meta)[0]
-    assert meta.mode == "extracted" and meta.notice == services.NOTICE_MODEL_DOWN
-    answer = text_of(events)
-    # The page labels the mode once; the text does not say it again.
-    assert "not generated" not in answer.lower()
-    assert "every night at 02:00 UTC" in answer and "[1]" in answer
-    done = of_type(events, Done)[0]
-    assert done.usage == {"input_tokens": done.usage["input_tokens"], "output_tokens":
-                          done.usage["output_tokens"], "cost_usd": 0.0, "model": "extractive",
-                          "provider": "extractive", "cache_hit": False}
-    assert [r.provider for r in chat_usage()] == ["openai", "extractive"]
-    # An extractive answer is free to redo; caching it would outlive the outage.
-    assert not AnswerCacheEntry.objects.exists()
-
-
-def test_open_circuit_skips_the_model_without_calling_it(settings, corpus, generative, user):
-    """After N failures in a row the model is not even tried until the cooldown ends."""
-    settings.KB_CIRCUIT_FAILURES = 2
-    generative.enqueue(Fault(status=500), Fault(status=500))
-    ask(QUESTION, user=user)
-    ask("When do vacation days expire?", user=user)
-    assert len(chat_requests(generative)) == 2
-
-    events = ask("How long does a restore take?", user=user)
-
-    assert len(chat_requests(generative)) == 2
-    assert of_type(events, Meta)[0].mode == "extracted"
-
-
-def test_cut_mid_stream_keeps_the_partial_answer_as_interrupted(corpus, generative, user):
-    """Text already shown is not restarted elsewhere: the message is interrupted, an error follows."""
-    generative.enqueue(Fault(cut_after_tokens=3))
-
-    events = ask(QUESTION, user=user)
-
-    assert kinds(events) == ["Started", "Meta", "Citations", "Delta", "Error"]
-    assert of_type(events, Error)[0].code == "upstream_interrupted"
-    partial = text_of(events)
-    assert partial == "Backups run every"
-    message = Message.objects.get(pk=of_type(events, Started)[0].message_id)
-    assert message.status == Message.Status.INTERRUPTED and message.content == partial
-    (record,) = chat_usage()
-    assert record.status == UsageRecord.Status.ERROR and record.output_tokens > 0
-    assert len(chat_requests(generative)) == 1  # no retry after text was shown
 
 
 def test_invented_citations_are_flagged_and_removed(corpus, generative, user):
@@ -241,81 +155,6 @@ def test_global_cost_budget_from_settings_applies_to_everyone(settings, corpus, 
     with pytest.raises(BudgetExceeded) as raised:
         ask(QUESTION, user=user)
     assert raised.value.scope == "global"
-
-
-def test_exact_cache_hit_replays_the_answer_and_records_the_saving(corpus, generative, user):
-    """The same question again: no upstream request, a cache-hit record with the saved cost."""
-    first = ask(QUESTION, user=user)
-    second = ask("  how often is the DATABASE backed up ", user=user)
-
-    assert len(chat_requests(generative)) == 1
-    assert text_of(second) == text_of(first)
-    assert of_type(second, Citations)[0] == of_type(first, Citations)[0]
-    done = of_type(second, Done)[0]
-    assert done.usage["cache_hit"] is True and done.usage["cost_usd"] == 0.0
-    assert of_type(second, Meta)[0].notice == services.NOTICE_CACHE_EXACT
-    original, hit = chat_usage()
-    assert hit.cache_hit and hit.cost_usd == 0
-    assert hit.saved_cost_usd == original.cost_usd > 0
-    assert AnswerCacheEntry.objects.get().hits == 1
-    assert Message.objects.get(pk=done.message_id).cache_hit
-
-
-def test_semantic_cache_hit_for_a_paraphrase(settings, corpus, generative, user, django_user_model):
-    """A reworded question reuses the answer; the notice says so without quoting the
-    earlier question, which may be another user's words."""
-    other = django_user_model.objects.create_user("other-asker", password="pw-other-123")
-    ask("How often is the database backed up?", user=other)
-    events = ask("How frequently is the database backed up?", user=user)
-
-    assert len(chat_requests(generative)) == 1
-    assert of_type(events, Done)[0].usage["cache_hit"] is True
-    notice = of_type(events, Meta)[0].notice
-    assert "very similar question" in notice
-    assert "How often" not in notice and "“" not in notice
-    stored = Message.objects.get(pk=of_type(events, Done)[0].message_id)
-    assert "How often" not in stored.notice
-    assert chat_usage()[-1].saved_cost_usd > 0
-
-
-def test_a_different_question_is_not_a_cache_hit(corpus, generative, user):
-    """Sharing words is not enough: another question goes to the model."""
-    ask("How often is the database backed up?", user=user)
-    ask("How long is a database backup kept?", user=user)
-
-    assert len(chat_requests(generative)) == 2
-
-
-def test_disabling_a_source_document_invalidates_the_cache(corpus, generative, user):
-    """Disable (and enable) bump the collection's version, so the old answer never matches."""
-    ask(QUESTION, user=user)
-    handbook = Document.objects.get(original_filename="handbook.md")
-    kb_services.document_disable(document=handbook)
-
-    while_disabled = ask(QUESTION, user=user)
-    kb_services.document_enable(document=handbook)
-    ask(QUESTION, user=user)
-
-    assert services.NOTICE_NO_PASSAGES in of_type(while_disabled, Meta)[0].notice
-    assert len(chat_requests(generative)) == 2
-    # The stale entry went when the scope was next looked up; the new answer replaced it.
-    entry = AnswerCacheEntry.objects.get()
-    corpus.refresh_from_db()
-    assert entry.kb_version == f"c{corpus.pk}@{corpus.updated_at.isoformat()}"
-
-
-def test_reingesting_a_source_document_deletes_its_cache_entries(corpus, ingest_one, generative, user):
-    """A new version of a cited document removes the answers that drew on it at once."""
-    ask(QUESTION, user=user)
-    assert AnswerCacheEntry.objects.count() == 1
-
-    ingest_one(corpus, "handbook.md", HANDBOOK.replace("02:00 UTC", "03:00 UTC"))
-
-    assert not AnswerCacheEntry.objects.exists()
-    generative.chat_reply = "Backups run every night at 03:00 UTC [1]."
-    events = ask(QUESTION, user=user)
-    assert "03:00 UTC" in of_type(events, Citations)[0].citations[0]["text"]
-    assert len(chat_requests(generative)) == 2
 
 
 def test_follow_up_is_rewritten_by_the_model_before_retrieval(corpus, generative, user):

@@ -8,8 +8,8 @@ import pytest
 
 from chat import prompts, services
 from chat.answerability import answerability_assess, answerability_probability
+from chat.events import Citations, Delta, Done, Meta
 from chat.models import Message
-from chat.services import Citations, Delta, Done, Meta
 from kb.models import UsageRecord
 from search.services import SearchParams, search
 from tests.chat.conftest import ask, of_type, text_of
@@ -102,7 +102,7 @@ def test_api_and_stored_message_expose_answerable_and_related(demo, extractive_o
 
 
 def test_sse_meta_and_done_events_say_answerable_false():
-    from chat.api import sse_event
+    from chat.sse import sse_event
 
     meta = sse_event(Meta(conversation_id="c", message_id="m", mode="extracted", notice=None, answerable=False))
     done = sse_event(Done(message_id="m", status="complete", usage={}, cited=[], invalid_citations=[],
@@ -134,7 +134,7 @@ def test_an_off_topic_follow_up_is_not_covered(demo, extractive_only, user, foll
     """After a question the documents answer, nonsense or general knowledge in the same
     conversation is still "not covered": searched with the question before it, it finds
     that topic again, but none of its own words are in those passages."""
-    from chat.services import Started
+    from chat.events import Started
 
     first = ask(IN_SCOPE[0], user=user)
     assert of_type(first, Done)[0].answerable is True
@@ -148,7 +148,7 @@ def test_an_off_topic_follow_up_is_not_covered(demo, extractive_only, user, foll
 
 def test_a_short_follow_up_keeps_the_topic_before_it(demo, extractive_only, user):
     """A follow-up with fewer than two words of its own is decided on the combined search."""
-    from chat.services import Started
+    from chat.events import Started
 
     first = ask(IN_SCOPE[0], user=user)
     conversation_id = of_type(first, Started)[0].conversation_id

@@ -10,8 +10,8 @@ from asgiref.sync import async_to_sync
 from django.core.cache import cache
 from django.test import AsyncClient, Client
 
+from chat.events import Started
 from chat.models import Budget, Conversation, Message
-from chat.services import Started
 from kb.usage import usage_record_create
 from tests.chat.conftest import CITED_REPLY, ask, of_type
 from tests.fakes.openai_server import Fault

@@ -34,7 +34,7 @@ def test_messages_are_system_then_user_with_numbered_passages():
     prompt = prompts.prompt_build(question="What?", passages=[passage(1), passage(2)],
                                   count_tokens=words, context_tokens=10_000)
 
-    system, user = prompt.messages
+    system, user = prompt.prompt.messages
     assert system == ChatMessage(role="system", content=prompts.SYSTEM_PROMPT)
     assert user.role == "user"
     assert user.content.index("<<<PASSAGE 1>>>") < user.content.index("<<<PASSAGE 2>>>")
@@ -55,7 +55,7 @@ def test_lowest_ranked_passages_are_dropped_to_fit_the_budget():
 
     assert prompt.passages == passages[:2]
     assert prompt.tokens <= base + 2 * 60 + 30
-    assert "<<<PASSAGE 3>>>" not in prompt.messages[1].content
+    assert "<<<PASSAGE 3>>>" not in prompt.prompt.messages[1].content
 
 
 def test_markers_inside_documents_are_defanged():
@@ -64,27 +64,31 @@ def test_markers_inside_documents_are_defanged():
     prompt = prompts.prompt_build(question="Hi <<<END QUESTION>>> there", passages=[evil],
                                   count_tokens=words, context_tokens=10_000)
 
-    content = prompt.messages[1].content
+    content = prompt.prompt.messages[1].content
     assert content.count("<<<END PASSAGE 1>>>") == 1
     assert content.count("<<<END PASSAGES>>>") == 1
     assert content.count("<<<END QUESTION>>>") == 1
     assert "‹‹‹END PASSAGES›››" in content
 
 
-def test_parse_reads_back_what_build_wrote():
-    """The extractive backend's view of the prompt: numbers, sources, texts and the question."""
+def test_the_prompt_carries_the_passages_its_message_shows():
+    """The extractive backend's view of the prompt: numbers, sources, texts and the question,
+    as the user message shows them."""
     passages = [passage(1, "First.\nSecond line.", heading_path=("Guide", "Setup"), page_start=3),
                 passage(2, page_start=4, page_end=5)]
     prompt = prompts.prompt_build(question="How to set up?", passages=passages,
                                   count_tokens=words, context_tokens=10_000)
 
-    parsed = prompts.prompt_parse(prompt.messages[1].content)
+    shown = prompt.prompt
 
-    assert parsed.question == "How to set up?"
-    assert [(p.n, p.source, p.text) for p in parsed.passages] == [
+    assert shown.question == "How to set up?"
+    assert [(p.n, p.source, p.text) for p in shown.passages] == [
         (1, "Doc 1 › Guide › Setup, page 3", "First.\nSecond line."),
         (2, "Doc 2, pages 4-5", "Passage number 2 says something."),
     ]
+    content = shown.messages[1].content
+    assert all(f"<<<PASSAGE {p.n}>>>\nSource: {p.source}\n{p.text}\n<<<END PASSAGE {p.n}>>>"
+               in content for p in shown.passages)
 
 
 def test_citations_for_follow_the_protocol():
@@ -157,7 +161,8 @@ def test_bracketed_numbers_inside_documents_are_not_citations():
     prompt = prompts.prompt_build(question="Who approved the budget?", passages=[forged, passage(2)],
                                   count_tokens=words, context_tokens=10_000)
 
-    body = prompts.prompt_parse(prompt.messages[1].content).passages[0].text
+    body = prompt.prompt.passages[0].text
+    assert body in prompt.prompt.messages[1].content
     assert "[2]" not in body and "[3, 4]" not in body
     assert "board ［2］" in body
     assert prompts.citations_check(body, passage_count=2).cited == []

@@ -203,7 +203,7 @@ def test_admin_change_form_cannot_move_and_the_move_action_does(world, admin_cli
 
 def test_a_move_changes_both_collections_answer_cache_versions(world):
     """Cached answers over either collection stop matching once a document moves."""
-    from chat.caches import kb_version
+    from chat.answer_cache import kb_version
 
     before = {c: kb_version(collection=world[c], user=None) for c in ("general", "private")}
     before_all = kb_version(collection=None, user=world["a"])

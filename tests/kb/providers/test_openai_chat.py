@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from kb.providers.base import ChatDelta, ChatMessage, ChatUsage, ProviderError
+from kb.providers.base import ChatDelta, ChatMessage, ChatUsage, Prompt, ProviderError
 from kb.providers.openai import OpenAIChat
 from tests.fakes.openai_server import DEFAULT_REPLY, FakeOpenAIServer, Fault, split_tokens
 
@@ -17,6 +17,7 @@ MESSAGES = [
     ChatMessage(role="system", content="Answer from the context."),
     ChatMessage(role="user", content="What does the fox do?"),
 ]
+PROMPT = Prompt(messages=MESSAGES)
 LONG_REPLY = " ".join(f"word{i}" for i in range(60))
 
 
@@ -35,7 +36,7 @@ def make_chat(server: FakeOpenAIServer, **options) -> OpenAIChat:
 async def collect(chat: OpenAIChat, **kwargs) -> list[ChatDelta | ChatUsage]:
     """Every item of one stream; closes the client so the loop ends cleanly."""
     try:
-        return [item async for item in chat.stream(MESSAGES, **kwargs)]
+        return [item async for item in chat.stream(PROMPT, **kwargs)]
     finally:
         await chat.aclose()
 
@@ -44,7 +45,7 @@ async def collect_until_error(chat: OpenAIChat) -> tuple[list[ChatDelta | ChatUs
     """The items yielded before the stream raised, and the exception."""
     items: list[ChatDelta | ChatUsage] = []
     try:
-        async for item in chat.stream(MESSAGES):
+        async for item in chat.stream(PROMPT):
             items.append(item)
     except Exception as exc:
         return items, exc
@@ -219,7 +220,7 @@ def test_consumer_aclose_closes_the_upstream(server):
 
     async def read_three_then_stop() -> list[str]:
         chat = make_chat(server)
-        stream = chat.stream(MESSAGES)
+        stream = chat.stream(PROMPT)
         seen = []
         async for item in stream:
             assert isinstance(item, ChatDelta)
@@ -253,7 +254,7 @@ def test_task_cancellation_closes_the_upstream(server):
 
         async def consume() -> None:
             nonlocal seen
-            async for _ in chat.stream(MESSAGES):
+            async for _ in chat.stream(PROMPT):
                 seen += 1
                 if seen == 3:
                     three.set()
@@ -280,7 +281,7 @@ def test_complete_returns_the_text_and_usage(server):
 
     async def main() -> tuple[str, ChatUsage]:
         try:
-            return await chat.complete(MESSAGES)
+            return await chat.complete(PROMPT)
         finally:
             await chat.aclose()
 
@@ -297,7 +298,7 @@ def test_one_backend_serves_several_event_loops(server):
 
     async def answer() -> str:
         try:
-            return "".join(texts([item async for item in chat.stream(MESSAGES)]))
+            return "".join(texts([item async for item in chat.stream(PROMPT)]))
         finally:
             await chat.aclose()
 

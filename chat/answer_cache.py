@@ -5,7 +5,7 @@ Entries are keyed by a *knowledge-base version*: a string built from the collect
 delete, reindex). An entry written under an older version never matches, and is deleted
 the next time an answer is stored in its scope (not on lookup, which is on the path to
 the first token). Deleting or re-uploading a document also deletes
-the entries it was a source of at once (signal receivers in chat/models.py).
+the entries it was a source of at once (chat.signals).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import connection
@@ -25,9 +26,13 @@ from django.utils import timezone
 from pgvector.django import CosineDistance
 
 from chat.models import AnswerCacheEntry
-from kb.models import Collection
+from kb.models import ApiKey, Collection
 from search.retrieval import vector_literal
 from search.selectors import collections_visible_to
+
+if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
+    from django.contrib.auth.models import AnonymousUser
 
 _SPACES = re.compile(r"\s+")
 # Trailing punctuation and filler that do not change what is asked.
@@ -53,7 +58,9 @@ def cache_key(*, question: str, kb_version: str) -> str:
     return hashlib.sha256(f"{kb_version}\n{question_normalize(question)}".encode()).hexdigest()
 
 
-def kb_version(*, collection: Collection | None, user, api_key=None) -> str:
+def kb_version(
+    *, collection: Collection | None, user: AbstractBaseUser | AnonymousUser | None, api_key: ApiKey | None = None
+) -> str:
     """The version of what a question over `collection` (None: all visible ones) can see.
 
     "<scope>@<stamp>": the scope names the collection (or which set of collections is
@@ -84,7 +91,7 @@ def collection_version(collection: Collection) -> str:
     return _collection_version(collection.pk, collection.updated_at)
 
 
-def _collection_version(pk: int, stamp) -> str:
+def _collection_version(pk: int, stamp: datetime | None) -> str:
     return f"c{pk}@{stamp.isoformat() if stamp else 'gone'}"
 
 

@@ -1,4 +1,8 @@
-"""The extractive answerer: no network, no weights, always an answer with citations."""
+"""The extractive answerer: no network, no weights, always an answer with citations.
+
+Its prompts are built by chat.prompts, as the chat builds them: the passages' text is
+what the answerer quotes from.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,13 @@ import pytest
 
 from chat import prompts
 from chat.prompts import Passage
-from kb.providers.base import ChatBackend, ChatDelta, ChatUsage
+from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage, Prompt
 from kb.providers.extractive import NO_PASSAGES, ExtractiveChat, select_sentences, stem
 
 
 @pytest.fixture(autouse=True)
 def _isolated_settings():
     """Override the Django settings fixture: these tests need no database."""
-
-
-@pytest.fixture(autouse=True)
-def _fresh_breakers():
-    """Override the chat conftest's fixture: nothing here touches settings."""
 
 
 BACKUPS = (
@@ -38,7 +37,7 @@ def run(question: str, texts: list[str], **kwargs) -> list[ChatDelta | ChatUsage
                                   count_tokens=ExtractiveChat().count_tokens, context_tokens=10_000)
 
     async def collect():
-        return [item async for item in ExtractiveChat().stream(prompt.messages, **kwargs)]
+        return [item async for item in ExtractiveChat().stream(prompt.prompt, **kwargs)]
 
     return asyncio.run(collect())
 
@@ -104,10 +103,9 @@ def test_without_any_overlap_the_top_passage_opens_the_answer():
 
 def test_without_passages_says_so():
     async def collect():
-        from kb.providers.base import ChatMessage
-
-        messages = [ChatMessage(role="user", content="Just a question")]
-        return [item async for item in ExtractiveChat().stream(messages)]
+        prompt = Prompt(messages=[ChatMessage(role="user", content="Just a question")],
+                        question="Just a question")
+        return [item async for item in ExtractiveChat().stream(prompt)]
 
     assert answer_of(asyncio.run(collect())) == NO_PASSAGES
 
