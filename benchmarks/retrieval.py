@@ -13,7 +13,7 @@ ingestion does, in 10k-row statements; the HNSW index is built after loading.
 
 One run reports, for scifact's 300 test queries:
 - our BM25 top-10 (search.retrieval, one statement) against Postgres ts_rank over the
-  same tsvectors and matches (search.retrieval.ts_rank_top); goal ratio ≤ 1.0;
+  same tsvectors and matches (search.bm25.ts_rank_top); goal ratio ≤ 1.0;
 - rank_bm25 and bm25s in memory over the same lexemes: index build time, query latency,
   and bm25s' top-10 overlap with ours (the same Lucene formula, so ≈ 1.0);
 - HNSW recall@10 against an exact scan, and latency, at a few ef_search values;
@@ -230,7 +230,9 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
     from django.conf import settings
     from django.db import connection
 
-    from search.retrieval import SearchFilters, query_lexemes, retrieve_candidates, ts_rank_top
+    from search.bm25 import query_lexemes, ts_rank_top
+    from search.filters import SearchFilters
+    from search.retrieval import retrieve_candidates
 
     filters = SearchFilters(collection_ids=(collection.pk,))
 
@@ -335,7 +337,7 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
 
 def short_query(query: str, words: int, collection_id: int) -> str:
     """The query's first `words` words that each reduce to a lexeme ('' if it has fewer)."""
-    from search.retrieval import query_lexemes
+    from search.bm25 import query_lexemes
 
     kept = []
     for word in query.split():
@@ -356,7 +358,8 @@ def bench_hnsw(collection, model, query_vectors, report: dict) -> None:
     from django.conf import settings
     from django.db import connection
 
-    from search.retrieval import SearchFilters, retrieve_candidates
+    from search.filters import SearchFilters
+    from search.retrieval import retrieve_candidates
 
     filters = SearchFilters(collection_ids=(collection.pk,))
 

@@ -26,8 +26,8 @@ from pgvector.django import CosineDistance
 
 from chat.models import AnswerCacheEntry
 from kb.models import Collection
-from search.retrieval import vector_literal
 from search.selectors import collections_visible_to
+from search.vector import vector_literal
 
 _SPACES = re.compile(r"\s+")
 # Trailing punctuation and filler that do not change what is asked.

@@ -51,7 +51,8 @@ from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage, Pr
 from kb.providers.retrying import FailedAttempt, failed_attempts_sink
 from kb.usage import UsageBuffer, model_cost, retried_attempts_record_usage, usage_record_create
 from search import selectors as search_selectors
-from search.services import QueryEmbedding, SearchParams, SearchResult, query_vector, search
+from search.query_embedding import query_vector
+from search.services import QueryEmbedding, SearchParams, SearchResult, search
 
 logger = logging.getLogger(__name__)
 
