@@ -147,11 +147,15 @@ def search(
     `collection_ids` are the collections to search when the caller has already resolved
     them against what this user may read (params.collections is then not looked up again).
     `usage` holds the ledger rows for the caller to write later (chat, before its first token).
+    With record_usage=False (kb_eval) the search writes no ledger row: neither its own nor
+    those of the local or cached model calls it makes. A call that costs money is still
+    written, ahead of the call (kb.usage.tracked_model_call).
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
     notices: list[str] = []
-    caller = _Caller(user=user, api_key=api_key, usage=usage)
+    # Unrecorded rows go to a buffer that nothing flushes.
+    caller = _Caller(user=user, api_key=api_key, usage=usage if record_usage else UsageBuffer())
     # PostgreSQL text cannot hold NUL; anything else, however odd, goes through as data.
     text = params.query[:MAX_QUERY_CHARS].replace("\x00", " ")
     filters = _search_filters(params, collection_ids=collection_ids, user=user, api_key=api_key)
