@@ -1,7 +1,7 @@
 """Retrieval at 100k chunks: BM25 vs ts_rank vs in-memory BM25, HNSW recall, API latency.
 
     KB_PGDATA=/tmp/kb-bench-pgdata KB_DATA_DIR=/tmp/kb-bench \\
-        .venv/bin/python benchmarks/retrieval.py [--chunks 100000] [--json FILE]
+        .venv/bin/python benchmarks/retrieval.py [--chunks 100000] [--json FILE] [--bench-data DIR]
 
 Corpus: the scifact abstracts (title as context) replicated with variation until there are
 --chunks chunks. Replica r > 0 of a passage drops 15% of its words and shuffles the rest
@@ -13,7 +13,7 @@ ingestion does, in 10k-row statements; the HNSW index is built after loading.
 
 One run reports, for scifact's 300 test queries:
 - our BM25 top-10 (search.retrieval, one statement) against Postgres ts_rank over the
-  same tsvectors and matches (search.retrieval.ts_rank_top); goal ratio ≤ 1.0;
+  same tsvectors and matches (search.bm25.ts_rank_top); goal ratio ≤ 1.0;
 - rank_bm25 and bm25s in memory over the same lexemes: index build time, query latency,
   and bm25s' top-10 overlap with ours (the same Lucene formula, so ≈ 1.0);
 - HNSW recall@10 against an exact scan, and latency, at a few ef_search values;
@@ -47,7 +47,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kb.settings")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SCIFACT = Path("/work/shared/bench/scifact")
+# The shared benchmark data sits beside the repository (--bench-data overrides).
+BENCH_DATA = ROOT.parent / "shared" / "bench"
 SLUG = "bench-100k"
 CHUNKS_PER_DOCUMENT = 20
 COPY_BATCH = 10_000
@@ -89,10 +90,10 @@ def vary(words: list[str], rng: random.Random) -> str:
     return " ".join(out)
 
 
-def load_scifact() -> tuple[list[dict], list[str]]:
-    corpus = [json.loads(line) for line in (SCIFACT / "corpus.jsonl").open() if line.strip()]
-    judged = {line.split("\t")[0] for line in list((SCIFACT / "qrels" / "test.tsv").open())[1:]}
-    queries = [json.loads(line) for line in (SCIFACT / "queries.jsonl").open() if line.strip()]
+def load_scifact(scifact: Path) -> tuple[list[dict], list[str]]:
+    corpus = [json.loads(line) for line in (scifact / "corpus.jsonl").open() if line.strip()]
+    judged = {line.split("\t")[0] for line in list((scifact / "qrels" / "test.tsv").open())[1:]}
+    queries = [json.loads(line) for line in (scifact / "queries.jsonl").open() if line.strip()]
     test = [q["text"] for q in queries if q["_id"] in judged]
     others = [q["text"] for q in queries if q["_id"] not in judged]
     return corpus, test + others
@@ -230,7 +231,9 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
     from django.conf import settings
     from django.db import connection
 
-    from search.retrieval import SearchFilters, query_lexemes, retrieve_candidates, ts_rank_top
+    from search.bm25 import query_lexemes, ts_rank_top
+    from search.filters import SearchFilters
+    from search.retrieval import retrieve_candidates
 
     filters = SearchFilters(collection_ids=(collection.pk,))
 
@@ -335,7 +338,7 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
 
 def short_query(query: str, words: int, collection_id: int) -> str:
     """The query's first `words` words that each reduce to a lexeme ('' if it has fewer)."""
-    from search.retrieval import query_lexemes
+    from search.bm25 import query_lexemes
 
     kept = []
     for word in query.split():
@@ -356,7 +359,8 @@ def bench_hnsw(collection, model, query_vectors, report: dict) -> None:
     from django.conf import settings
     from django.db import connection
 
-    from search.retrieval import SearchFilters, retrieve_candidates
+    from search.filters import SearchFilters
+    from search.retrieval import retrieve_candidates
 
     filters = SearchFilters(collection_ids=(collection.pk,))
 
@@ -487,6 +491,8 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true", help="Rebuild the corpus even if it exists.")
     parser.add_argument("--skip", default="", help="Comma-separated: bm25, hnsw, http.")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--bench-data", type=Path, default=BENCH_DATA,
+                        help=f"The shared benchmark data, with scifact/ in it (default: {BENCH_DATA}).")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -499,7 +505,7 @@ def main() -> None:
     call_command("migrate", verbosity=0, interactive=False)
     from kb import embeddings
 
-    corpus, all_queries = load_scifact()
+    corpus, all_queries = load_scifact(args.bench_data / "scifact")
     corpus = corpus[: args.base_docs or None]
     model = embeddings.embedding_model_active_or_bootstrap()
     backend = embeddings.backend_for(model)

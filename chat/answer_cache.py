@@ -27,8 +27,8 @@ from pgvector.django import CosineDistance
 
 from chat.models import AnswerCacheEntry
 from kb.models import ApiKey, Collection
-from search.retrieval import vector_literal
 from search.selectors import collections_visible_to
+from search.vector import vector_literal
 
 if TYPE_CHECKING:
     from django.contrib.auth.base_user import AbstractBaseUser

@@ -4,7 +4,7 @@ Vector search always returns neighbours, so "something was found" says nothing. 
 signals do:
 
 - coverage: the share of the query's idf mass that the best of the top passages matches
-  (search.retrieval.query_term_coverage). "Capital of Mongolia?" over API docs matches
+  (search.bm25.query_term_coverage). "Capital of Mongolia?" over API docs matches
   no content word; an in-scope question matches most of its rare ones.
 - the vector leg's best cosine similarity;
 - agreement: how many chunks both legs put in their top 5.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from kb.models import Chunk
-from search.retrieval import query_lexemes, query_term_coverage
+from search.bm25 import query_lexemes, query_term_coverage
 from search.services import SearchResult
 
 # How many of the top passages may supply the coverage (the best one counts).

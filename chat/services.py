@@ -50,7 +50,8 @@ from kb.providers import registry
 from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage, Prompt, ProviderError
 from kb.usage import retried_attempts_record_usage, usage_record_create
 from search import selectors as search_selectors
-from search.services import QueryEmbedding, SearchParams, SearchResult, query_vector, search
+from search.query_embedding import query_vector
+from search.services import QueryEmbedding, SearchParams, SearchResult, search
 
 if TYPE_CHECKING:
     from django.contrib.auth.base_user import AbstractBaseUser

@@ -45,7 +45,7 @@ def _storable_in_jsonb(value: object) -> bool:
 class JSONObjectField(serializers.Field):
     """Accepts a JSON object, or a JSON string of one (for GET query parameters)."""
 
-    def to_internal_value(self, data):
+    def to_internal_value(self, data: object) -> dict:
         if isinstance(data, str):
             try:
                 data = json.loads(data) if data.strip() else {}
@@ -57,7 +57,7 @@ class JSONObjectField(serializers.Field):
         nested.is_valid(raise_exception=True)
         return nested.validated_data
 
-    def to_representation(self, value):
+    def to_representation(self, value: dict) -> dict:
         return value
 
 
@@ -75,7 +75,7 @@ class SearchRequestSerializer(serializers.Serializer):
     fusion = serializers.ChoiceField(choices=services.FUSIONS, default="rrf")
     explain = serializers.BooleanField(default=False)
 
-    def to_internal_value(self, data):
+    def to_internal_value(self, data: object) -> dict:
         # GET passes `collection` once or repeated, or comma-separated.
         if hasattr(data, "getlist"):
             plain = {key: data.get(key) for key in data}
@@ -89,7 +89,9 @@ class SearchRequestSerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
+# A docstring here would be published as the schema's description: comments only.
 class SearchHitSerializer(serializers.Serializer):
+    # A services.SearchHit; `stages` only when the search was explained.
     chunk_id = serializers.IntegerField()
     document_id = serializers.IntegerField()
     document_title = serializers.CharField()
@@ -99,17 +101,33 @@ class SearchHitSerializer(serializers.Serializer):
     heading_path = serializers.ListField(child=serializers.CharField())
     page_start = serializers.IntegerField(allow_null=True)
     page_end = serializers.IntegerField(allow_null=True)
-    url = serializers.CharField()
+    url = serializers.SerializerMethodField()
     stages = serializers.DictField(required=False, help_text="Per-stage scores and ranks (explain=true).")
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        if not self.context.get("explain", True):
+            del fields["stages"]
+        return fields
+
+    def get_url(self, hit: services.SearchHit) -> str:
+        return f"/documents/{hit.document_id}/#chunk-{hit.chunk_id}"
 
 
 class SearchResponseSerializer(serializers.Serializer):
+    # The query, a services.SearchResult's hits and notices; its timings when explained.
     query = serializers.CharField()
     mode = serializers.CharField()
     reranked = serializers.BooleanField()
     results = SearchHitSerializer(many=True)
     notices = serializers.ListField(child=serializers.CharField())
     timings_ms = serializers.DictField(child=serializers.FloatField(), required=False)
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        if not self.context.get("explain", True):
+            del fields["timings_ms"]
+        return fields
 
 
 class SearchView(APIView):
@@ -135,7 +153,7 @@ class SearchView(APIView):
     def post(self, request: Request) -> Response:
         return self._search(request, request.data)
 
-    def _search(self, request: Request, data) -> Response:
+    def _search(self, request: Request, data: object) -> Response:
         rate_limit_enforce(request, group="search")
         serializer = SearchRequestSerializer(data=data)
         serializer.is_valid(raise_exception=True)
@@ -156,28 +174,9 @@ class SearchView(APIView):
         )
         api_key = request.auth if isinstance(request.auth, ApiKey) else None
         result = services.search(params=params, user=request.user, api_key=api_key)
-        body = {
-            "query": values["query"],
-            "mode": result.mode,
-            "reranked": result.reranked,
-            "results": [
-                {
-                    "chunk_id": hit.chunk_id,
-                    "document_id": hit.document_id,
-                    "document_title": hit.document_title,
-                    "text": hit.text,
-                    "snippet": hit.snippet,
-                    "score": hit.score,
-                    "heading_path": hit.heading_path,
-                    "page_start": hit.page_start,
-                    "page_end": hit.page_end,
-                    "url": f"/documents/{hit.document_id}/#chunk-{hit.chunk_id}",
-                    **({"stages": hit.stages} if values["explain"] else {}),
-                }
-                for hit in result.hits
-            ],
-            "notices": result.notices,
-        }
-        if values["explain"]:
-            body["timings_ms"] = result.timings_ms
-        return Response(body)
+        response = SearchResponseSerializer(
+            {"query": values["query"], "mode": result.mode, "reranked": result.reranked,
+             "results": result.hits, "notices": result.notices, "timings_ms": result.timings_ms},
+            context={"explain": values["explain"]},
+        )
+        return Response(response.data)

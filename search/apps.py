@@ -1,7 +1,12 @@
 import logging
 
 from django.apps import AppConfig
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connections
 from django.db.models.signals import post_migrate
+
+from search.postgres_extension import embedded_pg_config, extension_built, extension_create
 
 
 class SearchConfig(AppConfig):
@@ -12,16 +17,10 @@ class SearchConfig(AppConfig):
         post_migrate.connect(_bm25_extension_create, sender=self)
 
 
-def _bm25_extension_create(sender, using: str, **kwargs) -> None:
+def _bm25_extension_create(sender: AppConfig, using: str, **kwargs: object) -> None:
     # After every migrate, so a server that gained the extension since gets it created.
     # The embedded server's library is built here the first time (and after an upgrade
     # changed its source), never when the server starts.
-    from django.core.management import call_command
-    from django.core.management.base import CommandError
-    from django.db import connections
-
-    from search.postgres_extension import embedded_pg_config, extension_built, extension_create
-
     connection = connections[using]
     if connection.settings_dict.get("EMBEDDED_PGDATA") and not extension_built(embedded_pg_config()):
         try:

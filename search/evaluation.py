@@ -12,17 +12,25 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import connection
+from django.db.models import Exists, OuterRef
 from django.test.utils import override_settings
 
 from kb import services as kb_services
-from kb.models import Collection, Document, EmbeddingModel
+from kb.embeddings import embedding_model_active_or_bootstrap
+from kb.models import Chunk, ChunkEmbedding, Collection, Document, EmbeddingModel
+from search import query_embedding, services
+from search.models import CollectionStatistic
+
+if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
 
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 MODES = ("bm25", "vector", "hybrid", "hybrid+rerank")
@@ -140,7 +148,7 @@ def eval_collection_slug(*, dataset: BeirDataset) -> str:
     return "beir-" + (re.sub(r"[^a-z0-9-]+", "-", dataset.name.lower()).strip("-") or "dataset")
 
 
-def eval_user_get_or_create():
+def eval_user_get_or_create() -> AbstractBaseUser:
     """The account kb_eval searches as; created without a usable password."""
     from django.contrib.auth import get_user_model
 
@@ -180,8 +188,6 @@ def eval_collection_prepare(
         collection.refresh_from_db()
         kb_services.collection_reindex(collection=collection)
     # Make sure an embedding model is active first: the fingerprint names it.
-    from kb.embeddings import embedding_model_active_or_bootstrap
-
     embedding_model_active_or_bootstrap()
     fingerprint = eval_fingerprint(dataset=dataset)
     entries_by_hash: dict[str, list[CorpusEntry]] = {}
@@ -233,11 +239,6 @@ def eval_collection_check(*, dataset: BeirDataset, prepared: EvalCollection) -> 
     must have a vector from the active model. Figures computed over less are not the
     dataset's, whatever the process did before; kb_eval refuses to report them.
     """
-    from django.db.models import Exists, OuterRef
-
-    from kb.models import Chunk, ChunkEmbedding
-    from search.models import CollectionStatistic
-
     collection = prepared.collection
     problems = []
     mapped = {doc_id for doc_ids in prepared.doc_ids_by_document.values() for doc_id in doc_ids}
@@ -288,7 +289,8 @@ def _stored_fingerprint(collection: Collection) -> str:
 
 def _sync_documents(
     *, collection: Collection, entries_by_hash: dict[str, list[CorpusEntry]], result: EvalCollection,
-    reingest_all: bool, progress, on_embedded,
+    reingest_all: bool, progress: Callable[[int, int], object] | None,
+    on_embedded: Callable[[int], None] | None,
 ) -> None:
     existing = dict(
         Document.objects.filter(collection=collection).values_list("content_hash", "status")
@@ -369,7 +371,7 @@ def metrics_compute(
 def retrieval_settings(
     *, k1: float | None = None, b: float | None = None, rrf_k: int | None = None,
     ef_search: int | None = None, reranker: dict | None = None,
-):
+) -> Iterator[None]:
     """Temporarily override BM25, RRF, HNSW and reranker settings for an evaluation run."""
     overrides: dict = {}
     if k1 is not None:
@@ -398,8 +400,6 @@ def mode_evaluate(
     on_query: Callable[[], object] | None = None,
 ) -> ModeResult:
     """Run the judged queries through search() in one mode and score the run."""
-    from search import services
-
     search_mode, rerank = ("hybrid", True) if mode == "hybrid+rerank" else (mode, False)
     # Hits are mapped through the documents as they are now, not as they were when the
     # collection was prepared: one replaced since (a new pk) would otherwise score 0.
@@ -408,7 +408,7 @@ def mode_evaluate(
     collections = (prepared.collection.slug,)
     user = eval_user_get_or_create()
 
-    def run_one(text: str):
+    def run_one(text: str) -> services.SearchResult:
         return services.search(
             params=services.SearchParams(
                 query=text, k=k, mode=search_mode, rerank=rerank, collections=collections,
@@ -420,7 +420,7 @@ def mode_evaluate(
 
     # Latency includes query embedding: start each mode with an empty query-vector cache,
     # and load models with one untimed query first.
-    services.query_vector_cache = services.QueryVectorCache(size=services.query_vector_cache.size)
+    query_embedding.query_vector_cache.clear()
     if query_items:
         run_one("warm up the models " + query_items[0][1][:50])
         _known_items_check(mode=mode, dataset=dataset, prepared=prepared, run_one=run_one)
@@ -458,7 +458,8 @@ KNOWN_ITEM_WORDS = 40
 KNOWN_ITEMS_MIN_FOUND = 0.8
 
 
-def _known_items_check(*, mode: str, dataset: BeirDataset, prepared: EvalCollection, run_one) -> None:
+def _known_items_check(*, mode: str, dataset: BeirDataset, prepared: EvalCollection,
+                       run_one: Callable[[str], services.SearchResult]) -> None:
     """Each of a spread of corpus documents must come back for its own opening words.
 
     The figures are computed through this process's search; whatever state it carries

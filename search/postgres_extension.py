@@ -2,7 +2,7 @@
 
 BM25 is computed inside PostgreSQL either way. Where the extension is installed, retrieval
 asks its C function for the top chunks (search/postgres/kb_bm25.c); elsewhere, on a
-server of your own without it, the same scores come from SQL (search.retrieval), at
+server of your own without it, the same scores come from SQL (search.bm25), at
 about half the speed at 100k chunks (docs/RETRIEVAL.md).
 
 The library is built once, explicitly: `manage.py kb_build_extension` compiles it for the
@@ -23,6 +23,10 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django.conf import settings
 
@@ -105,7 +109,7 @@ def extension_build(pg_config: Path) -> bool:
     return True
 
 
-def extension_create(connection) -> None:
+def extension_create(connection: BaseDatabaseWrapper) -> None:
     """CREATE (or update) the extension in the connection's database, where the server has it.
 
     Run after every migrate. Creating a C-language extension needs a superuser; without
@@ -140,7 +144,7 @@ def extension_create(connection) -> None:
     _installed_by_database.clear()
 
 
-def extension_installed(connection) -> bool:
+def extension_installed(connection: BaseDatabaseWrapper) -> bool:
     """Whether kb_bm25 is installed in the connection's database and this role may run it
     (asked once per process)."""
     key = (connection.alias, connection.settings_dict["NAME"], connection.settings_dict.get("HOST"))

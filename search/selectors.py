@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from kb.models import Collection, EmbeddingModel
+from kb.models import ApiKey, Collection, EmbeddingModel
 from kb.selectors import collections_visible_to
 
+if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
+    from django.contrib.auth.models import AnonymousUser
 
-def collection_ids_for_search(*, user, slugs: Sequence[str] = (), api_key=None) -> list[int]:
+
+def collection_ids_for_search(
+    *, user: AbstractBaseUser | AnonymousUser | None, slugs: Sequence[str] = (), api_key: ApiKey | None = None,
+) -> list[int]:
     """Ids of the named collections (all when none are named) that the caller may search."""
     queryset = Collection.objects.filter(collections_visible_to(user=user, api_key=api_key))
     if slugs:

@@ -4,31 +4,29 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from threading import Lock
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
 from kb import embeddings
-from kb.models import EmbeddingModel, UsageRecord
+from kb.models import ApiKey, EmbeddingModel, UsageRecord
 from kb.providers import registry
-from kb.providers.base import ProviderError
+from kb.providers.base import ProviderError, RerankBackend
 from kb.tracing import span, traced
-from kb.usage import UsageBuffer, usage_record_create
+from kb.usage import UsageBuffer, tracked_model_call, usage_record_create
 from search import selectors
+from search.filters import SearchFilters
 from search.fusion import convex_fusion, reciprocal_rank_fusion
 from search.highlight import highlighted_snippet
-from search.retrieval import (
-    Candidate,
-    ChunkDetails,
-    Retrieved,
-    SearchFilters,
-    chunk_details,
-    retrieve_candidates,
-)
+from search.query_embedding import cached_query_vector, query_vector_cache
+from search.retrieval import Candidate, ChunkDetails, Retrieved, chunk_details, retrieve_candidates
+
+if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
+    from django.contrib.auth.models import AnonymousUser
 
 logger = logging.getLogger(__name__)
 
@@ -106,64 +104,37 @@ class SearchResult:
     evidence: RetrievalEvidence = field(default_factory=RetrievalEvidence)
 
 
-class QueryVectorCache:
-    """A small in-process LRU of query embeddings: repeated queries skip the model."""
+@dataclass(frozen=True)
+class _Caller:
+    """Whom a search's ledger rows are for, and where they go (usage None: written at once)."""
 
-    def __init__(self, size: int = 2048):
-        self.size = size
-        self._items: OrderedDict[tuple, list[float]] = OrderedDict()
-        self._lock = Lock()
-
-    def get(self, key: tuple) -> list[float] | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple, value: list[float]) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+    user: AbstractBaseUser | AnonymousUser | None
+    api_key: ApiKey | None
+    usage: UsageBuffer | None
 
 
-query_vector_cache = QueryVectorCache()
+@dataclass(frozen=True)
+class _QueryVector:
+    """What the embedding step settled: the mode it leaves, and the query's vector if any."""
+
+    mode: str
+    model: EmbeddingModel | None = None
+    vector: list[float] | None = None
+    # The BM25 half, when it ran while the model embedded the query.
+    keyword: Retrieved | None = None
 
 
-def query_vector(
-    *, model: EmbeddingModel, text: str, user=None, api_key=None, usage: UsageBuffer | None = None
-) -> list[float]:
-    """The query's embedding, from the LRU when seen before (recorded as a cache hit)."""
-    cached = cached_query_vector(model=model, text=text, user=user, api_key=api_key, usage=usage)
-    if cached is not None:
-        return cached
-    vector = embeddings.embed_query(model=model, text=text, user=user, api_key=api_key, buffer=usage)
-    query_vector_cache.put((model.pk, text), vector)
-    return vector
-
-
-def cached_query_vector(
-    *, model: EmbeddingModel, text: str, user=None, api_key=None, usage: UsageBuffer | None = None
-) -> list[float] | None:
-    """The query's embedding if the LRU has it (recorded as a cache hit), else None."""
-    cached = query_vector_cache.get((model.pk, text))
-    if cached is not None:
-        usage_record_create(
-            kind=UsageRecord.Kind.EMBEDDING, provider=embeddings.backend_for(model).provider_name,
-            model=model.model_name or model.key, cache_hit=True, user=user, api_key=api_key,
-            buffer=usage,
-        )
-    return cached
+Scored = list[tuple[Candidate, float]]
+# A chunk's score and rank at one stage, by chunk id.
+Positions = dict[int, tuple[float, int]]
 
 
 @traced("search")
 def search(
     *,
     params: SearchParams,
-    user=None,
-    api_key=None,
+    user: AbstractBaseUser | AnonymousUser | None = None,
+    api_key: ApiKey | None = None,
     record_usage: bool = True,
     embedded: QueryEmbedding | None = None,
     collection_ids: Sequence[int] | None = None,
@@ -176,115 +147,178 @@ def search(
     `collection_ids` are the collections to search when the caller has already resolved
     them against what this user may read (params.collections is then not looked up again).
     `usage` holds the ledger rows for the caller to write later (chat, before its first token).
+    With record_usage=False (kb_eval) the search writes no ledger row: neither its own nor
+    those of the local or cached model calls it makes. A call that costs money is still
+    written, ahead of the call (kb.usage.tracked_model_call).
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
     notices: list[str] = []
+    # Unrecorded rows go to a buffer that nothing flushes.
+    caller = _Caller(user=user, api_key=api_key, usage=usage if record_usage else UsageBuffer())
     # PostgreSQL text cannot hold NUL; anything else, however odd, goes through as data.
     text = params.query[:MAX_QUERY_CHARS].replace("\x00", " ")
+    filters = _search_filters(params, collection_ids=collection_ids, user=user, api_key=api_key)
+    limit = max(params.k, params.candidates)
+    query = _query_vector_or_fallback(
+        params.mode, text=text, embedded=embedded, caller=caller, timings=timings, notices=notices,
+        keyword_half=lambda: _retrieve_timed(timings, "retrieve", mode="bm25", query=text, vector=None,
+                                             filters=filters, model=None, limit=limit),
+    )
+    retrieved = _retrieve(query, text=text, filters=filters, limit=limit, k=params.k, timings=timings)
+    scored, fused = _fuse_timed(retrieved.candidates, mode=query.mode, fusion=params.fusion, timings=timings)
+    # Chunk text is read only for what is reranked or shown; None marks a chunk gone since.
+    details: dict[int, ChunkDetails | None] = {}
+    scored, reranked = _rerank_if_asked(params.rerank, text, scored, details=details, caller=caller,
+                                        timings=timings, notices=notices)
+    hits = _hits(scored, params=params, lexemes=retrieved.query_lexemes, fused=fused, reranked=reranked,
+                 details=details, timings=timings)
+    timings["total"] = _ms(started)
+    if record_usage:
+        usage_record_create(
+            kind=UsageRecord.Kind.SEARCH, provider="postgres", model=query.mode,
+            latency_ms=timings["total"], user=user, api_key=api_key, buffer=usage,
+        )
+    return SearchResult(hits=hits, mode=query.mode, reranked=reranked is not None, timings_ms=timings,
+                        notices=notices, query_lexemes=retrieved.query_lexemes,
+                        evidence=retrieval_evidence(retrieved.candidates))
+
+
+def _search_filters(params: SearchParams, *, collection_ids: Sequence[int] | None,
+                    user: AbstractBaseUser | AnonymousUser | None, api_key: ApiKey | None) -> SearchFilters:
+    """The params' filters, over the collections the caller may search (resolved unless given)."""
     if collection_ids is None:
         collection_ids = selectors.collection_ids_for_search(
             user=user, slugs=params.collections, api_key=api_key
         )
-    filters = SearchFilters(
+    return SearchFilters(
         collection_ids=tuple(collection_ids),
         document_ids=tuple(params.document_ids),
         metadata=params.metadata,
         created_after=params.created_after,
         created_before=params.created_before,
     )
-    mode = params.mode
-    model = None
-    vector = None
-    limit = max(params.k, params.candidates)
-    # Set when the BM25 half ran while the query was being embedded.
-    keyword: Retrieved | None = None
-    if mode in {"vector", "hybrid"} and text.strip():
-        model = embedded.model if embedded is not None else selectors.embedding_model_for_search()
-        if model is None:
-            notices.append("No embedding model is active yet; showing keyword (BM25) results.")
-            mode = "bm25"
-        elif embedded is not None:
-            vector = embedded.vector
-        else:
-            t = time.perf_counter()
-            vector = cached_query_vector(model=model, text=text, user=user, api_key=api_key,
-                                         usage=usage)
-            timings["embed"] = _ms(t)
-        if model is not None and vector is None:
-            error = None
-            if mode == "hybrid":
-                # BM25 needs no vector: it runs here while the model embeds the query.
-                alongside = embeddings.embed_query_alongside(
-                    lambda: _retrieve_timed(timings, "retrieve", mode="bm25", query=text, vector=None,
-                                            filters=filters, model=None, limit=limit),
-                    model=model, text=text, user=user, api_key=api_key, buffer=usage,
-                )
-                vector, error, keyword = alongside.vector, alongside.error, alongside.outcome
-                timings["embed"] = round(alongside.latency_ms, 3)
-            else:
-                t = time.perf_counter()
-                try:
-                    vector = embeddings.embed_query(model=model, text=text, user=user, api_key=api_key,
-                                                    buffer=usage)
-                except ProviderError as exc:
-                    error = exc
-                timings["embed"] = _ms(t)
-            if vector is not None:
-                query_vector_cache.put((model.pk, text), vector)
-            else:
-                logger.warning("Query embedding failed, falling back to BM25: %s", error)
-                notices.append("The embedding service is unavailable; showing keyword (BM25) results only.")
-                mode = "bm25"
-    if keyword is not None and vector is not None:
-        retrieved = keyword.with_vector_candidates(_retrieve_timed(
-            timings, "retrieve", mode="vector", query=text, vector=vector, filters=filters, model=model,
-            limit=limit))
+
+
+def _query_vector_or_fallback(
+    mode: str, *, text: str, embedded: QueryEmbedding | None, caller: _Caller,
+    keyword_half: Callable[[], Retrieved], timings: dict[str, float], notices: list[str],
+) -> _QueryVector:
+    """The query's vector for the vector and hybrid modes; BM25 alone, with a notice, when
+    no model is active or the model fails. Given, cached, or embedded now."""
+    if mode not in {"vector", "hybrid"} or not text.strip():
+        return _QueryVector(mode)
+    model = embedded.model if embedded is not None else selectors.embedding_model_for_search()
+    if model is None:
+        notices.append("No embedding model is active yet; showing keyword (BM25) results.")
+        return _QueryVector("bm25")
+    if embedded is not None:
+        vector = embedded.vector
+    else:
+        t = time.perf_counter()
+        vector = cached_query_vector(model=model, text=text, user=caller.user, api_key=caller.api_key,
+                                     usage=caller.usage)
+        timings["embed"] = _ms(t)
+    if vector is not None:
+        return _QueryVector(mode, model, vector)
+    vector, error, keyword = _embed_query(mode, model=model, text=text, caller=caller,
+                                          keyword_half=keyword_half, timings=timings)
+    if vector is None:
+        logger.warning("Query embedding failed, falling back to BM25: %s", error)
+        notices.append("The embedding service is unavailable; showing keyword (BM25) results only.")
+        return _QueryVector("bm25", model, None, keyword)
+    query_vector_cache.put((model.pk, text), vector)
+    return _QueryVector(mode, model, vector, keyword)
+
+
+def _embed_query(
+    mode: str, *, model: EmbeddingModel, text: str, caller: _Caller,
+    keyword_half: Callable[[], Retrieved], timings: dict[str, float],
+) -> tuple[list[float] | None, ProviderError | None, Retrieved | None]:
+    """The query's vector (None and the error if the model failed), and in hybrid mode the
+    BM25 half, which needs no vector and so runs while the model embeds the query."""
+    if mode == "hybrid":
+        alongside = embeddings.embed_query_alongside(
+            keyword_half, model=model, text=text, user=caller.user, api_key=caller.api_key,
+            buffer=caller.usage,
+        )
+        timings["embed"] = round(alongside.latency_ms, 3)
+        return alongside.vector, alongside.error, alongside.outcome
+    t = time.perf_counter()
+    vector = error = None
+    try:
+        vector = embeddings.embed_query(model=model, text=text, user=caller.user, api_key=caller.api_key,
+                                        buffer=caller.usage)
+    except ProviderError as exc:
+        error = exc
+    timings["embed"] = _ms(t)
+    return vector, error, None
+
+
+def _retrieve(query: _QueryVector, *, text: str, filters: SearchFilters, limit: int, k: int,
+              timings: dict[str, float]) -> Retrieved:
+    """The candidates of both halves (or of the mode's one), joining the BM25 half already
+    run, and the vector half again exactly when filters starved HNSW."""
+    keyword = query.keyword
+    common = {"query": text, "vector": query.vector, "filters": filters, "model": query.model, "limit": limit}
+    if keyword is not None and query.vector is not None:
+        retrieved = keyword.with_vector_candidates(_retrieve_timed(timings, "retrieve", mode="vector", **common))
     elif keyword is not None:
         retrieved = keyword
     else:
         # BM25 and vector retrieval are one SQL statement, so one span (kb.tracing explains).
-        retrieved = _retrieve_timed(timings, "retrieve", mode=mode, query=text, vector=vector,
-                                    filters=filters, model=model, limit=limit)
-    if vector is not None and retrieved.vector_count < params.k:
+        retrieved = _retrieve_timed(timings, "retrieve", mode=query.mode, **common)
+    if query.vector is not None and retrieved.vector_count < k:
         # HNSW returns ef_search neighbours before filtering; a selective filter (a small
         # collection among large ones, a document, metadata, dates) can starve it. Re-run
         # exactly over the filtered rows so that k matching rows give k results. (pgvector
         # 0.6 has no iterative index scans.) With fewer than k matching rows in all, the
         # exact scan is over those few rows and cheap.
-        exact = _retrieve_timed(timings, "retrieve_exact", mode="vector" if keyword else mode, query=text,
-                                vector=vector, filters=filters, model=model, limit=limit, exact_vector=True)
+        exact = _retrieve_timed(timings, "retrieve_exact", mode="vector" if keyword else query.mode,
+                                exact_vector=True, **common)
         retrieved = keyword.with_vector_candidates(exact) if keyword is not None else exact
+    return retrieved
 
+
+def _fuse_timed(candidates: list[Candidate], *, mode: str, fusion: str,
+                timings: dict[str, float]) -> tuple[Scored, Positions]:
+    """The candidates in fused order, and each one's fused score and rank."""
     t = time.perf_counter()
-    with span("fuse", mode=mode, fusion=params.fusion, candidates=len(retrieved.candidates)):
-        scored = _fuse(retrieved.candidates, mode=mode, fusion=params.fusion)
+    with span("fuse", mode=mode, fusion=fusion, candidates=len(candidates)):
+        scored = _fuse(candidates, mode=mode, fusion=fusion)
     timings["fuse"] = _ms(t)
     # Kept before reranking reorders the list, so explain can show both stages.
-    fused_positions = {c.chunk_id: (score, rank) for rank, (c, score) in enumerate(scored, start=1)}
+    return scored, {c.chunk_id: (score, rank) for rank, (c, score) in enumerate(scored, start=1)}
 
-    use_rerank = settings.KB_RERANK_DEFAULT if params.rerank is None else params.rerank
-    reranked = False
-    rerank_scores: dict[int, tuple[float, int]] = {}
-    # Chunk text is read only for what is reranked or shown; None marks a chunk gone since.
-    details: dict[int, ChunkDetails | None] = {}
-    if use_rerank and scored:
-        backend = registry.reranker_backend()
-        if backend is None:
-            notices.append("Reranking is not configured (KB_PROVIDERS['reranker']); results are fused only.")
-        else:
-            t = time.perf_counter()
-            try:
-                scored, rerank_scores = _rerank(
-                    backend, text, scored, top_n=settings.KB_RERANK_TOP_N, details=details,
-                    user=user, api_key=api_key, usage=usage,
-                )
-                reranked = True
-            except ProviderError as exc:
-                logger.warning("Reranker failed, keeping fused order: %s", exc)
-                notices.append("The reranker is unavailable; results are in fused order.")
-            timings["rerank"] = _ms(t)
 
+def _rerank_if_asked(
+    rerank: bool | None, text: str, scored: Scored, *, details: dict[int, ChunkDetails | None],
+    caller: _Caller, timings: dict[str, float], notices: list[str],
+) -> tuple[Scored, Positions | None]:
+    """The reranked order and the reranker's scores and ranks, when reranking is asked for
+    and works; else the fused order, and None."""
+    use_rerank = settings.KB_RERANK_DEFAULT if rerank is None else rerank
+    if not use_rerank or not scored:
+        return scored, None
+    backend = registry.reranker_backend()
+    if backend is None:
+        notices.append("Reranking is not configured (KB_PROVIDERS['reranker']); results are fused only.")
+        return scored, None
+    t = time.perf_counter()
+    try:
+        return _rerank(backend, text, scored, top_n=settings.KB_RERANK_TOP_N, details=details, caller=caller)
+    except ProviderError as exc:
+        logger.warning("Reranker failed, keeping fused order: %s", exc)
+        notices.append("The reranker is unavailable; results are in fused order.")
+        return scored, None
+    finally:
+        timings["rerank"] = _ms(t)
+
+
+def _hits(scored: Scored, *, params: SearchParams, lexemes: list[str], fused: Positions,
+          reranked: Positions | None, details: dict[int, ChunkDetails | None],
+          timings: dict[str, float]) -> list[SearchHit]:
+    """The first k chunks still searchable, as hits (with per-stage scores when explained)."""
     t = time.perf_counter()
     shown = _with_details(scored, params.k, details)
     timings["chunks"] = _ms(t)
@@ -295,26 +329,18 @@ def search(
             document_id=chunk.document_id,
             document_title=chunk.document_title,
             text=chunk.text,
-            snippet=highlighted_snippet(chunk.text, retrieved.query_lexemes),
+            snippet=highlighted_snippet(chunk.text, lexemes),
             score=score,
             heading_path=chunk.heading_path,
             page_start=chunk.page_start,
             page_end=chunk.page_end,
         )
         if params.explain:
-            fused_score, fused_rank = fused_positions[candidate.chunk_id]
+            fused_score, fused_rank = fused[candidate.chunk_id]
             hit.stages = _explain(candidate, fused_score=fused_score, fused_rank=fused_rank,
-                                  rerank=rerank_scores.get(candidate.chunk_id))
+                                  rerank=reranked.get(candidate.chunk_id) if reranked is not None else None)
         hits.append(hit)
-    timings["total"] = _ms(started)
-    if record_usage:
-        usage_record_create(
-            kind=UsageRecord.Kind.SEARCH, provider="postgres", model=mode,
-            latency_ms=timings["total"], user=user, api_key=api_key, buffer=usage,
-        )
-    return SearchResult(hits=hits, mode=mode, reranked=reranked, timings_ms=timings,
-                        notices=notices, query_lexemes=retrieved.query_lexemes,
-                        evidence=retrieval_evidence(retrieved.candidates))
+    return hits
 
 
 def retrieval_evidence(candidates: list[Candidate]) -> RetrievalEvidence:
@@ -336,7 +362,7 @@ def retrieval_evidence(candidates: list[Candidate]) -> RetrievalEvidence:
     )
 
 
-def _fuse(candidates: list[Candidate], *, mode: str, fusion: str) -> list[tuple[Candidate, float]]:
+def _fuse(candidates: list[Candidate], *, mode: str, fusion: str) -> Scored:
     if mode == "bm25":
         return sorted(((c, c.bm25_score or 0.0) for c in candidates if c.bm25_rank is not None),
                       key=lambda pair: (-pair[1], pair[0].chunk_id))
@@ -370,10 +396,8 @@ def _with_details(scored: list[tuple[Candidate, float]], count: int,
     return found
 
 
-def _rerank(backend, query: str, scored, *, top_n: int, details: dict, user, api_key,
-            usage: UsageBuffer | None = None):
-    from kb.usage import tracked_model_call
-
+def _rerank(backend: RerankBackend, query: str, scored: Scored, *, top_n: int,
+            details: dict[int, ChunkDetails | None], caller: _Caller) -> tuple[Scored, Positions]:
     head = _with_details(scored, top_n, details)
     in_head = {candidate.chunk_id for candidate, _, _ in head}
     tail = [(candidate, score) for candidate, score in scored if candidate.chunk_id not in in_head]
@@ -381,7 +405,7 @@ def _rerank(backend, query: str, scored, *, top_n: int, details: dict, user, api
         span("rerank", provider=backend.provider_name, model=backend.model, documents=len(head)),
         tracked_model_call(
             kind=UsageRecord.Kind.RERANK, provider=backend.provider_name, model=backend.model,
-            user=user, api_key=api_key, write_ahead=backend.remote, buffer=usage,
+            user=caller.user, api_key=caller.api_key, write_ahead=backend.remote, buffer=caller.usage,
         ) as call,
     ):
         result = backend.rerank(query, [chunk.text for _, _, chunk in head])
@@ -391,7 +415,8 @@ def _rerank(backend, query: str, scored, *, top_n: int, details: dict, user, api
     return [(head[i][0], result.scores[i]) for i in order] + tail, ranks
 
 
-def _explain(candidate: Candidate, *, fused_score: float, fused_rank: int, rerank) -> dict:
+def _explain(candidate: Candidate, *, fused_score: float, fused_rank: int,
+             rerank: tuple[float, int] | None) -> dict:
     stages = {
         "bm25": {"score": candidate.bm25_score, "rank": candidate.bm25_rank},
         "vector": {"similarity": candidate.vector_similarity, "rank": candidate.vector_rank},
@@ -402,7 +427,7 @@ def _explain(candidate: Candidate, *, fused_score: float, fused_rank: int, reran
     return stages
 
 
-def _retrieve_timed(timings: dict, stage: str, *, mode: str, query: str, vector: list[float] | None,
+def _retrieve_timed(timings: dict[str, float], stage: str, *, mode: str, query: str, vector: list[float] | None,
                     filters: SearchFilters, model: EmbeddingModel | None, limit: int,
                     exact_vector: bool = False) -> Retrieved:
     """retrieve_candidates for `mode`, in a span, its time added to timings[stage]."""
@@ -427,7 +452,7 @@ def _retrieve_timed(timings: dict, stage: str, *, mode: str, query: str, vector:
     return retrieved
 
 
-def _retrieve_span_name(mode: str, vector) -> str:
+def _retrieve_span_name(mode: str, vector: list[float] | None) -> str:
     parts = [name for name, used in (("bm25", mode in {"bm25", "hybrid"}), ("vector", vector is not None))
              if used]
     return "retrieve." + ("+".join(parts) or "none")

@@ -14,8 +14,9 @@ from django.db import connection
 
 from kb import services as kb_services
 from kb.models import Collection
-from search import retrieval, services
-from search.retrieval import SearchFilters, retrieve_candidates
+from search import bm25, services
+from search.filters import SearchFilters
+from search.retrieval import retrieve_candidates
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
@@ -168,7 +169,7 @@ def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, set
     k = 1 leaves one candidate, which is looked up; k = 2 and 3 scan.)"""
     if engine == "sql":
         settings.KB_BM25_ENGINE = "sql"
-        monkeypatch.setattr(retrieval, "_LOOKUP_COST", lookup_cost)
+        monkeypatch.setattr(bm25, "_LOOKUP_COST", lookup_cost)
     else:
         request.getfixturevalue("kb_bm25_installed")
     for i in range(12):

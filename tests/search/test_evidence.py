@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from search import services
-from search.retrieval import Candidate, query_term_coverage
+from search.bm25 import query_term_coverage
+from search.retrieval import Candidate
 
 pytestmark = pytest.mark.django_db
 

@@ -37,15 +37,14 @@ def search(reader):
 
 def test_hybrid_retrieval_is_one_statement_and_text_is_read_for_shown_hits_only(
         corpus, search, django_assert_num_queries):
-    """With the query vector cached, hybrid search costs five queries, one of them retrieval.
+    """With the query vector cached, hybrid search costs four queries, one of them retrieval.
 
     1. the collections the caller may search; 2. the active embedding model;
-    3. the usage row recording the query-vector cache hit (written even with
-       record_usage=False); 4. BM25 + HNSW candidates, ids and scores, one statement;
-    5. the text and document of the k chunks shown.
+    3. BM25 + HNSW candidates, ids and scores, one statement; 4. the text and document
+    of the k chunks shown. (record_usage=False: no ledger row, not even the cache hit's.)
     """
     search(mode="hybrid")  # warms the query-vector cache
-    with CaptureQueriesContext(connection) as captured, django_assert_num_queries(5):
+    with CaptureQueriesContext(connection) as captured, django_assert_num_queries(4):
         result = search(mode="hybrid", k=3)
 
     assert len(result.hits) == 3
@@ -55,6 +54,21 @@ def test_hybrid_retrieval_is_one_statement_and_text_is_read_for_shown_hits_only(
     texts = [q["sql"] for q in captured.captured_queries if "c.text" in q["sql"]]
     assert len(texts) == 1
     assert all(str(hit.chunk_id) in texts[0] for hit in result.hits)
+
+
+def test_record_usage_false_writes_no_ledger_row(corpus, reader):
+    """Neither the search's own row nor its query embedding's, computed or from the
+    query-vector cache; with record_usage on, both are written."""
+    params = services.SearchParams(query="Which ledger rows does an unrecorded search write?")
+    before = set(UsageRecord.objects.values_list("pk", flat=True))
+
+    services.search(params=params, user=reader, record_usage=False)  # embeds the query
+    services.search(params=params, user=reader, record_usage=False)  # a query-vector cache hit
+    assert set(UsageRecord.objects.values_list("pk", flat=True)) == before
+
+    services.search(params=params, user=reader)
+    new = UsageRecord.objects.exclude(pk__in=before).values_list("kind", "cache_hit")
+    assert sorted(new) == [(UsageRecord.Kind.EMBEDDING, True), (UsageRecord.Kind.SEARCH, False)]
 
 
 def test_a_chunk_gone_since_retrieval_is_skipped_and_the_next_takes_its_place(corpus):
@@ -201,13 +215,13 @@ def retrieval_statements(captured) -> list[str]:
             if "search_posting" in q["sql"] or "<=>" in q["sql"]]
 
 
-def test_a_new_query_is_embedded_while_its_bm25_half_runs(corpus, search):
+def test_a_new_query_is_embedded_while_its_bm25_half_runs(corpus, search, reader):
     """A query not seen before: BM25 runs while the model embeds it, then the vector half
     runs on its own; the fused result is the one-statement result, and the embedding is
     in the ledger with the model's own latency."""
     query = "Which formats can editors upload, and how are they split into chunks?"
     with CaptureQueriesContext(connection) as captured:
-        apart = search(query=query, explain=True)
+        apart = services.search(params=services.SearchParams(query=query, explain=True), user=reader)
     together = search(query=query, explain=True)  # the vector is cached now: one statement
 
     bm25_half, vector_half = retrieval_statements(captured)
@@ -220,7 +234,7 @@ def test_a_new_query_is_embedded_while_its_bm25_half_runs(corpus, search):
     assert 0 < embedded.latency_ms <= apart.timings_ms["total"]
 
 
-def test_keyword_results_survive_a_failing_embedding_model(corpus, search, settings):
+def test_keyword_results_survive_a_failing_embedding_model(corpus, reader, settings):
     """The model fails while BM25 runs: the BM25 results are kept, with a notice, and the
     failure is in the ledger."""
     model = EmbeddingModel.objects.get(is_active=True)
@@ -229,7 +243,8 @@ def test_keyword_results_survive_a_failing_embedding_model(corpus, search, setti
         model.key: {"BACKEND": "tests.search.test_hybrid.BrokenLocalEmbeddings"},
     }}
 
-    result = search(query="How are uploaded documents chunked before they are embedded?")
+    params = services.SearchParams(query="How are uploaded documents chunked before they are embedded?")
+    result = services.search(params=params, user=reader)
 
     assert result.mode == "bm25" and result.hits
     assert any("embedding service is unavailable" in notice for notice in result.notices)

@@ -59,6 +59,10 @@ def test_get_returns_results_with_the_documented_fields(client, corpus):
     assert hit["document_id"] == search_doc.pk and hit["document_title"] == "How search works"
     assert "<mark>" in hit["snippet"]
     assert "stages" not in hit and "timings_ms" not in body
+    assert list(body) == ["query", "mode", "reranked", "results", "notices"]
+    assert list(hit) == ["chunk_id", "document_id", "document_title", "text", "snippet", "score",
+                         "heading_path", "page_start", "page_end", "url"]
+    assert hit["url"] == f"/documents/{search_doc.pk}/#chunk-{hit['chunk_id']}"
 
 
 def test_post_json_with_explain_filters_and_collection(client, corpus, shared_corpus):
@@ -75,6 +79,8 @@ def test_post_json_with_explain_filters_and_collection(client, corpus, shared_co
     assert body["results"] and {hit["document_id"] for hit in body["results"]} == {editors.pk}
     assert {"bm25", "vector", "fused"} <= set(body["results"][0]["stages"])
     assert {"retrieve", "total"} <= set(body["timings_ms"])
+    assert list(body) == ["query", "mode", "reranked", "results", "notices", "timings_ms"]
+    assert list(body["results"][0])[-2:] == ["url", "stages"]
 
 
 def test_get_filters_as_a_json_string(client, corpus):

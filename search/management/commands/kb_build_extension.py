@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from argparse import ArgumentParser
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
@@ -18,11 +19,11 @@ class Command(BaseCommand):
         "for the embedded server the first time; then creates the extension."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--pg-config", help="pg_config of the server to build for "
                             "(default: the embedded server's).")
 
-    def handle(self, *args, pg_config: str | None, **options):
+    def handle(self, *args: object, pg_config: str | None, **options: object) -> None:
         path = Path(pg_config) if pg_config else postgres_extension.embedded_pg_config()
         if postgres_extension.extension_built(path):
             self.stdout.write(f"kb_bm25 is built and current for {path}.")
@@ -44,7 +45,7 @@ class Command(BaseCommand):
 
 
 class _Collect(logging.Handler):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
         self.messages: list[str] = []
 

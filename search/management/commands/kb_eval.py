@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from argparse import ArgumentParser
 from pathlib import Path
 
 from django.conf import settings
@@ -22,7 +23,7 @@ class Command(BaseCommand):
         "and p50/p95 latency per mode."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--dataset", required=True, help="Directory with corpus.jsonl, queries.jsonl, qrels/test.tsv.")
         parser.add_argument("--modes", default="bm25,vector,hybrid",
                             help=f"Comma-separated, from {', '.join(evaluation.MODES)}.")
@@ -40,8 +41,10 @@ class Command(BaseCommand):
         parser.add_argument("--split", default="test", help="qrels file to evaluate (default: test).")
         parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
-    def handle(self, *args, dataset: str, modes: str, json_file: str | None, k1, b, rrf_k,
-               candidates, fusion, ef_search, reranker, limit_queries, split, no_progress, **options):
+    def handle(self, *args: object, dataset: str, modes: str, json_file: str | None, k1: float | None,
+               b: float | None, rrf_k: int | None, candidates: int | None, fusion: str,
+               ef_search: int | None, reranker: str | None, limit_queries: int | None, split: str,
+               no_progress: bool, **options: object) -> None:
         path = Path(dataset)
         if not (path / "corpus.jsonl").is_file() or not (path / "qrels" / f"{split}.tsv").is_file():
             raise CommandError(f"{path} is not a BEIR dataset (corpus.jsonl, qrels/{split}.tsv).")
@@ -53,22 +56,46 @@ class Command(BaseCommand):
         if bootstrap.migrations_pending():
             call_command("migrate", interactive=False, verbosity=0)
         wanted = [mode.strip() for mode in modes.split(",") if mode.strip()]
-        unknown = [mode for mode in wanted if mode not in evaluation.MODES]
-        if unknown or not wanted:
-            raise CommandError(f"Unknown mode(s) {unknown}; choose from {', '.join(evaluation.MODES)}.")
-        reranker_entry = None
-        if reranker:
-            try:
-                reranker_entry = evaluation.reranker_entry_parse(reranker)
-            except ValueError as exc:
-                raise CommandError(str(exc)) from exc
-        elif "hybrid+rerank" in wanted and not settings.KB_PROVIDERS.get("reranker"):
-            raise CommandError("hybrid+rerank needs a reranker: configure KB_PROVIDERS['reranker'] "
-                               "or pass --reranker dotted.path[:model].")
-
+        reranker_entry = self._reranker_entry(wanted, reranker)
         data = evaluation.beir_dataset_load(path=path, split=split)
         self.stdout.write(f"{data.name}: {len(data.corpus)} corpus entries, {len(data.queries)} "
                           f"judged {split} queries, corpus sha256 {data.corpus_sha256[:12]}…")
+        prepared = self._collection_prepare(data, no_progress=no_progress)
+        results = []
+        with evaluation.retrieval_settings(k1=k1, b=b, rrf_k=rrf_k, ef_search=ef_search,
+                                           reranker=reranker_entry):
+            used = {
+                "k1": settings.KB_BM25_K1, "b": settings.KB_BM25_B, "rrf_k": settings.KB_RRF_K,
+                "candidates": candidates or settings.KB_SEARCH_CANDIDATES, "fusion": fusion,
+                "ef_search": ef_search or settings.KB_HNSW_EF_SEARCH,
+                "chunk_max_tokens": settings.KB_CHUNK_MAX_TOKENS,
+                "chunk_overlap_tokens": settings.KB_CHUNK_OVERLAP_TOKENS,
+                "reranker": settings.KB_PROVIDERS.get("reranker"),
+                "rerank_top_n": settings.KB_RERANK_TOP_N,
+            }
+            for mode in wanted:
+                results.append(self._mode_evaluate(data, prepared, mode, candidates=used["candidates"],
+                                                   fusion=fusion, limit_queries=limit_queries,
+                                                   no_progress=no_progress))
+        self._report(data, prepared, results, used=used, json_file=json_file)
+
+    def _reranker_entry(self, wanted: list[str], reranker: str | None) -> dict | None:
+        """The --reranker entry, once the modes are known and hybrid+rerank has a reranker."""
+        unknown = [mode for mode in wanted if mode not in evaluation.MODES]
+        if unknown or not wanted:
+            raise CommandError(f"Unknown mode(s) {unknown}; choose from {', '.join(evaluation.MODES)}.")
+        if reranker:
+            try:
+                return evaluation.reranker_entry_parse(reranker)
+            except ValueError as exc:
+                raise CommandError(str(exc)) from exc
+        if "hybrid+rerank" in wanted and not settings.KB_PROVIDERS.get("reranker"):
+            raise CommandError("hybrid+rerank needs a reranker: configure KB_PROVIDERS['reranker'] "
+                               "or pass --reranker dotted.path[:model].")
+        return None
+
+    def _collection_prepare(self, data: evaluation.BeirDataset, *, no_progress: bool) -> evaluation.EvalCollection:
+        """The dataset's collection, ingested or reused, and checked complete."""
         with tqdm(desc="Ingesting", unit="doc", disable=no_progress) as docs_bar, \
                 tqdm(desc="Embedding", unit="chunk", disable=no_progress) as chunks_bar:
             def progress(done: int, total: int) -> None:
@@ -89,30 +116,23 @@ class Command(BaseCommand):
         if problems:
             raise CommandError("The collection is not in a state to evaluate: " + "; ".join(problems)
                                + ". Nothing was reported; run kb_eval again once it is.")
+        return prepared
 
-        results = []
-        with evaluation.retrieval_settings(k1=k1, b=b, rrf_k=rrf_k, ef_search=ef_search,
-                                           reranker=reranker_entry):
-            used = {
-                "k1": settings.KB_BM25_K1, "b": settings.KB_BM25_B, "rrf_k": settings.KB_RRF_K,
-                "candidates": candidates or settings.KB_SEARCH_CANDIDATES, "fusion": fusion,
-                "ef_search": ef_search or settings.KB_HNSW_EF_SEARCH,
-                "chunk_max_tokens": settings.KB_CHUNK_MAX_TOKENS,
-                "chunk_overlap_tokens": settings.KB_CHUNK_OVERLAP_TOKENS,
-                "reranker": settings.KB_PROVIDERS.get("reranker"),
-                "rerank_top_n": settings.KB_RERANK_TOP_N,
-            }
-            for mode in wanted:
-                with tqdm(total=len(data.queries) if not limit_queries else min(limit_queries, len(data.queries)),
-                          desc=mode, unit="query", disable=no_progress) as bar:
-                    try:
-                        results.append(evaluation.mode_evaluate(
-                            dataset=data, prepared=prepared, mode=mode,
-                            candidates=candidates or settings.KB_SEARCH_CANDIDATES,
-                            fusion=fusion, limit_queries=limit_queries, on_query=bar.update,
-                        ))
-                    except evaluation.EvaluationError as exc:
-                        raise CommandError(str(exc)) from exc
+    def _mode_evaluate(self, data: evaluation.BeirDataset, prepared: evaluation.EvalCollection, mode: str, *,
+                       candidates: int, fusion: str, limit_queries: int | None,
+                       no_progress: bool) -> evaluation.ModeResult:
+        with tqdm(total=len(data.queries) if not limit_queries else min(limit_queries, len(data.queries)),
+                  desc=mode, unit="query", disable=no_progress) as bar:
+            try:
+                return evaluation.mode_evaluate(
+                    dataset=data, prepared=prepared, mode=mode, candidates=candidates,
+                    fusion=fusion, limit_queries=limit_queries, on_query=bar.update,
+                )
+            except evaluation.EvaluationError as exc:
+                raise CommandError(str(exc)) from exc
+
+    def _report(self, data: evaluation.BeirDataset, prepared: evaluation.EvalCollection,
+                results: list[evaluation.ModeResult], *, used: dict, json_file: str | None) -> None:
         self.stdout.write(f"\n{data.name} (k1={used['k1']}, b={used['b']}, rrf_k={used['rrf_k']}, "
                           f"candidates={used['candidates']}, ef_search={used['ef_search']}, "
                           f"chunks={used['chunk_max_tokens']}/{used['chunk_overlap_tokens']} tokens)")
