@@ -13,8 +13,8 @@ from chat import prompts, services
 from chat.budgets import BudgetExceeded
 from chat.models import AnswerCacheEntry, Budget, Message
 from chat.services import Citations, Delta, Done, Error, Meta, Started
-from kb import services as kb_services
 from kb.models import Document, UsageRecord
+from kb.services.documents import document_disable, document_enable
 from kb.usage import usage_record_create
 from tests.chat.conftest import (
     EXTRACTIVE_ENTRY,
@@ -290,10 +290,10 @@ def test_disabling_a_source_document_invalidates_the_cache(corpus, generative, u
     """Disable (and enable) bump the collection's version, so the old answer never matches."""
     ask(QUESTION, user=user)
     handbook = Document.objects.get(original_filename="handbook.md")
-    kb_services.document_disable(document=handbook)
+    document_disable(document=handbook)
 
     while_disabled = ask(QUESTION, user=user)
-    kb_services.document_enable(document=handbook)
+    document_enable(document=handbook)
     ask(QUESTION, user=user)
 
     assert services.NOTICE_NO_PASSAGES in of_type(while_disabled, Meta)[0].notice
