@@ -23,7 +23,7 @@ from kb.services.ingest import document_ingest, documents_ingest_batch
 from kb.services.uploads import documents_upload
 from search.models import CollectionStatistic, Posting
 
-SAMPLES = Path(__file__).resolve().parents[2] / "fixtures" / "samples"
+SAMPLES = Path(__file__).resolve().parents[3] / "fixtures" / "samples"
 
 pytestmark = pytest.mark.django_db
 
