@@ -10,8 +10,8 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
-from django.db.models import F, Q
-from django.http import HttpRequest, JsonResponse
+from django.db.models import F, Q, QuerySet
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -151,7 +151,8 @@ class CollectionAdmin(admin.ModelAdmin):
             return f"{obj.get_reindex_status_display()}: {obj.reindex_error[:200]}"
         return obj.get_reindex_status_display()
 
-    def save_model(self, request, obj, form, change):
+    def save_model(self, request: HttpRequest, obj: Collection, form: forms.ModelForm,
+                   change: bool) -> None:
         super().save_model(request, obj, form, change)
         if change and "text_search_config" in form.changed_data:
             count = collections.collection_reindex_queue(collection=obj)
@@ -307,7 +308,7 @@ class DocumentAdmin(admin.ModelAdmin):
         documents = self.get_queryset(request).filter(pk__in=ids)
         return JsonResponse({"documents": [document_progress_payload(d) for d in documents]})
 
-    def upload_view(self, request: HttpRequest):
+    def upload_view(self, request: HttpRequest) -> HttpResponse:
         uploads.upload_permission_check(user=request.user)
         form = UploadForm(request.POST or None, request.FILES or None)
         form.fields["collection"].queryset = selectors.collections_visible(user=request.user)
@@ -499,7 +500,7 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
             return "–"
         return f"{obj.chunks_embedded}/{obj.chunks_total} ({100 * obj.chunks_embedded // obj.chunks_total}%)"
 
-    def reembed_view(self, request: HttpRequest):
+    def reembed_view(self, request: HttpRequest) -> HttpResponse:
         # Re-embedding the whole knowledge base is a change to the embedding models.
         if not self.has_change_permission(request):
             raise PermissionDenied("Re-embedding needs the “Can change embedding model” permission.")
@@ -537,7 +538,7 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
         self.message_user(request, "Cancelled; the job stops after its current page.")
 
     @admin.action(description="Drop vectors (inactive models only)")
-    def drop_vectors(self, request, queryset):
+    def drop_vectors(self, request: HttpRequest, queryset: QuerySet[EmbeddingModel]) -> None:
         for model in queryset:
             try:
                 embedding_models.embedding_model_drop_vectors_queue(model=model)
@@ -636,7 +637,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
         form = super().get_form(request, obj, change=change, **kwargs)
         return type(form.__name__, (form,), {"granter": request.user})
 
-    def save_model(self, request, obj, form, change):
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm,
+                   change: bool) -> None:
         if not change:
             # The form saves the chosen collections itself (save_related), after this.
             _, raw_key = api_keys.api_key_create(
