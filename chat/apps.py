@@ -6,9 +6,7 @@ class ChatConfig(AppConfig):
     verbose_name = "Chat"
 
     def ready(self) -> None:
-        # Imported here: selectors import models, which need the app registry ready.
-        from chat.selectors import documents_most_cited
-        from kb.dashboard import cited_documents_source_set
-
-        # The usage dashboard's most-cited documents are read from chat's answers.
-        cited_documents_source_set(documents_most_cited)
+        # Imported here, for its registration with kb.dashboard (the usage dashboard's
+        # most-cited documents are read from chat's answers): it imports models, which
+        # need the app registry ready.
+        from chat import selectors  # noqa: F401

@@ -11,7 +11,7 @@ from django.db import connection
 from django.db.models import BigIntegerField, Exists, Func, OuterRef, Q, QuerySet
 
 from chat.models import AnswerCacheEntry, Conversation, Message
-from kb.dashboard import CitedDocument, Window
+from kb.dashboard import CitedDocument, Window, cited_documents_source_set
 from kb.models import ApiKey, Collection, Document
 from kb.providers.base import ChatMessage
 from kb.selectors import collections_visible, documents_visible
@@ -212,13 +212,30 @@ def documents_most_cited(
     numbers its text cites (`cited`); a passage counts when its n is in `cited`. Answers
     served from the answer cache count too: a reader saw those citations. `citations` is
     the number of cited passages from the document, `answers` the number of answers citing
-    it. Unnested in SQL (`jsonb_array_elements ... WITH ORDINALITY`; the ordinal stands in
-    for a missing n) so a period of any size is one query.
+    it. One query for a period of any size (_cited_rows).
 
     `user` is the viewer: only documents in collections they may read are counted (deleted
     ones, whose collection is unknown, only for superusers), as in the document admin.
-    None is the system itself (kb_usage). Registered with kb.dashboard in ChatConfig.ready.
+    None is the system itself (kb_usage).
     """
+    rows = _cited_rows(period=period, limit=limit, user=user)
+    documents = Document.objects.in_bulk([row[0] for row in rows if row[0] is not None])
+    result = []
+    for document_id, title, citations, answers in rows:
+        document = documents.get(document_id)
+        result.append(CitedDocument(
+            document_id=document_id,
+            title=str(document) if document else (title or f"Document {document_id}"),
+            citations=citations,
+            answers=answers,
+            exists=document is not None,
+        ))
+    return result
+
+
+def _cited_rows(*, period: Window, limit: int, user: AbstractUser | None) -> list[tuple]:
+    """(document id, title, citations, answers), most cited first: the passages unnested in
+    SQL (`jsonb_array_elements ... WITH ORDINALITY`; the ordinal stands in for a missing n)."""
     table = connection.ops.quote_name(Message._meta.db_table)
     params: list = [Message.Role.ASSISTANT, period.since, period.until]
     visible_sql = ""
@@ -250,16 +267,8 @@ def documents_most_cited(
     """
     with connection.cursor() as cursor:
         cursor.execute(sql, [*params, limit])
-        rows = cursor.fetchall()
-    documents = Document.objects.in_bulk([row[0] for row in rows if row[0] is not None])
-    result = []
-    for document_id, title, citations, answers in rows:
-        document = documents.get(document_id)
-        result.append(CitedDocument(
-            document_id=document_id,
-            title=str(document) if document else (title or f"Document {document_id}"),
-            citations=citations,
-            answers=answers,
-            exists=document is not None,
-        ))
-    return result
+        return cursor.fetchall()
+
+
+# The usage dashboard (kb) reads the most-cited documents from chat's answers through this.
+cited_documents_source_set(documents_most_cited)

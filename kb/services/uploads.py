@@ -290,20 +290,9 @@ def document_upload(
     if refused is not None:
         return refused
     content_hash = hashlib.sha256(data).hexdigest()
-    duplicate = (
-        Document.objects.filter(collection=collection, content_hash=content_hash)
-        # A failed copy, or one whose worker died mid-way, is ingested again, not reported
-        # as a duplicate of itself.
-        .exclude(status=Document.Status.FAILED)
-        .exclude(stalled_filter(older_than_seconds=DOCUMENT_STALLED_AFTER_SECONDS))
-        .order_by("pk")
-        .first()
-    )
+    duplicate = _duplicate_outcome(collection=collection, shown=shown, content_hash=content_hash)
     if duplicate is not None:
-        return UploadOutcome(
-            filename=shown, outcome="duplicate", document=duplicate,
-            message=f"Identical to “{duplicate}” (document {duplicate.pk}); not ingested again.",
-        )
+        return duplicate
     previous = (
         Document.objects.filter(collection=collection, original_filename=shown)
         .order_by("-pk")
@@ -332,6 +321,27 @@ def document_upload(
             storage.delete(name)
         return UploadOutcome(filename=shown, outcome="rejected",
                              message=f"The file could not be stored ({exc.__class__.__name__}).")
+
+
+def _duplicate_outcome(
+    *, collection: Collection, shown: str, content_hash: str
+) -> UploadOutcome | None:
+    """The outcome of bytes the collection already holds, or None if they are new."""
+    duplicate = (
+        Document.objects.filter(collection=collection, content_hash=content_hash)
+        # A failed copy, or one whose worker died mid-way, is ingested again, not reported
+        # as a duplicate of itself.
+        .exclude(status=Document.Status.FAILED)
+        .exclude(stalled_filter(older_than_seconds=DOCUMENT_STALLED_AFTER_SECONDS))
+        .order_by("pk")
+        .first()
+    )
+    if duplicate is None:
+        return None
+    return UploadOutcome(
+        filename=shown, outcome="duplicate", document=duplicate,
+        message=f"Identical to “{duplicate}” (document {duplicate.pk}); not ingested again.",
+    )
 
 
 def _upload_refused(
