@@ -157,8 +157,9 @@ class CollectionAdmin(admin.ModelAdmin):
         if change and "text_search_config" in form.changed_data:
             count = collections.collection_reindex_queue(collection=obj)
             self.message_user(
-                request, f"Re-indexing {chunk_count_text(count)} with “{obj.text_search_config}” "
-                         "in the background; the Index column shows when it is done.")
+                request,
+                f"Re-indexing {chunk_count_text(count)} with “{obj.text_search_config}” in the "
+                "background; the Index column shows when it is done.")
 
 
 class ChunkInline(admin.TabularInline):
@@ -395,7 +396,8 @@ class DocumentAdmin(admin.ModelAdmin):
             moved = 0
             for document in queryset:
                 try:
-                    documents.document_move(document=document, collection=target, actor=request.user)
+                    documents.document_move(document=document, collection=target,
+                                            actor=request.user)
                 except (PermissionDenied, documents.DocumentMoveRefused) as exc:
                     self.message_user(request, f"{document}: {exc}", messages.ERROR)
                     continue

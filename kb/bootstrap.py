@@ -79,7 +79,8 @@ def demo_corpus_load() -> int:
     from kb.models import Document
     from kb.services import collections, uploads
 
-    collection = collections.collection_get_or_create(slug=DEMO_COLLECTION, name="Demo: about this product")
+    collection = collections.collection_get_or_create(
+        slug=DEMO_COLLECTION, name="Demo: about this product")
     if Document.objects.filter(collection=collection).exists() or not DEMO_DIR.is_dir():
         return 0
     queued = 0

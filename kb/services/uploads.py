@@ -286,7 +286,8 @@ def document_upload(
     title). With queue=False the caller ingests it itself (documents_ingest_batch).
     """
     shown = display_name or filename
-    refused = _upload_refused(collection=collection, shown=shown, data=data, uploaded_by=uploaded_by)
+    refused = _upload_refused(collection=collection, shown=shown, data=data,
+                              uploaded_by=uploaded_by)
     if refused is not None:
         return refused
     content_hash = hashlib.sha256(data).hexdigest()
@@ -364,7 +365,8 @@ def _upload_refused(
 
 def _document_store(
     *, collection: Collection, filename: str, data: bytes, shown: str, content_hash: str,
-    previous: Document | None, uploaded_by: AbstractUser | None, metadata: dict | None, queue: bool, stored: list[str],
+    previous: Document | None, uploaded_by: AbstractUser | None, metadata: dict | None,
+    queue: bool, stored: list[str],
 ) -> UploadOutcome:
     with transaction.atomic():
         if previous is not None:

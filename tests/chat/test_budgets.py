@@ -87,8 +87,9 @@ def test_reset_is_within_a_day():
 
 def test_budget_set_creates_then_changes_only_the_limits_given(user):
     """One row per target: a second call updates it, leaving the limits it does not name."""
-    budget, created = budget_set(scope=Budget.Scope.USER, user=user,
-                                 changes={"daily_token_limit": 1000, "daily_cost_limit_usd": Decimal("2")})
+    budget, created = budget_set(
+        scope=Budget.Scope.USER, user=user,
+        changes={"daily_token_limit": 1000, "daily_cost_limit_usd": Decimal("2")})
     assert created
     again, created = budget_set(scope=Budget.Scope.USER, user=user,
                                 changes={"daily_token_limit": None})

@@ -153,8 +153,9 @@ def test_admin_reembeds_and_drops_vectors_in_queued_tasks(admin_client, corpus, 
 
 def test_admin_drop_vectors_refuses_the_active_model(admin_client, corpus):
     active = EmbeddingModel.objects.get(is_active=True)
-    response = admin_client.post(reverse("admin:kb_embeddingmodel_changelist"), {"action": "drop_vectors",
-                                                        "_selected_action": [active.pk]}, follow=True)
+    response = admin_client.post(reverse("admin:kb_embeddingmodel_changelist"),
+                                 {"action": "drop_vectors", "_selected_action": [active.pk]},
+                                 follow=True)
     assert "serve search; activate another first" in response.content.decode()
     assert EmbeddingModel.objects.get(pk=active.pk).status == EmbeddingModel.Status.ACTIVE
 

@@ -30,7 +30,8 @@ TIDES = "# Tides\n\nRunning tides rise twice a day; the harbour master posts the
 
 
 def searchable(collection: Collection) -> set[int]:
-    return set(Chunk.objects.filter(collection=collection, searchable=True).values_list("pk", flat=True))
+    chunks = Chunk.objects.filter(collection=collection, searchable=True)
+    return set(chunks.values_list("pk", flat=True))
 
 
 def version(collection: Collection) -> str:
@@ -57,7 +58,7 @@ def _reingest(world) -> None:
 
 # Each service that changes what search can see, run on a collection with one ready document.
 WRITES: dict[str, Callable[[dict], object]] = {
-    "ingest": lambda w: w["ingest_one"](w["docs"], "moon.md", "# Moon\n\nThe moon pulls the sea.\n"),
+    "ingest": lambda w: w["ingest_one"](w["docs"], "moon.md", "# Moon\n\nThe moon pulls tides.\n"),
     "reingest": _reingest,
     "disable": lambda w: document_disable(document=w["document"]),
     "enable": _enable,
