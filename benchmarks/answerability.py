@@ -173,15 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         questions += [(text, prepared.collection.slug, 1, f"{name} in scope") for text in subset.queries.values()]
         print(f"{name}: {len(subset.corpus)} documents, {len(subset.queries)} in-scope queries "
               f"({'reused' if prepared.reused else f'{prepared.ingested} ingested'})", flush=True)
-    from kb import services as kb_services
     from kb.models import Document
+    from kb.services.collections import collection_get_or_create
+    from kb.services.ingest import documents_ingest_batch
+    from kb.services.uploads import documents_upload
 
-    demo = kb_services.collection_get_or_create(slug="answerability-demo", name="Answerability demo")
+    demo = collection_get_or_create(slug="answerability-demo", name="Answerability demo")
     if not Document.objects.filter(collection=demo).exists():
         for path in sorted((ROOT / "fixtures" / "demo").glob("*.md")):
-            outcomes = kb_services.documents_upload(collection=demo, filename=path.name,
+            outcomes = documents_upload(collection=demo, filename=path.name,
                                                     data=path.read_bytes(), queue=False)
-            kb_services.documents_ingest_batch(document_ids=[o.document.pk for o in outcomes if o.document])
+            documents_ingest_batch(document_ids=[o.document.pk for o in outcomes if o.document])
     questions += [(text, demo.slug, 1, "demo in scope") for text in DEMO_QUESTIONS]
     questions += [(text, demo.slug, 0, f"{other} asked of demo") for other in names
                   for text in foreign[other][: args.foreign // 3]]

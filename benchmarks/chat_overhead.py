@@ -78,18 +78,19 @@ def main() -> None:
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
-    from kb import services
     from kb.authentication import api_key_generate, api_key_hash
     from kb.models import ApiKey
+    from kb.services.collections import collection_get_or_create
+    from kb.services.uploads import documents_upload
     from tests.live_server import running_asgi_server
 
     call_command("migrate", verbosity=0)
-    collection = services.collection_get_or_create(slug="demo")
+    collection = collection_get_or_create(slug="demo")
     from django.test.utils import override_settings
 
     with override_settings(KB_TASKS_SYNC=True):
         for path in sorted((ROOT / "fixtures" / "demo").iterdir()):
-            services.documents_upload(collection=collection, filename=path.name, data=path.read_bytes())
+            documents_upload(collection=collection, filename=path.name, data=path.read_bytes())
     user = get_user_model().objects.create_user("bench", password="pw-bench-1234")
     raw_key, prefix = api_key_generate()
     ApiKey.objects.create(name="bench", prefix=prefix, hashed_key=api_key_hash(raw_key), user=user)

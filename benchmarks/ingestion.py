@@ -57,9 +57,13 @@ def main() -> None:
 
     call_command("migrate", verbosity=0, interactive=False)
 
-    from kb import embeddings, services
+    from kb import embeddings
     from kb.ingestion.chunking import embedding_input
     from kb.models import Chunk, Collection, Document
+    from kb.services.collections import collection_get_or_create
+    from kb.services.documents import document_delete
+    from kb.services.ingest import documents_ingest_batch
+    from kb.services.uploads import documents_upload
 
     entries = []
     with args.corpus.open() as handle:
@@ -72,9 +76,9 @@ def main() -> None:
     # A cold cache: vectors of earlier runs would be copied instead of embedded.
     for old in Collection.objects.filter(slug__startswith=SLUG_PREFIX):
         for document in Document.objects.filter(collection=old):
-            services.document_delete(document=document)
+            document_delete(document=document)
         old.delete()
-    collection = services.collection_get_or_create(slug=f"{SLUG_PREFIX}{int(time.time())}")
+    collection = collection_get_or_create(slug=f"{SLUG_PREFIX}{int(time.time())}")
     model = embeddings.embedding_model_active_or_bootstrap()
     backend = embeddings.backend_for(model)
     backend.embed_batch(["warm up the model so neither side pays for loading it"])
@@ -91,7 +95,7 @@ def main() -> None:
         profiler.enable()
     document_ids = []
     for entry in entries:
-        (outcome,) = services.documents_upload(
+        (outcome,) = documents_upload(
             collection=collection, filename=f"{entry['_id']}.txt",
             data=(entry.get("text") or entry.get("title") or "").encode(),
             metadata={"title": entry.get("title") or "", "beir_id": entry["_id"]}, queue=False,
@@ -99,7 +103,7 @@ def main() -> None:
         if outcome.outcome in {"created", "updated"}:
             document_ids.append(outcome.document.pk)
     uploaded = time.perf_counter()
-    services.documents_ingest_batch(document_ids=document_ids, on_embedded=on_embedded)
+    documents_ingest_batch(document_ids=document_ids, on_embedded=on_embedded)
     finished = time.perf_counter()
     if profiler:
         profiler.disable()

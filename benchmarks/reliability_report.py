@@ -48,7 +48,7 @@ PYTEST_TARGETS = [
     "tests/chat/test_access_control.py",
     "tests/kb/test_worker_crash.py",
     "tests/kb/test_reembedding.py",
-    "tests/kb/test_document_ingest.py",
+    "tests/kb/services/test_ingest.py",
     "tests/kb/ingestion/test_archives.py",
     *PARSER_TESTS,
 ]
@@ -240,13 +240,13 @@ def faults_section(cases: list[Case], figures: dict) -> list[str]:
         f"get SIGKILL while embedding | {verdict(worker)} | retry finishes with one generation, "
         f"one vector per chunk, committed vectors reused | "
         f"{pytest_command('tests/kb/test_worker_crash.py')} |")
-    mid_batch = select(cases, "test_document_ingest.py", "provider_failure") + select(
+    mid_batch = select(cases, "test_ingest.py", "provider_failure") + select(
         cases, "test_reembedding.py", "failed_page")
     lines.append(
         f"| Embedding provider fails mid-batch | the provider raises after some batches "
         f"(ingestion and re-embedding) | {verdict(mid_batch)} | the document fails and keeps "
         f"its previous version; a rerun resumes | "
-        f"{pytest_command('tests/kb/test_document_ingest.py', 'tests/kb/test_reembedding.py')} |")
+        f"{pytest_command('tests/kb/services/test_ingest.py', 'tests/kb/test_reembedding.py')} |")
     for fault in ("429 rate limited", "500 server error", "timeout before the first token",
                   "malformed JSON", "connection dropped", "stream cut mid-answer"):
         chosen = select(cases, "test_provider_fault_gives", f"[{fault}-")
@@ -306,13 +306,13 @@ def bad_inputs_section(cases: list[Case], figures: dict) -> list[str]:
             f"{dict(sorted(statuses.items()))}; 5xx outside the known bugs: "
             f"{sum(api.get('failures', {}).values())}; 5xx from known bugs: {known} | "
             f"{pytest_command('tests/reliability/test_fuzz_api.py')} |")
-    hostile = select(cases, "test_document_ingest.py", "bad_files") + select(
-        cases, "test_document_ingest.py", "zip_with_one_bad_member") + select(
-        cases, "test_document_ingest.py", "over_the_size_limit")
+    hostile = select(cases, "test_ingest.py", "bad_files") + select(
+        cases, "test_ingest.py", "zip_with_one_bad_member") + select(
+        cases, "test_ingest.py", "over_the_size_limit")
     lines.append(f"| hostile files through the real upload service (empty, truncated PDF, "
                  f"binary as .txt, HTML as .pdf, executable, oversized, zip with a corrupt member "
                  f"and a traversal entry) | {len(hostile)} files | {verdict(hostile)} | "
-                 f"{pytest_command('tests/kb/test_document_ingest.py')} |")
+                 f"{pytest_command('tests/kb/services/test_ingest.py')} |")
     archives = select(cases, "test_archives.py")
     lines.append(f"| hand-made hostile zips (traversal, absolute paths, symlinks, bombs, lying "
                  f"sizes, encryption, too many entries) | {len(archives)} cases | "

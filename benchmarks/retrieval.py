@@ -129,8 +129,9 @@ def corpus_build(*, target: int, corpus: list[dict], vectors, model, rebuild: bo
     from django.utils import timezone
     from pgvector.psycopg import register_vector
 
-    from kb import embeddings, services
+    from kb import embeddings
     from kb.models import Collection, Document
+    from kb.services.collections import collection_get_or_create
     from search.models import CollectionStatistic
 
     existing = Collection.objects.filter(slug=SLUG).first()
@@ -146,7 +147,7 @@ def corpus_build(*, target: int, corpus: list[dict], vectors, model, rebuild: bo
                            "WHERE c.id = e.chunk_id AND c.collection_id = %s", [existing.pk])
             cursor.execute("DELETE FROM kb_chunk WHERE collection_id = %s", [existing.pk])
         existing.delete()
-    collection = services.collection_get_or_create(slug=SLUG, name="Benchmark 100k")
+    collection = collection_get_or_create(slug=SLUG, name="Benchmark 100k")
     timings = {}
     rng = random.Random(42)
     noise = numpy.random.default_rng(42)

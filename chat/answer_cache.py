@@ -1,9 +1,9 @@
 """The answer cache: an exact match on the normalised question, then a semantic match.
 
 Entries are keyed by a *knowledge-base version*: a string built from the collection's
-`updated_at`, which kb.services bumps on every document change (ingest, disable, enable,
-delete, reindex). An entry written under an older version never matches, and is deleted
-the next time an answer is stored in its scope (not on lookup, which is on the path to
+`updated_at`, which kb.services.collections.collection_touch bumps on every change to
+what search can see (ingest, disable, enable, delete, move, reindex). An entry written
+under an older version never matches, and is deleted the next time an answer is stored in its scope (not on lookup, which is on the path to
 the first token). Deleting or re-uploading a document also deletes
 the entries it was a source of at once (chat.signals).
 """

@@ -6,7 +6,10 @@ class ChatConfig(AppConfig):
     verbose_name = "Chat"
 
     def ready(self) -> None:
-        # chat.signals imports the models, which the app registry allows only once ready.
+        # Both import models, which the app registry allows only once ready: the signal
+        # receivers of the answer cache, and chat.selectors for its registration with
+        # kb.dashboard (the usage dashboard's most-cited documents are read from answers).
+        from chat import selectors  # noqa: F401
         from chat.signals import signals_connect
 
         signals_connect()

@@ -21,6 +21,8 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from django.conf import settings
+from django.contrib.auth.models import AbstractUser
+from django.db import transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
@@ -141,3 +143,31 @@ def budget_check(*, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | No
                 scope=limit.scope,
                 retry_after=seconds_until_reset(),
             )
+
+
+@transaction.atomic
+def budget_set(
+    *, scope: str, user: AbstractUser | None = None, api_key: ApiKey | None = None,
+    changes: dict[str, int | Decimal | None],
+) -> tuple[Budget, bool]:
+    """Create or update the Budget row of a target; only the limits in changes change
+    (None: unlimited). Returns the row and whether it was created."""
+    target = {"scope": scope, "user": user, "api_key": api_key}
+    budget = Budget.objects.select_for_update().filter(**target).first()
+    created = budget is None
+    if budget is None:
+        budget = Budget(**target)
+    for name, value in changes.items():
+        setattr(budget, name, value)
+    budget.full_clean()
+    budget.save()
+    return budget, created
+
+
+def budget_delete(
+    *, scope: str, user: AbstractUser | None = None, api_key: ApiKey | None = None
+) -> bool:
+    """Remove the Budget row of a target, so the KB_BUDGET_* settings apply again;
+    False if there was none."""
+    deleted, _ = Budget.objects.filter(scope=scope, user=user, api_key=api_key).delete()
+    return bool(deleted)

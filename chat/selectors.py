@@ -6,11 +6,14 @@ import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from django.contrib.auth.models import AbstractUser
 from django.contrib.postgres.expressions import ArraySubquery
 from django.contrib.postgres.fields import ArrayField
+from django.db import connection
 from django.db.models import BigIntegerField, Exists, Func, OuterRef, Q, QuerySet
 
 from chat.models import AnswerCacheEntry, Conversation, Message
+from kb.dashboard import CitedDocument, Window, cited_documents_source_set
 from kb.models import ApiKey, Collection, Document
 from kb.providers.base import ChatMessage
 from kb.selectors import collections_visible, documents_visible
@@ -213,3 +216,75 @@ def answer_cache_entries_for_admin(*, user: AbstractBaseUser | AnonymousUser) ->
         source_document_ids__contained_by=readable,
         cited_ids__contained_by=readable,
     )
+
+
+def documents_most_cited(
+    *, period: Window, limit: int = 10, user: AbstractUser | None = None
+) -> list[CitedDocument]:
+    """The documents cited most often by answers in the period.
+
+    A citation counts when the answer actually cites it: each assistant message keeps the
+    passages it was given (`citations`, numbered n = 1, 2, ... as in the prompt) and the
+    numbers its text cites (`cited`); a passage counts when its n is in `cited`. Answers
+    served from the answer cache count too: a reader saw those citations. `citations` is
+    the number of cited passages from the document, `answers` the number of answers citing
+    it. One query for a period of any size (_cited_rows).
+
+    `user` is the viewer: only documents in collections they may read are counted (deleted
+    ones, whose collection is unknown, only for superusers), as in the document admin.
+    None is the system itself (kb_usage).
+    """
+    rows = _cited_rows(period=period, limit=limit, user=user)
+    documents = Document.objects.in_bulk([row[0] for row in rows if row[0] is not None])
+    result = []
+    for document_id, title, citations, answers in rows:
+        document = documents.get(document_id)
+        result.append(CitedDocument(
+            document_id=document_id,
+            title=str(document) if document else (title or f"Document {document_id}"),
+            citations=citations,
+            answers=answers,
+            exists=document is not None,
+        ))
+    return result
+
+
+def _cited_rows(*, period: Window, limit: int, user: AbstractUser | None) -> list[tuple]:
+    """(document id, title, citations, answers), most cited first: the passages unnested in
+    SQL (`jsonb_array_elements ... WITH ORDINALITY`; the ordinal stands in for a missing n)."""
+    table = connection.ops.quote_name(Message._meta.db_table)
+    params: list = [Message.Role.ASSISTANT, period.since, period.until]
+    visible_sql = ""
+    if user is not None and not user.is_superuser:
+        visible = Document.objects.filter(
+            collection__in=collections_visible(user=user)).values("pk").query.sql_with_params()
+        visible_sql = f"AND (passage.value ->> 'document_id')::bigint IN ({visible[0]})"
+        params += list(visible[1])
+    sql = f"""
+        SELECT (passage.value ->> 'document_id')::bigint AS document_id,
+               max(passage.value ->> 'document_title') AS title,
+               count(*) AS citations,
+               count(DISTINCT message.id) AS answers
+        FROM {table} AS message
+        CROSS JOIN LATERAL jsonb_array_elements(
+            CASE WHEN jsonb_typeof(message.citations) = 'array' THEN message.citations
+                 ELSE '[]'::jsonb END
+        ) WITH ORDINALITY AS passage(value, ordinal)
+        WHERE message.role = %s
+          AND message.created_at >= %s AND message.created_at < %s
+          AND passage.value ? 'document_id'
+          AND jsonb_typeof(message.cited) = 'array'
+          AND message.cited @> jsonb_build_array(
+                coalesce((passage.value ->> 'n')::int, passage.ordinal::int))
+          {visible_sql}
+        GROUP BY 1
+        ORDER BY citations DESC, answers DESC, document_id
+        LIMIT %s
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, limit])
+        return cursor.fetchall()
+
+
+# The usage dashboard (kb) reads the most-cited documents from chat's answers through this.
+cited_documents_source_set(documents_most_cited)

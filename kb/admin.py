@@ -10,8 +10,8 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
-from django.db.models import F, Q
-from django.http import HttpRequest, JsonResponse
+from django.db.models import F, Q, QuerySet
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -19,10 +19,12 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import ngettext
 
-from kb import api_key_access, embeddings, selectors, services, tasks
+from kb import api_key_access, embeddings, selectors
 from kb.ingestion import sniff
 from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel, UsageRecord
 from kb.providers import registry
+from kb.ratelimits import rate_limit_parse
+from kb.services import api_keys, collections, documents, embedding_models, uploads
 
 # Short names for the document list; any other type shows as it is.
 DOCUMENT_KINDS = {
@@ -115,7 +117,7 @@ class CollectionForm(forms.ModelForm):
 class CollectionAdmin(admin.ModelAdmin):
     form = CollectionForm
     list_display = ["name", "slug", "text_search_config", "is_public", "documents", "ready",
-                    "chunks", "updated_at"]
+                    "chunks", "index_status", "updated_at"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
 
@@ -143,12 +145,21 @@ class CollectionAdmin(admin.ModelAdmin):
     def chunks(self, obj):
         return obj.chunk_count
 
-    def save_model(self, request, obj, form, change):
+    @admin.display(description="Index", ordering="reindex_status")
+    def index_status(self, obj: Collection) -> str:
+        if obj.reindex_status == Collection.ReindexStatus.FAILED:
+            return f"{obj.get_reindex_status_display()}: {obj.reindex_error[:200]}"
+        return obj.get_reindex_status_display()
+
+    def save_model(self, request: HttpRequest, obj: Collection, form: forms.ModelForm,
+                   change: bool) -> None:
         super().save_model(request, obj, form, change)
         if change and "text_search_config" in form.changed_data:
-            count = services.collection_reindex(collection=obj)
+            count = collections.collection_reindex_queue(collection=obj)
             self.message_user(
-                request, f"Re-indexed {chunk_count_text(count)} with “{obj.text_search_config}”.")
+                request,
+                f"Re-indexing {chunk_count_text(count)} with “{obj.text_search_config}” in the "
+                "background; the Index column shows when it is done.")
 
 
 class ChunkInline(admin.TabularInline):
@@ -298,16 +309,16 @@ class DocumentAdmin(admin.ModelAdmin):
         documents = self.get_queryset(request).filter(pk__in=ids)
         return JsonResponse({"documents": [document_progress_payload(d) for d in documents]})
 
-    def upload_view(self, request: HttpRequest):
-        services.upload_permission_check(user=request.user)
+    def upload_view(self, request: HttpRequest) -> HttpResponse:
+        uploads.upload_permission_check(user=request.user)
         form = UploadForm(request.POST or None, request.FILES or None)
         form.fields["collection"].queryset = selectors.collections_visible(user=request.user)
         if request.method == "POST" and form.is_valid():
-            outcomes = services.documents_upload_files(
+            outcomes = uploads.documents_upload_files(
                 collection=form.cleaned_data["collection"], files=form.cleaned_data["files"],
                 uploaded_by=request.user,
             )
-            self._report_outcomes(request, services.upload_outcomes_refresh(outcomes=outcomes))
+            self._report_outcomes(request, uploads.upload_outcomes_refresh(outcomes=outcomes))
             return redirect("admin:kb_document_changelist")
         context = {
             **self.admin_site.each_context(request),
@@ -319,7 +330,7 @@ class DocumentAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/kb/document/upload.html", context)
 
     def _report_outcomes(self, request, outcomes) -> None:
-        summary = services.upload_summary(outcomes=outcomes)
+        summary = uploads.upload_summary(outcomes=outcomes)
         failed_url = reverse("admin:kb_document_changelist") + "?status__exact=failed"
         if summary.rejected or summary.failed:
             level = messages.WARNING
@@ -347,13 +358,13 @@ class DocumentAdmin(admin.ModelAdmin):
 
     @admin.action(description="Reprocess selected documents")
     def reprocess(self, request, queryset):
-        queued = sum(services.document_retry(document=d) for d in queryset)
+        queued = sum(documents.document_retry(document=d) for d in queryset)
         self.message_user(request, ngettext("%d document queued.", "%d documents queued.", queued) % queued)
 
     @admin.action(description="Retry failed documents")
     def retry_failed(self, request, queryset):
         queued = sum(
-            services.document_retry(document=d)
+            documents.document_retry(document=d)
             for d in queryset.filter(status=Document.Status.FAILED)
         )
         self.message_user(request, ngettext("%d document queued.", "%d documents queued.", queued) % queued)
@@ -362,7 +373,7 @@ class DocumentAdmin(admin.ModelAdmin):
     def disable(self, request, queryset):
         count = 0
         for document in queryset:
-            services.document_disable(document=document)
+            documents.document_disable(document=document)
             count += 1
         self.message_user(request, ngettext("Disabled %d document.", "Disabled %d documents.", count)
                           % count)
@@ -371,7 +382,7 @@ class DocumentAdmin(admin.ModelAdmin):
     def enable(self, request, queryset):
         count = 0
         for document in queryset.filter(status=Document.Status.DISABLED):
-            services.document_enable(document=document)
+            documents.document_enable(document=document)
             count += 1
         self.message_user(request, ngettext("Enabled %d document.", "Enabled %d documents.", count)
                           % count)
@@ -385,8 +396,9 @@ class DocumentAdmin(admin.ModelAdmin):
             moved = 0
             for document in queryset:
                 try:
-                    services.document_move(document=document, collection=target, actor=request.user)
-                except (PermissionDenied, services.DocumentMoveRefused) as exc:
+                    documents.document_move(document=document, collection=target,
+                                            actor=request.user)
+                except (PermissionDenied, documents.DocumentMoveRefused) as exc:
                     self.message_user(request, f"{document}: {exc}", messages.ERROR)
                     continue
                 moved += 1
@@ -406,11 +418,11 @@ class DocumentAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/kb/document/move.html", context)
 
     def delete_model(self, request, obj):
-        services.document_delete(document=obj)
+        documents.document_delete(document=obj)
 
     def delete_queryset(self, request, queryset):
         for document in queryset:
-            services.document_delete(document=document)
+            documents.document_delete(document=document)
 
 
 class SelectWithUnavailable(forms.Select):
@@ -490,18 +502,18 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
             return "–"
         return f"{obj.chunks_embedded}/{obj.chunks_total} ({100 * obj.chunks_embedded // obj.chunks_total}%)"
 
-    def reembed_view(self, request: HttpRequest):
+    def reembed_view(self, request: HttpRequest) -> HttpResponse:
         # Re-embedding the whole knowledge base is a change to the embedding models.
         if not self.has_change_permission(request):
             raise PermissionDenied("Re-embedding needs the “Can change embedding model” permission.")
         form = ReembedForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             try:
-                model = embeddings.reembed_start(key=form.cleaned_data["key"])
+                model = embedding_models.reembed_queue(key=form.cleaned_data["key"],
+                                                       activate=form.cleaned_data["activate"])
             except embeddings.EmbeddingModelError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
             else:
-                tasks.enqueue("kb.tasks.reembed_task", model.pk, form.cleaned_data["activate"])
                 self.message_user(
                     request,
                     f"Re-embedding with {model.key} started in the background; search keeps "
@@ -528,15 +540,16 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
         self.message_user(request, "Cancelled; the job stops after its current page.")
 
     @admin.action(description="Drop vectors (inactive models only)")
-    def drop_vectors(self, request, queryset):
+    def drop_vectors(self, request: HttpRequest, queryset: QuerySet[EmbeddingModel]) -> None:
         for model in queryset:
             try:
-                count = embeddings.embedding_model_drop_vectors(model=model)
-                self.message_user(request, ngettext(
-                    "Dropped %(count)s vector of %(key)s.", "Dropped %(count)s vectors of %(key)s.",
-                    count) % {"count": f"{count:,}", "key": model.key})
+                embedding_models.embedding_model_drop_vectors_queue(model=model)
             except embeddings.EmbeddingModelError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
+            else:
+                self.message_user(
+                    request, f"Dropping the vectors of {model.key} in the background; its "
+                             "status shows Retired when they are gone.")
 
 
 @admin.register(UsageRecord)
@@ -581,11 +594,9 @@ class ApiKeyForm(forms.ModelForm):
     def clean_rate_limit(self) -> str:
         value = self.cleaned_data["rate_limit"].strip()
         if value:
-            from django_ratelimit.core import _split_rate
-
             try:
-                _split_rate(value)
-            except (ValueError, KeyError, AttributeError):  # AttributeError: no N/unit at all
+                rate_limit_parse(value)
+            except ValueError:
                 raise forms.ValidationError("Use the form N/s, N/m, N/h or N/d, e.g. 600/m.") from None
         return value
 
@@ -628,10 +639,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
         form = super().get_form(request, obj, change=change, **kwargs)
         return type(form.__name__, (form,), {"granter": request.user})
 
-    def save_model(self, request, obj, form, change):
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm,
+                   change: bool) -> None:
         if not change:
             # The form saves the chosen collections itself (save_related), after this.
-            _, raw_key = services.api_key_create(
+            _, raw_key = api_keys.api_key_create(
                 user=obj.user, name=obj.name, rate_limit=obj.rate_limit, api_key=obj)
             self.message_user(
                 request,

@@ -13,10 +13,10 @@ from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from kb import services
 from kb.models import ApiKey, Chunk, Collection, Document
 from kb.ratelimits import rate_limit_enforce
 from kb.selectors import collections_visible, collections_with_counts, documents_visible
+from kb.services import uploads
 
 
 class CollectionSerializer(serializers.ModelSerializer):
@@ -136,7 +136,7 @@ class DocumentListCreate(generics.ListAPIView):
     def post(self, request: Request) -> Response:
         rate_limit_enforce(request, group="upload")
         try:
-            services.upload_permission_check(user=request.user)
+            uploads.upload_permission_check(user=request.user)
         except DjangoPermissionDenied as exc:
             raise PermissionDenied(str(exc)) from None
         if not isinstance(request.data, Mapping):
@@ -152,10 +152,10 @@ class DocumentListCreate(generics.ListAPIView):
         ).first()
         if collection is None:
             raise ValidationError({"collection": [f"No collection “{slug}” that you can write to."]})
-        outcomes = services.upload_outcomes_refresh(outcomes=services.documents_upload_files(
+        outcomes = uploads.upload_outcomes_refresh(outcomes=uploads.documents_upload_files(
             collection=collection, files=serializer.validated_data["file"], uploaded_by=request.user,
         ))
-        summary = services.upload_summary(outcomes=outcomes)
+        summary = uploads.upload_summary(outcomes=outcomes)
         body = {
             "results": [
                 {"filename": o.filename, "outcome": o.outcome, "message": o.message,

@@ -76,16 +76,17 @@ def schedules_ensure() -> None:
 
 def demo_corpus_load() -> int:
     """Queue the demo documents on the first run; returns how many were queued."""
-    from kb import services
     from kb.models import Document
+    from kb.services import collections, uploads
 
-    collection = services.collection_get_or_create(slug=DEMO_COLLECTION, name="Demo: about this product")
+    collection = collections.collection_get_or_create(
+        slug=DEMO_COLLECTION, name="Demo: about this product")
     if Document.objects.filter(collection=collection).exists() or not DEMO_DIR.is_dir():
         return 0
     queued = 0
     for path in sorted(DEMO_DIR.iterdir()):
         if path.is_file() and not path.name.startswith("."):
-            outcomes = services.documents_upload(
+            outcomes = uploads.documents_upload(
                 collection=collection, filename=path.name, data=path.read_bytes()
             )
             queued += sum(1 for outcome in outcomes if outcome.accepted)

@@ -7,18 +7,17 @@ model: a cache hit costs nothing and takes no time, and would drag p50 towards z
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 
-from django.db import connection
+from django.contrib.auth.models import AbstractUser
 from django.db.models import Aggregate, Count, DecimalField, F, FloatField, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
-from kb.models import Document, UsageRecord
-from kb.selectors import collections_visible
+from kb.models import UsageRecord
 
 
 class PercentileCont(Aggregate):
@@ -271,66 +270,23 @@ class CitedDocument:
     exists: bool
 
 
-def documents_most_cited(*, period: Window, limit: int = 10, user=None) -> list[CitedDocument]:
-    """The documents cited most often by answers in the period.
+# Who answers "which documents do answers cite": chat registers its selector in its
+# AppConfig.ready, because the answers are chat's (kb imports nothing from chat).
+CitedDocumentsSource = Callable[..., list[CitedDocument]]
+_cited_documents_source: CitedDocumentsSource | None = None
 
-    A citation counts when the answer actually cites it: each assistant message keeps the
-    passages it was given (`citations`, numbered n = 1, 2, ... as in the prompt) and the
-    numbers its text cites (`cited`); a passage counts when its n is in `cited`. Answers
-    served from the answer cache count too: a reader saw those citations. `citations` is
-    the number of cited passages from the document, `answers` the number of answers citing
-    it. Unnested in SQL (`jsonb_array_elements ... WITH ORDINALITY`; the ordinal stands in
-    for a missing n) so a period of any size is one query.
 
-    `user` is the viewer: only documents in collections they may read are counted (deleted
-    ones, whose collection is unknown, only for superusers), as in the document admin.
-    None is the system itself (kb_usage).
-    """
-    try:
-        from chat.models import Message
-    except ImportError:  # chat is an optional app; without it nothing is cited
+def cited_documents_source_set(source: CitedDocumentsSource | None) -> None:
+    """Register the function that reads the most-cited documents (chat does, at startup)."""
+    global _cited_documents_source
+    _cited_documents_source = source
+
+
+def documents_most_cited(
+    *, period: Window, limit: int = 10, user: AbstractUser | None = None
+) -> list[CitedDocument]:
+    """The documents cited most often by answers in the period (chat.selectors reads them);
+    none without an app that answers. user is the viewer, None the system (kb_usage)."""
+    if _cited_documents_source is None:
         return []
-    table = connection.ops.quote_name(Message._meta.db_table)
-    params: list = [Message.Role.ASSISTANT, period.since, period.until]
-    visible_sql = ""
-    if user is not None and not user.is_superuser:
-        visible = Document.objects.filter(
-            collection__in=collections_visible(user=user)).values("pk").query.sql_with_params()
-        visible_sql = f"AND (passage.value ->> 'document_id')::bigint IN ({visible[0]})"
-        params += list(visible[1])
-    sql = f"""
-        SELECT (passage.value ->> 'document_id')::bigint AS document_id,
-               max(passage.value ->> 'document_title') AS title,
-               count(*) AS citations,
-               count(DISTINCT message.id) AS answers
-        FROM {table} AS message
-        CROSS JOIN LATERAL jsonb_array_elements(
-            CASE WHEN jsonb_typeof(message.citations) = 'array' THEN message.citations
-                 ELSE '[]'::jsonb END
-        ) WITH ORDINALITY AS passage(value, ordinal)
-        WHERE message.role = %s
-          AND message.created_at >= %s AND message.created_at < %s
-          AND passage.value ? 'document_id'
-          AND jsonb_typeof(message.cited) = 'array'
-          AND message.cited @> jsonb_build_array(
-                coalesce((passage.value ->> 'n')::int, passage.ordinal::int))
-          {visible_sql}
-        GROUP BY 1
-        ORDER BY citations DESC, answers DESC, document_id
-        LIMIT %s
-    """
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, limit])
-        rows = cursor.fetchall()
-    documents = Document.objects.in_bulk([row[0] for row in rows if row[0] is not None])
-    result = []
-    for document_id, title, citations, answers in rows:
-        document = documents.get(document_id)
-        result.append(CitedDocument(
-            document_id=document_id,
-            title=str(document) if document else (title or f"Document {document_id}"),
-            citations=citations,
-            answers=answers,
-            exists=document is not None,
-        ))
-    return result
+    return _cited_documents_source(period=period, limit=limit, user=user)

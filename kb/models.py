@@ -16,6 +16,12 @@ from pgvector.django import VectorField
 class Collection(models.Model):
     """A named set of documents searched together, with its own text-search language."""
 
+    class ReindexStatus(models.TextChoices):
+        CURRENT = "current", "Up to date"
+        QUEUED = "queued", "Re-index queued"
+        RUNNING = "running", "Re-indexing"
+        FAILED = "failed", "Re-index failed"
+
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
     description = models.TextField(blank=True)
@@ -30,7 +36,13 @@ class Collection(models.Model):
         settings.AUTH_USER_MODEL, blank=True, related_name="kb_collections"
     )
     allowed_groups = models.ManyToManyField("auth.Group", blank=True, related_name="kb_collections")
+    # A change of text_search_config re-indexes the chunks in a queued task (kb.tasks).
+    reindex_status = models.CharField(max_length=16, choices=ReindexStatus.choices,
+                                      default=ReindexStatus.CURRENT)
+    reindex_error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # The version cached answers are keyed by: bumped only through
+    # kb.services.collections.collection_touch (chat.answer_cache.kb_version reads it).
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -53,6 +65,7 @@ class EmbeddingModel(models.Model):
         ACTIVE = "active", "Active"
         CANCELLED = "cancelled", "Cancelled"
         RETIRED = "retired", "Retired"
+        DROPPING = "dropping", "Dropping vectors"
 
     key = models.SlugField(max_length=64, unique=True, help_text="Key in KB_PROVIDERS['embedding'].")
     backend = models.CharField(max_length=255)

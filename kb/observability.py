@@ -13,8 +13,8 @@ One id follows a piece of work everywhere it goes:
   worker for the task's duration. A task queued outside a request runs under its own
   django-q task id.
 
-kb.tasks connects the task receivers when it is imported, which every process does
-(the admin's autodiscovery imports kb.admin, which imports kb.tasks). This module itself
+kb.queue connects the task receivers when it is imported, which every process does
+(the admin's autodiscovery imports kb.admin, whose services import kb.queue). This module itself
 must stay importable before the app registry is ready: the LOGGING setting names its
 formatter and filter.
 """
@@ -212,7 +212,7 @@ _task_tokens: dict[str, Token] = {}
 
 def task_signals_connect() -> None:
     """Carry the request id through django-q2: into the task package, and back out in the
-    worker while the task runs. Called by kb.tasks at import; idempotent."""
+    worker while the task runs. Called by kb.queue at import; idempotent."""
     # Imported here: django_q.signals loads django_q's models, and this module is imported
     # by the LOGGING setting before the app registry is ready.
     from django_q.signals import post_execute_in_worker, pre_enqueue, pre_execute

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
 
 from django.conf import settings
 from django_ratelimit.core import get_usage
 from rest_framework.exceptions import Throttled
 
 from kb.models import ApiKey
+
+# django-ratelimit's rate syntax, which reads it with `re.match` (a prefix) and has no public
+# parser: N/ then an optional multiplier and unit, the unit seconds when absent ("10/5m").
+_RATE = re.compile(r"(\d+)/(\d*)([smhd])?")
+_PERIOD_SECONDS = {"s": 1, "m": 60, "h": 60 * 60, "d": 24 * 60 * 60}
 
 
 def caller_key(group: str, request) -> str:
@@ -35,3 +41,13 @@ def rate_limit_enforce(request, *, group: str) -> None:
             detail=f"Rate limit for {group} reached ({rate}). "
             "Retry after the number of seconds in Retry-After.",
         )
+
+
+def rate_limit_parse(rate: str) -> tuple[int, int]:
+    """(requests, seconds) of a rate such as 600/m, read as django-ratelimit reads it;
+    ValueError for a rate it would fail on."""
+    match = _RATE.match(rate)
+    if match is None:
+        raise ValueError(f"Not a rate: {rate!r}; use N/s, N/m, N/h or N/d, e.g. 600/m.")
+    count, multiplier, unit = match.groups()
+    return int(count), _PERIOD_SECONDS[unit or "s"] * int(multiplier or 1)

@@ -1,25 +1,16 @@
-"""django-q2 entry points: an id goes in, a service is called. Nothing else lives here."""
+"""django-q2 entry points: an id goes in, a service is called. Nothing else lives here.
+
+Tasks are queued with kb.queue.enqueue, which services import without importing this.
+"""
 
 from __future__ import annotations
 
-from django.conf import settings
-from django_q.tasks import async_task
-
-from kb import embeddings, observability, services
-
-# Queued tasks carry the current request id to the worker, which sets it while they run.
-observability.task_signals_connect()
-
-def enqueue(task_path: str, *args, **kwargs) -> str:
-    """Queue a task by dotted path; runs inline when KB_TASKS_SYNC is set (tests, --sync).
-
-    The current request id travels with the task (kb.observability).
-    """
-    return async_task(task_path, *args, sync=settings.KB_TASKS_SYNC, **kwargs)
+from kb import embeddings
+from kb.services import collections, documents, embedding_models, ingest
 
 
 def document_ingest_task(document_id: int) -> str:
-    document = services.document_ingest(document_id=document_id)
+    document = ingest.document_ingest(document_id=document_id)
     return document.status if document is not None else "deleted"
 
 
@@ -28,4 +19,12 @@ def reembed_task(embedding_model_id: int, activate: bool = False) -> str:
 
 
 def documents_mark_stalled_task() -> int:
-    return services.documents_mark_stalled()
+    return documents.documents_mark_stalled()
+
+
+def collection_reindex_task(collection_id: int) -> str:
+    return collections.collection_reindex_run(collection_id=collection_id)
+
+
+def embedding_model_drop_vectors_task(embedding_model_id: int) -> int:
+    return embedding_models.embedding_model_drop_vectors_run(embedding_model_id=embedding_model_id)

@@ -23,9 +23,12 @@ from django.db import connection
 from django.db.models import Exists, OuterRef
 from django.test.utils import override_settings
 
-from kb import services as kb_services
 from kb.embeddings import embedding_model_active_or_bootstrap
 from kb.models import Chunk, ChunkEmbedding, Collection, Document, EmbeddingModel
+from kb.services.collections import collection_get_or_create, collection_reindex
+from kb.services.documents import document_delete
+from kb.services.ingest import documents_ingest_batch
+from kb.services.uploads import documents_upload
 from search import query_embedding, services
 from search.models import CollectionStatistic
 
@@ -180,13 +183,13 @@ def eval_collection_prepare(
     re-ingests every document, reusing cached vectors where the inputs are unchanged).
     `progress(done, total)` is called after each group of documents.
     """
-    collection = kb_services.collection_get_or_create(
+    collection = collection_get_or_create(
         slug=eval_collection_slug(dataset=dataset), name=f"BEIR {dataset.name}"
     )
     if collection.text_search_config != "english":
         Collection.objects.filter(pk=collection.pk).update(text_search_config="english")
         collection.refresh_from_db()
-        kb_services.collection_reindex(collection=collection)
+        collection_reindex(collection=collection)
     # Make sure an embedding model is active first: the fingerprint names it.
     embedding_model_active_or_bootstrap()
     fingerprint = eval_fingerprint(dataset=dataset)
@@ -300,7 +303,7 @@ def _sync_documents(
         content_hash__in=list(entries_by_hash)
     ) | Document.objects.filter(collection=collection, status=Document.Status.FAILED)
     for document in list(stale):
-        kb_services.document_delete(document=document)
+        document_delete(document=document)
         existing.pop(document.content_hash, None)
     to_ingest: list[int] = []
     for content_hash, entries in entries_by_hash.items():
@@ -308,7 +311,7 @@ def _sync_documents(
         if status == Document.Status.READY and not reingest_all:
             continue
         entry = entries[0]
-        (outcome,) = kb_services.documents_upload(
+        (outcome,) = documents_upload(
             collection=collection, filename=f"{entry.doc_id}.txt", data=entry.data,
             metadata={"title": entry.title, "beir_id": entry.doc_id}, queue=False,
         )
@@ -319,7 +322,7 @@ def _sync_documents(
     to_ingest = list(dict.fromkeys(to_ingest))
     for start in range(0, len(to_ingest), INGEST_GROUP):
         group = to_ingest[start : start + INGEST_GROUP]
-        for document in kb_services.documents_ingest_batch(document_ids=group, on_embedded=on_embedded):
+        for document in documents_ingest_batch(document_ids=group, on_embedded=on_embedded):
             if document.status != Document.Status.READY:
                 result.failures.append((document.original_filename, document.error_message))
         result.ingested += len(group)

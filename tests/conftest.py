@@ -26,21 +26,21 @@ def _isolated_settings(settings, tmp_path):
 
 @pytest.fixture
 def collection(db):
-    from kb import services
+    from kb.services.collections import collection_get_or_create
 
-    return services.collection_get_or_create(slug="docs", name="Docs")
+    return collection_get_or_create(slug="docs", name="Docs")
 
 
 @pytest.fixture
 def ingest(db, django_capture_on_commit_callbacks):
     """Upload files through the real service and run their ingestion inline."""
-    from kb import services
+    from kb.services.uploads import documents_upload
 
     def _ingest(collection, filename: str, data: bytes | str, **kwargs):
         if isinstance(data, str):
             data = data.encode()
         with django_capture_on_commit_callbacks(execute=True):
-            outcomes = services.documents_upload(
+            outcomes = documents_upload(
                 collection=collection, filename=filename, data=data, **kwargs
             )
         for outcome in outcomes:

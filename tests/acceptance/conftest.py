@@ -41,14 +41,14 @@ _SETUP = f"""
 import json
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
-from kb import services
+from kb.services.collections import collection_get_or_create
 from kb.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
 
 User = get_user_model()
-services.collection_get_or_create(slug="handbook", name="Handbook")
-services.collection_get_or_create(slug="api-uploads", name="API uploads")
-restricted = services.collection_get_or_create(slug="{RESTRICTED}", name="Harbour operations")
+collection_get_or_create(slug="handbook", name="Handbook")
+collection_get_or_create(slug="api-uploads", name="API uploads")
+restricted = collection_get_or_create(slug="{RESTRICTED}", name="Harbour operations")
 restricted.is_public = False
 restricted.save()
 editor = User.objects.create_user("{EDITOR[0]}", password="{EDITOR[1]}", is_staff=True)

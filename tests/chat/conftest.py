@@ -173,12 +173,12 @@ def private_and_public(django_user_model, ingest_one):
 
     from django.test import Client
 
-    from kb import services
+    from kb.services.collections import collection_get_or_create
 
     def _make(*, username: str, slug: str, private_doc: tuple[str, str],
               public_doc: tuple[str, str]):
-        general = services.collection_get_or_create(slug="general")
-        private = services.collection_get_or_create(slug=slug)
+        general = collection_get_or_create(slug="general")
+        private = collection_get_or_create(slug=slug)
         private.is_public = False
         private.save()
         user = django_user_model.objects.create_user(username, password=f"pw-{username}-11")

@@ -9,9 +9,9 @@ from django.contrib.auth.models import Group
 from django.test import Client
 
 from chat.models import AnswerCacheEntry
-from kb import services
 from kb.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
+from kb.services.collections import collection_get_or_create
 
 pytestmark = pytest.mark.django_db
 
@@ -27,8 +27,8 @@ PARAPHRASE = "When does the Project Nightjar deal close and what is it?"
 def world(django_user_model, ingest_one, generative):
     # The fake model always gives this reply; what matters is which passages back it.
     generative.chat_reply = "Project Nightjar is an acquisition [1]."
-    public = services.collection_get_or_create(slug="public")
-    board = services.collection_get_or_create(slug="board")
+    public = collection_get_or_create(slug="public")
+    board = collection_get_or_create(slug="board")
     board.is_public = False
     board.save()
     group = Group.objects.create(name="board")

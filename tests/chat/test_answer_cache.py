@@ -7,8 +7,8 @@ import pytest
 from chat import services
 from chat.events import Citations, Done, Meta
 from chat.models import AnswerCacheEntry, Message
-from kb import services as kb_services
 from kb.models import Document
+from kb.services.documents import document_disable, document_enable
 from tests.chat.conftest import HANDBOOK, QUESTION, ask, chat_requests, chat_usage, of_type, text_of
 
 pytestmark = pytest.mark.django_db
@@ -61,10 +61,10 @@ def test_disabling_a_source_document_invalidates_the_cache(corpus, generative, u
     """Disable (and enable) bump the collection's version, so the old answer never matches."""
     ask(QUESTION, user=user)
     handbook = Document.objects.get(original_filename="handbook.md")
-    kb_services.document_disable(document=handbook)
+    document_disable(document=handbook)
 
     while_disabled = ask(QUESTION, user=user)
-    kb_services.document_enable(document=handbook)
+    document_enable(document=handbook)
     ask(QUESTION, user=user)
 
     assert services.NOTICE_NO_PASSAGES in of_type(while_disabled, Meta)[0].notice

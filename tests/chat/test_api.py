@@ -333,9 +333,9 @@ def test_chat_page_redirects_anonymous_users_to_login():
 
 
 def test_chat_page_offers_visible_collections(client, corpus):
-    from kb import services as kb_services
+    from kb.services.collections import collection_get_or_create
 
-    kb_services.collection_get_or_create(slug="empty", name="An empty one")
+    collection_get_or_create(slug="empty", name="An empty one")
 
     response = client.get("/chat/")
 

@@ -6,9 +6,16 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from chat.budgets import BudgetExceeded, budget_check, seconds_until_reset
+from chat.budgets import (
+    BudgetExceeded,
+    budget_check,
+    budget_delete,
+    budget_set,
+    seconds_until_reset,
+)
 from chat.models import Budget
 from kb.models import UsageRecord
 from kb.usage import usage_record_create
@@ -76,3 +83,34 @@ def test_yesterday_and_cache_hits_do_not_count(settings, user):
 
 def test_reset_is_within_a_day():
     assert 0 < seconds_until_reset() <= 24 * 3600 + 1
+
+
+def test_budget_set_creates_then_changes_only_the_limits_given(user):
+    """One row per target: a second call updates it, leaving the limits it does not name."""
+    budget, created = budget_set(
+        scope=Budget.Scope.USER, user=user,
+        changes={"daily_token_limit": 1000, "daily_cost_limit_usd": Decimal("2")})
+    assert created
+    again, created = budget_set(scope=Budget.Scope.USER, user=user,
+                                changes={"daily_token_limit": None})
+    assert not created and again.pk == budget.pk
+    again.refresh_from_db()
+    assert (again.daily_token_limit, again.daily_cost_limit_usd) == (None, Decimal("2.0000"))
+    assert Budget.objects.count() == 1
+
+
+def test_budget_set_refuses_a_target_that_does_not_match_its_scope(user):
+    with pytest.raises(ValidationError):
+        budget_set(scope=Budget.Scope.GLOBAL, user=user, changes={"daily_token_limit": 1})
+    assert not Budget.objects.exists()
+
+
+def test_budget_delete_returns_to_the_settings(settings, user):
+    settings.KB_BUDGET_USER_DAILY_TOKENS = 0
+    budget_set(scope=Budget.Scope.USER, user=user, changes={"daily_token_limit": 10})
+    spend(50, user=user)
+    with pytest.raises(BudgetExceeded):
+        budget_check(user=user, api_key=None)
+    assert budget_delete(scope=Budget.Scope.USER, user=user)
+    assert not budget_delete(scope=Budget.Scope.USER, user=user)
+    budget_check(user=user, api_key=None)

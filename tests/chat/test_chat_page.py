@@ -9,7 +9,7 @@ from django.test import Client
 
 from chat.api import MAX_MESSAGE_CHARS
 from chat.models import Conversation
-from kb import services
+from kb.services.collections import collection_get_or_create
 
 pytestmark = pytest.mark.django_db
 
@@ -46,9 +46,9 @@ def test_question_box_shows_the_server_limit(page):
 
 def test_page_starts_on_the_collection_last_used(page, reader):
     """The collection of the user's latest conversation is preselected, not Demo."""
-    demo = services.collection_get_or_create(slug="demo", name="Demo")
-    services.collection_get_or_create(slug="handbook", name="Handbook")
-    team = services.collection_get_or_create(slug="team", name="Team")
+    demo = collection_get_or_create(slug="demo", name="Demo")
+    collection_get_or_create(slug="handbook", name="Handbook")
+    team = collection_get_or_create(slug="team", name="Team")
     assert selected_collection(page()) == "demo"
 
     Conversation.objects.create(user=reader, collection=demo, title="older")
@@ -58,8 +58,8 @@ def test_page_starts_on_the_collection_last_used(page, reader):
 
 def test_last_used_collection_no_longer_visible_is_not_offered(page, reader):
     """A last-used collection the user may no longer read falls back to the usual default."""
-    services.collection_get_or_create(slug="demo", name="Demo")
-    gone = services.collection_get_or_create(slug="secret", name="Secret")
+    collection_get_or_create(slug="demo", name="Demo")
+    gone = collection_get_or_create(slug="secret", name="Secret")
     Conversation.objects.create(user=reader, collection=gone, title="before the change")
     gone.is_public = False
     gone.save()

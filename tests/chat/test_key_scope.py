@@ -8,9 +8,9 @@ import pytest
 from django.test import Client
 
 from chat.models import Message
-from kb import services
 from kb.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
+from kb.services.documents import document_disable
 
 pytestmark = pytest.mark.django_db
 
@@ -74,7 +74,7 @@ def test_citations_of_documents_no_longer_readable_are_dropped(world):
     """A citation of a document the caller can no longer read is not served back."""
     from kb.models import Document
 
-    services.document_disable(document=Document.objects.get(original_filename="salaries.md"))
+    document_disable(document=Document.objects.get(original_filename="salaries.md"))
     full = _client_for(world["user"])
     body = full.get(f"/api/v1/chat/messages/{_answer_id(world['scoped'])}").json()
     assert body["citations"] == [] and body["cited"] == []

@@ -29,11 +29,12 @@ def test_progress_updates_without_a_reload(page, browser, client, admin_user, tm
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from kb import services
     from kb.models import Document
+    from kb.services.collections import collection_get_or_create
+    from kb.services.uploads import document_upload
 
-    collection = services.collection_get_or_create(slug="docs", name="Docs")
-    document = services.document_upload(collection=collection, filename="notes.md",
+    collection = collection_get_or_create(slug="docs", name="Docs")
+    document = document_upload(collection=collection, filename="notes.md",
                                         data=b"# Notes\n\nTides.", queue=False).document
     client.force_login(admin_user)
     path = (reverse("admin:kb_document_changelist") if page == "list"

@@ -24,10 +24,10 @@ def test_limit_warning_and_remembered_collection(browser, django_user_model):  #
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from chat.api import MAX_MESSAGE_CHARS
-    from kb import services
+    from kb.services.collections import collection_get_or_create
 
-    services.collection_get_or_create(slug="demo", name="Demo")
-    services.collection_get_or_create(slug="team", name="Team")
+    collection_get_or_create(slug="demo", name="Demo")
+    collection_get_or_create(slug="team", name="Team")
     django_user_model.objects.create_user("reader", password="pw-reader-123")
 
     with running_asgi_server() as base:

@@ -55,15 +55,16 @@ def test_hostile_markdown_renders_inert_and_out_of_scope_is_not_covered(
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from kb import services
+    from kb.services.collections import collection_get_or_create
+    from kb.services.uploads import documents_upload
 
     settings.KB_PROVIDERS = {
         **settings.KB_PROVIDERS,
         "chat": [{"BACKEND": "kb.providers.extractive.ExtractiveChat", "MODEL": "extractive"}],
     }
-    collection = services.collection_get_or_create(slug="demo", name="Demo")
-    services.documents_upload(collection=collection, filename="launch-policy.txt", data=HOSTILE.encode())
-    services.documents_upload(collection=collection, filename="console.md", data=CONSOLE.encode())
+    collection = collection_get_or_create(slug="demo", name="Demo")
+    documents_upload(collection=collection, filename="launch-policy.txt", data=HOSTILE.encode())
+    documents_upload(collection=collection, filename="console.md", data=CONSOLE.encode())
     django_user_model.objects.create_user("reader", password="pw-reader-123")
     client.login(username="reader", password="pw-reader-123")
     session_cookie = client.cookies["sessionid"].value

@@ -40,15 +40,16 @@ def test_ask_stream_and_open_a_citation(browser, settings, tmp_path, django_user
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from kb import services
+    from kb.services.collections import collection_get_or_create
+    from kb.services.uploads import documents_upload
 
     settings.KB_PROVIDERS = {
         **settings.KB_PROVIDERS,
         "chat": [{"BACKEND": "kb.providers.extractive.ExtractiveChat", "MODEL": "extractive"}],
     }
-    collection = services.collection_get_or_create(slug="demo", name="Demo")
+    collection = collection_get_or_create(slug="demo", name="Demo")
     for name in ("how-search-works.md", "uploading-documents.md"):
-        services.documents_upload(collection=collection, filename=name, data=(SAMPLES / name).read_bytes())
+        documents_upload(collection=collection, filename=name, data=(SAMPLES / name).read_bytes())
     django_user_model.objects.create_user("reader", password="pw-reader-123")
     client.login(username="reader", password="pw-reader-123")
     session_cookie = client.cookies["sessionid"].value

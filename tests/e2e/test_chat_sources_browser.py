@@ -28,11 +28,12 @@ def test_citations_of_one_document_are_told_apart(browser, tmp_path, django_user
     from selenium.webdriver.support.ui import WebDriverWait
 
     from chat.models import Conversation, Message
-    from kb import services
+    from kb.services.collections import collection_get_or_create
+    from kb.services.uploads import documents_upload
 
     # Citations are shown only for documents the reader may read: a real one.
-    collection = services.collection_get_or_create(slug="demo", name="Demo")
-    document = services.documents_upload(collection=collection, filename="lighthouse.md",
+    collection = collection_get_or_create(slug="demo", name="Demo")
+    document = documents_upload(collection=collection, filename="lighthouse.md",
                                          data=b"# Lamp\n\nLight the lamp at dusk.\n")
     document = document[0].document
     user = django_user_model.objects.create_user("reader", password="pw-reader-123")

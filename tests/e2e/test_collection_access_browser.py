@@ -42,17 +42,18 @@ def test_editor_grants_a_user_who_can_then_search(browser, django_user_model):  
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from kb import services
+    from kb.services.collections import collection_get_or_create
+    from kb.services.uploads import documents_upload
 
     editor = django_user_model.objects.create_user("editor", password="pw-editor-123", is_staff=True)
     editor.user_permissions.add(*Permission.objects.filter(
         content_type__app_label="kb", codename__in=["change_collection", "view_collection"]))
     django_user_model.objects.create_user("reader", password="pw-reader-123")
-    collection = services.collection_get_or_create(slug="private", name="Private")
+    collection = collection_get_or_create(slug="private", name="Private")
     collection.is_public = False
     collection.save()
     collection.allowed_users.add(editor)
-    services.documents_upload(collection=collection, filename="canteen.md",
+    documents_upload(collection=collection, filename="canteen.md",
                               data=b"# Canteen\n\nThe cafeteria opens at 8 and closes at 3.\n")
 
     with running_asgi_server() as base:

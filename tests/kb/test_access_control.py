@@ -6,9 +6,9 @@ import pytest
 from django.contrib.auth.models import Group
 from rest_framework.test import APIClient
 
-from kb import services
 from kb.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Chunk
+from kb.services.collections import collection_get_or_create
 from search.services import SearchParams, search
 
 pytestmark = pytest.mark.django_db
@@ -19,8 +19,8 @@ PUBLIC = "# Tide tables\n\nThe harbour publishes tide tables every Monday for th
 
 @pytest.fixture
 def world(django_user_model, ingest_one):
-    public = services.collection_get_or_create(slug="public")
-    private = services.collection_get_or_create(slug="board")
+    public = collection_get_or_create(slug="public")
+    private = collection_get_or_create(slug="board")
     private.is_public = False
     private.save()
     board = Group.objects.create(name="board")

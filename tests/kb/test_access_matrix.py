@@ -20,9 +20,10 @@ from django.urls import URLResolver, get_resolver
 from django.utils import timezone
 
 from chat.models import AnswerCacheEntry, Budget, Conversation, Message
-from kb import services
 from kb.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Chunk, EmbeddingModel, UsageRecord
+from kb.services.collections import collection_get_or_create
+from kb.services.documents import document_disable
 from tests.fakes.openai_server import FakeOpenAIServer
 
 pytestmark = pytest.mark.django_db
@@ -321,9 +322,9 @@ def world(django_user_model, ingest_one, settings):
 
 
 def _build_world(django_user_model, ingest_one) -> dict:
-    general = services.collection_get_or_create(slug="general")
-    collection_a = services.collection_get_or_create(slug="a-private")
-    collection_b = services.collection_get_or_create(slug="b-private")
+    general = collection_get_or_create(slug="general")
+    collection_a = collection_get_or_create(slug="a-private")
+    collection_b = collection_get_or_create(slug="b-private")
     root = django_user_model.objects.create_superuser("root", password="pw-root-1111")
     editor = django_user_model.objects.create_user("editor", password="pw-editor-11", is_staff=True)
     editor.user_permissions.add(*Permission.objects.filter(codename__in=EDITOR_PERMISSIONS))
@@ -338,7 +339,7 @@ def _build_world(django_user_model, ingest_one) -> dict:
     doc_b = ingest_one(collection_b, "quokka.md", B_DOC)
     doc_public = ingest_one(general, "cafeteria.md", PUBLIC_DOC)
     doc_disabled = ingest_one(general, "wombat.md", DISABLED_DOC)
-    services.document_disable(document=doc_disabled)
+    document_disable(document=doc_disabled)
 
     def ask(user, question, collection=None) -> tuple[str, str]:
         client = Client()

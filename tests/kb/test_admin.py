@@ -82,10 +82,10 @@ def test_disable_action_and_failed_retry(editor, collection, django_capture_on_c
 def test_collection_counts_take_constant_queries(editor, collection, django_assert_max_num_queries,
                                                  django_capture_on_commit_callbacks):
     """The collection list annotates its counts instead of a query per row."""
-    from kb import services
+    from kb.services.collections import collection_get_or_create
 
     for slug in ["a", "b", "c", "d"]:
-        services.collection_get_or_create(slug=slug)
+        collection_get_or_create(slug=slug)
     upload(editor, django_capture_on_commit_callbacks, collection, "guide.md")
 
     with django_assert_max_num_queries(8):

@@ -113,10 +113,10 @@ def test_the_document_list_names_office_types_briefly(admin_client, ingest_one, 
 
 def test_an_upload_summary_leaves_out_zero_counts(collection):
     """A queued upload's summary does not say "0 duplicates, 0 rejected"."""
-    from kb import services
+    from kb.services.uploads import documents_upload, upload_summary
 
-    outcomes = services.documents_upload(collection=collection, filename="a.md",
+    outcomes = documents_upload(collection=collection, filename="a.md",
                                          data=b"# A\n\nText.", queue=False)
-    text = services.upload_summary(outcomes=outcomes).text
+    text = upload_summary(outcomes=outcomes).text
     assert "1 file queued for processing" in text
     assert "0 rejected" not in text and "0 duplicates" not in text

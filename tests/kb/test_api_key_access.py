@@ -6,9 +6,10 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.test import Client
 
-from kb import api_key_access, services
+from kb import api_key_access
 from kb.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
+from kb.services.collections import collection_get_or_create
 
 pytestmark = pytest.mark.django_db
 
@@ -17,8 +18,8 @@ ADD_URL = "/admin/kb/apikey/add/"
 
 @pytest.fixture
 def world(django_user_model):
-    general = services.collection_get_or_create(slug="general")
-    private = services.collection_get_or_create(slug="a-private")
+    general = collection_get_or_create(slug="general")
+    private = collection_get_or_create(slug="a-private")
     private.is_public = False
     private.save()
     root = django_user_model.objects.create_superuser("root", password="pw-root-1111")

@@ -1,4 +1,4 @@
-"""manage.py kb_apikey create, and the admin's "Add API key", both via services.api_key_create."""
+"""manage.py kb_apikey create, and the admin's "Add API key", both via api_key_create."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from kb import services
 from kb.authentication import api_key_hash
 from kb.models import ApiKey
+from kb.services.collections import collection_get_or_create
 
 pytestmark = pytest.mark.django_db
 
@@ -49,7 +49,7 @@ def test_create_prints_the_key_once_and_it_works(alice, collection, ingest):
 
 def test_collections_narrow_the_key(alice, collection, ingest):
     """--collections SLUG narrows the key: other collections find nothing with it."""
-    other = services.collection_get_or_create(slug="other", name="Other")
+    other = collection_get_or_create(slug="other", name="Other")
     ingest(other, "canteen.md", "# Canteen\n\nThe cafeteria opens at 8.\n")
     raw_key, _ = create("--user", "alice", "--collections", collection.slug, "--rate-limit", "600/m")
     key = ApiKey.objects.get(user=alice)
@@ -67,7 +67,7 @@ def test_collections_narrow_the_key(alice, collection, ingest):
 def test_bad_input_is_refused_and_creates_nothing(alice, django_user_model, args, message):
     """Unknown users and slugs, a collection the user may not read, a bad rate: clear errors."""
     django_user_model.objects.create_user("gone", password="pw-gone-1234", is_active=False)
-    secret = services.collection_get_or_create(slug="secret", name="Secret")
+    secret = collection_get_or_create(slug="secret", name="Secret")
     secret.is_public = False
     secret.save()
     with pytest.raises(CommandError, match=re.escape(message)):

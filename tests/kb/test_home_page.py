@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from kb import services
+from kb.services.collections import collection_get_or_create
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def collections(django_user_model):
-    services.collection_get_or_create(slug="general", name="General handbook")
-    private = services.collection_get_or_create(slug="a-private", name="Board minutes")
+    collection_get_or_create(slug="general", name="General handbook")
+    private = collection_get_or_create(slug="a-private", name="Board minutes")
     private.is_public = False
     private.save()
     member = django_user_model.objects.create_user("member", password="pw-member-111")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
+from django.urls import reverse
 
 from kb import embeddings
 from kb.models import Chunk, ChunkEmbedding, EmbeddingModel
@@ -123,3 +124,38 @@ def test_documents_ingested_during_a_reembed_get_both_vectors(collection, ingest
 
     chunks = Chunk.objects.filter(document=document).count()
     assert ChunkEmbedding.objects.filter(embedding_model=new, chunk__document=document).count() == chunks
+
+
+def test_admin_reembeds_and_drops_vectors_in_queued_tasks(admin_client, corpus, fake_embedder,
+                                                          django_capture_on_commit_callbacks):
+    """The admin's re-embed page and its "Drop vectors" action queue the work (run inline
+    here, as ingestion is); the model's status shows the drop until it is retired."""
+    response = admin_client.post(reverse("admin:kb_embeddingmodel_reembed"),
+                                 {"key": "fake", "activate": "on"}, follow=True)
+    assert "started in the background" in response.content.decode()
+    assert EmbeddingModel.objects.get(key="fake").is_active
+    old = EmbeddingModel.objects.get(key="minilm")
+    changelist = reverse("admin:kb_embeddingmodel_changelist")
+
+    with django_capture_on_commit_callbacks(execute=False):
+        admin_client.post(changelist, {"action": "drop_vectors", "_selected_action": [old.pk]})
+    assert EmbeddingModel.objects.get(pk=old.pk).status == EmbeddingModel.Status.DROPPING
+    assert "Dropping vectors" in admin_client.get(changelist).content.decode()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(changelist, {"action": "drop_vectors",
+                                                  "_selected_action": [old.pk]}, follow=True)
+    assert "in the background" in response.content.decode()
+    assert EmbeddingModel.objects.get(pk=old.pk).status == EmbeddingModel.Status.RETIRED
+    assert not ChunkEmbedding.objects.filter(embedding_model=old).exists()
+    assert old.hnsw_index_name not in _index_names()
+
+
+def test_admin_drop_vectors_refuses_the_active_model(admin_client, corpus):
+    active = EmbeddingModel.objects.get(is_active=True)
+    response = admin_client.post(reverse("admin:kb_embeddingmodel_changelist"),
+                                 {"action": "drop_vectors", "_selected_action": [active.pk]},
+                                 follow=True)
+    assert "serve search; activate another first" in response.content.decode()
+    assert EmbeddingModel.objects.get(pk=active.pk).status == EmbeddingModel.Status.ACTIVE
+

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kb.services import filename_sanitize
+from kb.services.uploads import filename_sanitize
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from kb import services
 from kb.models import Chunk, Collection, Document
 from kb.selectors import collections_with_counts
+from kb.services.collections import collection_get_or_create
+from kb.services.documents import document_disable
 
 
 def counts(slug: str) -> tuple[int, int, int]:
@@ -15,11 +16,11 @@ def counts(slug: str) -> tuple[int, int, int]:
 def test_collection_counts_are_documents_ready_documents_and_searchable_chunks(collection, ingest_one):
     """A new version's old chunks and a disabled document's chunks are not searchable, so
     they are not counted; a failed document counts as a document, not as ready."""
-    empty = services.collection_get_or_create(slug="empty")
+    empty = collection_get_or_create(slug="empty")
     kept = ingest_one(collection, "kept.md", "# Kept\n\nTides follow the moon.\n\n## More\n\nHarbours open at dawn.")
     ingest_one(collection, "kept.md", "# Kept\n\nTides follow the moon, twice a day.")  # a new version
     disabled = ingest_one(collection, "disabled.md", "# Off\n\nThis one is switched off.")
-    services.document_disable(document=disabled)
+    document_disable(document=disabled)
     ingest_one(collection, "broken.pdf", b"%PDF-1.4 not really a pdf")
 
     searchable = Chunk.objects.filter(collection=collection, searchable=True).count()

@@ -13,8 +13,11 @@ import psutil
 import pytest
 from django.db import connection
 
-from kb import services
 from kb.models import Chunk, ChunkEmbedding, Document, UsageRecord
+from kb.services.collections import collection_get_or_create
+from kb.services.documents import document_retry, documents_mark_stalled
+from kb.services.ingest import document_ingest
+from kb.services.uploads import documents_upload
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +40,7 @@ def test_worker_killed_mid_document_then_retry_finishes_without_duplicates(setti
     url = f"postgresql://{params.get('user') or 'postgres'}@/{connection.settings_dict['NAME']}?host={params['host']}"
     env = {**os.environ, "DATABASE_URL": url, "KB_WORKERS": "1", "KB_MEDIA_ROOT": str(tmp_path / "media"),
            "PYTHONUNBUFFERED": "1"}
-    collection = services.collection_get_or_create(slug="crash")
+    collection = collection_get_or_create(slug="crash")
     # The active embedding model must exist before the worker starts embedding.
     from kb.embeddings import embedding_model_active_or_bootstrap
 
@@ -45,7 +48,7 @@ def test_worker_killed_mid_document_then_retry_finishes_without_duplicates(setti
     worker = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        (outcome,) = services.documents_upload(collection=collection, filename="tides.md",
+        (outcome,) = documents_upload(collection=collection, filename="tides.md",
                                                data=_long_markdown().encode())
         document = outcome.document
         deadline = time.monotonic() + 180
@@ -68,11 +71,11 @@ def test_worker_killed_mid_document_then_retry_finishes_without_duplicates(setti
     embedded_before_kill = ChunkEmbedding.objects.filter(chunk__document=document).count()
     assert embedded_before_kill > 0
 
-    assert services.documents_mark_stalled(older_than_seconds=-1) == 1
+    assert documents_mark_stalled(older_than_seconds=-1) == 1
     settings.KB_TASKS_SYNC = True
     calls_before = UsageRecord.objects.filter(kind="embedding").count()
-    assert services.document_retry(document=document)
-    services.document_ingest(document_id=document.pk)
+    assert document_retry(document=document)
+    document_ingest(document_id=document.pk)
 
     document.refresh_from_db()
     chunks = Chunk.objects.filter(document=document)

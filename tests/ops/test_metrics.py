@@ -15,9 +15,10 @@ from django.test import AsyncClient
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from kb import services
 from kb.metrics import usage_ledger_collector
 from kb.models import Document, UsageRecord
+from kb.services.documents import document_queue_ingest
+from kb.services.uploads import documents_upload
 from tests.ops.conftest import record
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,11 +87,11 @@ def test_ledger_counters_grow_across_the_settle_window(client, db):
 def test_queue_depth_ingestion_lag_and_documents(client, collection, settings):
     """Queued tasks, the age of the oldest waiting document, and documents by status."""
     settings.KB_TASKS_SYNC = False
-    (outcome,) = services.documents_upload(collection=collection, filename="a.md", data=b"# A\n\nText.")
-    services.document_queue_ingest(document=outcome.document)
-    from kb import tasks
+    (outcome,) = documents_upload(collection=collection, filename="a.md", data=b"# A\n\nText.")
+    document_queue_ingest(document=outcome.document)
+    from kb import queue
 
-    tasks.enqueue("kb.tasks.documents_mark_stalled_task")  # the ORM broker: one OrmQ row
+    queue.enqueue("kb.tasks.documents_mark_stalled_task")  # the ORM broker: one OrmQ row
     Document.objects.filter(pk=outcome.document.pk).update(updated_at=timezone.now() - timedelta(seconds=120))
 
     samples = scrape(client)

@@ -136,7 +136,7 @@ def test_redis_broker_runs_a_task_in_a_real_cluster(redis_url, redis_client, mon
     queued under; the queue depth metric reads the Redis list."""
     from django_q.conf import Conf
 
-    from kb import tasks
+    from kb import queue
     from kb.metrics import queue_depth
     from kb.models import UsageRecord
     from kb.observability import request_id_reset, request_id_set
@@ -148,7 +148,7 @@ def test_redis_broker_runs_a_task_in_a_real_cluster(redis_url, redis_client, mon
     settings.KB_TASKS_SYNC = False
     token = request_id_set("req-redis-1")
     try:
-        tasks.enqueue("tests.ops.urls.task_record_usage")
+        queue.enqueue("tests.ops.urls.task_record_usage")
     finally:
         request_id_reset(token)
     assert queue_depth() == 1
@@ -191,9 +191,10 @@ def test_redis_broker_worker_reads_pdfs_and_keeps_the_parse_deadline(redis_url, 
     reader of a pathological one at KB_PARSE_TIMEOUT_SECONDS instead of hanging."""
     from django_q.conf import Conf
 
-    from kb import services
     from kb.embeddings import embedding_model_active_or_bootstrap
     from kb.models import Document
+    from kb.services.collections import collection_get_or_create
+    from kb.services.uploads import documents_upload
     from tests.pdfs import pathological_pdf
 
     monkeypatch.setattr(Conf, "ORM", None)
@@ -202,11 +203,11 @@ def test_redis_broker_worker_reads_pdfs_and_keeps_the_parse_deadline(redis_url, 
     settings.KB_TASKS_SYNC = False
     settings.MEDIA_ROOT = tmp_path / "media"
     embedding_model_active_or_bootstrap()
-    collection = services.collection_get_or_create(slug="pdfs", name="PDFs")
-    manual = services.documents_upload(
+    collection = collection_get_or_create(slug="pdfs", name="PDFs")
+    manual = documents_upload(
         collection=collection, filename="manual.pdf",
         data=(ROOT / "fixtures" / "samples" / "manual.pdf").read_bytes())[0].document
-    slow = services.documents_upload(collection=collection, filename="slow.pdf",
+    slow = documents_upload(collection=collection, filename="slow.pdf",
                                      data=pathological_pdf(600_000))[0].document
 
     params = connection.get_connection_params()

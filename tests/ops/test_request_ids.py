@@ -131,7 +131,7 @@ def test_json_formatter_handles_exceptions_and_odd_extras():
 
 
 def test_task_queued_during_a_request_runs_with_its_request_id(client):
-    """kb.tasks.enqueue carries the id to the worker (inline here), so its usage has it too."""
+    """kb.queue.enqueue carries the id to the worker (inline here), so its usage has it too."""
     response = client.get("/ops/enqueue", HTTP_X_REQUEST_ID="req-task-1")
 
     assert response.status_code == 200
@@ -143,9 +143,9 @@ def test_task_queued_outside_a_request_runs_under_its_task_id(db):
     """With no request, a task's usage and logs are tied together by the django-q task id."""
     from django_q.models import Task
 
-    from kb import tasks
+    from kb import queue
 
-    task_id = tasks.enqueue("tests.ops.urls.task_record_usage")
+    task_id = queue.enqueue("tests.ops.urls.task_record_usage")
 
     assert UsageRecord.objects.get().request_id == task_id == Task.objects.get().id
 

@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 from django.http import JsonResponse, StreamingHttpResponse
 from django.urls import path
 
-from kb import tasks
+from kb import queue
 from kb.models import UsageRecord
 from kb.observability import current_request_id
 from kb.urls import urlpatterns as site_urlpatterns
@@ -52,7 +52,7 @@ async def async_stream(request):
 
 
 def enqueue_view(request):
-    tasks.enqueue("tests.ops.urls.task_record_usage")
+    queue.enqueue("tests.ops.urls.task_record_usage")
     return JsonResponse({"request_id": current_request_id()})
 
 

@@ -388,18 +388,18 @@ def restart_outcome(private_postgres) -> Iterator[RestartOutcome]:
         recovery = manage_json(env, """
             import json
             from django.db.models import Count
-            from kb import services
+            from kb.services.documents import document_retry, documents_mark_stalled
             from kb.models import Document
 
             def statuses():
                 rows = Document.objects.values("status").annotate(n=Count("id"))
                 return {row["status"]: row["n"] for row in rows}
 
-            stalled = services.documents_mark_stalled(older_than_seconds=0)
+            stalled = documents_mark_stalled(older_than_seconds=0)
             after_sweep = statuses()
             retried = 0
             for document in Document.objects.filter(status=Document.Status.FAILED):
-                retried += services.document_retry(document=document)
+                retried += document_retry(document=document)
             print(json.dumps({"stalled": stalled, "after_sweep": after_sweep,
                               "retried": retried, "final": statuses()}))
         """)
@@ -694,15 +694,16 @@ def chat_site(transactional_db, settings) -> Iterator[tuple[str, str, FakeOpenAI
     from django.contrib.auth import get_user_model
 
     from chat import circuit
-    from kb import services
     from kb.authentication import api_key_generate, api_key_hash
     from kb.models import ApiKey
+    from kb.services.collections import collection_get_or_create
+    from kb.services.uploads import documents_upload
     from tests.chat.conftest import EXTRACTIVE_ENTRY, HANDBOOK, chat_entry
 
     settings.KB_CIRCUIT_FAILURES = 1000  # every request must reach the upstream
     circuit.breakers_reset()
-    collection = services.collection_get_or_create(slug="docs", name="Docs")
-    (outcome,) = services.documents_upload(collection=collection, filename="handbook.md",
+    collection = collection_get_or_create(slug="docs", name="Docs")
+    (outcome,) = documents_upload(collection=collection, filename="handbook.md",
                                            data=HANDBOOK.encode())
     outcome.document.refresh_from_db()
     assert outcome.document.status == "ready", outcome.document.error_message

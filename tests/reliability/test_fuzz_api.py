@@ -41,9 +41,10 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.openapi import from_dict
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from kb import services
 from kb.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
+from kb.services.collections import collection_get_or_create
+from kb.services.uploads import documents_upload
 from tests.live_server import running_asgi_server
 from tests.reliability.stats import fuzz_count, stat_set
 
@@ -89,14 +90,14 @@ def corpus_and_key(settings, on_commit=contextlib.nullcontext) -> str:
     from tests.chat.conftest import EXTRACTIVE_ENTRY
 
     settings.KB_PROVIDERS = {**settings.KB_PROVIDERS, "chat": [EXTRACTIVE_ENTRY]}
-    docs = services.collection_get_or_create(slug="docs", name="Docs")
-    services.collection_get_or_create(slug="default", name="Default")
-    private = services.collection_get_or_create(slug="private", name="Private")
+    docs = collection_get_or_create(slug="docs", name="Docs")
+    collection_get_or_create(slug="default", name="Default")
+    private = collection_get_or_create(slug="private", name="Private")
     private.is_public = False
     private.save()
     for collection, name in ((docs, "handbook.md"), (private, "secret.md")):
         with on_commit(execute=True) if on_commit is not contextlib.nullcontext else on_commit():
-            (outcome,) = services.documents_upload(collection=collection, filename=name,
+            (outcome,) = documents_upload(collection=collection, filename=name,
                                                    data=HANDBOOK.encode())
         outcome.document.refresh_from_db()
         assert outcome.document.status == "ready", outcome.document.error_message

@@ -25,11 +25,11 @@ from django.conf import settings as django_settings
 from django.test import Client
 from django.utils.module_loading import import_string
 
-from kb import services
 from kb.authentication import api_key_generate, api_key_hash
 from kb.log_privacy import RedactingFilter, text_fingerprint
 from kb.models import ApiKey
 from kb.observability import JsonFormatter
+from kb.services.collections import collection_get_or_create
 from tests.fakes.openai_server import FakeOpenAIServer, Fault
 
 QUESTION = "What is the vacation allowance for the night shift in Lisbon?"
@@ -82,7 +82,7 @@ def logged(settings, django_user_model, caplog, ingest_one):
     from django.core.cache import cache
 
     cache.clear()
-    collection = services.collection_get_or_create(slug="docs")
+    collection = collection_get_or_create(slug="docs")
     assert ingest_one(collection, "handbook.md", HANDBOOK).status == "ready"
     user = django_user_model.objects.create_user("privacy", password="pw-privacy-123")
     raw_key, prefix = api_key_generate()

@@ -43,28 +43,32 @@ def shared_corpus(django_db_setup, django_db_blocker, tmp_path_factory):
     """Five real documents in collection `shared`, ingested once for the module."""
     from django.test.utils import override_settings
 
-    from kb import embeddings, services
+    from kb import embeddings
     from kb.models import Collection, Document, EmbeddingModel, UsageRecord
+    from kb.services.collections import collection_get_or_create
+    from kb.services.documents import document_delete
+    from kb.services.ingest import documents_ingest_batch
+    from kb.services.uploads import documents_upload
 
     media = tmp_path_factory.mktemp("shared-media")
     with django_db_blocker.unblock(), override_settings(MEDIA_ROOT=media):
         models_before = set(EmbeddingModel.objects.values_list("pk", flat=True))
         usage_before = set(UsageRecord.objects.values_list("pk", flat=True))
-        collection = services.collection_get_or_create(slug=SHARED_SLUG, name="Shared")
+        collection = collection_get_or_create(slug=SHARED_SLUG, name="Shared")
         ids = []
         for folder, name, metadata in SHARED_FILES:
-            (outcome,) = services.documents_upload(
+            (outcome,) = documents_upload(
                 collection=collection, filename=name, data=(FIXTURES / folder / name).read_bytes(),
                 metadata=metadata, queue=False,
             )
             ids.append(outcome.document.pk)
-        services.documents_ingest_batch(document_ids=ids)
+        documents_ingest_batch(document_ids=ids)
         documents = {d.original_filename: d for d in Document.objects.filter(pk__in=ids)}
         assert all(d.status == Document.Status.READY for d in documents.values()), documents
     yield SharedCorpus(collection=collection, documents=documents)
     with django_db_blocker.unblock(), override_settings(MEDIA_ROOT=media):
         for document in Document.objects.filter(collection=collection):
-            services.document_delete(document=document)
+            document_delete(document=document)
         Collection.objects.filter(pk=collection.pk).delete()
         UsageRecord.objects.exclude(pk__in=usage_before).delete()
         for model in EmbeddingModel.objects.exclude(pk__in=models_before):

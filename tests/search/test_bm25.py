@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from kb import services as kb_services
 from kb.models import Collection
+from kb.services.documents import document_delete, document_disable, document_enable
 from search import bm25, services
 from search.filters import SearchFilters
 from search.retrieval import retrieve_candidates
@@ -241,17 +241,17 @@ def test_incremental_maintenance_equals_recomputation(collection, ingest_one, in
     ingest_one(other, "search.md", demo("how-search-works.md"))
     assert_index_consistent()
 
-    kb_services.document_delete(document=second)
+    document_delete(document=second)
     assert_index_consistent()
-    kb_services.document_disable(document=third)
+    document_disable(document=third)
     assert_index_consistent()
-    kb_services.document_enable(document=third)
+    document_enable(document=third)
     assert_index_consistent()
     (outcome,) = ingest(collection, "guide.md", guide.replace("## ", "## Revised ", 1) + "\n\nA new closing paragraph.\n")
     assert outcome.outcome == "updated" and outcome.document.pk == first.pk
     assert_index_consistent()
-    kb_services.document_disable(document=third)
-    kb_services.document_delete(document=third)
+    document_disable(document=third)
+    document_delete(document=third)
     assert_index_consistent()
 
     postings, _, collections = index_snapshot()

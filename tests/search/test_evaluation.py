@@ -10,8 +10,11 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from kb import services
 from kb.models import Chunk, Document
+from kb.services.collections import collection_get_or_create
+from kb.services.documents import document_delete
+from kb.services.ingest import documents_ingest_batch
+from kb.services.uploads import documents_upload
 
 TOPICS = {
     "d1": ("Volcanoes", "Basaltic lava flows from shield volcanoes in Hawaii cool into dark rock."),
@@ -54,13 +57,13 @@ def beir_dir(tmp_path):
 def other_collections(transactional_db, settings, tmp_path):
     """The data directory already holds other collections, as a real one does."""
     settings.MEDIA_ROOT = tmp_path / "media"
-    other = services.collection_get_or_create(slug="other-notes")
+    other = collection_get_or_create(slug="other-notes")
     ids = []
     for name, text in (("volcano-trip.md", "# Trip\nWe hiked to a volcano crater and saw lava."),
                        ("bees.md", "# Bees\nOur bees swarmed in May; the honey was late.")):
-        (outcome,) = services.documents_upload(collection=other, filename=name, data=text.encode(), queue=False)
+        (outcome,) = documents_upload(collection=other, filename=name, data=text.encode(), queue=False)
         ids.append(outcome.document.pk)
-    services.documents_ingest_batch(document_ids=ids)
+    documents_ingest_batch(document_ids=ids)
     return other
 
 
@@ -107,7 +110,7 @@ def test_documents_replaced_after_preparation_are_still_scored(beir_dir, other_c
     prepared = evaluation.eval_collection_prepare(dataset=dataset)
     collection = prepared.collection
     for document in Document.objects.filter(collection=collection):
-        services.document_delete(document=document)
+        document_delete(document=document)
     evaluation.eval_collection_prepare(dataset=dataset)  # another process, or another run
 
     result = evaluation.mode_evaluate(dataset=dataset, prepared=prepared, mode="bm25")

@@ -6,9 +6,9 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from kb import services as kb_services
 from kb.models import Chunk, Document, EmbeddingModel, UsageRecord
 from kb.providers.base import EmbeddingBackend, ProviderError
+from kb.services.documents import document_delete, document_disable, document_enable
 from search import services
 from search.fusion import convex_fusion, reciprocal_rank_fusion
 from search.retrieval import Candidate
@@ -174,10 +174,10 @@ def test_disabled_documents_never_appear(corpus, search, mode):
     target = corpus["how-search-works.md"]
     assert target.pk in {h.document_id for h in search(mode=mode, k=50).hits}
 
-    kb_services.document_disable(document=target)
+    document_disable(document=target)
     assert target.pk not in {h.document_id for h in search(mode=mode, k=50).hits}
 
-    kb_services.document_enable(document=target)
+    document_enable(document=target)
     assert target.pk in {h.document_id for h in search(mode=mode, k=50).hits}
 
 
@@ -187,7 +187,7 @@ def test_deleted_documents_never_appear(corpus, search, mode):
     target_pk = corpus["how-search-works.md"].pk
     assert target_pk in {h.document_id for h in search(mode=mode, k=50).hits}
     # A fresh instance: delete() clears the pk of the instance it is given.
-    kb_services.document_delete(document=Document.objects.get(pk=target_pk))
+    document_delete(document=Document.objects.get(pk=target_pk))
 
     hits = search(mode=mode, k=50).hits
     assert hits and target_pk not in {h.document_id for h in hits}

@@ -5,8 +5,9 @@ from __future__ import annotations
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from kb import services
 from kb.models import Collection
+from kb.ratelimits import rate_limit_parse
+from kb.services import api_keys
 
 
 class Command(BaseCommand):
@@ -25,7 +26,7 @@ class Command(BaseCommand):
         create.add_argument("--rate-limit", default="",
                             help="This key's own limit, e.g. 600/m (default: KB_RATELIMIT_*).")
 
-    def handle(self, *args, **options) -> None:
+    def handle(self, *args: str, **options: object) -> None:
         user_model = get_user_model()
         try:
             user = user_model.objects.get(**{user_model.USERNAME_FIELD: options["username"]})
@@ -40,18 +41,16 @@ class Command(BaseCommand):
             raise CommandError(f"No collection with the slug: {', '.join(missing)}.")
         rate_limit = options["rate_limit"].strip()
         if rate_limit:
-            from django_ratelimit.core import _split_rate
-
             try:
-                _split_rate(rate_limit)
-            except (ValueError, KeyError, AttributeError):  # AttributeError: no N/unit at all
+                rate_limit_parse(rate_limit)
+            except ValueError:
                 raise CommandError("--rate-limit takes N/s, N/m, N/h or N/d, e.g. 600/m.") from None
         try:
-            api_key, raw_key = services.api_key_create(
+            api_key, raw_key = api_keys.api_key_create(
                 user=user, name=options["name"] or f"{user.get_username()} (command line)",
                 collections=collections, rate_limit=rate_limit,
             )
-        except services.ApiKeyError as exc:
+        except api_keys.ApiKeyError as exc:
             raise CommandError(str(exc)) from None
         scope = ", ".join(c.slug for c in collections) or "every collection the user may read"
         self.stderr.write(f"Created API key {api_key.prefix}… for {user.get_username()} ({scope}). "

@@ -11,9 +11,18 @@ from django.core.exceptions import PermissionDenied
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from kb import bootstrap, selectors, services
+from kb import bootstrap, selectors
 from kb.database import DatabaseSetupError
 from kb.models import Document
+from kb.services.collections import collection_get_or_create
+from kb.services.ingest import documents_ingest_batch
+from kb.services.uploads import (
+    UploadOutcome,
+    documents_upload,
+    path_sanitize,
+    upload_outcomes_refresh,
+    upload_permission_check,
+)
 
 
 def expand_paths(patterns: list[str]) -> list[tuple[Path, str]]:
@@ -81,7 +90,7 @@ class Command(BaseCommand):
         files = expand_paths(paths)
         uploader = self._uploader(user)
         if uploader is None:
-            target = services.collection_get_or_create(slug=collection)
+            target = collection_get_or_create(slug=collection)
         else:
             target = selectors.collections_visible(user=uploader).filter(slug=collection).first()
             if target is None:
@@ -89,10 +98,10 @@ class Command(BaseCommand):
         outcomes = []
         names: dict[str, str] = {}
         for path, name in tqdm(files, desc="Uploading", unit="file", disable=not files):
-            shown = services.path_sanitize(name)
+            shown = path_sanitize(name)
             if shown.casefold() in names:
                 # Two files would become one document, the second replacing the first.
-                outcomes.append(services.UploadOutcome(
+                outcomes.append(UploadOutcome(
                     filename=str(path), outcome="rejected",
                     message=f"it would have the same name, {shown!r}, as "
                             f"{names[shown.casefold()]} in this run; not ingested. Ingest the "
@@ -100,7 +109,7 @@ class Command(BaseCommand):
                 ))
                 continue
             names[shown.casefold()] = str(path)
-            outcomes += services.documents_upload(
+            outcomes += documents_upload(
                 collection=target, filename=name, data=path.read_bytes(), queue=not sync,
                 uploaded_by=uploader, keep_folders=True,
             )
@@ -108,8 +117,8 @@ class Command(BaseCommand):
             # One batch for everything, so small files share full embedding batches.
             pending = [o.document.pk for o in outcomes if o.outcome in {"created", "updated"}]
             with tqdm(desc="Embedding", unit="chunk", disable=not pending) as bar:
-                services.documents_ingest_batch(document_ids=pending, on_embedded=bar.update)
-        outcomes = services.upload_outcomes_refresh(outcomes=outcomes)
+                documents_ingest_batch(document_ids=pending, on_embedded=bar.update)
+        outcomes = upload_outcomes_refresh(outcomes=outcomes)
         failures = []
         for outcome in outcomes:
             document = outcome.document
@@ -140,7 +149,7 @@ class Command(BaseCommand):
         if user is None:
             raise CommandError(f"No active user “{username}”.")
         try:
-            services.upload_permission_check(user=user)
+            upload_permission_check(user=user)
         except PermissionDenied as exc:
             raise CommandError(str(exc)) from None
         return user

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from kb import embeddings, tasks
+from kb import embeddings
 from kb.providers import registry
+from kb.services import embedding_models
 
 
 class Command(BaseCommand):
     help = "Embed every chunk with another configured model while search keeps serving."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--model", required=True,
                             help=f"A key of KB_PROVIDERS['embedding'] ({', '.join(registry.embedding_model_keys())}).")
         parser.add_argument("--activate", action="store_true",
@@ -19,7 +20,8 @@ class Command(BaseCommand):
         parser.add_argument("--sync", action="store_true", help="Run here instead of in the workers.")
         parser.add_argument("--cancel", action="store_true", help="Cancel a running re-embedding.")
 
-    def handle(self, *args, model: str, activate: bool, sync: bool, cancel: bool, **options):
+    def handle(self, *args: str, model: str, activate: bool, sync: bool, cancel: bool,
+               **options: object) -> None:
         if model not in registry.embedding_model_keys():
             raise CommandError(
                 f"Unknown model {model!r}; configured: {', '.join(registry.embedding_model_keys())}."
@@ -30,7 +32,10 @@ class Command(BaseCommand):
             self.stdout.write(f"Cancelled re-embedding with {model}.")
             return
         try:
-            target = embeddings.reembed_start(key=model)
+            if sync:
+                target = embeddings.reembed_start(key=model)
+            else:
+                target = embedding_models.reembed_queue(key=model, activate=activate)
         except embeddings.EmbeddingModelError as exc:
             raise CommandError(str(exc)) from None
         if sync:
@@ -39,7 +44,6 @@ class Command(BaseCommand):
                 f"{target.key}: {target.chunks_embedded}/{target.chunks_total} chunks, status {target.status}."
             )
         else:
-            tasks.enqueue("kb.tasks.reembed_task", target.pk, activate)
             self.stdout.write(
                 f"Queued re-embedding with {target.key} ({target.dimensions} dimensions). "
                 "Progress is in the admin under Embedding models."

@@ -8,8 +8,11 @@ from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError, connection, transaction
 from django.urls import reverse
 
-from kb import embeddings, services
+from kb import embeddings
 from kb.models import Chunk, Document
+from kb.services.collections import collection_get_or_create
+from kb.services.documents import DocumentMoveRefused, document_move, document_retry
+from kb.services.ingest import documents_ingest_batch
 from search.services import SearchParams, search
 from tests.fakes.openai_server import FakeOpenAIServer
 
@@ -21,8 +24,8 @@ OTHER = "# Parking\n\nVisitors park behind the library; the barrier opens with t
 
 @pytest.fixture
 def world(django_user_model, ingest_one):
-    general = services.collection_get_or_create(slug="general")
-    private = services.collection_get_or_create(slug="b-private")
+    general = collection_get_or_create(slug="general")
+    private = collection_get_or_create(slug="b-private")
     private.is_public = False
     private.save()
     user_a = django_user_model.objects.create_user("user-a", password="pw-user-a-1")
@@ -100,7 +103,7 @@ def test_after_a_move_only_readers_of_the_new_collection_find_the_passage(world,
     """user-a (general only) stops finding the moved passage; user-b (b-private) finds it."""
     assert _finds(world["a"], mode, world["doc"]) and _finds(world["b"], mode, world["doc"])
 
-    services.document_move(document=world["doc"], collection=world["private"])
+    document_move(document=world["doc"], collection=world["private"])
 
     assert not _finds(world["a"], mode, world["doc"])
     assert _finds(world["b"], mode, world["doc"])
@@ -126,11 +129,11 @@ def test_every_chunk_stays_in_its_documents_collection(world, second_embedder,
     and re-embedding, and the BM25 index always equals one rebuilt from the chunks."""
     collections = [world["general"].pk, world["private"].pk]
     document = world["doc"]
-    services.document_move(document=document, collection=world["private"])
+    document_move(document=document, collection=world["private"])
     assert _misplaced_chunks() == 0 and _index_disagreements(collections) == []
 
     with django_capture_on_commit_callbacks(execute=True):
-        services.document_retry(document=Document.objects.get(pk=document.pk))
+        document_retry(document=Document.objects.get(pk=document.pk))
     assert Document.objects.get(pk=document.pk).status == Document.Status.READY
     assert _misplaced_chunks() == 0 and _index_disagreements(collections) == []
 
@@ -156,8 +159,8 @@ def test_a_move_during_ingestion_writes_the_new_generation_in_the_new_collection
     """Reprocessing that started before a move finishes with every chunk in the new collection."""
     document = Document.objects.get(pk=world["doc"].pk)
     stale = Document.objects.get(pk=document.pk)  # what a worker loaded before the move
-    services.document_move(document=document, collection=world["private"])
-    services.documents_ingest_batch(document_ids=[stale.pk])
+    document_move(document=document, collection=world["private"])
+    documents_ingest_batch(document_ids=[stale.pk])
 
     assert _misplaced_chunks() == 0
     assert not _finds(world["a"], "bm25", document) and _finds(world["b"], "bm25", document)
@@ -167,15 +170,15 @@ def test_moving_needs_change_permission_and_both_collections(world, django_user_
     """A user without change permission, or who cannot read the target, cannot move."""
     editor = django_user_model.objects.create_user("editor", password="pw-editor-11", is_staff=True)
     with pytest.raises(PermissionDenied):
-        services.document_move(document=world["doc"], collection=world["private"], actor=editor)
+        document_move(document=world["doc"], collection=world["private"], actor=editor)
     editor.user_permissions.add(Permission.objects.get(codename="change_document"))
     editor = django_user_model.objects.get(pk=editor.pk)
     with pytest.raises(PermissionDenied):
-        services.document_move(document=world["doc"], collection=world["private"], actor=editor)
+        document_move(document=world["doc"], collection=world["private"], actor=editor)
     assert Document.objects.get(pk=world["doc"].pk).collection_id == world["general"].pk
 
     world["private"].allowed_users.add(editor)
-    services.document_move(document=world["doc"], collection=world["private"], actor=editor)
+    document_move(document=world["doc"], collection=world["private"], actor=editor)
     assert Document.objects.get(pk=world["doc"].pk).collection_id == world["private"].pk
 
 
@@ -208,7 +211,7 @@ def test_a_move_changes_both_collections_answer_cache_versions(world):
     before = {c: kb_version(collection=world[c], user=None) for c in ("general", "private")}
     before_all = kb_version(collection=None, user=world["a"])
 
-    services.document_move(document=world["doc"], collection=world["private"])
+    document_move(document=world["doc"], collection=world["private"])
 
     for name in ("general", "private"):
         assert kb_version(collection=world[name], user=None) != before[name]
@@ -218,8 +221,8 @@ def test_a_move_changes_both_collections_answer_cache_versions(world):
 def test_a_move_onto_a_document_of_the_same_name_is_refused(world, ingest_one):
     """A name identifies a document in its collection, so a move never creates two of one name."""
     namesake = ingest_one(world["private"], "cafeteria.md", CAFETERIA.replace("seven", "eight"))
-    with pytest.raises(services.DocumentMoveRefused, match="already has a document named"):
-        services.document_move(document=world["doc"], collection=world["private"])
+    with pytest.raises(DocumentMoveRefused, match="already has a document named"):
+        document_move(document=world["doc"], collection=world["private"])
     assert Document.objects.get(pk=world["doc"].pk).collection_id == world["general"].pk
     assert namesake.collection_id == world["private"].pk and _misplaced_chunks() == 0
 

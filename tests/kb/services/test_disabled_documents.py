@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from rest_framework.test import APIClient
 
-from kb import selectors, services
+from kb import selectors
 from kb.models import Chunk
+from kb.services.documents import document_disable
 
 pytestmark = pytest.mark.django_db
 
@@ -16,7 +17,7 @@ TEXT = "# Retired policy\n\nThe old travel policy allowed business class on ever
 @pytest.fixture
 def disabled(collection, ingest_one):
     document = ingest_one(collection, "retired.md", TEXT)
-    services.document_disable(document=document)
+    document_disable(document=document)
     document.refresh_from_db()
     return document
 

@@ -16,10 +16,9 @@ from decimal import Decimal, InvalidOperation
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
-from django.db import transaction
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from chat.budgets import day_start, usage_today
+from chat.budgets import budget_delete, budget_set, day_start, usage_today
 from chat.models import Budget
 from kb.management.commands.kb_usage import table
 from kb.models import ApiKey
@@ -72,20 +71,6 @@ def budget_target(*, scope: str, username: str | None, key_prefix: str | None) -
     return {"scope": scope, "user": None, "api_key": api_key}
 
 
-@transaction.atomic
-def budget_set(*, target: dict, changes: dict) -> tuple[Budget, bool]:
-    """Create or update the Budget row for a target; only the given limits change."""
-    budget = Budget.objects.select_for_update().filter(**target).first()
-    created = budget is None
-    if created:
-        budget = Budget(**target)
-    for name, value in changes.items():
-        setattr(budget, name, value)
-    budget.full_clean()
-    budget.save()
-    return budget, created
-
-
 def _tokens_limit(value) -> str:
     return "unlimited" if not value else f"{value:,}"
 
@@ -103,7 +88,7 @@ def _used(spent, limit) -> str:
 class Command(BaseCommand):
     help = "Show daily token and cost budgets with today's spend, or set one with --set."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         action = parser.add_mutually_exclusive_group()
         action.add_argument("--set", action="store_true", help="Create or update a budget.")
         action.add_argument("--delete", action="store_true",
@@ -114,14 +99,14 @@ class Command(BaseCommand):
         parser.add_argument("--daily-tokens", help="Tokens per day, or none for unlimited.")
         parser.add_argument("--daily-cost", help="USD per day, or none for unlimited.")
 
-    def handle(self, *args, **options):
+    def handle(self, *args: str, **options: object) -> None:
         if options["set"] or options["delete"]:
             if not options["scope"]:
                 raise CommandError("--scope is required with --set and --delete.")
             target = budget_target(scope=options["scope"], username=options["username"],
                                    key_prefix=options["key_prefix"])
             if options["delete"]:
-                deleted, _ = Budget.objects.filter(**target).delete()
+                deleted = budget_delete(**target)
                 self.stdout.write("Budget removed; the settings defaults apply.\n" if deleted
                                   else "There was no such budget.\n")
             else:
@@ -129,14 +114,14 @@ class Command(BaseCommand):
         self._show()
 
     def _set(self, target: dict, options: dict) -> None:
-        changes = {}
+        changes: dict[str, int | Decimal | None] = {}
         if options["daily_tokens"] is not None:
             changes["daily_token_limit"] = _tokens(options["daily_tokens"])
         if options["daily_cost"] is not None:
             changes["daily_cost_limit_usd"] = _cost(options["daily_cost"])
         if not changes:
             raise CommandError("Give --daily-tokens and/or --daily-cost with --set.")
-        budget, created = budget_set(target=target, changes=changes)
+        budget, created = budget_set(**target, changes=changes)
         self.stdout.write(f"{'Created' if created else 'Updated'}: {budget}.\n")
 
     def _show(self) -> None:

@@ -10,11 +10,20 @@ import pytest
 from django.db import connection
 from django.utils.timezone import now as timezone_now
 
-from kb import services
 from kb.models import Chunk, ChunkEmbedding, Document, UsageRecord
+from kb.services.documents import (
+    DOCUMENT_STALLED_AFTER_SECONDS,
+    document_delete,
+    document_disable,
+    document_enable,
+    document_retry,
+    documents_mark_stalled,
+)
+from kb.services.ingest import document_ingest, documents_ingest_batch
+from kb.services.uploads import documents_upload
 from search.models import CollectionStatistic, Posting
 
-SAMPLES = Path(__file__).resolve().parents[2] / "fixtures" / "samples"
+SAMPLES = Path(__file__).resolve().parents[3] / "fixtures" / "samples"
 
 pytestmark = pytest.mark.django_db
 
@@ -64,11 +73,9 @@ def test_uploading_a_document_whose_worker_died_restarts_it(collection, ingest_o
     the same file again re-ingests that document, reusing its vectors."""
     from django.utils import timezone
 
-    from kb import services
-
     document = ingest_one(collection, "guide.md", sample("guide.md"))
     vectors = ChunkEmbedding.objects.filter(chunk__document=document).count()
-    stale = timezone.now() - timezone.timedelta(seconds=services.DOCUMENT_STALLED_AFTER_SECONDS + 1)
+    stale = timezone.now() - timezone.timedelta(seconds=DOCUMENT_STALLED_AFTER_SECONDS + 1)
     Document.objects.filter(pk=document.pk).update(status=Document.Status.PROCESSING,
                                                    heartbeat_at=stale)
 
@@ -182,13 +189,13 @@ def test_disable_removes_from_index_and_enable_restores(collection, ingest_one):
     stats = CollectionStatistic.objects.get(collection=collection)
     count_before = stats.chunk_count
 
-    services.document_disable(document=document)
+    document_disable(document=document)
     stats.refresh_from_db()
     assert stats.chunk_count == 0
     assert Chunk.objects.filter(document=document).count() == count_before
     assert not Posting.objects.filter(collection_id=collection.pk).exists()
 
-    services.document_enable(document=document)
+    document_enable(document=document)
     stats.refresh_from_db()
     assert stats.chunk_count == count_before
     assert Document.objects.get(pk=document.pk).status == Document.Status.READY
@@ -199,7 +206,7 @@ def test_delete_removes_chunks_vectors_and_postings(collection, ingest_one):
     document = ingest_one(collection, "guide.md", sample("guide.md"))
     chunk_ids = list(Chunk.objects.filter(document=document).values_list("pk", flat=True))
 
-    services.document_delete(document=document)
+    document_delete(document=document)
 
     assert not Chunk.objects.filter(pk__in=chunk_ids).exists()
     assert not ChunkEmbedding.objects.filter(chunk_id__in=chunk_ids).exists()
@@ -222,13 +229,13 @@ def test_retry_after_a_killed_run_finishes_without_duplicates(collection, ingest
             [document.pk],
         )
     Document.objects.filter(pk=document.pk).update(status=Document.Status.PROCESSING)
-    assert services.documents_mark_stalled(older_than_seconds=-1) == 1
+    assert documents_mark_stalled(older_than_seconds=-1) == 1
     document.refresh_from_db()
     assert document.status == Document.Status.FAILED and "Retry" in document.error_message
     calls_before = UsageRecord.objects.filter(kind="embedding").count()
 
-    services.document_retry(document=document)
-    services.document_ingest(document_id=document.pk)
+    document_retry(document=document)
+    document_ingest(document_id=document.pk)
 
     document.refresh_from_db()
     chunks = Chunk.objects.filter(document=document)
@@ -282,11 +289,11 @@ def test_a_batch_ingests_each_document_on_its_own(collection, ingest_one):
     ]
     ids = []
     for name, data in uploads:
-        (outcome,) = services.documents_upload(collection=collection, filename=name, data=data,
+        (outcome,) = documents_upload(collection=collection, filename=name, data=data,
                                                queue=False)
         ids.append(outcome.document.pk)
 
-    documents = services.documents_ingest_batch(document_ids=ids)
+    documents = documents_ingest_batch(document_ids=ids)
 
     by_name = {d.original_filename: d for d in documents}
     assert by_name["broken.pdf"].status == Document.Status.FAILED

@@ -13,9 +13,10 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from kb import services
 from kb.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Document
+from kb.services.ingest import documents_ingest_batch
+from kb.services.uploads import documents_upload, upload_outcomes_refresh, upload_summary
 from search.services import SearchParams, search
 
 pytestmark = pytest.mark.django_db
@@ -102,9 +103,9 @@ def test_an_adder_cannot_replace_a_document_in_the_admin(guide, client, django_u
 def test_an_adder_cannot_replace_a_document_from_a_zip(guide, django_user_model):
     """A zip member with an existing document's name is rejected the same way."""
     adder = _user(django_user_model, "adder", "add_document")
-    services.documents_upload(collection=guide.collection, filename="guides.zip",
+    documents_upload(collection=guide.collection, filename="guides.zip",
                               data=_zip({"x.md": b"# X\n\nx"}), uploaded_by=adder)
-    outcomes = services.documents_upload(collection=guide.collection, filename="guides.zip",
+    outcomes = documents_upload(collection=guide.collection, filename="guides.zip",
                                          data=_zip({"x.md": FORGED}), uploaded_by=adder)
     assert [o.outcome for o in outcomes] == ["rejected"]
 
@@ -181,7 +182,7 @@ def test_hostile_zip_member_names_through_the_admin(collection, admin_client,
 def test_a_database_refusal_leaves_no_orphan_file(collection):
     """If the database refuses the row (here a NUL in metadata, which jsonb cannot hold),
     the stored file is removed and the file is rejected, not a 500."""
-    (outcome,) = services.documents_upload(collection=collection, filename="a.md", data=b"# A\n\na",
+    (outcome,) = documents_upload(collection=collection, filename="a.md", data=b"# A\n\na",
                                            metadata={"title": "nul\x00title"})
     assert outcome.outcome == "rejected" and "could not be stored" in outcome.message
     assert not Document.objects.exists()
@@ -227,9 +228,9 @@ def test_the_admin_summary_says_queued_and_links_to_failed_documents(collection,
 
 def test_the_summary_counts_what_already_failed_when_ingestion_ran_inline(collection):
     """Refreshed outcomes count a document that already failed as failed, not as queued."""
-    outcomes = services.documents_upload(collection=collection, filename="broken.pdf",
+    outcomes = documents_upload(collection=collection, filename="broken.pdf",
                                          data=b"%PDF-1.7\ngarbage", queue=False)
-    services.documents_ingest_batch(document_ids=[outcomes[0].document.pk])
-    summary = services.upload_summary(outcomes=services.upload_outcomes_refresh(outcomes=outcomes))
+    documents_ingest_batch(document_ids=[outcomes[0].document.pk])
+    summary = upload_summary(outcomes=upload_outcomes_refresh(outcomes=outcomes))
     assert (summary.queued, summary.failed) == (0, 1)
     assert "1 failed while processing" in summary.text

@@ -1,0 +1,46 @@
+"""API keys: created here (admin and kb_apikey); only their hash is stored."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from django.contrib.auth.models import AbstractUser
+from django.db import transaction
+
+from kb.authentication import api_key_generate, api_key_hash
+from kb.models import ApiKey, Collection
+from kb.selectors import collections_visible
+
+
+class ApiKeyError(ValueError):
+    """A key that cannot be created as asked (an unknown or unreadable collection)."""
+
+
+@transaction.atomic
+def api_key_create(
+    *,
+    user: AbstractUser,
+    name: str,
+    collections: Sequence[Collection] | None = None,
+    rate_limit: str = "",
+    api_key: ApiKey | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key for user, narrowed to collections if given; returns it and the raw key.
+
+    Only the key's sha256 is stored: the raw key returned here is the one chance to show it.
+    `api_key` is an unsaved row to fill in instead of a new one (the admin's form, which
+    saves its many-to-many fields itself afterwards).
+    """
+    collections = list(collections or [])
+    visible = set(collections_visible(user=user).values_list("pk", flat=True))
+    unreadable = [collection.slug for collection in collections if collection.pk not in visible]
+    if unreadable:
+        raise ApiKeyError(f"{user.get_username()} may not read: {', '.join(unreadable)}.")
+    raw_key, prefix = api_key_generate()
+    api_key = api_key or ApiKey()
+    api_key.user, api_key.name, api_key.rate_limit = user, name, rate_limit
+    api_key.prefix, api_key.hashed_key = prefix, api_key_hash(raw_key)
+    api_key.save()
+    if collections:
+        api_key.collections.set(collections)
+    return api_key, raw_key
