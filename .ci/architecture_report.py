@@ -138,8 +138,12 @@ def architecture_figures(root: Path) -> Figures:
                 if not targets:
                     continue
                 hidden[name].update(t for t in targets if t != name)
-                # Allowed when a comment on the line or the one above says which cycle it breaks.
-                context = " ".join(lines[max(0, inner.lineno - 2): inner.lineno]).lower()
+                # Allowed when a comment on the line, or in the comments and imports just
+                # above it, says which cycle it breaks.
+                above = inner.lineno - 1
+                while above > 0 and lines[above - 1].strip().startswith(("#", "from ", "import ")):
+                    above -= 1
+                context = " ".join(lines[above: inner.lineno]).lower()
                 if "cycle" not in context:
                     inner_imports.append(f"{path.relative_to(root)}:{inner.lineno}")
     functions.sort(reverse=True)

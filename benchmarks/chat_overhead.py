@@ -78,7 +78,7 @@ def main() -> None:
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
-    from kb.authentication import api_key_generate, api_key_hash
+    from kb.api.authentication import api_key_generate, api_key_hash
     from kb.models import ApiKey
     from kb.services.collections import collection_get_or_create
     from kb.services.uploads import documents_upload
@@ -119,7 +119,7 @@ def main() -> None:
 
     # 2. Through our chat API, and 3. retrieval alone, against a real uvicorn server,
     # with this process prepared as `serve` prepares its web process (KB_PROCESS_ROLE above).
-    from kb.web_process import web_process_prepare
+    from kb.ops.web_process import web_process_prepare
 
     web_process_prepare()
     ours_ttft, ours_per_token, retrieval = [], [], []

@@ -369,10 +369,10 @@ def logs_section() -> list[str]:
         "## Logs",
         "",
         "Questions, prompts and answers are logged as fingerprints (`sha256:` and the first 12 "
-        "hex digits, `kb.log_privacy.text_fingerprint`), never as text, unless "
+        "hex digits, `kb.ops.log_privacy.text_fingerprint`), never as text, unless "
         "`KB_LOG_CONTENT` is on: by default only with `LOG_LEVEL=DEBUG` (debug logging, on a "
         "developer's machine), or when set explicitly. Credentials never appear at any level: "
-        "`kb.log_privacy.RedactingFilter` on the console handler redacts bearer tokens, "
+        "`kb.ops.log_privacy.RedactingFilter` on the console handler redacts bearer tokens, "
         "`kb_…` API keys, `sk-…` provider keys, passwords in URLs and the literal values of "
         "SECRET_KEY, OPENAI_API_KEY, the database and Redis passwords and every provider "
         "`api_key`, in messages, extras and tracebacks, and reduces a request object to "

@@ -401,7 +401,7 @@ def bench_http(queries: list[str], *, concurrency: int, duration: float, max_req
     from django.contrib.auth import get_user_model
     from django.db import connection
 
-    from kb.authentication import api_key_generate, api_key_hash
+    from kb.api.authentication import api_key_generate, api_key_hash
     from kb.models import ApiKey
 
     user, _ = get_user_model().objects.get_or_create(username="bench")

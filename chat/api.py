@@ -27,9 +27,9 @@ from chat import selectors, services
 from chat.budgets import BudgetExceeded
 from chat.models import Conversation, Message
 from chat.sse import event_stream_response, sse_stream
-from kb.authentication import ApiKeyAuthentication
+from kb.api.authentication import ApiKeyAuthentication
+from kb.api.ratelimits import rate_limit_enforce
 from kb.models import ApiKey
-from kb.ratelimits import rate_limit_enforce
 
 if TYPE_CHECKING:
     from django.contrib.auth.base_user import AbstractBaseUser
@@ -193,7 +193,7 @@ def chat_error_response(exc: Exception) -> JsonResponse:
 
 
 def request_id_for(request: HttpRequest) -> str:
-    """The request's id (set from a sane X-Request-ID by kb.observability), else a new one."""
+    """The request's id (set from a sane X-Request-ID by kb.ops.observability), else a new one."""
     return (getattr(request, "request_id", "") or uuid.uuid4().hex)[:64]
 
 

@@ -13,10 +13,10 @@ from django.db import connection
 from django.db.models import BigIntegerField, Exists, Func, OuterRef, Q, QuerySet
 
 from chat.models import AnswerCacheEntry, Conversation, Message
-from kb.dashboard import CitedDocument, Window, cited_documents_source_set
 from kb.models import ApiKey, Collection, Document
 from kb.providers.base import ChatMessage
 from kb.selectors import collections_visible, documents_visible
+from kb.usage.reports import CitedDocument, Window, cited_documents_source_set
 from search.selectors import collections_visible_to
 
 if TYPE_CHECKING:

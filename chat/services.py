@@ -44,11 +44,11 @@ from chat.cascade import cascade_stream, describe_error, words
 from chat.events import ChatEvent, Citations, Delta, Done, Error, Meta, Started
 from chat.models import Conversation, Message
 from chat.turn import ModelCall, Turn, TurnRequest
-from kb.log_privacy import loggable_text
 from kb.models import ApiKey, Collection, UsageRecord
+from kb.ops.log_privacy import loggable_text
 from kb.providers import registry
 from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage, Prompt, ProviderError
-from kb.usage import retried_attempts_record_usage, usage_record_create
+from kb.usage.ledger import retried_attempts_record_usage, usage_record_create
 from search import selectors as search_selectors
 from search.query_embedding import query_vector
 from search.services import QueryEmbedding, SearchParams, SearchResult, search

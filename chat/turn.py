@@ -29,7 +29,7 @@ from chat.models import Conversation, Message
 from kb.models import ApiKey, Collection, UsageRecord
 from kb.providers.base import ChatMessage, ChatUsage
 from kb.providers.retrying import FailedAttempt
-from kb.usage import UsageBuffer, model_cost
+from kb.usage.ledger import UsageBuffer, model_cost
 from search.services import QueryEmbedding, SearchResult
 
 if TYPE_CHECKING:

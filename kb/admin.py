@@ -19,11 +19,12 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import ngettext
 
-from kb import api_key_access, embeddings, selectors
+from kb import embeddings, selectors
+from kb.api import key_access
+from kb.api.ratelimits import rate_limit_parse
 from kb.ingestion import sniff
 from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel, UsageRecord
 from kb.providers import registry
-from kb.ratelimits import rate_limit_parse
 from kb.services import api_keys, collections, documents, embedding_models, uploads
 
 # Short names for the document list; any other type shows as it is.
@@ -585,9 +586,9 @@ class ApiKeyForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if "user" in self.fields:
-            self.fields["user"].queryset = api_key_access.api_key_owners_assignable(user=self.granter)
+            self.fields["user"].queryset = key_access.api_key_owners_assignable(user=self.granter)
             self.fields["user"].initial = self.granter.pk
-        self.fields["collections"].queryset = api_key_access.api_key_collections_grantable(
+        self.fields["collections"].queryset = key_access.api_key_collections_grantable(
             granter=self.granter
         )
 
@@ -610,8 +611,8 @@ class ApiKeyForm(forms.ModelForm):
         if self.instance.pk and "collections" not in self.changed_data:
             return cleaned
         try:
-            api_key_access.api_key_grant_check(granter=self.granter, owner=owner, collections=collections)
-        except api_key_access.ApiKeyGrantError as exc:
+            key_access.api_key_grant_check(granter=self.granter, owner=owner, collections=collections)
+        except key_access.ApiKeyGrantError as exc:
             self.add_error(exc.field if exc.field in self.fields else None, str(exc))
         return cleaned
 
@@ -628,7 +629,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def get_queryset(self, request):
         # Without kb.manage_all_api_keys a staff user sees, edits and revokes only their keys.
         return super().get_queryset(request).filter(
-            pk__in=api_key_access.api_keys_manageable(user=request.user).values("pk")
+            pk__in=key_access.api_keys_manageable(user=request.user).values("pk")
         )
 
     def get_readonly_fields(self, request, obj=None):
@@ -655,7 +656,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request, queryset):
-        count = api_key_access.api_keys_revoke(actor=request.user, keys=queryset)
+        count = key_access.api_keys_revoke(actor=request.user, keys=queryset)
         self.message_user(request, f"Revoked {count} keys.")
 
 

@@ -64,7 +64,7 @@ django.setup(set_prefix=False)
 application = ASGIHandler()
 
 if serving:
-    from kb.web_process import query_embedding_warm_up_start, web_process_prepare
+    from kb.ops.web_process import query_embedding_warm_up_start, web_process_prepare
 
     web_process_prepare()
     query_embedding_warm_up_start()

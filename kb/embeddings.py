@@ -13,12 +13,13 @@ from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
+from kb.ingestion.chunking import embedding_input
 from kb.models import Chunk, ChunkEmbedding, EmbeddingModel, UsageRecord
+from kb.ops.tracing import span
+from kb.ops.worker_threads import WorkerThreads
 from kb.providers import registry
 from kb.providers.base import EmbeddingBackend, EmbeddingResult, ProviderError
-from kb.tracing import span
-from kb.usage import tracked_model_call
-from kb.worker_threads import WorkerThreads
+from kb.usage.ledger import tracked_model_call
 
 logger = logging.getLogger(__name__)
 
@@ -301,8 +302,6 @@ def reembed_run(*, model_id: int, activate: bool = False) -> EmbeddingModel:
 
 
 def _embed_chunks(*, model: EmbeddingModel, chunks: Sequence[Chunk]) -> None:
-    from kb.ingestion.chunking import embedding_input
-
     cached = cached_vectors(model=model, input_hashes=[c.embedding_input_hash for c in chunks])
     ChunkEmbedding.objects.bulk_create(
         [ChunkEmbedding(chunk=c, embedding_model=model, embedding=cached[c.embedding_input_hash])

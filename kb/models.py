@@ -246,7 +246,7 @@ class ApiKey(models.Model):
 
     class Meta:
         verbose_name = "API key"
-        # Without it a staff user creates, sees and revokes only their own keys (kb.api_key_access).
+        # Without it a staff user creates, sees and revokes only their own keys (kb.api.key_access).
         permissions = [("manage_all_api_keys", "Can manage every user's API keys")]
 
     def __str__(self) -> str:

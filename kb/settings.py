@@ -16,7 +16,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from kb.database import database_settings_from_url, embedded_database_settings
+from kb.ops.database import database_settings_from_url, embedded_database_settings
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -148,11 +148,11 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "kb.observability.RequestIdMiddleware",
-    "kb.metrics.PrometheusMiddleware",
+    "kb.ops.observability.RequestIdMiddleware",
+    "kb.ops.metrics.PrometheusMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "corsheaders.middleware.CorsMiddleware",
-    "kb.security.ContentSecurityPolicyMiddleware",
+    "kb.ops.security.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -215,7 +215,7 @@ if KB_DB_POOL in {"1", "true", "yes", "on"} or (KB_DB_POOL == "web" and KB_SERVE
 # HNSW's candidate-list size (search.retrieval). 200: vector nDCG@10 on scifact is 0.6397
 # at 100, 0.6414 at 200 and at 400 (docs/RETRIEVAL.md).
 KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 200)
-# The embedded server's shared_buffers; empty: kb.database.embedded_shared_buffers sizes it.
+# The embedded server's shared_buffers; empty: kb.ops.database.embedded_shared_buffers sizes it.
 KB_PG_SHARED_BUFFERS = env_str("KB_PG_SHARED_BUFFERS").strip()
 # Session settings go with the connection request, so none costs a statement per request
 # (a pooled connection is handed out anew to each). A statement that runs away must not
@@ -323,14 +323,14 @@ Q_CLUSTER = {
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "kb.authentication.ApiKeyAuthentication",
+        "kb.api.authentication.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "kb.pagination.BoundedLimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "kb.api.pagination.BoundedLimitOffsetPagination",
     "PAGE_SIZE": 50,
-    "EXCEPTION_HANDLER": "kb.api_errors.exception_handler",
+    "EXCEPTION_HANDLER": "kb.api.errors.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Knowledge base API",
@@ -472,7 +472,7 @@ KB_METRICS_ALLOWED_IPS = env_list("KB_METRICS_ALLOWED_IPS", "127.0.0.1,::1")
 # their request metrics to, so any one scrape reports the sum (prometheus_client reads it
 # too, at import).
 PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR")
-# OpenTelemetry tracing (kb.tracing): "console", "otlp", or off. Setting the standard
+# OpenTelemetry tracing (kb.ops.tracing): "console", "otlp", or off. Setting the standard
 # OTEL_EXPORTER_OTLP_ENDPOINT switches it on over OTLP/HTTP.
 KB_TRACING = env_str("KB_TRACING").lower() or ("otlp" if env_str("OTEL_EXPORTER_OTLP_ENDPOINT") else "")
 if KB_TRACING not in {"", "off", "console", "otlp"}:
@@ -499,7 +499,7 @@ if KB_TASK_BROKER == "redis":
 # --- Logging ------------------------------------------------------------------------------
 # KB_LOG_FORMAT=json writes one JSON object per line (ts, level, logger, message,
 # request_id, extras) for a log collector; the default, plain, is for a terminal. Both
-# carry the request id (kb.observability).
+# carry the request id (kb.ops.observability).
 
 KB_LOG_FORMAT = env_str("KB_LOG_FORMAT", "plain").lower()
 if KB_LOG_FORMAT not in {"plain", "json"}:
@@ -512,13 +512,13 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {
-        "request_id": {"()": "kb.observability.RequestIdFilter"},
-        # Last line of defence: credentials are redacted from every line (kb.log_privacy).
-        "redact": {"()": "kb.log_privacy.RedactingFilter"},
+        "request_id": {"()": "kb.ops.observability.RequestIdFilter"},
+        # Last line of defence: credentials are redacted from every line (kb.ops.log_privacy).
+        "redact": {"()": "kb.ops.log_privacy.RedactingFilter"},
     },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s [%(request_id)s] %(name)s %(message)s"},
-        "json": {"()": "kb.observability.JsonFormatter"},
+        "json": {"()": "kb.ops.observability.JsonFormatter"},
     },
     "handlers": {
         "console": {

@@ -11,8 +11,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from kb.api.ratelimits import rate_limit_enforce
 from kb.models import ApiKey
-from kb.ratelimits import rate_limit_enforce
 from search import services
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from kb import embeddings
 from kb.models import ApiKey, EmbeddingModel, UsageRecord
-from kb.usage import UsageBuffer, usage_record_create
+from kb.usage.ledger import UsageBuffer, usage_record_create
 
 if TYPE_CHECKING:
     from django.contrib.auth.base_user import AbstractBaseUser

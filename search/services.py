@@ -13,10 +13,10 @@ from django.conf import settings
 
 from kb import embeddings
 from kb.models import ApiKey, EmbeddingModel, UsageRecord
+from kb.ops.tracing import span, traced
 from kb.providers import registry
 from kb.providers.base import ProviderError, RerankBackend
-from kb.tracing import span, traced
-from kb.usage import UsageBuffer, tracked_model_call, usage_record_create
+from kb.usage.ledger import UsageBuffer, tracked_model_call, usage_record_create
 from search import selectors
 from search.filters import SearchFilters
 from search.fusion import convex_fusion, reciprocal_rank_fusion
@@ -149,7 +149,7 @@ def search(
     `usage` holds the ledger rows for the caller to write later (chat, before its first token).
     With record_usage=False (kb_eval) the search writes no ledger row: neither its own nor
     those of the local or cached model calls it makes. A call that costs money is still
-    written, ahead of the call (kb.usage.tracked_model_call).
+    written, ahead of the call (kb.usage.ledger.tracked_model_call).
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -266,7 +266,7 @@ def _retrieve(query: _QueryVector, *, text: str, filters: SearchFilters, limit: 
     elif keyword is not None:
         retrieved = keyword
     else:
-        # BM25 and vector retrieval are one SQL statement, so one span (kb.tracing explains).
+        # BM25 and vector retrieval are one SQL statement, so one span (kb.ops.tracing explains).
         retrieved = _retrieve_timed(timings, "retrieve", mode=query.mode, **common)
     if query.vector is not None and retrieved.vector_count < k:
         # HNSW returns ef_search neighbours before filtering; a selective filter (a small

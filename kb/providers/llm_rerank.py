@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from contextlib import aclosing
 from typing import Any
 
+from kb.providers import registry
 from kb.providers.base import (
     ChatBackend,
     ChatDelta,
@@ -150,8 +151,6 @@ class LLMReranker(RerankBackend):
 
     def chat_backend(self) -> ChatBackend:
         """The first generative chat backend configured; the extractive answerer cannot grade."""
-        from kb.providers import registry
-
         for backend in registry.chat_backends():
             if backend.generative:
                 if not self.model:

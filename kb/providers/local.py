@@ -8,9 +8,9 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from kb.ops.worker_threads import WorkerThreads
 from kb.providers.base import EmbeddingBackend, EmbeddingResult, RerankBackend, RerankResult
 from kb.providers.onnx_runtime import OnnxExportError, OnnxSentenceEncoder, onnx_sentence_encoder
-from kb.worker_threads import WorkerThreads
 
 logger = logging.getLogger(__name__)
 

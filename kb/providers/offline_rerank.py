@@ -20,6 +20,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from kb.providers import registry
 from kb.providers.base import RerankBackend, RerankResult
 
 # A sentence ends at . ! ? followed by space and an upper-case letter, a digit or an
@@ -91,8 +92,6 @@ class SentenceMaxSimReranker(RerankBackend):
     def embedder(self):
         """The embedding backend whose model is already loaded for search."""
         from django.conf import settings
-
-        from kb.providers import registry
 
         return registry.embedding_backend(self.embedding_key or settings.KB_DEFAULT_EMBEDDING_MODEL)
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from django.contrib.auth.models import AbstractUser
 from django.db import transaction
 
-from kb.authentication import api_key_generate, api_key_hash
+from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Collection
 from kb.selectors import collections_visible
 

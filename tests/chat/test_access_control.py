@@ -9,7 +9,7 @@ from django.contrib.auth.models import Group
 from django.test import Client
 
 from chat.models import AnswerCacheEntry
-from kb.authentication import api_key_generate, api_key_hash
+from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
 from kb.services.collections import collection_get_or_create
 

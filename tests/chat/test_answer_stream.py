@@ -14,7 +14,7 @@ from chat.budgets import BudgetExceeded
 from chat.events import Citations, Delta, Done, Error, Meta, Started
 from chat.models import AnswerCacheEntry, Budget, Message
 from kb.models import UsageRecord
-from kb.usage import usage_record_create
+from kb.usage.ledger import usage_record_create
 from tests.chat.conftest import (
     QUESTION,
     ask,

@@ -12,7 +12,7 @@ from django.test import AsyncClient, Client
 
 from chat.events import Started
 from chat.models import Budget, Conversation, Message
-from kb.usage import usage_record_create
+from kb.usage.ledger import usage_record_create
 from tests.chat.conftest import CITED_REPLY, ask, of_type
 from tests.fakes.openai_server import Fault
 

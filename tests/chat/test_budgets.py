@@ -18,7 +18,7 @@ from chat.budgets import (
 )
 from chat.models import Budget
 from kb.models import UsageRecord
-from kb.usage import usage_record_create
+from kb.usage.ledger import usage_record_create
 
 pytestmark = pytest.mark.django_db
 

@@ -8,7 +8,7 @@ import pytest
 from django.test import Client
 
 from chat.models import Message
-from kb.authentication import api_key_generate, api_key_hash
+from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
 from kb.services.documents import document_disable
 

@@ -43,7 +43,7 @@ def test_snippets_are_where_the_test_expects_them():
 
 @pytest.mark.django_db(transaction=True)
 def test_use_it_from_an_account_to_answers(django_user_model, settings):
-    from kb import bootstrap
+    from kb.ops import bootstrap
 
     settings.KB_PROVIDERS = {
         **settings.KB_PROVIDERS,

@@ -20,7 +20,7 @@ from django.urls import URLResolver, get_resolver
 from django.utils import timezone
 
 from chat.models import AnswerCacheEntry, Budget, Conversation, Message
-from kb.authentication import api_key_generate, api_key_hash
+from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Chunk, EmbeddingModel, UsageRecord
 from kb.services.collections import collection_get_or_create
 from kb.services.documents import document_disable

@@ -6,8 +6,8 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.test import Client
 
-from kb import api_key_access
-from kb.authentication import api_key_generate, api_key_hash
+from kb.api import key_access
+from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
 from kb.services.collections import collection_get_or_create
 
@@ -88,16 +88,16 @@ def test_a_manager_of_all_keys_grants_no_more_than_they_may_read(world):
     assert client.post(ADD_URL, {**base, "collections": [world["general"].pk]}).status_code == 302
     key = ApiKey.objects.get(user=world["user_a"])
     assert list(key.collections.all()) == [world["general"]]
-    assert set(api_key_access.api_keys_manageable(user=world["editor"])) == set(ApiKey.objects.all())
+    assert set(key_access.api_keys_manageable(user=world["editor"])) == set(ApiKey.objects.all())
 
 
 def test_grant_check_refuses_collections_the_keys_user_cannot_read(world):
     """The service refuses a-private for a key of a user who cannot read it, even for root."""
-    with pytest.raises(api_key_access.ApiKeyGrantError) as error:
-        api_key_access.api_key_grant_check(granter=world["root"], owner=world["editor"],
+    with pytest.raises(key_access.ApiKeyGrantError) as error:
+        key_access.api_key_grant_check(granter=world["root"], owner=world["editor"],
                                            collections=[world["private"]])
     assert error.value.field == "collections"
-    api_key_access.api_key_grant_check(granter=world["root"], owner=world["user_a"],
+    key_access.api_key_grant_check(granter=world["root"], owner=world["user_a"],
                                        collections=[world["private"]])
 
 

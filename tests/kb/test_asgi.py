@@ -71,7 +71,7 @@ def test_an_unknown_path_gets_the_sync_chain():
 
 def test_the_content_security_policy_middleware_adds_no_thread_hop_before_an_async_view():
     """Its hook only sets a header, so it runs on the event loop (no sync_to_async)."""
-    from kb.security import ContentSecurityPolicyMiddleware
+    from kb.ops.security import ContentSecurityPolicyMiddleware
 
     async def view(request):
         return HttpResponse("<p>hi</p>", content_type="text/html")

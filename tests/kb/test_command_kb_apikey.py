@@ -11,7 +11,7 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from kb.authentication import api_key_hash
+from kb.api.authentication import api_key_hash
 from kb.models import ApiKey
 from kb.services.collections import collection_get_or_create
 

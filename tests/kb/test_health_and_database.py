@@ -12,7 +12,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from kb.database import (
+from kb.ops.database import (
     DatabaseSetupError,
     database_settings_from_url,
     embedded_server_start,
@@ -93,7 +93,7 @@ SHOW_SHARED_BUFFERS = """
 import logging, sys
 from pathlib import Path
 import psycopg
-from kb.database import embedded_server_start
+from kb.ops.database import embedded_server_start
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 server = embedded_server_start(Path(sys.argv[1]))
 with psycopg.connect(server.get_uri("postgres")) as conn:

@@ -1,4 +1,4 @@
-"""kb.log_privacy: fingerprints instead of content, and redaction of credentials."""
+"""kb.ops.log_privacy: fingerprints instead of content, and redaction of credentials."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from kb.log_privacy import REDACTED, RedactingFilter, loggable_text, redact, text_fingerprint
-from kb.observability import JsonFormatter
+from kb.ops.log_privacy import REDACTED, RedactingFilter, loggable_text, redact, text_fingerprint
+from kb.ops.observability import JsonFormatter
 
 QUESTION = "What is the vacation allowance for the night shift in Lisbon?"
 SEARCH_QUERY = "confidential merger codename bluebird"

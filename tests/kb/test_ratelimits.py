@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django_ratelimit.core import _split_rate
 
-from kb.ratelimits import rate_limit_parse
+from kb.api.ratelimits import rate_limit_parse
 
 RATES = ["600/m", "5/s", "10/5m", "1/h", "100/d", "7/", "3/2", "600/M", "600/mfoo", "0/0m"]
 

@@ -12,7 +12,7 @@ from django.db import connection
 from kb.models import UsageRecord
 from kb.providers.base import ProviderError
 from kb.providers.retrying import RetryPolicy, call_with_retries
-from kb.usage import tracked_model_call, usage_record_create
+from kb.usage.ledger import tracked_model_call, usage_record_create
 from tests.fakes.openai_server import FakeOpenAIServer, Fault
 
 POLICY = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, timeout=2.0)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from kb.models import EmbeddingModel
+from kb.ops.web_process import query_embedding_warm_up_start
+from kb.ops.worker_threads import WorkerThreads
 from kb.providers.base import EmbeddingBackend, EmbeddingResult
-from kb.web_process import query_embedding_warm_up_start
-from kb.worker_threads import WorkerThreads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -212,7 +212,7 @@ def test_warm_up_uses_the_default_model_before_any_is_active(settings):
 def test_a_model_that_fails_to_warm_up_is_logged_and_the_thread_ends(settings, caplog):
     _embedding_provider(settings, BrokenEmbeddings)
 
-    with caplog.at_level(logging.WARNING, logger="kb.web_process"):
+    with caplog.at_level(logging.WARNING, logger="kb.ops.web_process"):
         thread = query_embedding_warm_up_start()
         thread.join(timeout=30)
 
@@ -226,7 +226,7 @@ def test_a_remote_model_is_not_called_to_warm_up(settings, caplog):
     _embedding_provider(settings, RemoteEmbeddings)
     RecordingEmbeddings.gate.set()
 
-    with caplog.at_level(logging.WARNING, logger="kb.web_process"):
+    with caplog.at_level(logging.WARNING, logger="kb.ops.web_process"):
         query_embedding_warm_up_start().join(timeout=30)
 
     assert RecordingEmbeddings.calls == [] and "warm up" not in caplog.text

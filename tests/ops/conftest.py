@@ -1,4 +1,4 @@
-"""A small usage ledger for the operations tests, written through kb.usage like real calls."""
+"""A small usage ledger for the operations tests, written through kb.usage.ledger like real calls."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from kb.models import UsageRecord
-from kb.usage import usage_record_create
+from kb.usage.ledger import usage_record_create
 
 # gpt-4o-mini at $0.15 / $0.60 per million tokens: 1000 in + 200 out = $0.00027.
 CALL_COST = Decimal("0.00027")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 from xml.etree import ElementTree
 
-from kb import charts
-from kb.charts import Series
+from kb.usage import charts
+from kb.usage.charts import Series
 
 SVG = "{http://www.w3.org/2000/svg}"
 

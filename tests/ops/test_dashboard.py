@@ -13,8 +13,8 @@ from xml.etree import ElementTree
 import pytest
 from django.urls import reverse
 
-from kb import dashboard
-from kb.dashboard import Period
+from kb.usage import reports
+from kb.usage.reports import Period
 from tests.ops.conftest import CALL_COST
 
 pytestmark = pytest.mark.django_db
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.django_db
 def test_daily_aggregates_and_percentiles(ledger):
     """Each day sums cost, tokens and cache use; p50/p95 come from percentile_cont."""
     today = ledger["today"]
-    days = dashboard.usage_daily(period=Period.last_days(3, today=today))
+    days = reports.usage_daily(period=Period.last_days(3, today=today))
 
     assert [d.label for d in days] == [(today - timedelta(days=n)).isoformat() for n in (2, 1, 0)]
     older, empty, latest = days
@@ -44,10 +44,10 @@ def test_breakdowns_and_top_spenders(ledger):
     """Per-kind and per-model groups, and the users who spent most, costliest first."""
     period = Period.last_days(7, today=ledger["today"])
 
-    by_kind = {row.label: row for row in dashboard.usage_breakdown(period=period, by=("kind",))}
-    by_model = dashboard.usage_breakdown(period=period, by=("provider", "model"))
-    users = dashboard.usage_top_users(period=period)
-    tokens = dashboard.usage_tokens_by_model_daily(period=period)
+    by_kind = {row.label: row for row in reports.usage_breakdown(period=period, by=("kind",))}
+    by_model = reports.usage_breakdown(period=period, by=("provider", "model"))
+    users = reports.usage_top_users(period=period)
+    tokens = reports.usage_tokens_by_model_daily(period=period)
 
     assert set(by_kind) == {"chat", "embedding", "search"}
     assert by_kind["chat"].calls == 9 and by_kind["chat"].cost_usd == 6 * CALL_COST
@@ -80,7 +80,7 @@ def test_most_cited_documents_count_only_cited_passages(ledger, collection, inge
     Message.objects.create(conversation=conversation, role=Message.Role.USER, content="q",
                            citations=[passage(1, second)], cited=[1])
 
-    cited = dashboard.documents_most_cited(period=Period.last_days(1))
+    cited = reports.documents_most_cited(period=Period.last_days(1))
 
     assert [(c.document_id, c.citations, c.answers) for c in cited] == [(first.pk, 3, 2)]
     assert cited[0].title == str(first) and cited[0].exists
@@ -122,7 +122,7 @@ def test_staff_without_usage_permission_is_refused(client, django_user_model, db
 
 
 def test_admin_index_links_to_dashboard(admin_client):
-    """The admin index carries a link to the usage dashboard."""
+    """The admin index carries a link to the usage reports."""
     page = admin_client.get(reverse("admin:index")).content.decode()
     assert f'href="{reverse("usage-dashboard")}"' in page
 

@@ -15,8 +15,8 @@ from django.test import AsyncClient
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from kb.metrics import usage_ledger_collector
 from kb.models import Document, UsageRecord
+from kb.ops.metrics import usage_ledger_collector
 from kb.services.documents import document_queue_ingest
 from kb.services.uploads import documents_upload
 from tests.ops.conftest import record
@@ -126,7 +126,7 @@ def test_request_metrics_for_sync_async_and_streaming_views(client):
 
 def test_request_metrics_for_async_views():
     """Under ASGI (the async middleware chain) async and streaming views are counted too."""
-    from kb.metrics import HTTP_REQUESTS
+    from kb.ops.metrics import HTTP_REQUESTS
 
     def count(endpoint):
         return HTTP_REQUESTS.labels(endpoint, "GET", "200")._value.get()
@@ -170,7 +170,7 @@ def test_request_metrics_add_up_across_processes(client, settings, tmp_path):
         "import time, django; django.setup()\n"
         "from django.test import RequestFactory\n"
         "from django.urls import resolve\n"
-        "from kb.metrics import _observe\n"
+        "from kb.ops.metrics import _observe\n"
         "request = RequestFactory().get('/healthz'); request.resolver_match = resolve('/healthz')\n"
         "_observe(request, 200, time.perf_counter())\n"
     )

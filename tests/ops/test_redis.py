@@ -137,9 +137,9 @@ def test_redis_broker_runs_a_task_in_a_real_cluster(redis_url, redis_client, mon
     from django_q.conf import Conf
 
     from kb import queue
-    from kb.metrics import queue_depth
     from kb.models import UsageRecord
-    from kb.observability import request_id_reset, request_id_set
+    from kb.ops.metrics import queue_depth
+    from kb.ops.observability import request_id_reset, request_id_set
 
     # This process queues through Redis as a REDIS_URL deployment's web process would.
     monkeypatch.setattr(Conf, "ORM", None)

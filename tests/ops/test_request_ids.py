@@ -16,7 +16,7 @@ from asgiref.sync import async_to_sync
 from django.test import AsyncClient
 
 from kb.models import UsageRecord
-from kb.observability import (
+from kb.ops.observability import (
     JsonFormatter,
     RequestIdFilter,
     current_request_id,
@@ -153,7 +153,7 @@ def test_task_queued_outside_a_request_runs_under_its_task_id(db):
 def test_kb_log_format_json_configures_json_lines():
     """KB_LOG_FORMAT=json makes the configured handler write JSON; plain shows the id in brackets."""
     code = ("import django, logging; django.setup(); "
-            "from kb.observability import request_id_set; request_id_set('req-cfg-1'); "
+            "from kb.ops.observability import request_id_set; request_id_set('req-cfg-1'); "
             "logging.getLogger('kb.x').warning('hello %s', 'there', extra={'n': 1})")
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "kb.settings"}
     as_json = subprocess.run([sys.executable, "-c", code], env={**env, "KB_LOG_FORMAT": "json"}, cwd=ROOT,

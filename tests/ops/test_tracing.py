@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from kb import tracing
+from kb.ops import tracing
 from kb.providers.base import RerankBackend, RerankResult
 from search.services import SearchParams, search
 

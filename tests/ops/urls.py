@@ -10,9 +10,9 @@ from django.urls import path
 
 from kb import queue
 from kb.models import UsageRecord
-from kb.observability import current_request_id
+from kb.ops.observability import current_request_id
 from kb.urls import urlpatterns as site_urlpatterns
-from kb.usage import usage_record_create
+from kb.usage.ledger import usage_record_create
 
 
 def _record() -> UsageRecord:

@@ -106,7 +106,7 @@ class PrivatePostgres:
 
 @pytest.fixture(scope="module")
 def private_postgres() -> Iterator[PrivatePostgres]:
-    from kb.database import embedded_server_start, embedded_server_stop
+    from kb.ops.database import embedded_server_start, embedded_server_stop
 
     # Under /tmp rather than pytest's tmp_path: pgserver makes every parent directory
     # traversable for its OS user, and pytest's base directory is private on purpose.
@@ -292,7 +292,7 @@ def audit_embedding_usage(postgres: PrivatePostgres, url: str,
     rows = Counter(postgres.rows(url, "SELECT model, input_tokens FROM kb_usagerecord "
                                       "WHERE kind = 'embedding' AND NOT cache_hit "
                                       "AND status <> 'interrupted'"))
-    # Rows written ahead of a call whose process died before its outcome (kb.usage
+    # Rows written ahead of a call whose process died before its outcome (kb.usage.ledger
     # write_ahead): the call is accounted for, its tokens unknown. One stands for one
     # unmatched call of its model; one left over (killed before the request went out) bills
     # nothing, so it is not double counting.
@@ -694,7 +694,7 @@ def chat_site(transactional_db, settings) -> Iterator[tuple[str, str, FakeOpenAI
     from django.contrib.auth import get_user_model
 
     from chat import circuit
-    from kb.authentication import api_key_generate, api_key_hash
+    from kb.api.authentication import api_key_generate, api_key_hash
     from kb.models import ApiKey
     from kb.services.collections import collection_get_or_create
     from kb.services.uploads import documents_upload

@@ -41,7 +41,7 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.openapi import from_dict
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from kb.authentication import api_key_generate, api_key_hash
+from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
 from kb.services.collections import collection_get_or_create
 from kb.services.uploads import documents_upload

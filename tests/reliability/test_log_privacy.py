@@ -1,10 +1,10 @@
 """Secrets never reach the logs; questions and answers appear only as fingerprints.
 
 The policy (docs/RELIABILITY.md, "Logs"): log lines carry `sha256:<12 hex>` fingerprints
-of questions, prompts and answers (kb.log_privacy.text_fingerprint), never the text,
+of questions, prompts and answers (kb.ops.log_privacy.text_fingerprint), never the text,
 unless KB_LOG_CONTENT=true; LOG_LEVEL=DEBUG alone does not log content. Credentials
 (API keys, bearer tokens, provider keys, SECRET_KEY, passwords in URLs) never appear,
-whatever the level: kb.log_privacy.RedactingFilter on the console handler is the last
+whatever the level: kb.ops.log_privacy.RedactingFilter on the console handler is the last
 line of defence.
 
 The helpers' own tests are in tests/kb/test_log_privacy.py. These end-to-end tests run a real chat (whose upstream misbehaves: it answers 401 and
@@ -25,10 +25,10 @@ from django.conf import settings as django_settings
 from django.test import Client
 from django.utils.module_loading import import_string
 
-from kb.authentication import api_key_generate, api_key_hash
-from kb.log_privacy import RedactingFilter, text_fingerprint
+from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
-from kb.observability import JsonFormatter
+from kb.ops.log_privacy import RedactingFilter, text_fingerprint
+from kb.ops.observability import JsonFormatter
 from kb.services.collections import collection_get_or_create
 from tests.fakes.openai_server import FakeOpenAIServer, Fault
 

@@ -85,6 +85,6 @@ def kb_bm25_installed(db, settings):
     from search.postgres_extension import extension_installed
 
     if not extension_installed(connection):
-        if settings.DATABASES["default"]["ENGINE"] == "kb.embedded_postgres":
+        if settings.DATABASES["default"]["ENGINE"] == "kb.ops.embedded_postgres":
             pytest.fail("The embedded server should have kb_bm25 built and created (see the log).")
         pytest.skip("This PostgreSQL server has no kb_bm25 extension (make -C search/postgres install).")

@@ -134,7 +134,7 @@ def test_starting_the_embedded_server_compiles_nothing(settings, monkeypatch):
     import shutil
     import tempfile
 
-    from kb.database import embedded_server_start, embedded_server_stop
+    from kb.ops.database import embedded_server_start, embedded_server_stop
 
     builds = []
     monkeypatch.setattr(postgres_extension, "extension_build", lambda *args: builds.append(args) or True)

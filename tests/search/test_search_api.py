@@ -11,7 +11,7 @@ from django.core.cache import cache
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from kb.authentication import api_key_generate, api_key_hash
+from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
 
 URL = "/api/v1/search"

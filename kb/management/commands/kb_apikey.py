@@ -5,8 +5,8 @@ from __future__ import annotations
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from kb.api.ratelimits import rate_limit_parse
 from kb.models import Collection
-from kb.ratelimits import rate_limit_parse
 from kb.services import api_keys
 
 

@@ -11,9 +11,10 @@ from django.core.exceptions import PermissionDenied
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from kb import bootstrap, selectors
-from kb.database import DatabaseSetupError
+from kb import selectors
 from kb.models import Document
+from kb.ops import bootstrap
+from kb.ops.database import DatabaseSetupError
 from kb.services.collections import collection_get_or_create
 from kb.services.ingest import documents_ingest_batch
 from kb.services.uploads import (

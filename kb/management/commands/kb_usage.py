@@ -9,8 +9,8 @@ from datetime import date, datetime, time, timedelta
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from kb import dashboard
-from kb.dashboard import UsageSummary
+from kb.usage import reports
+from kb.usage.reports import UsageSummary
 
 _RELATIVE = re.compile(r"(\d+)([hdw])")
 _UNITS = {"h": "hours", "d": "days", "w": "weeks"}
@@ -76,10 +76,10 @@ class Command(BaseCommand):
 
     def handle(self, *args, since: str, **options):
         now = timezone.now()
-        window = dashboard.TimeWindow(since=since_parse(since, now=now), until=now + timedelta(seconds=1))
-        totals = dashboard.usage_totals(period=window)
-        by_kind = dashboard.usage_breakdown(period=window, by=("kind",))
-        by_model = dashboard.usage_breakdown(period=window, by=("provider", "model"))
+        window = reports.TimeWindow(since=since_parse(since, now=now), until=now + timedelta(seconds=1))
+        totals = reports.usage_totals(period=window)
+        by_kind = reports.usage_breakdown(period=window, by=("kind",))
+        by_model = reports.usage_breakdown(period=window, by=("provider", "model"))
         started = timezone.localtime(window.since)
         self.stdout.write(f"Usage since {started:%Y-%m-%d %H:%M %Z} ({since})\n")
         if not totals.calls:

@@ -19,9 +19,9 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
-from kb import bootstrap
-from kb.database import DatabaseSetupError
-from kb.web_process import query_embedding_warm_up_start, web_process_prepare
+from kb.ops import bootstrap
+from kb.ops.database import DatabaseSetupError
+from kb.ops.web_process import query_embedding_warm_up_start, web_process_prepare
 
 
 class Command(BaseCommand):

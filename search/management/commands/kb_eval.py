@@ -11,8 +11,8 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from kb import bootstrap
-from kb.database import DatabaseSetupError
+from kb.ops import bootstrap
+from kb.ops.database import DatabaseSetupError
 from search import evaluation
 
 

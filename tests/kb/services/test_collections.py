@@ -8,11 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from chat.answer_cache import kb_version
 from django.db import connection
 from django.urls import reverse
 
 import kb.services
+from chat.answer_cache import kb_version
 from kb.models import Chunk, Collection, Document
 from kb.services.collections import collection_get_or_create, collection_reindex
 from kb.services.documents import (

@@ -13,9 +13,9 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
-from kb.log_privacy import redact
 from kb.models import UsageRecord
-from kb.observability import current_request_id
+from kb.ops.log_privacy import redact
+from kb.ops.observability import current_request_id
 from kb.providers.retrying import FailedAttempt, failed_attempts_recorded
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def usage_record_create(
         api_key=api_key,
         document=document,
         conversation_id=conversation_id,
-        # The id of the request or task this call serves (kb.observability), unless given.
+        # The id of the request or task this call serves (kb.ops.observability), unless given.
         request_id=request_id or current_request_id(),
     )
     if buffer is not None:

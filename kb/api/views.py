@@ -13,8 +13,8 @@ from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from kb.api.ratelimits import rate_limit_enforce
 from kb.models import ApiKey, Chunk, Collection, Document
-from kb.ratelimits import rate_limit_enforce
 from kb.selectors import collections_visible, collections_with_counts, documents_visible
 from kb.services import uploads
 

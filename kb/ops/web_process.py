@@ -9,6 +9,9 @@ import threading
 from django.conf import settings
 from django.db import connections
 
+from kb import selectors
+from kb.providers import registry
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,9 +60,6 @@ def query_embedding_warm_up_start() -> threading.Thread:
 
 
 def _query_embedding_warm_up() -> None:
-    from kb import selectors
-    from kb.providers import registry
-
     try:
         active = selectors.embedding_model_active()
         backend = registry.embedding_backend(active.key if active else settings.KB_DEFAULT_EMBEDDING_MODEL)

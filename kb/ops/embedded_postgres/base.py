@@ -4,7 +4,7 @@ from pathlib import Path
 
 from django.db.backends.postgresql import base
 
-from kb.database import embedded_server_socket_dir
+from kb.ops.database import embedded_server_socket_dir
 
 
 class DatabaseWrapper(base.DatabaseWrapper):

@@ -55,6 +55,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kb.models import Document, UsageRecord
+
 logger = logging.getLogger(__name__)
 
 # Seconds after which ledger rows are treated as final (see the module docstring).
@@ -182,8 +184,6 @@ class UsageLedgerCollector(Collector):
 
     def totals(self) -> dict[_LedgerKey, _Totals]:
         """Everything in the ledger, grouped by kind, provider, model, status and cache hit."""
-        from kb.models import UsageRecord
-
         cutoff = timezone.now() - timedelta(seconds=SETTLE_SECONDS)
         with self._lock:
             if self._settled_until is None:
@@ -214,8 +214,6 @@ class UsageLedgerCollector(Collector):
             into[key].add(row)
 
     def collect(self) -> Iterator[Metric]:
-        from kb.models import UsageRecord
-
         tokens = CounterMetricFamily(
             "kb_tokens_used", "Model tokens, by provider, model, kind and direction (input/output).",
             labels=["provider", "model", "kind", "direction"],
@@ -284,8 +282,6 @@ class WorkCollector(Collector):
     """Gauges of the work in flight: the task queue, ingestion lag, documents by status."""
 
     def collect(self) -> Iterator[Metric]:
-        from kb.models import Document
-
         queue = GaugeMetricFamily("kb_queue_depth", "Background tasks queued and not yet finished.")
         queue.add_metric([], queue_depth())
         yield queue
@@ -320,8 +316,6 @@ def queue_depth() -> int:
 
 def ingestion_lag_seconds() -> float:
     """Seconds since the oldest pending document was queued or processing one started."""
-    from kb.models import Document
-
     # Queueing a retry uses update(), which leaves updated_at alone; the end of the failed
     # run (processing_finished_at) is then the later, truer start of the wait. GREATEST
     # ignores NULLs in PostgreSQL.

@@ -7,7 +7,9 @@ from pathlib import Path
 from django.conf import settings
 from django.db import OperationalError, connection
 
-from kb.database import DatabaseSetupError
+from kb.models import Document
+from kb.ops.database import DatabaseSetupError
+from kb.services import collections, uploads
 
 DEMO_DIR = Path(settings.BASE_DIR) / "fixtures" / "demo"
 DEMO_COLLECTION = "demo"
@@ -76,9 +78,6 @@ def schedules_ensure() -> None:
 
 def demo_corpus_load() -> int:
     """Queue the demo documents on the first run; returns how many were queued."""
-    from kb.models import Document
-    from kb.services import collections, uploads
-
     collection = collections.collection_get_or_create(
         slug=DEMO_COLLECTION, name="Demo: about this product")
     if Document.objects.filter(collection=collection).exists() or not DEMO_DIR.is_dir():

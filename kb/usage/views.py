@@ -1,6 +1,6 @@
 """The usage dashboard in the admin (/admin/usage/): charts of the ledger, and its CSV export.
 
-A thin view: the form validates the period, kb.dashboard reads, kb.charts draws. It sits
+A thin view: the form validates the period, kb.usage.reports reads, kb.usage.charts draws. It sits
 behind admin.site.admin_view (active staff only, others go to the admin login) and also
 needs the permission to view usage records, like the ledger's own admin page.
 """
@@ -18,8 +18,8 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.translation import ngettext
 
-from kb import charts, dashboard
-from kb.charts import Series
+from kb.usage import charts, reports
+from kb.usage.charts import Series
 
 DEFAULT_DAYS = 30
 MAX_DAYS = 366
@@ -64,7 +64,7 @@ class PeriodForm(forms.Form):
             raise forms.ValidationError("The start date must be on or before the end date.")
         if (end - start).days + 1 > MAX_DAYS:
             raise forms.ValidationError(f"Choose at most {MAX_DAYS} days.")
-        cleaned["period"] = dashboard.Period(start=start, end=end)
+        cleaned["period"] = reports.Period(start=start, end=end)
         return cleaned
 
 
@@ -79,20 +79,20 @@ def usage_dashboard(request: HttpRequest) -> HttpResponse:
             # Show the dates the defaults chose.
             form = PeriodForm(initial={"start": period.start, "end": period.end})
     else:
-        period = dashboard.Period.last_days(DEFAULT_DAYS)
-    daily = dashboard.usage_daily(period=period)
+        period = reports.Period.last_days(DEFAULT_DAYS)
+    daily = reports.usage_daily(period=period)
     if request.GET.get("format") == "csv":
         return _csv_response(period, daily)
-    top_users = dashboard.usage_top_users(period=period)
-    top_api_keys = dashboard.usage_top_api_keys(period=period)
-    cited_documents = dashboard.documents_most_cited(period=period, user=request.user)
+    top_users = reports.usage_top_users(period=period)
+    top_api_keys = reports.usage_top_api_keys(period=period)
+    cited_documents = reports.documents_most_cited(period=period, user=request.user)
     context = {
         **admin.site.each_context(request),
         "title": "Usage dashboard",
         "form": form,
         "period": period,
-        "totals": dashboard.usage_totals(period=period),
-        "by_kind": dashboard.usage_breakdown(period=period, by=("kind",)),
+        "totals": reports.usage_totals(period=period),
+        "by_kind": reports.usage_breakdown(period=period, by=("kind",)),
         "top_users": top_users,
         "top_api_keys": top_api_keys,
         "cited_documents": cited_documents,
@@ -110,9 +110,9 @@ def usage_dashboard(request: HttpRequest) -> HttpResponse:
     return TemplateResponse(request, "admin/kb/usage_dashboard.html", context)
 
 
-def _daily_charts(period: dashboard.Period, daily: list[dashboard.UsageSummary]) -> dict:
+def _daily_charts(period: reports.Period, daily: list[reports.UsageSummary]) -> dict:
     labels = [d.label[5:] for d in daily]  # MM-DD; the year is in the period shown above
-    tokens = dashboard.usage_tokens_by_model_daily(period=period)
+    tokens = reports.usage_tokens_by_model_daily(period=period)
     return {
         "cost": charts.bar_chart(
             title="Cost per day (USD)", x_labels=labels,
@@ -157,7 +157,7 @@ def _free_calls_note(calls: int) -> str:
                     calls) % {"calls": f"{calls:,}"}
 
 
-def _spenders_chart(title: str, spenders: list[dashboard.TopSpender]):
+def _spenders_chart(title: str, spenders: list[reports.TopSpender]):
     # Ranked by cost; with local models everything costs $0, so rank by tokens instead.
     if any(s.cost_usd for s in spenders):
         return charts.hbar_chart(title=f"{title} by cost", labels=[s.name for s in spenders],
@@ -166,11 +166,11 @@ def _spenders_chart(title: str, spenders: list[dashboard.TopSpender]):
                              values=[s.tokens for s in spenders])
 
 
-def _csv_query(period: dashboard.Period) -> str:
+def _csv_query(period: reports.Period) -> str:
     return f"start={period.start.isoformat()}&end={period.end.isoformat()}&format=csv"
 
 
-def _csv_response(period: dashboard.Period, daily: list[dashboard.UsageSummary]) -> HttpResponse:
+def _csv_response(period: reports.Period, daily: list[reports.UsageSummary]) -> HttpResponse:
     response = HttpResponse(content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = (
         f'attachment; filename="kb-usage-{period.start.isoformat()}-{period.end.isoformat()}.csv"'

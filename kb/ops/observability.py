@@ -6,7 +6,7 @@ One id follows a piece of work everywhere it goes:
   front) or makes one, keeps it in a ContextVar for the duration of the request, and sends
   it back in the response header;
 - every log line carries it (`RequestIdFilter`, `JsonFormatter`);
-- `kb.usage.usage_record_create` writes it into the UsageRecord;
+- `kb.usage.ledger.usage_record_create` writes it into the UsageRecord;
 - a django-q2 task queued during the request carries it to the worker: a `pre_enqueue`
   receiver puts it into the task package (beside, not inside, the function's kwargs, so
   task functions need no extra parameter) and a `pre_execute` receiver sets it in the
@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBase
+
+from kb.ops import tracing
 
 logger = logging.getLogger("kb.request")
 
@@ -151,8 +153,6 @@ class RequestIdMiddleware:
 
 
 def _request_span(request: HttpRequest, request_id: str):
-    from kb import tracing
-
     return tracing.span(
         "http.request", http_method=request.method, http_target=request.path, request_id=request_id
     )
@@ -273,7 +273,7 @@ class JsonFormatter(logging.Formatter):
             if key not in _RECORD_ATTRIBUTES and not key.startswith("_") and key not in payload:
                 payload[key] = value
         if record.exc_info or record.exc_text:
-            # exc_text first: a filter (kb.log_privacy) may have redacted it.
+            # exc_text first: a filter (kb.ops.log_privacy) may have redacted it.
             payload["exc_info"] = record.exc_text or self.formatException(record.exc_info)
         if record.stack_info:
             payload["stack_info"] = self.formatStack(record.stack_info)

@@ -1,7 +1,7 @@
 """Where the database lives: an external server from DATABASE_URL, or an embedded one.
 
 The embedded server comes from the `pgserver` package (PostgreSQL 16 with pgvector).
-It is started lazily by the `kb.embedded_postgres` database engine on the first
+It is started lazily by the `kb.ops.embedded_postgres` database engine on the first
 connection, never at import time, and pgserver's inter-process lock makes concurrent
 starts from several processes (web, workers, tests) safe: the first one starts the
 server, the others attach to it, and the last process to exit stops it.
@@ -57,7 +57,7 @@ def database_settings_from_url(url: str) -> dict:
 def embedded_database_settings(data_dir: Path) -> dict:
     """A DATABASES entry for the embedded server whose data lives in data_dir."""
     return {
-        "ENGINE": "kb.embedded_postgres",
+        "ENGINE": "kb.ops.embedded_postgres",
         "NAME": EMBEDDED_DATABASE_NAME,
         "USER": "postgres",
         "PASSWORD": "",

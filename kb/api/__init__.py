@@ -1,0 +1,1 @@
+"""The REST API: views, serializers, URLs, errors, pagination, authentication, rate limits, schema."""

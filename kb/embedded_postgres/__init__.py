@@ -1,1 +1,0 @@
-"""A Django database engine for the embedded PostgreSQL server (see kb.database)."""
