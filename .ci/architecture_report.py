@@ -101,6 +101,7 @@ class Figures:
     inner_imports: list[str]
     functions: list[tuple[int, str]]  # (lines, "path:line name"), longest first
     untyped: int
+    imports: dict[str, set[str]]  # module -> first-party modules it imports (anywhere)
 
     def over(self, lines: int, prefixes: tuple[str, ...] = ("",)) -> list[tuple[int, str]]:
         return [(n, where) for n, where in self.functions if n > lines and where.startswith(prefixes)]
@@ -154,6 +155,7 @@ def architecture_figures(root: Path) -> Figures:
         inner_imports=inner_imports,
         functions=functions,
         untyped=untyped,
+        imports={name: graph[name] | hidden[name] for name in graph},
     )
 
 

@@ -78,8 +78,8 @@ def main() -> None:
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
-    from kb.api.authentication import api_key_generate, api_key_hash
     from kb.models import ApiKey
+    from kb.services.api_keys import api_key_generate, api_key_hash
     from kb.services.collections import collection_get_or_create
     from kb.services.uploads import documents_upload
     from tests.live_server import running_asgi_server

@@ -162,7 +162,7 @@ def prepare(data_dir: Path) -> str:
     manage(env, "kb_ingest", str(ROOT / "fixtures" / "demo"), "--sync", "--collection", "demo")
     out = manage(env, "shell", "-c", (
         "from django.contrib.auth import get_user_model\n"
-        "from kb.api.authentication import api_key_generate, api_key_hash\n"
+        "from kb.services.api_keys import api_key_generate, api_key_hash\n"
         "from kb.models import ApiKey\n"
         "user = get_user_model().objects.create_user('load', password='load-benchmark-pw')\n"
         "raw, prefix = api_key_generate()\n"

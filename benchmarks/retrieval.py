@@ -401,8 +401,8 @@ def bench_http(queries: list[str], *, concurrency: int, duration: float, max_req
     from django.contrib.auth import get_user_model
     from django.db import connection
 
-    from kb.api.authentication import api_key_generate, api_key_hash
     from kb.models import ApiKey
+    from kb.services.api_keys import api_key_generate, api_key_hash
 
     user, _ = get_user_model().objects.get_or_create(username="bench")
     raw_key, prefix = api_key_generate()

@@ -39,3 +39,28 @@ def test_no_function_is_over_80_lines(figures):
 
 def test_no_function_on_the_search_and_chat_paths_is_over_60_lines(figures):
     assert figures.over(60, ("search/", "chat/")) == []
+
+
+# The HTTP edges and the wiring (app configs, URL confs, the ASGI entry point).
+EDGES = ("kb.api", "kb.admin", "kb.urls", "kb.views", "kb.asgi", "kb.apps", "kb.usage.views",
+         "kb.usage.urls", "kb.ops.metrics_urls", "search.api", "search.urls", "search.apps",
+         "chat.api", "chat.views", "chat.openai_compat", "chat.urls", "chat.admin", "chat.schema",
+         "chat.apps")
+
+
+def _is(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_imports_point_one_way_down_the_layers(figures):
+    """HTTP and wiring -> chat -> search -> kb's domain -> foundations (docs/ARCHITECTURE.md)."""
+    upward = []
+    for module, targets in figures.imports.items():
+        if _is(module, EDGES):
+            continue
+        for target in targets:
+            if _is(target, EDGES):
+                upward.append(f"{module} -> {target} (an HTTP edge)")
+            elif (module.startswith("kb") and target.startswith(("search", "chat"))) or (module.startswith("search") and target.startswith("chat")):
+                upward.append(f"{module} -> {target}")
+    assert upward == []

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import secrets
-
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from kb.models import ApiKey
-
-API_KEY_PREFIX = "kb_"
-
-
-def api_key_hash(raw_key: str) -> str:
-    """The stored form of a key: keys are long random strings, so one sha256 is enough."""
-    return hashlib.sha256(raw_key.encode()).hexdigest()
-
-
-def api_key_generate() -> tuple[str, str]:
-    """A new raw key and its public prefix (shown in the admin to tell keys apart)."""
-    prefix = secrets.token_hex(4)
-    return f"{API_KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}", prefix
+from kb.services.api_keys import api_key_hash
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):

@@ -42,7 +42,7 @@ import json
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from kb.services.collections import collection_get_or_create
-from kb.api.authentication import api_key_generate, api_key_hash
+from kb.services.api_keys import api_key_generate, api_key_hash
 from kb.models import ApiKey
 
 User = get_user_model()

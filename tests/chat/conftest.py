@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 
-from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, UsageRecord
+from kb.services.api_keys import api_key_generate, api_key_hash
 from tests.fakes.openai_server import FakeOpenAIServer
 
 HANDBOOK = """# Operations handbook

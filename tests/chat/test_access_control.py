@@ -9,8 +9,8 @@ from django.contrib.auth.models import Group
 from django.test import Client
 
 from chat.models import AnswerCacheEntry
-from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
+from kb.services.api_keys import api_key_generate, api_key_hash
 from kb.services.collections import collection_get_or_create
 
 pytestmark = pytest.mark.django_db

@@ -8,8 +8,8 @@ import pytest
 from django.test import Client
 
 from chat.models import Message
-from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
+from kb.services.api_keys import api_key_generate, api_key_hash
 from kb.services.documents import document_disable
 
 pytestmark = pytest.mark.django_db

@@ -6,8 +6,8 @@ import pytest
 from django.contrib.auth.models import Group
 from rest_framework.test import APIClient
 
-from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Chunk
+from kb.services.api_keys import api_key_generate, api_key_hash
 from kb.services.collections import collection_get_or_create
 from search.services import SearchParams, search
 

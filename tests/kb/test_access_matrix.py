@@ -20,8 +20,8 @@ from django.urls import URLResolver, get_resolver
 from django.utils import timezone
 
 from chat.models import AnswerCacheEntry, Budget, Conversation, Message
-from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Chunk, EmbeddingModel, UsageRecord
+from kb.services.api_keys import api_key_generate, api_key_hash
 from kb.services.collections import collection_get_or_create
 from kb.services.documents import document_disable
 from tests.fakes.openai_server import FakeOpenAIServer

@@ -11,8 +11,8 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from kb.api.authentication import api_key_hash
 from kb.models import ApiKey
+from kb.services.api_keys import api_key_hash
 from kb.services.collections import collection_get_or_create
 
 pytestmark = pytest.mark.django_db

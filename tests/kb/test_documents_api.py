@@ -9,8 +9,8 @@ from django.contrib.auth.models import Permission
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
-from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Document
+from kb.services.api_keys import api_key_generate, api_key_hash
 
 SAMPLES = Path(__file__).resolve().parents[2] / "fixtures" / "samples"
 

@@ -11,9 +11,9 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from chat.models import Budget
-from kb.api.authentication import api_key_generate, api_key_hash
 from kb.management.commands.kb_usage import since_parse
 from kb.models import ApiKey
+from kb.services.api_keys import api_key_generate, api_key_hash
 
 pytestmark = pytest.mark.django_db
 

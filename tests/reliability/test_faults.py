@@ -694,8 +694,8 @@ def chat_site(transactional_db, settings) -> Iterator[tuple[str, str, FakeOpenAI
     from django.contrib.auth import get_user_model
 
     from chat import circuit
-    from kb.api.authentication import api_key_generate, api_key_hash
     from kb.models import ApiKey
+    from kb.services.api_keys import api_key_generate, api_key_hash
     from kb.services.collections import collection_get_or_create
     from kb.services.uploads import documents_upload
     from tests.chat.conftest import EXTRACTIVE_ENTRY, HANDBOOK, chat_entry

@@ -41,8 +41,8 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.openapi import from_dict
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
+from kb.services.api_keys import api_key_generate, api_key_hash
 from kb.services.collections import collection_get_or_create
 from kb.services.uploads import documents_upload
 from tests.live_server import running_asgi_server

@@ -25,10 +25,10 @@ from django.conf import settings as django_settings
 from django.test import Client
 from django.utils.module_loading import import_string
 
-from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
 from kb.ops.log_privacy import RedactingFilter, text_fingerprint
 from kb.ops.observability import JsonFormatter
+from kb.services.api_keys import api_key_generate, api_key_hash
 from kb.services.collections import collection_get_or_create
 from tests.fakes.openai_server import FakeOpenAIServer, Fault
 

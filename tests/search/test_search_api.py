@@ -11,8 +11,8 @@ from django.core.cache import cache
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey
+from kb.services.api_keys import api_key_generate, api_key_hash
 
 URL = "/api/v1/search"
 

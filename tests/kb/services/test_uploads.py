@@ -13,8 +13,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from kb.api.authentication import api_key_generate, api_key_hash
 from kb.models import ApiKey, Document
+from kb.services.api_keys import api_key_generate, api_key_hash
 from kb.services.ingest import documents_ingest_batch
 from kb.services.uploads import documents_upload, upload_outcomes_refresh, upload_summary
 from search.services import SearchParams, search
