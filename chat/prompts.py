@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kb.models import chunk_source_url
 from kb.providers.base import ChatMessage, Prompt, PromptPassage
 
 SYSTEM_PROMPT = (
@@ -187,7 +188,7 @@ def prompt_build(
 
 def citation_url(passage: Passage) -> str:
     """Where a citation link points: the passage's anchor in the document source page."""
-    return f"/documents/{passage.document_id}/#chunk-{passage.chunk_id}"
+    return chunk_source_url(document_id=passage.document_id, chunk_id=passage.chunk_id)
 
 
 def citations_for(passages: Sequence[Passage]) -> list[dict]:

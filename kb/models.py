@@ -153,6 +153,15 @@ class Document(models.Model):
         return reverse("document-source", args=[self.pk])
 
 
+def chunk_source_url(*, document_id: int, chunk_id: int) -> str:
+    """Where a citation or search hit links: the chunk's anchor on its document's source page.
+
+    Callers hold ids, not rows (a search hit, a prompt's passage); Chunk.get_absolute_url
+    is the same for a row.
+    """
+    return f"{reverse('document-source', args=[document_id])}#chunk-{chunk_id}"
+
+
 class Chunk(models.Model):
     """A retrievable passage of a document: a contiguous slice of its extracted text.
 
@@ -201,6 +210,9 @@ class Chunk(models.Model):
 
     def __str__(self) -> str:
         return f"{self.document_id}#{self.ordinal}"
+
+    def get_absolute_url(self) -> str:
+        return chunk_source_url(document_id=self.document_id, chunk_id=self.pk)
 
     @property
     def heading_path_text(self) -> str:

@@ -12,7 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from kb.api.ratelimits import rate_limit_enforce
-from kb.models import ApiKey
+from kb.models import ApiKey, chunk_source_url
 from search import services
 
 
@@ -111,7 +111,7 @@ class SearchHitSerializer(serializers.Serializer):
         return fields
 
     def get_url(self, hit: services.SearchHit) -> str:
-        return f"/documents/{hit.document_id}/#chunk-{hit.chunk_id}"
+        return chunk_source_url(document_id=hit.document_id, chunk_id=hit.chunk_id)
 
 
 class SearchResponseSerializer(serializers.Serializer):

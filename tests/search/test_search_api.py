@@ -11,7 +11,7 @@ from django.core.cache import cache
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from kb.models import ApiKey
+from kb.models import ApiKey, Chunk
 from kb.services.api_keys import api_key_generate, api_key_hash
 
 URL = "/api/v1/search"
@@ -63,6 +63,8 @@ def test_get_returns_results_with_the_documented_fields(client, corpus):
     assert list(hit) == ["chunk_id", "document_id", "document_title", "text", "snippet", "score",
                          "heading_path", "page_start", "page_end", "url"]
     assert hit["url"] == f"/documents/{search_doc.pk}/#chunk-{hit['chunk_id']}"
+    # The one place that builds it: the chunk row says the same.
+    assert hit["url"] == Chunk.objects.get(pk=hit["chunk_id"]).get_absolute_url()
 
 
 def test_post_json_with_explain_filters_and_collection(client, corpus, shared_corpus):
