@@ -36,18 +36,36 @@ def collection_list_with_counts(*, user) -> QuerySet[Collection]:
     return collections_with_counts(collections_visible(user=user)).order_by("name")
 
 
+class SystemCaller:
+    """The product itself reading: management commands, evaluation, checks. Never the
+    caller of a request (views pass request.user, which is AnonymousUser when nobody is
+    signed in); passed by name, so "reads everything" is never reached by accident."""
+
+    is_authenticated = False
+    is_superuser = False
+    pk = None
+
+    def __repr__(self) -> str:
+        return "SYSTEM"
+
+
+SYSTEM = SystemCaller()
+
+
 def collections_visible_to(*, user, api_key=None) -> Q:
     """The filter for collections a caller may read, as one SQL condition.
 
     Superusers read everything; other signed-in users read public collections and those
     that list them or one of their groups; anonymous users read nothing; an API key reads
-    what its user may, narrowed to the key's collections when it has any. `user=None` is
-    the system itself (management commands, evaluation), never a request: views always
-    pass request.user, which is AnonymousUser when nobody is signed in. Subqueries rather
-    than joins, so the condition never duplicates rows.
+    what its user may, narrowed to the key's collections when it has any. SYSTEM is the
+    product itself and reads everything; None is refused, so a caller forgotten on the
+    way is an error, not access to everything. Subqueries rather than joins, so the
+    condition never duplicates rows.
     """
-    if user is None:
+    if user is SYSTEM:
         condition = Q()
+    elif user is None:
+        raise TypeError("Pass the caller (request.user), or kb.selectors.SYSTEM for the product itself.")
     elif not user.is_authenticated:
         condition = Q(pk__in=[])
     elif user.is_superuser:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from django.contrib.auth.base_user import AbstractBaseUser
     from django.contrib.auth.models import AnonymousUser
 
+    from kb.selectors import SystemCaller
+
 logger = logging.getLogger(__name__)
 
 MODES = ("bm25", "vector", "hybrid")
@@ -133,7 +135,7 @@ Positions = dict[int, tuple[float, int]]
 def search(
     *,
     params: SearchParams,
-    user: AbstractBaseUser | AnonymousUser | None = None,
+    user: AbstractBaseUser | AnonymousUser | SystemCaller,
     api_key: ApiKey | None = None,
     record_usage: bool = True,
     embedded: QueryEmbedding | None = None,
@@ -141,6 +143,9 @@ def search(
     usage: UsageBuffer | None = None,
 ) -> SearchResult:
     """Hybrid (or single-mode) retrieval, fusion and optional reranking, with timings.
+
+    `user` is the caller, whose readable collections are searched: request.user, or
+    kb.selectors.SYSTEM for the product itself (there is no default).
 
     `embedded` is the query's vector when the caller has it already, from the model that
     is active for search; it is used instead of embedding the query again.

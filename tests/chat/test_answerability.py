@@ -11,6 +11,7 @@ from chat.answerability import answerability_assess, answerability_probability
 from chat.events import Citations, Delta, Done, Meta
 from chat.models import Message
 from kb.models import UsageRecord
+from kb.selectors import SYSTEM
 from search.services import SearchParams, search
 from tests.chat.conftest import ask, of_type, text_of
 
@@ -30,7 +31,8 @@ def demo(collection, ingest_one):
 
 
 def decide(question: str):
-    result = search(params=SearchParams(query=question, k=8, collections=("docs",)), record_usage=False)
+    result = search(params=SearchParams(query=question, k=8, collections=("docs",)), user=SYSTEM,
+                    record_usage=False)
     return answerability_assess(result=result)
 
 

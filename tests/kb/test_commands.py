@@ -20,6 +20,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from kb.models import Document
+from kb.selectors import SYSTEM
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "fixtures" / "samples"
@@ -62,7 +63,8 @@ def test_kb_ingest_names_documents_by_their_path_under_the_folder(tmp_path, caps
     assert set(Document.objects.values_list("original_filename", flat=True)) == {
         "teamA/README.md", "teamB/README.md"}
     for query in ["deploys Tuesdays", "owns billing"]:
-        hits = search(params=SearchParams(query=query, mode="bm25", k=1), record_usage=False).hits
+        hits = search(params=SearchParams(query=query, mode="bm25", k=1), user=SYSTEM,
+                      record_usage=False).hits
         assert hits and hits[0].document_title in {"teamA", "teamB"}
 
 

@@ -10,6 +10,7 @@ from django.urls import reverse
 
 from kb import embeddings
 from kb.models import Chunk, ChunkEmbedding, EmbeddingModel
+from kb.selectors import SYSTEM
 from search.services import SearchParams, search
 from tests.fakes.openai_server import FakeOpenAIServer, Fault
 
@@ -52,7 +53,8 @@ def test_reembed_fills_new_model_and_cuts_over_atomically(corpus, fake_embedder)
     old = EmbeddingModel.objects.get(is_active=True)
     new = embeddings.reembed_start(key="fake")
     assert new.dimensions == 8 and new.status == EmbeddingModel.Status.BUILDING
-    before = search(params=SearchParams(query="visitor wifi", collections=("docs",)), record_usage=False)
+    before = search(params=SearchParams(query="visitor wifi", collections=("docs",)), user=SYSTEM,
+                    record_usage=False)
 
     finished = embeddings.reembed_run(model_id=new.pk, activate=True)
 
@@ -63,7 +65,8 @@ def test_reembed_fills_new_model_and_cuts_over_atomically(corpus, fake_embedder)
     assert ChunkEmbedding.objects.filter(embedding_model=finished).count() == chunk_count
     assert ChunkEmbedding.objects.filter(embedding_model=old).count() == chunk_count  # kept
     assert {old.hnsw_index_name, finished.hnsw_index_name} <= _index_names()
-    after = search(params=SearchParams(query="visitor wifi", collections=("docs",)), record_usage=False)
+    after = search(params=SearchParams(query="visitor wifi", collections=("docs",)), user=SYSTEM,
+                    record_usage=False)
     assert before.hits and after.hits
 
 

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kb.models import Chunk, Collection, Document
-from kb.selectors import collections_with_counts
+from kb.selectors import (
+    SYSTEM,
+    collections_visible,
+    collections_visible_to,
+    collections_with_counts,
+)
 from kb.services.collections import collection_get_or_create
 from kb.services.documents import document_disable
 
@@ -31,3 +38,14 @@ def test_collection_counts_are_documents_ready_documents_and_searchable_chunks(c
                                        searchable)
     assert Document.objects.filter(collection=collection, status=Document.Status.FAILED).count() == 1
     assert counts(empty.slug) == (0, 0, 0)
+
+
+def test_the_system_reads_every_collection_and_a_missing_caller_is_refused(db):
+    """SYSTEM is passed by name; None (a caller lost on the way) is an error, never "everything"."""
+    collection_get_or_create(slug="open")
+    restricted = collection_get_or_create(slug="closed")
+    Collection.objects.filter(pk=restricted.pk).update(is_public=False)
+
+    assert set(collections_visible(user=SYSTEM).values_list("slug", flat=True)) >= {"open", "closed"}
+    with pytest.raises(TypeError, match="SYSTEM"):
+        collections_visible_to(user=None)

@@ -14,6 +14,7 @@ from django.urls import reverse
 import kb.services
 from chat.answer_cache import kb_version
 from kb.models import Chunk, Collection, Document
+from kb.selectors import SYSTEM
 from kb.services.collections import collection_get_or_create, collection_reindex
 from kb.services.documents import (
     document_delete,
@@ -35,7 +36,7 @@ def searchable(collection: Collection) -> set[int]:
 
 
 def version(collection: Collection) -> str:
-    return kb_version(collection=collection, user=None)
+    return kb_version(collection=collection, user=SYSTEM)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from django.urls import reverse
 
 from kb import embeddings
 from kb.models import Chunk, Document
+from kb.selectors import SYSTEM
 from kb.services.collections import collection_get_or_create
 from kb.services.documents import DocumentMoveRefused, document_move, document_retry
 from kb.services.ingest import documents_ingest_batch
@@ -208,13 +209,13 @@ def test_a_move_changes_both_collections_answer_cache_versions(world):
     """Cached answers over either collection stop matching once a document moves."""
     from chat.answer_cache import kb_version
 
-    before = {c: kb_version(collection=world[c], user=None) for c in ("general", "private")}
+    before = {c: kb_version(collection=world[c], user=SYSTEM) for c in ("general", "private")}
     before_all = kb_version(collection=None, user=world["a"])
 
     document_move(document=world["doc"], collection=world["private"])
 
     for name in ("general", "private"):
-        assert kb_version(collection=world[name], user=None) != before[name]
+        assert kb_version(collection=world[name], user=SYSTEM) != before[name]
     assert kb_version(collection=None, user=world["a"]) != before_all
 
 
