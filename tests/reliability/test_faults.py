@@ -520,11 +520,12 @@ MODEL_STATE = """
 """
 SEARCHES = """
     import json
+    from kb.selectors import SYSTEM
     from search.services import SearchParams, search
     out = []
     for query in ["swell at buoy rb3x2", "wind mark 4", "station log"]:
         for mode in ["hybrid", "vector", "bm25"]:
-            result = search(params=SearchParams(query=query, mode=mode, k=5))
+            result = search(params=SearchParams(query=query, mode=mode, k=5), user=SYSTEM)
             out.append({"query": query, "asked": mode, "mode": result.mode,
                         "hits": len(result.hits), "notices": result.notices})
     print(json.dumps(out))
