@@ -36,7 +36,6 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.db import DatabaseError
 from django.db.models import Count, Min, Q, Sum
@@ -56,6 +55,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from kb.models import Document, UsageRecord
+from kb.ops.middleware import SyncAndAsyncMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _observe(request: HttpRequest, status: int, started: float) -> None:
     HTTP_LATENCY.labels(endpoint, method).observe(time.perf_counter() - started)
 
 
-class PrometheusMiddleware:
+class PrometheusMiddleware(SyncAndAsyncMiddleware):
     """Count requests and time them, per route name, method and status; sync and async.
 
     The time is measured until the response object is returned. For a streaming response
@@ -110,15 +110,6 @@ class PrometheusMiddleware:
     stream ends: stream length depends on the answer, and time to first token is already
     in the usage ledger.
     """
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        self.is_async = iscoroutinefunction(get_response)
-        if self.is_async:
-            markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest):
         if self.is_async:

@@ -31,10 +31,10 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBase
 
 from kb.ops import tracing
+from kb.ops.middleware import SyncAndAsyncMiddleware
 
 logger = logging.getLogger("kb.request")
 
@@ -82,22 +82,13 @@ def request_id_from_header(value: str | None) -> str:
 # --- Middleware -----------------------------------------------------------------------------
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(SyncAndAsyncMiddleware):
     """Give every request an id (ContextVar + response header) and log one line per request.
 
     Works for sync and async views. A streaming response's body is produced after this
     middleware has returned, so its iterator is wrapped to run with the request id set:
     usage written in the generator's `finally:` still carries the id.
     """
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        self.is_async = iscoroutinefunction(get_response)
-        if self.is_async:
-            markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest):
         if self.is_async:

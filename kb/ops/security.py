@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+
+from kb.ops.middleware import SyncAndAsyncMiddleware
 
 # Our pages load only same-origin scripts and styles (nothing from a CDN), so the policy
 # can be strict. The admin and Swagger UI ship inline scripts, so they keep Django's
@@ -17,21 +18,12 @@ CONTENT_SECURITY_POLICY = (
 _EXEMPT_PREFIXES = ("/admin/", "/api/docs/", "/api/schema/")
 
 
-class ContentSecurityPolicyMiddleware:
+class ContentSecurityPolicyMiddleware(SyncAndAsyncMiddleware):
     """Adds the CSP header to HTML responses of our own pages (sync and async alike).
 
     Not a MiddlewareMixin: under ASGI that runs each hook in a thread, a hop before every
     async view (chat's stream) for what is only a header.
     """
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        self.is_async = iscoroutinefunction(get_response)
-        if self.is_async:
-            markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest):
         if self.is_async:
