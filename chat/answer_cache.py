@@ -23,7 +23,6 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import F, Q
 from django.utils import timezone
-from pgvector.django import CosineDistance
 
 from chat.models import AnswerCacheEntry
 from kb.models import ApiKey, Collection
@@ -95,33 +94,14 @@ def _collection_version(pk: int, stamp: datetime | None) -> str:
     return f"c{pk}@{stamp.isoformat() if stamp else 'gone'}"
 
 
-def _fresh() -> Q:
-    ttl = settings.KB_CACHE_TTL_SECONDS
-    if ttl <= 0:
-        return Q()
-    return Q(created_at__gte=timezone.now() - timedelta(seconds=ttl))
-
-
-def cache_lookup_exact(*, question: str, kb_version: str) -> CacheHit | None:
-    """The entry for this exact (normalised) question under this version, if any."""
-    entry = (
-        AnswerCacheEntry.objects.filter(
-            _fresh(), key=cache_key(question=question, kb_version=kb_version), kb_version=kb_version
-        )
-        .order_by("-created_at")
-        .first()
-    )
-    return CacheHit(entry=entry, kind="exact", similarity=1.0) if entry else None
-
-
 def cache_lookup(
     *, question: str, kb_version: str, vector: Sequence[float] | None = None,
     embedding_model: str = "", threshold: float | None = None,
 ) -> CacheHit | None:
     """The exact entry for the question, else the nearest above the threshold.
 
-    The same answer as cache_lookup_exact and then cache_lookup_semantic, in one
-    statement (_cache_nearest_entry); the entry itself is loaded only for a hit.
+    One statement (_cache_nearest_entry), run before the first token: the exact entry wins,
+    then the nearest of the same embedding model; the entry itself is loaded only for a hit.
     """
     key = cache_key(question=question, kb_version=kb_version)
     found = _cache_nearest_entry(key=key, kb_version=kb_version, vector=vector,
@@ -172,31 +152,6 @@ def _cache_nearest_entry(
             params,
         )
         return cursor.fetchone()
-
-
-def cache_lookup_semantic(
-    *, vector: Sequence[float], embedding_model: str, kb_version: str, threshold: float | None = None
-) -> CacheHit | None:
-    """The nearest entry by cosine similarity of question embeddings, if above threshold.
-
-    Entries carry no vector index: a cache holds few rows per scope, and the scan is
-    limited to one kb_version and one embedding model.
-    """
-    threshold = settings.KB_SEMANTIC_CACHE_THRESHOLD if threshold is None else threshold
-    entry = (
-        AnswerCacheEntry.objects.filter(
-            _fresh(), kb_version=kb_version, embedding_model=embedding_model, embedding__isnull=False
-        )
-        .annotate(distance=CosineDistance("embedding", list(vector)))
-        .order_by("distance")
-        .first()
-    )
-    if entry is None:
-        return None
-    similarity = 1.0 - float(entry.distance)
-    if similarity < threshold:
-        return None
-    return CacheHit(entry=entry, kind="semantic", similarity=similarity)
 
 
 def cache_hit_record(*, entry: AnswerCacheEntry) -> None:
