@@ -122,15 +122,22 @@ def embedded_server_stop(pgdata: Path) -> None:
 def _prune_dead_handles(pgdata: Path, lock) -> None:
     """Forget processes that died without releasing the server (killed, or forked workers
     that exit without running atexit); otherwise the last real process never stops it."""
-    import psutil
-
     with lock:
         pids = _server_holders(pgdata)
         if pids is None:
             return
-        alive = [pid for pid in pids if pid == os.getpid() or psutil.pid_exists(pid)]
+        alive = [pid for pid in pids if pid == os.getpid() or _process_alive(pid)]
         if alive != pids:
             (pgdata / _HANDLES_FILE).write_text(json.dumps(alive))
+
+
+def _process_alive(pid: int) -> bool:
+    import psutil  # pgserver's dependency: only the embedded server needs it
+
+    try:  # a zombie has ended: its parent, or an init that reaps slowly, has not waited yet
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 # pgserver's list of the processes holding a server, kept in its data directory.

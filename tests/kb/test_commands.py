@@ -280,7 +280,15 @@ def test_serve_leaves_no_process_after_any_stop_signal(stop, serve_data_dir, tmp
     ):
         time.sleep(0.25)
     assert still_running(tree) == []
-    assert still_running(postgres_processes(serve_data_dir)) == []
+    assert still_running(postgres_processes(serve_data_dir)) == [], _embedded_server_state(serve_data_dir)
+
+
+def _embedded_server_state(data_dir) -> str:
+    """What a stop test shows when the embedded server outlived serve: who held it, and its log."""
+    pgdata = data_dir / "pgdata"
+    holders = (pgdata / ".handle_pids.json").read_text() if (pgdata / ".handle_pids.json").exists() else "none"
+    log = (pgdata / "log").read_text()[-2000:] if (pgdata / "log").exists() else ""
+    return f"holders: {holders}\nserver log:\n{log}"
 
 
 @pytest.mark.slow

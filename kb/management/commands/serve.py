@@ -78,8 +78,11 @@ class Command(BaseCommand):
             query_embedding_warm_up_start()
             _run_uvicorn(host, port)
         finally:
-            if workers is not None:
-                _stop(workers)
+            try:
+                if workers is not None:
+                    _stop(workers)
+            finally:
+                _stop_signals_ignore()
 
     def _first_run(self, *, demo: bool) -> None:
         user_model = get_user_model()
@@ -126,6 +129,15 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _stop_signals_ignore() -> None:
+    """What is left of stopping is short and bounded: reaping the killed cluster (a master
+    left unreaped is a zombie that still counts as holding the embedded database) and, at
+    exit, stopping that database. A further signal must not cut it short; pg_ctl, which
+    inherits this, must not die of the group's SIGTERM either."""
+    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, signal.SIG_IGN)
+
+
 def _run_uvicorn(host: str, port: int) -> None:
     import uvicorn
 
@@ -168,6 +180,7 @@ def _stop(process: subprocess.Popen) -> None:
         # Also when a second Ctrl-C or SIGTERM interrupts the wait: the cluster is killed, not
         # abandoned. It is its own process group (see _serve), so a worker or a PDF reader
         # child that outlived its master goes too.
+        _stop_signals_ignore()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
