@@ -29,7 +29,8 @@ from kb.providers.llm_rerank import LLMReranker
 from kb.providers.local import SentenceTransformerEmbeddings
 from kb.providers.offline_rerank import SentenceMaxSimReranker
 from kb.providers.openai import OpenAIChat, OpenAIEmbeddings
-from tests.fakes.openai_server import FakeOpenAIServer
+from kb.providers.retrying import failed_attempts_recorded
+from tests.fakes.openai_server import FakeOpenAIServer, Fault
 
 TEXTS = ["Backups run every night at 02:00 UTC.", "Restores are tested monthly.", "Cats sleep a lot."]
 QUERY = "When do backups run?"
@@ -107,26 +108,49 @@ class ChatBackendContract:
         assert isinstance(backend.generative, bool) and isinstance(backend.remote, bool)
 
 
+class RemoteBackendContract:
+    """What the usage ledger relies on from a backend that calls a server: its retries go
+    through the shared retry loop, which reports each retried attempt (a request sent and
+    billed) to the ledger's sink."""
+
+    def test_a_retried_request_reaches_the_ledgers_sink(self, backend, fake_openai):
+        fake_openai.enqueue(Fault(status=503, retry_after=0.01))
+
+        with failed_attempts_recorded() as retried:
+            self.remote_call(backend)
+
+        assert [attempt.error for attempt in retried] == ["retried: HTTP 503"]
+
+    def remote_call(self, backend) -> None:
+        raise NotImplementedError
+
+
 class TestSentenceTransformerEmbeddings(EmbeddingBackendContract):
     @pytest.fixture
     def backend(self):
         return SentenceTransformerEmbeddings(model="bundled:all-MiniLM-L6-v2")
 
 
-class TestOpenAIEmbeddings(EmbeddingBackendContract):
+class TestOpenAIEmbeddings(EmbeddingBackendContract, RemoteBackendContract):
     @pytest.fixture
     def backend(self, fake_openai):
         backend = OpenAIEmbeddings(model="fake-embedding", base_url=fake_openai.base_url, timeout=5.0)
         yield backend
         backend.close()
 
+    def remote_call(self, backend) -> None:
+        backend.embed_batch(TEXTS)
 
-class TestHTTPReranker(RerankBackendContract):
+
+class TestHTTPReranker(RerankBackendContract, RemoteBackendContract):
     @pytest.fixture
     def backend(self, fake_openai):
         backend = HTTPReranker(model="rerank-v3.5", url=fake_openai.rerank_url, timeout=5.0)
         yield backend
         backend.close()
+
+    def remote_call(self, backend) -> None:
+        backend.rerank(QUERY, TEXTS)
 
 
 class TestSentenceMaxSimReranker(RerankBackendContract):
@@ -148,10 +172,13 @@ class TestLLMReranker(RerankBackendContract):
             yield LLMReranker(batch_size=10)
 
 
-class TestOpenAIChat(ChatBackendContract):
+class TestOpenAIChat(ChatBackendContract, RemoteBackendContract):
     @pytest.fixture
     def backend(self, fake_openai):
         return OpenAIChat(model="fake-chat", base_url=fake_openai.base_url, api_key="test")
+
+    def remote_call(self, backend) -> None:
+        asyncio.run(_collect(backend.stream(_prompt(), max_tokens=200)))
 
 
 class TestExtractiveChat(ChatBackendContract):
