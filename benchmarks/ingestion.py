@@ -3,8 +3,8 @@
     KB_PGDATA=/tmp/kb-bench-ingest-pgdata KB_DATA_DIR=/tmp/kb-bench-ingest \\
         .venv/bin/python benchmarks/ingestion.py [--limit 1000] [--profile]
 
-Over /work/shared/bench/scifact/corpus.jsonl (one .txt document per entry, titled from
-the corpus), one run measures:
+Over ../shared/bench/scifact/corpus.jsonl beside the repository (--corpus overrides; one
+.txt document per entry, titled from the corpus), one run measures:
 
 1. the pipeline: documents_upload(queue=False) + documents_ingest_batch into a fresh
    collection (parse, chunk, embed, write vectors, BM25 index, switch-over), with a
@@ -37,7 +37,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kb.settings")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CORPUS = Path("/work/shared/bench/scifact/corpus.jsonl")
+# The shared benchmark data sits beside the repository.
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "scifact" / "corpus.jsonl"
 SLUG_PREFIX = "bench-ingest-"
 
 
