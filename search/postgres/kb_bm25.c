@@ -1,7 +1,7 @@
 /*
  * kb_bm25: the exact BM25 top k of a query over the knowledge base's postings index.
  *
- * The same sum as the SQL in search/retrieval.py, computed here because PostgreSQL's
+ * The same sum as the SQL in search/bm25.py (SqlBM25), computed here because PostgreSQL's
  * executor spends about 0.4 µs on each posting of a GROUP BY over an index-only scan
  * (scan node, join, expression, hash aggregate, sort), and a long query has 100,000
  * postings at 100k chunks. This function walks the primary key of search_posting,
