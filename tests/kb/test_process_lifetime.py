@@ -55,6 +55,10 @@ def test_an_orphaned_cluster_that_ignores_sigterm_is_killed_with_its_group_after
         assert alive == []
         assert "SIGTERM" in output_path.read_text()  # the graceful stop was asked for first
     finally:
-        for process in [*psutil.Process().children(recursive=True), *family]:
+        # Only this test's processes: the session's own servers are children of pytest too.
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for process in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
