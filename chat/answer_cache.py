@@ -3,9 +3,9 @@
 Entries are keyed by a *knowledge-base version*: a string built from the collection's
 `updated_at`, which kb.services.collections.collection_touch bumps on every change to
 what search can see (ingest, disable, enable, delete, move, reindex). An entry written
-under an older version never matches, and is deleted the next time an answer is stored in its scope (not on lookup, which is on the path to
-the first token). Deleting or re-uploading a document also deletes
-the entries it was a source of at once (chat.signals).
+under an older version never matches, and is deleted the next time an answer is stored in
+its scope (not on lookup, which is on the path to the first token). Deleting or
+re-uploading a document also deletes the entries it was a source of at once (chat.signals).
 """
 
 from __future__ import annotations
@@ -156,7 +156,9 @@ def _cache_nearest_entry(
 
 def cache_hit_record(*, entry: AnswerCacheEntry) -> None:
     """Count a hit on an entry."""
-    AnswerCacheEntry.objects.filter(pk=entry.pk).update(hits=F("hits") + 1, last_hit_at=timezone.now())
+    AnswerCacheEntry.objects.filter(pk=entry.pk).update(
+        hits=F("hits") + 1, last_hit_at=timezone.now()
+    )
 
 
 def cache_store(

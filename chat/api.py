@@ -76,7 +76,10 @@ class MessageSerializer(serializers.ModelSerializer):
     @extend_schema_field(CitationSerializer(many=True))
     def get_related(self, message: Message) -> list[dict]:
         """A not-covered answer's closest passages: stored as its citations, cited by nothing."""
-        return CitationSerializer(message.citations, many=True).data if message.answerable is False else []
+        return (
+            CitationSerializer(message.citations, many=True).data
+            if message.answerable is False else []
+        )
 
     def to_representation(self, message: Message) -> dict:
         data = super().to_representation(message)
@@ -269,13 +272,17 @@ def _api_key(request: Request) -> ApiKey | None:
 class MessageDetail(APIView):
     """GET /api/v1/chat/messages/<id>: one message, e.g. to load an answer after a disconnect."""
 
-    @extend_schema(responses={200: MessageSerializer, 404: OpenApiResponse(description="Not found")})
+    @extend_schema(
+        responses={200: MessageSerializer, 404: OpenApiResponse(description="Not found")}
+    )
     def get(self, request: Request, pk: uuid.UUID) -> Response:
         api_key = _api_key(request)
         message = selectors.message_get(user=request.user, pk=pk, api_key=api_key)
         if message is None:
             raise exceptions.NotFound("No such message.")
-        (message,) = selectors.messages_scoped(messages=[message], user=request.user, api_key=api_key)
+        (message,) = selectors.messages_scoped(
+            messages=[message], user=request.user, api_key=api_key
+        )
         return Response(MessageSerializer(message).data)
 
 

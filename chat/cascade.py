@@ -243,7 +243,8 @@ class _Upstream:
         self._context.run(failed_attempts_sink.set, retried)
 
     async def next(self, timeout: float) -> Any:
-        """The next item, _HEARTBEAT if none arrived within timeout; StopAsyncIteration at the end."""
+        """The next item, _HEARTBEAT if none arrived within timeout; StopAsyncIteration at
+        the end."""
         if self._pending is None:
             self._pending = asyncio.get_running_loop().create_task(
                 _anext(self._stream), context=self._context)

@@ -58,7 +58,9 @@ class Message(models.Model):
         EXTRACTED = "extracted", "Extracted"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
@@ -109,7 +111,9 @@ class AnswerCacheEntry(models.Model):
     embedding = VectorField(null=True, blank=True)
     embedding_model = models.CharField(max_length=64, blank=True)
     answer = models.TextField()
-    mode = models.CharField(max_length=16, choices=Message.Mode.choices, default=Message.Mode.GENERATED)
+    mode = models.CharField(
+        max_length=16, choices=Message.Mode.choices, default=Message.Mode.GENERATED
+    )
     citations = models.JSONField(default=list)
     cited = models.JSONField(default=list)
     source_document_ids = ArrayField(models.BigIntegerField(), default=list)
@@ -146,9 +150,13 @@ class Budget(models.Model):
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
     )
-    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    api_key = models.ForeignKey(
+        ApiKey, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
     daily_token_limit = models.PositiveBigIntegerField(null=True, blank=True)
-    daily_cost_limit_usd = models.DecimalField(max_digits=12, decimal_places=4, null=True, blank=True)
+    daily_cost_limit_usd = models.DecimalField(
+        max_digits=12, decimal_places=4, null=True, blank=True
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -62,7 +62,9 @@ def _from_api_error(response: JsonResponse) -> JsonResponse:
     error = json.loads(response.content)["error"]
     type_ = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
         response.status_code, "invalid_request_error")
-    headers = {name: response[name] for name in ("Retry-After", "WWW-Authenticate") if name in response}
+    headers = {
+        name: response[name] for name in ("Retry-After", "WWW-Authenticate") if name in response
+    }
     return openai_error(response.status_code, error["message"], type_=type_, code=error["code"],
                         headers=headers)
 
@@ -148,7 +150,10 @@ async def _completion_request(
     data = serializer.validated_data
     model = data["model"]
     slug = model.removeprefix(MODEL_PREFIX) if model.startswith(MODEL_PREFIX) else None
-    collection = await sync_to_async(_visible_collection)(user=user, api_key=api_key, slug=slug) if slug else None
+    collection = (
+        await sync_to_async(_visible_collection)(user=user, api_key=api_key, slug=slug)
+        if slug else None
+    )
     if collection is None:
         return openai_error(
             404, f"The model `{model}` does not exist or you do not have access to it.",

@@ -61,7 +61,10 @@ def conversation_get(
 ) -> Conversation | None:
     """One of the caller's conversations (conversation_list), with its collection, or None."""
     return (
-        conversation_list(user=user, api_key=api_key).select_related("collection").filter(pk=pk).first()
+        conversation_list(user=user, api_key=api_key)
+        .select_related("collection")
+        .filter(pk=pk)
+        .first()
     )
 
 
@@ -117,7 +120,10 @@ def conversation_history(*, conversation: Conversation, turns: int) -> list[Chat
         return []
     rows = list(
         Message.objects.filter(conversation=conversation)
-        .exclude(role=Message.Role.ASSISTANT, status__in=[Message.Status.ERROR, Message.Status.STREAMING])
+        .exclude(
+            role=Message.Role.ASSISTANT,
+            status__in=[Message.Status.ERROR, Message.Status.STREAMING],
+        )
         .exclude(content="")
         .order_by("-created_at")
         .values_list("role", "content")[: turns * 2]

@@ -175,7 +175,9 @@ async def answer_stream(
                 async for event in events:
                     yield event
         except ChatUnavailable as exc:
-            answer.status, answer.error_code, answer.error = Message.Status.ERROR, exc.code, str(exc)
+            answer.status, answer.error_code, answer.error = (
+                Message.Status.ERROR, exc.code, str(exc)
+            )
         except Exception as exc:
             logger.exception("Answering failed (request %s)", request_id)
             answer.status, answer.error_code = Message.Status.ERROR, "internal_error"
@@ -189,7 +191,9 @@ async def answer_stream(
         if answer.status == Message.Status.STREAMING:
             # The client went away (CancelledError) or closed the generator (GeneratorExit).
             answer.status = Message.Status.INTERRUPTED
-            answer.error_code, answer.error = "interrupted", "The answer was stopped before it ended."
+            answer.error_code, answer.error = (
+                "interrupted", "The answer was stopped before it ended."
+            )
             for call in answer.calls:
                 if call.status == UsageRecord.Status.OK and call.ended is None:
                     call.status = UsageRecord.Status.INTERRUPTED
@@ -470,7 +474,9 @@ async def _not_covered(turn: Turn, passages: list[prompts.Passage]) -> AsyncGene
 
 async def _rewrite(turn: Turn, backends: Sequence[ChatBackend]) -> str | None:
     """A follow-up rewritten as a standalone question by the first generative backend up."""
-    messages = prompts.rewrite_messages(history=turn.request.history, question=turn.request.question)
+    messages = prompts.rewrite_messages(
+        history=turn.request.history, question=turn.request.question
+    )
     for backend in backends:
         if not backend.generative:
             continue
@@ -611,7 +617,9 @@ async def _finish(turn: Turn) -> None:
                      answer.status)
         if answer.status == Message.Status.COMPLETE:
             answer.status = Message.Status.ERROR
-            answer.error_code, answer.error = "database_unavailable", "The answer could not be saved."
+            answer.error_code, answer.error = (
+                "database_unavailable", "The answer could not be saved."
+            )
     # The question and answer by fingerprint (the text too only with KB_LOG_CONTENT), so
     # a log reader can correlate requests without reading what users asked.
     logger.info(

@@ -215,7 +215,10 @@ class UploadForm(forms.Form):
     collection = forms.ModelChoiceField(queryset=Collection.objects.all(), empty_label=None)
     files = MultipleFileField(
         allow_empty_file=True,
-        help_text="PDF, DOCX, HTML, Markdown, text, or a zip of these. Several files at once are fine.",
+        help_text=(
+            "PDF, DOCX, HTML, Markdown, text, or a zip of these. "
+            "Several files at once are fine."
+        ),
     )
 
 
@@ -262,7 +265,8 @@ class DocumentAdmin(admin.ModelAdmin):
 
     def get_urls(self):
         return [
-            path("upload/", self.admin_site.admin_view(self.upload_view), name="kb_document_upload"),
+            path("upload/", self.admin_site.admin_view(self.upload_view),
+                 name="kb_document_upload"),
             path("progress/", self.admin_site.admin_view(self.progress_view),
                  name="kb_document_progress"),
             *super().get_urls(),
@@ -352,7 +356,10 @@ class DocumentAdmin(admin.ModelAdmin):
             level,
         )
         for outcome in outcomes:
-            failed = outcome.document is not None and outcome.document.status == Document.Status.FAILED
+            failed = (
+                outcome.document is not None
+                and outcome.document.status == Document.Status.FAILED
+            )
             if outcome.outcome in {"duplicate", "rejected"} or failed:
                 level = messages.INFO if outcome.outcome == "duplicate" else messages.ERROR
                 self.message_user(request, f"{outcome.filename}: {outcome.message}", level)
@@ -360,7 +367,9 @@ class DocumentAdmin(admin.ModelAdmin):
     @admin.action(description="Reprocess selected documents")
     def reprocess(self, request, queryset):
         queued = sum(documents.document_retry(document=d) for d in queryset)
-        self.message_user(request, ngettext("%d document queued.", "%d documents queued.", queued) % queued)
+        self.message_user(
+            request, ngettext("%d document queued.", "%d documents queued.", queued) % queued
+        )
 
     @admin.action(description="Retry failed documents")
     def retry_failed(self, request, queryset):
@@ -368,7 +377,9 @@ class DocumentAdmin(admin.ModelAdmin):
             documents.document_retry(document=d)
             for d in queryset.filter(status=Document.Status.FAILED)
         )
-        self.message_user(request, ngettext("%d document queued.", "%d documents queued.", queued) % queued)
+        self.message_user(
+            request, ngettext("%d document queued.", "%d documents queued.", queued) % queued
+        )
 
     @admin.action(description="Disable (remove from search, keep)")
     def disable(self, request, queryset):
@@ -376,8 +387,9 @@ class DocumentAdmin(admin.ModelAdmin):
         for document in queryset:
             documents.document_disable(document=document)
             count += 1
-        self.message_user(request, ngettext("Disabled %d document.", "Disabled %d documents.", count)
-                          % count)
+        self.message_user(
+            request, ngettext("Disabled %d document.", "Disabled %d documents.", count) % count
+        )
 
     @admin.action(description="Enable (put back into search)")
     def enable(self, request, queryset):
@@ -501,12 +513,15 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
     def progress(self, obj):
         if not obj.chunks_total:
             return "–"
-        return f"{obj.chunks_embedded}/{obj.chunks_total} ({100 * obj.chunks_embedded // obj.chunks_total}%)"
+        percent = 100 * obj.chunks_embedded // obj.chunks_total
+        return f"{obj.chunks_embedded}/{obj.chunks_total} ({percent}%)"
 
     def reembed_view(self, request: HttpRequest) -> HttpResponse:
         # Re-embedding the whole knowledge base is a change to the embedding models.
         if not self.has_change_permission(request):
-            raise PermissionDenied("Re-embedding needs the “Can change embedding model” permission.")
+            raise PermissionDenied(
+                "Re-embedding needs the “Can change embedding model” permission."
+            )
         form = ReembedForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             try:
@@ -598,7 +613,9 @@ class ApiKeyForm(forms.ModelForm):
             try:
                 rate_limit_parse(value)
             except ValueError:
-                raise forms.ValidationError("Use the form N/s, N/m, N/h or N/d, e.g. 600/m.") from None
+                raise forms.ValidationError(
+                    "Use the form N/s, N/m, N/h or N/d, e.g. 600/m."
+                ) from None
         return value
 
     def clean(self) -> dict:
@@ -611,7 +628,9 @@ class ApiKeyForm(forms.ModelForm):
         if self.instance.pk and "collections" not in self.changed_data:
             return cleaned
         try:
-            key_access.api_key_grant_check(granter=self.granter, owner=owner, collections=collections)
+            key_access.api_key_grant_check(
+                granter=self.granter, owner=owner, collections=collections
+            )
         except key_access.ApiKeyGrantError as exc:
             self.add_error(exc.field if exc.field in self.fields else None, str(exc))
         return cleaned
@@ -620,7 +639,9 @@ class ApiKeyForm(forms.ModelForm):
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     form = ApiKeyForm
-    list_display = ["name", "prefix", "user", "rate_limit", "created_at", "last_used_at", "revoked_at"]
+    list_display = [
+        "name", "prefix", "user", "rate_limit", "created_at", "last_used_at", "revoked_at"
+    ]
     filter_horizontal = ["collections"]
     list_filter = ["revoked_at"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]

@@ -102,7 +102,8 @@ def embedding_model_index_create(*, model: EmbeddingModel) -> None:
             cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
         cursor.execute(
             f"CREATE INDEX {concurrently} IF NOT EXISTS {model.hnsw_index_name} "
-            f"ON kb_chunkembedding USING hnsw ((embedding::vector({dimensions})) vector_cosine_ops) "
+            "ON kb_chunkembedding USING hnsw "
+            f"((embedding::vector({dimensions})) vector_cosine_ops) "
             f"WITH (m = 16, ef_construction = 64) "
             f"WHERE embedding_model_id = {int(model.pk)}"
         )
@@ -164,7 +165,10 @@ def embed_texts(
 def embed_query(*, model: EmbeddingModel, text: str, **record_fields) -> list[float]:
     """Embed one search query, recorded in the usage ledger."""
     backend = backend_for(model)
-    with _query_embedding_span(backend, model), _query_embedding_call(backend, model, record_fields) as call:
+    with (
+        _query_embedding_span(backend, model),
+        _query_embedding_call(backend, model, record_fields) as call,
+    ):
         result = backend.embed_query(text)
         call.input_tokens = result.input_tokens
     return result.vectors[0]
@@ -285,7 +289,9 @@ def reembed_run(*, model_id: int, activate: bool = False) -> EmbeddingModel:
                 break
             _embed_chunks(model=model, chunks=page)
             total, done = _reembed_progress(model=model)
-            EmbeddingModel.objects.filter(pk=model.pk).update(chunks_total=total, chunks_embedded=done)
+            EmbeddingModel.objects.filter(pk=model.pk).update(
+                chunks_total=total, chunks_embedded=done
+            )
         embedding_model_index_create(model=model)
         EmbeddingModel.objects.filter(pk=model.pk, status=EmbeddingModel.Status.BUILDING).update(
             status=EmbeddingModel.Status.READY
@@ -360,7 +366,9 @@ def reembed_cancel(*, model: EmbeddingModel) -> None:
 def embedding_model_drop_vectors(*, model: EmbeddingModel) -> int:
     """Delete an inactive model's vectors and index; returns how many vectors went."""
     if model.is_active:
-        raise EmbeddingModelError("The active model's vectors serve search; activate another first.")
+        raise EmbeddingModelError(
+            "The active model's vectors serve search; activate another first."
+        )
     embedding_model_index_drop(model=model)
     deleted, _ = ChunkEmbedding.objects.filter(embedding_model=model).delete()
     EmbeddingModel.objects.filter(pk=model.pk).update(

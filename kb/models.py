@@ -67,7 +67,9 @@ class EmbeddingModel(models.Model):
         RETIRED = "retired", "Retired"
         DROPPING = "dropping", "Dropping vectors"
 
-    key = models.SlugField(max_length=64, unique=True, help_text="Key in KB_PROVIDERS['embedding'].")
+    key = models.SlugField(
+        max_length=64, unique=True, help_text="Key in KB_PROVIDERS['embedding']."
+    )
     backend = models.CharField(max_length=255)
     model_name = models.CharField(max_length=255)
     dimensions = models.PositiveIntegerField()
@@ -200,7 +202,8 @@ class Chunk(models.Model):
         ordering = ["document", "ordinal"]
         constraints = [
             models.UniqueConstraint(
-                fields=["document", "generation", "ordinal"], name="chunk_document_generation_ordinal"
+                fields=["document", "generation", "ordinal"],
+                name="chunk_document_generation_ordinal",
             )
         ]
         indexes = [
@@ -247,7 +250,9 @@ class ApiKey(models.Model):
     name = models.CharField(max_length=100)
     prefix = models.CharField(max_length=16, unique=True, editable=False)
     hashed_key = models.CharField(max_length=64, unique=True, editable=False)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys"
+    )
     # Narrows the key to these collections (within what its user may see); empty: no narrowing.
     collections = models.ManyToManyField(Collection, blank=True, related_name="api_keys")
     # Overrides KB_RATELIMITS for this key, e.g. "600/m"; empty: the defaults.
@@ -298,8 +303,12 @@ class UsageRecord(models.Model):
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
-    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    document = models.ForeignKey(Document, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    api_key = models.ForeignKey(
+        ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    document = models.ForeignKey(
+        Document, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     conversation_id = models.UUIDField(null=True, blank=True, db_index=True)
     request_id = models.CharField(max_length=64, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OK)

@@ -65,7 +65,9 @@ def collections_visible_to(*, user, api_key=None) -> Q:
     if user is SYSTEM:
         condition = Q()
     elif user is None:
-        raise TypeError("Pass the caller (request.user), or kb.selectors.SYSTEM for the product itself.")
+        raise TypeError(
+            "Pass the caller (request.user), or kb.selectors.SYSTEM for the product itself."
+        )
     elif not user.is_authenticated:
         condition = Q(pk__in=[])
     elif user.is_superuser:
@@ -96,7 +98,8 @@ def documents_visible(*, user, api_key=None, include_disabled: bool = False) -> 
     Disabled documents are hidden from every reader path; only the editors' admin (and the
     usage dashboard beside it) passes include_disabled=True.
     """
-    documents = Document.objects.filter(collection__in=collections_visible(user=user, api_key=api_key))
+    visible = collections_visible(user=user, api_key=api_key)
+    documents = Document.objects.filter(collection__in=visible)
     if not include_disabled:
         documents = documents.exclude(status=Document.Status.DISABLED)
     return documents.select_related("collection")

@@ -71,7 +71,8 @@ DEBUG = env_bool("DEBUG", False)
 KB_DATA_DIR = Path(env_str("KB_DATA_DIR", str(BASE_DIR / ".kb"))).expanduser()
 SECRET_KEY = env_str("SECRET_KEY")
 if not SECRET_KEY:
-    # KB_PRODUCTION (below) refuses to start without an explicit SECRET_KEY. A per-install key kept beside the data, so sessions survive restarts without config.
+    # KB_PRODUCTION (below) refuses to start without an explicit SECRET_KEY. A per-install key
+    # kept beside the data, so sessions survive restarts without config.
     _key_file = KB_DATA_DIR / "secret_key"
     try:
         SECRET_KEY = _key_file.read_text().strip()
@@ -474,7 +475,9 @@ KB_METRICS_ALLOWED_IPS = env_list("KB_METRICS_ALLOWED_IPS", "127.0.0.1,::1")
 PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR")
 # OpenTelemetry tracing (kb.ops.tracing): "console", "otlp", or off. Setting the standard
 # OTEL_EXPORTER_OTLP_ENDPOINT switches it on over OTLP/HTTP.
-KB_TRACING = env_str("KB_TRACING").lower() or ("otlp" if env_str("OTEL_EXPORTER_OTLP_ENDPOINT") else "")
+KB_TRACING = env_str("KB_TRACING").lower() or (
+    "otlp" if env_str("OTEL_EXPORTER_OTLP_ENDPOINT") else ""
+)
 if KB_TRACING not in {"", "off", "console", "otlp"}:
     raise ImproperlyConfigured(f"KB_TRACING must be console, otlp or off, got {KB_TRACING!r}")
 KB_TRACING = "" if KB_TRACING == "off" else KB_TRACING

@@ -17,9 +17,13 @@ from search import services
 
 
 class SearchFiltersSerializer(serializers.Serializer):
-    document_ids = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=2**63 - 1),
-                                         required=False, max_length=1000)
-    metadata = serializers.DictField(required=False, help_text="Document metadata must contain these pairs.")
+    document_ids = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=2**63 - 1),
+        required=False, max_length=1000,
+    )
+    metadata = serializers.DictField(
+        required=False, help_text="Document metadata must contain these pairs."
+    )
     created_after = serializers.DateTimeField(required=False)
     created_before = serializers.DateTimeField(required=False)
 
@@ -66,7 +70,8 @@ class SearchRequestSerializer(serializers.Serializer):
     k = serializers.IntegerField(min_value=1, max_value=100, default=10)
     mode = serializers.ChoiceField(choices=services.MODES, default="hybrid")
     rerank = serializers.BooleanField(required=False, allow_null=True, default=None,
-                                      help_text="Rerank the fused top-N. Off by default (see docs/RETRIEVAL.md).")
+                                      help_text="Rerank the fused top-N. Off by default "
+                                                "(see docs/RETRIEVAL.md).")
     collection = serializers.ListField(
         child=serializers.SlugField(), required=False, default=list, max_length=50,
         help_text="Collection slugs; all visible collections when empty.",
@@ -102,7 +107,9 @@ class SearchHitSerializer(serializers.Serializer):
     page_start = serializers.IntegerField(allow_null=True)
     page_end = serializers.IntegerField(allow_null=True)
     url = serializers.SerializerMethodField()
-    stages = serializers.DictField(required=False, help_text="Per-stage scores and ranks (explain=true).")
+    stages = serializers.DictField(
+        required=False, help_text="Per-stage scores and ranks (explain=true)."
+    )
 
     def get_fields(self) -> dict[str, serializers.Field]:
         fields = super().get_fields()

@@ -22,7 +22,8 @@ def _bm25_extension_create(sender: AppConfig, using: str, **kwargs: object) -> N
     # The embedded server's library is built here the first time (and after an upgrade
     # changed its source), never when the server starts.
     connection = connections[using]
-    if connection.settings_dict.get("EMBEDDED_PGDATA") and not extension_built(embedded_pg_config()):
+    embedded = connection.settings_dict.get("EMBEDDED_PGDATA")
+    if embedded and not extension_built(embedded_pg_config()):
         try:
             call_command("kb_build_extension")
         except CommandError as exc:

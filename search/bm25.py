@@ -59,7 +59,11 @@ KB_BM25_FUNCTION = KbBM25Function()
 def bm25_engine(filters: SearchFilters) -> BM25Engine:
     """The engine that computes BM25 for these filters (KB_BM25_ENGINE, and whether the
     extension is installed; filters that join chunks need SQL)."""
-    if settings.KB_BM25_ENGINE == "auto" and not filters.needs_chunk_join and extension_installed(connection):
+    if (
+        settings.KB_BM25_ENGINE == "auto"
+        and not filters.needs_chunk_join
+        and extension_installed(connection)
+    ):
         return KB_BM25_FUNCTION
     return SQL_ENGINE
 
@@ -67,7 +71,8 @@ def bm25_engine(filters: SearchFilters) -> BM25Engine:
 def bm25_ctes(filters: SearchFilters, params: dict, *, engine: BM25Engine) -> str:
     """BM25 as Lucene scores it, over the lexemes PostgreSQL's text search produces:
 
-        score(D, Q) = Σ_{t ∈ Q} idf(t) · tf(t, D) · (k1 + 1) / (tf(t, D) + k1 · (1 − b + b · |D| / avgdl))
+        score(D, Q) = Σ_{t ∈ Q} idf(t) · tf(t, D) · (k1 + 1)
+                      / (tf(t, D) + k1 · (1 − b + b · |D| / avgdl))
         idf(t)      = ln(1 + (N − df(t) + 0.5) / (df(t) + 0.5))
 
     Q is the set of distinct lexemes of to_tsvector(collection config, query); tf(t, D) is
@@ -96,7 +101,8 @@ def bm25_ctes(filters: SearchFilters, params: dict, *, engine: BM25Engine) -> st
                ln(1 + (s.chunk_count - t.document_frequency + 0.5::float8)
                       / (t.document_frequency + 0.5::float8)) * (%(k1)s::float8 + 1) AS weight,
                %(k1)s::float8 * (1 - %(b)s::float8) AS length_base,
-               %(k1)s::float8 * %(b)s::float8 / (s.total_length::float8 / s.chunk_count) AS length_slope
+               %(k1)s::float8 * %(b)s::float8 / (s.total_length::float8 / s.chunk_count)
+                   AS length_slope
         FROM query_terms q
         JOIN search_termstatistic t ON t.collection_id = q.collection_id AND t.lexeme = q.lexeme
         JOIN search_collectionstatistic s ON s.collection_id = q.collection_id
@@ -109,7 +115,8 @@ def bm25_ctes(filters: SearchFilters, params: dict, *, engine: BM25Engine) -> st
 
 
 _CONTRIBUTION = (
-    "w.weight * p.term_frequency / (p.term_frequency + w.length_base + w.length_slope * p.chunk_length)"
+    "w.weight * p.term_frequency"
+    " / (p.term_frequency + w.length_base + w.length_slope * p.chunk_length)"
 )
 
 # search/postgres/kb_bm25.c sums the same contributions, with MaxScore pruning of its own.
@@ -118,14 +125,16 @@ _BM25_NATIVE = """
         SELECT top.chunk_id, top.score
         FROM (
             SELECT array_agg(collection_id) AS collection_ids, array_agg(lexeme) AS lexemes,
-                   array_agg(document_frequency) AS document_frequencies, array_agg(weight) AS weights,
+                   array_agg(document_frequency) AS document_frequencies,
+                   array_agg(weight) AS weights,
                    array_agg(length_base) AS length_bases, array_agg(length_slope) AS length_slopes
             FROM weighted_terms
         ) terms
         -- STRICT: no terms (array_agg gives NULL) is no rows.
         CROSS JOIN LATERAL kb_bm25_top_chunks(
-            'search_posting'::regclass, terms.collection_ids, terms.lexemes, terms.document_frequencies,
-            terms.weights, terms.length_bases, terms.length_slopes, %(limit)s
+            'search_posting'::regclass, terms.collection_ids, terms.lexemes,
+            terms.document_frequencies, terms.weights, terms.length_bases, terms.length_slopes,
+            %(limit)s
         ) top
     )"""
 
@@ -148,7 +157,8 @@ def _bm25_full(filters: SearchFilters, params: dict) -> str:
     return f"""
         SELECT p.chunk_id, sum({_CONTRIBUTION}) AS score
         FROM weighted_terms w
-        JOIN search_posting p ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme{join}{where}
+        JOIN search_posting p
+          ON p.collection_id = w.collection_id AND p.lexeme = w.lexeme{join}{where}
         GROUP BY p.chunk_id
         ORDER BY score DESC, p.chunk_id
         LIMIT %(limit)s"""
@@ -259,7 +269,8 @@ def _maxscore_nonessential() -> str:
             CROSS JOIN LATERAL (
                 -- Fenced, so each (survivor, term) is one primary-key lookup.
                 SELECT p.term_frequency, p.chunk_length FROM search_posting p
-                WHERE p.collection_id = w.collection_id AND p.lexeme = w.lexeme AND p.chunk_id = s.chunk_id
+                WHERE p.collection_id = w.collection_id AND p.lexeme = w.lexeme
+                  AND p.chunk_id = s.chunk_id
                 OFFSET 0
             ) p
             WHERE w.nonessential AND (SELECT by_lookup FROM nonessential_plan)
@@ -318,12 +329,14 @@ def query_term_coverage(*, chunk_ids: Sequence[int], lexemes: Sequence[str]) -> 
         FROM chunks ch
         CROSS JOIN q
         JOIN search_collectionstatistic s ON s.collection_id = ch.collection_id
-        LEFT JOIN search_termstatistic t ON t.collection_id = ch.collection_id AND t.lexeme = q.lexeme
+        LEFT JOIN search_termstatistic t
+               ON t.collection_id = ch.collection_id AND t.lexeme = q.lexeme
     )
     SELECT w.chunk_id,
            coalesce(sum(w.idf) FILTER (WHERE EXISTS (
                SELECT 1 FROM search_posting p
-               WHERE p.collection_id = w.collection_id AND p.lexeme = w.lexeme AND p.chunk_id = w.chunk_id
+               WHERE p.collection_id = w.collection_id AND p.lexeme = w.lexeme
+                 AND p.chunk_id = w.chunk_id
            )), 0) / nullif(sum(w.idf), 0)
     FROM weighted w
     GROUP BY w.chunk_id

@@ -211,7 +211,10 @@ def eval_collection_prepare(
             progress=progress, on_embedded=on_embedded,
         )
         Collection.objects.filter(pk=collection.pk).update(
-            description=f"BEIR {dataset.name}, ingested by kb_eval.\n{FINGERPRINT_PREFIX}{fingerprint}"
+            description=(
+                f"BEIR {dataset.name}, ingested by kb_eval.\n"
+                f"{FINGERPRINT_PREFIX}{fingerprint}"
+            )
         )
         collection.refresh_from_db()
     result.doc_ids_by_document = eval_doc_ids_by_document(dataset=dataset, collection=collection)
@@ -219,7 +222,8 @@ def eval_collection_prepare(
 
 
 def eval_doc_ids_by_document(*, dataset: BeirDataset, collection: Collection) -> dict[int, list[str]]:
-    """The corpus ids each ready document of the collection stands for, as the database has it now."""
+    """The corpus ids each ready document of the collection stands for, as the database has it
+    now."""
     entries_by_hash: dict[str, list[CorpusEntry]] = {}
     for entry in dataset.corpus:
         if entry.data.strip():
@@ -247,17 +251,20 @@ def eval_collection_check(*, dataset: BeirDataset, prepared: EvalCollection) -> 
     mapped = {doc_id for doc_ids in prepared.doc_ids_by_document.values() for doc_id in doc_ids}
     expected = {entry.doc_id for entry in dataset.corpus if entry.data.strip()}
     # Uploads that were rejected name the corpus id; ingestion failures the file, <id>.txt.
-    failed = {Path(name).stem for name, _ in prepared.failures} | {name for name, _ in prepared.failures}
+    failed_names = {name for name, _ in prepared.failures}
+    failed = {Path(name).stem for name in failed_names} | failed_names
     unmapped = expected - mapped - failed
     if unmapped:
         problems.append(f"{len(unmapped)} of {len(expected)} corpus entries have no ready document "
                         f"in {collection.slug} (e.g. {sorted(unmapped)[:3]})")
     searchable = Chunk.objects.filter(collection=collection, searchable=True)
-    without_chunks = Document.objects.filter(collection=collection, status=Document.Status.READY).exclude(
+    ready = Document.objects.filter(collection=collection, status=Document.Status.READY)
+    without_chunks = ready.exclude(
         Exists(searchable.filter(document=OuterRef("pk")))
     ).count()
     if without_chunks:
-        problems.append(f"{without_chunks} ready documents of {collection.slug} have no searchable chunks")
+        problems.append(f"{without_chunks} ready documents of {collection.slug} have no "
+                        "searchable chunks")
     indexed = searchable.exclude(search_vector=None).count()
     statistic = CollectionStatistic.objects.filter(collection=collection).values_list(
         "chunk_count", flat=True).first() or 0
@@ -266,8 +273,8 @@ def eval_collection_check(*, dataset: BeirDataset, prepared: EvalCollection) -> 
                         f"but {indexed} are searchable")
     # Every chunk with a lexeme must have its postings (the BM25 index the queries read).
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(DISTINCT chunk_id) FROM search_posting WHERE collection_id = %s",
-                       [collection.pk])
+        cursor.execute("SELECT count(DISTINCT chunk_id) FROM search_posting "
+                       "WHERE collection_id = %s", [collection.pk])
         (posted,) = cursor.fetchone()
     worded = searchable.filter(search_length__gt=0).count()
     if posted != worded:
@@ -406,7 +413,9 @@ def mode_evaluate(
     search_mode, rerank = ("hybrid", True) if mode == "hybrid+rerank" else (mode, False)
     # Hits are mapped through the documents as they are now, not as they were when the
     # collection was prepared: one replaced since (a new pk) would otherwise score 0.
-    prepared.doc_ids_by_document = eval_doc_ids_by_document(dataset=dataset, collection=prepared.collection)
+    prepared.doc_ids_by_document = eval_doc_ids_by_document(
+        dataset=dataset, collection=prepared.collection
+    )
     query_items = list(dataset.queries.items())[: limit_queries or None]
     collections = (prepared.collection.slug,)
     user = eval_user_get_or_create()
@@ -482,15 +491,18 @@ def _known_items_check(*, mode: str, dataset: BeirDataset, prepared: EvalCollect
         found += entry.doc_id in ranked
     if found < KNOWN_ITEMS_MIN_FOUND * len(probes):
         raise EvaluationError(
-            f"{mode}: only {found} of {len(probes)} documents of {prepared.collection.slug} came back "
-            "in the top 10 for their own opening words; the search does not see the collection "
-            "the figures would be about, so none are reported."
+            f"{mode}: only {found} of {len(probes)} documents of {prepared.collection.slug} "
+            "came back in the top 10 for their own opening words; the search does not see the "
+            "collection the figures would be about, so none are reported."
         )
 
 
 def results_table(results: Sequence[ModeResult]) -> str:
     """A plain-text table: one row per mode."""
-    header = f"{'mode':<15}{'nDCG@10':>9}{'R@100':>9}{'MRR@10':>9}{'p50 ms':>9}{'p95 ms':>9}{'queries':>9}"
+    header = (
+        f"{'mode':<15}{'nDCG@10':>9}{'R@100':>9}{'MRR@10':>9}"
+        f"{'p50 ms':>9}{'p95 ms':>9}{'queries':>9}"
+    )
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(

@@ -1,4 +1,5 @@
-"""The restrictions a search applies inside the SQL of both retrievers (search.bm25, search.vector)."""
+"""The restrictions a search applies inside the SQL of both retrievers (search.bm25,
+search.vector)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ class SearchFilters:
 
 
 def filter_sql(filters: SearchFilters, params: dict, chunk: str = "c", document: str = "d") -> str:
-    """The filters as ` AND ...` clauses over `chunk` and `document`, their values added to params."""
+    """The filters as ` AND ...` clauses over `chunk` and `document`, their values added to
+    params."""
     clauses = []
     if filters.document_ids:
         params["f_documents"] = list(filters.document_ids)

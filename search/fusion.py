@@ -35,7 +35,11 @@ def convex_fusion(candidates: Sequence[Candidate], *, alpha: float = 0.5) -> lis
         return 1.0 if high == low else (value - low) / (high - low)
 
     return _sorted([
-        (c, alpha * normalise(c.bm25_score, bm25) + (1 - alpha) * normalise(c.vector_similarity, cosine))
+        (
+            c,
+            alpha * normalise(c.bm25_score, bm25)
+            + (1 - alpha) * normalise(c.vector_similarity, cosine),
+        )
         for c in candidates
     ])
 

@@ -15,7 +15,8 @@ def highlighted_snippet(text: str, lexemes: Sequence[str], *, width: int = 240) 
     English stemming maps words to lexemes that are (almost always) prefixes of them, so
     a word matches when it starts with a query lexeme; exact for the `simple` config.
     """
-    pattern = _words_starting_with(frozenset(lexeme.lower() for lexeme in lexemes if len(lexeme) >= 2))
+    prefixes = frozenset(lexeme.lower() for lexeme in lexemes if len(lexeme) >= 2)
+    pattern = _words_starting_with(prefixes)
     spans = [match.span() for match in pattern.finditer(text)] if pattern else []
     start = _best_window_start(text, spans, width)
     end = min(len(text), start + width)

@@ -34,9 +34,11 @@ logger = logging.getLogger(__name__)
 
 EXTENSION = "kb_bm25"
 SOURCE_DIR = Path(__file__).resolve().parent / "postgres"
-_SOURCES = (f"{EXTENSION}.c", f"{EXTENSION}.control", f"{EXTENSION}--1.0.sql", f"{EXTENSION}--1.1.sql",
-            f"{EXTENSION}--1.0--1.1.sql")
-FUNCTION_SIGNATURE = "kb_bm25_top_chunks(regclass, int8[], text[], int8[], float8[], float8[], float8[], int4)"
+_SOURCES = (f"{EXTENSION}.c", f"{EXTENSION}.control", f"{EXTENSION}--1.0.sql",
+            f"{EXTENSION}--1.1.sql", f"{EXTENSION}--1.0--1.1.sql")
+FUNCTION_SIGNATURE = (
+    "kb_bm25_top_chunks(regclass, int8[], text[], int8[], float8[], float8[], float8[], int4)"
+)
 _installed_by_database: dict[tuple, bool] = {}
 
 
@@ -54,11 +56,13 @@ def extension_built(pg_config: Path) -> bool:
     except (OSError, subprocess.SubprocessError, ValueError):
         return False
     stamp = Path(lib_dir) / f"{EXTENSION}.sha256"
-    return (Path(lib_dir) / f"{EXTENSION}.so").exists() and stamp.exists() and stamp.read_text() == _digest()
+    library = Path(lib_dir) / f"{EXTENSION}.so"
+    return library.exists() and stamp.exists() and stamp.read_text() == _digest()
 
 
 def _digest() -> str:
-    return hashlib.sha256(b"".join((SOURCE_DIR / name).read_bytes() for name in _SOURCES)).hexdigest()
+    sources = b"".join((SOURCE_DIR / name).read_bytes() for name in _SOURCES)
+    return hashlib.sha256(sources).hexdigest()
 
 
 def extension_build(pg_config: Path) -> bool:
@@ -70,10 +74,12 @@ def extension_build(pg_config: Path) -> bool:
     """
     try:
         include_dir, lib_dir, share_dir, *flags = _pg_config(
-            pg_config, "--includedir-server", "--pkglibdir", "--sharedir", "--cppflags", "--cflags", "--cflags_sl"
+            pg_config, "--includedir-server", "--pkglibdir", "--sharedir",
+            "--cppflags", "--cflags", "--cflags_sl",
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        logger.warning("kb_bm25 not built (%s cannot be run: %s); BM25 uses the SQL engine.", pg_config, exc)
+        logger.warning("kb_bm25 not built (%s cannot be run: %s); BM25 uses the SQL engine.",
+                       pg_config, exc)
         return False
     lib_dir, extension_dir = Path(lib_dir), Path(share_dir) / "extension"
     stamp = lib_dir / f"{EXTENSION}.sha256"
@@ -82,9 +88,12 @@ def extension_build(pg_config: Path) -> bool:
         return True
     compiler = settings.CC or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("kb_bm25 not built: no C compiler (cc) on this machine; BM25 uses the SQL engine.")
+        logger.warning(
+            "kb_bm25 not built: no C compiler (cc) on this machine; BM25 uses the SQL engine."
+        )
         return False
-    logger.info("Building the kb_bm25 extension (BM25's C function) into %s, once for this source.", lib_dir)
+    logger.info("Building the kb_bm25 extension (BM25's C function) into %s, "
+                "once for this source.", lib_dir)
     try:
         # Another process may build at the same time: each writes its own file, and the
         # renames are atomic, so the server never loads half a library.
@@ -94,8 +103,8 @@ def extension_build(pg_config: Path) -> bool:
                        str(SOURCE_DIR / f"{EXTENSION}.c"), "-o", str(library)]
             result = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
-                logger.warning("kb_bm25 not built (%s exited with %s); BM25 uses the SQL engine.\n%s",
-                               compiler, result.returncode, result.stderr[-2000:])
+                logger.warning("kb_bm25 not built (%s exited with %s); BM25 uses the SQL "
+                               "engine.\n%s", compiler, result.returncode, result.stderr[-2000:])
                 return False
             os.replace(library, lib_dir / library.name)
             for name in _SOURCES[1:]:
@@ -119,13 +128,14 @@ def extension_create(connection: BaseDatabaseWrapper) -> None:
 
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT default_version, installed_version FROM pg_available_extensions WHERE name = %s",
+            "SELECT default_version, installed_version FROM pg_available_extensions "
+            "WHERE name = %s",
             [EXTENSION],
         )
         row = cursor.fetchone()
     if row is None:
-        logger.info("The kb_bm25 extension is not on this PostgreSQL server; BM25 uses the SQL engine "
-                    "(make -C search/postgres install adds it).")
+        logger.info("The kb_bm25 extension is not on this PostgreSQL server; "
+                    "BM25 uses the SQL engine (make -C search/postgres install adds it).")
         return
     default_version, installed_version = row
     if installed_version == default_version:
@@ -158,13 +168,14 @@ def extension_installed(connection: BaseDatabaseWrapper) -> bool:
             )
             installed, executable = cursor.fetchone()
         if installed and not executable:
-            logger.warning("kb_bm25 is installed but this database role may not EXECUTE %s; BM25 uses "
-                           "the SQL engine (GRANT EXECUTE ON FUNCTION ... TO the app's role).",
-                           FUNCTION_SIGNATURE)
+            logger.warning("kb_bm25 is installed but this database role may not EXECUTE %s; "
+                           "BM25 uses the SQL engine (GRANT EXECUTE ON FUNCTION ... "
+                           "TO the app's role).", FUNCTION_SIGNATURE)
         _installed_by_database[key] = installed and executable
     return _installed_by_database[key]
 
 
 def _pg_config(pg_config: Path, *options: str) -> list[str]:
-    result = subprocess.run([str(pg_config), *options], capture_output=True, text=True, check=True, timeout=60)
+    result = subprocess.run([str(pg_config), *options], capture_output=True, text=True,
+                            check=True, timeout=60)
     return result.stdout.splitlines()

@@ -54,7 +54,9 @@ def query_vector(
     cached = cached_query_vector(model=model, text=text, user=user, api_key=api_key, usage=usage)
     if cached is not None:
         return cached
-    vector = embeddings.embed_query(model=model, text=text, user=user, api_key=api_key, buffer=usage)
+    vector = embeddings.embed_query(
+        model=model, text=text, user=user, api_key=api_key, buffer=usage
+    )
     query_vector_cache.put((model.pk, text), vector)
     return vector
 

@@ -60,7 +60,8 @@ class Retrieved:
         for candidate in vector.candidates:
             keyword = by_chunk.get(candidate.chunk_id)
             by_chunk[candidate.chunk_id] = candidate if keyword is None else replace(
-                keyword, vector_similarity=candidate.vector_similarity, vector_rank=candidate.vector_rank,
+                keyword, vector_similarity=candidate.vector_similarity,
+                vector_rank=candidate.vector_rank,
             )
         candidates = list(by_chunk.values())
         return Retrieved(
@@ -110,7 +111,8 @@ def retrieve_candidates(
 
 _CANDIDATES_BOTH = """
     candidates AS (
-        SELECT coalesce(b.chunk_id, v.chunk_id) AS chunk_id, b.score AS bm25_score, b.rank AS bm25_rank,
+        SELECT coalesce(b.chunk_id, v.chunk_id) AS chunk_id,
+               b.score AS bm25_score, b.rank AS bm25_rank,
                v.similarity, v.rank AS vector_rank
         FROM bm25_ranked b FULL OUTER JOIN vec_ranked v ON v.chunk_id = b.chunk_id
     )"""
@@ -177,8 +179,8 @@ def chunk_details(chunk_ids: Sequence[int]) -> dict[int, ChunkDetails]:
     """
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT c.id, c.document_id, coalesce(nullif(d.title, ''), d.original_filename), c.text, "
-            "c.heading_path, c.page_start, c.page_end "
+            "SELECT c.id, c.document_id, coalesce(nullif(d.title, ''), d.original_filename), "
+            "c.text, c.heading_path, c.page_start, c.page_end "
             "FROM kb_chunk c JOIN kb_document d ON d.id = c.document_id "
             "WHERE c.id = ANY(%s) AND c.searchable",
             [list(chunk_ids)],

@@ -167,25 +167,28 @@ def search(
     limit = max(params.k, params.candidates)
     query = _query_vector_or_fallback(
         params.mode, text=text, embedded=embedded, caller=caller, timings=timings, notices=notices,
-        keyword_half=lambda: _retrieve_timed(timings, "retrieve", mode="bm25", query=text, vector=None,
-                                             filters=filters, model=None, limit=limit),
+        keyword_half=lambda: _retrieve_timed(timings, "retrieve", mode="bm25", query=text,
+                                             vector=None, filters=filters, model=None,
+                                             limit=limit),
     )
-    retrieved = _retrieve(query, text=text, filters=filters, limit=limit, k=params.k, timings=timings)
-    scored, fused = _fuse_timed(retrieved.candidates, mode=query.mode, fusion=params.fusion, timings=timings)
+    retrieved = _retrieve(query, text=text, filters=filters, limit=limit, k=params.k,
+                          timings=timings)
+    scored, fused = _fuse_timed(retrieved.candidates, mode=query.mode, fusion=params.fusion,
+                                timings=timings)
     # Chunk text is read only for what is reranked or shown; None marks a chunk gone since.
     details: dict[int, ChunkDetails | None] = {}
     scored, reranked = _rerank_if_asked(params.rerank, text, scored, details=details, caller=caller,
                                         timings=timings, notices=notices)
-    hits = _hits(scored, params=params, lexemes=retrieved.query_lexemes, fused=fused, reranked=reranked,
-                 details=details, timings=timings)
+    hits = _hits(scored, params=params, lexemes=retrieved.query_lexemes, fused=fused,
+                 reranked=reranked, details=details, timings=timings)
     timings["total"] = _ms(started)
     if record_usage:
         usage_record_create(
             kind=UsageRecord.Kind.SEARCH, provider="postgres", model=query.mode,
             latency_ms=timings["total"], user=user, api_key=api_key, buffer=usage,
         )
-    return SearchResult(hits=hits, mode=query.mode, reranked=reranked is not None, timings_ms=timings,
-                        notices=notices, query_lexemes=retrieved.query_lexemes,
+    return SearchResult(hits=hits, mode=query.mode, reranked=reranked is not None,
+                        timings_ms=timings, notices=notices, query_lexemes=retrieved.query_lexemes,
                         evidence=retrieval_evidence(retrieved.candidates))
 
 
@@ -221,8 +224,8 @@ def _query_vector_or_fallback(
         vector = embedded.vector
     else:
         t = time.perf_counter()
-        vector = cached_query_vector(model=model, text=text, user=caller.user, api_key=caller.api_key,
-                                     usage=caller.usage)
+        vector = cached_query_vector(model=model, text=text, user=caller.user,
+                                     api_key=caller.api_key, usage=caller.usage)
         timings["embed"] = _ms(t)
     if vector is not None:
         return _QueryVector(mode, model, vector)
@@ -252,8 +255,8 @@ def _embed_query(
     t = time.perf_counter()
     vector = error = None
     try:
-        vector = embeddings.embed_query(model=model, text=text, user=caller.user, api_key=caller.api_key,
-                                        buffer=caller.usage)
+        vector = embeddings.embed_query(model=model, text=text, user=caller.user,
+                                        api_key=caller.api_key, buffer=caller.usage)
     except ProviderError as exc:
         error = exc
     timings["embed"] = _ms(t)
@@ -265,9 +268,11 @@ def _retrieve(query: _QueryVector, *, text: str, filters: SearchFilters, limit: 
     """The candidates of both halves (or of the mode's one), joining the BM25 half already
     run, and the vector half again exactly when filters starved HNSW."""
     keyword = query.keyword
-    common = {"query": text, "vector": query.vector, "filters": filters, "model": query.model, "limit": limit}
+    common = {"query": text, "vector": query.vector, "filters": filters, "model": query.model,
+              "limit": limit}
     if keyword is not None and query.vector is not None:
-        retrieved = keyword.with_vector_candidates(_retrieve_timed(timings, "retrieve", mode="vector", **common))
+        vector_half = _retrieve_timed(timings, "retrieve", mode="vector", **common)
+        retrieved = keyword.with_vector_candidates(vector_half)
     elif keyword is not None:
         retrieved = keyword
     else:
@@ -307,11 +312,14 @@ def _rerank_if_asked(
         return scored, None
     backend = registry.reranker_backend()
     if backend is None:
-        notices.append("Reranking is not configured (KB_PROVIDERS['reranker']); results are fused only.")
+        notices.append(
+            "Reranking is not configured (KB_PROVIDERS['reranker']); results are fused only."
+        )
         return scored, None
     t = time.perf_counter()
     try:
-        return _rerank(backend, text, scored, top_n=settings.KB_RERANK_TOP_N, details=details, caller=caller)
+        return _rerank(backend, text, scored, top_n=settings.KB_RERANK_TOP_N, details=details,
+                       caller=caller)
     except ProviderError as exc:
         logger.warning("Reranker failed, keeping fused order: %s", exc)
         notices.append("The reranker is unavailable; results are in fused order.")
@@ -342,16 +350,17 @@ def _hits(scored: Scored, *, params: SearchParams, lexemes: list[str], fused: Po
         )
         if params.explain:
             fused_score, fused_rank = fused[candidate.chunk_id]
+            rerank = reranked.get(candidate.chunk_id) if reranked is not None else None
             hit.stages = _explain(candidate, fused_score=fused_score, fused_rank=fused_rank,
-                                  rerank=reranked.get(candidate.chunk_id) if reranked is not None else None)
+                                  rerank=rerank)
         hits.append(hit)
     return hits
 
 
 def retrieval_evidence(candidates: list[Candidate]) -> RetrievalEvidence:
     """The evidence summary of one retrieval's candidates (see RetrievalEvidence)."""
-    similarities = sorted((c.vector_similarity for c in candidates if c.vector_similarity is not None),
-                          reverse=True)
+    similarities = sorted((c.vector_similarity for c in candidates
+                           if c.vector_similarity is not None), reverse=True)
     bm25 = [c.bm25_score for c in candidates if c.bm25_score is not None]
     top_vector = {c.chunk_id for c in candidates
                   if c.vector_rank is not None and c.vector_rank <= AGREEMENT_DEPTH}
@@ -372,7 +381,8 @@ def _fuse(candidates: list[Candidate], *, mode: str, fusion: str) -> Scored:
         return sorted(((c, c.bm25_score or 0.0) for c in candidates if c.bm25_rank is not None),
                       key=lambda pair: (-pair[1], pair[0].chunk_id))
     if mode == "vector":
-        return sorted(((c, c.vector_similarity or 0.0) for c in candidates if c.vector_rank is not None),
+        return sorted(((c, c.vector_similarity or 0.0) for c in candidates
+                       if c.vector_rank is not None),
                       key=lambda pair: (-pair[1], pair[0].chunk_id))
     if fusion == "convex":
         return convex_fusion(candidates, alpha=settings.KB_CONVEX_ALPHA)
@@ -410,7 +420,8 @@ def _rerank(backend: RerankBackend, query: str, scored: Scored, *, top_n: int,
         span("rerank", provider=backend.provider_name, model=backend.model, documents=len(head)),
         tracked_model_call(
             kind=UsageRecord.Kind.RERANK, provider=backend.provider_name, model=backend.model,
-            user=caller.user, api_key=caller.api_key, write_ahead=backend.remote, buffer=caller.usage,
+            user=caller.user, api_key=caller.api_key, write_ahead=backend.remote,
+            buffer=caller.usage,
         ) as call,
     ):
         result = backend.rerank(query, [chunk.text for _, _, chunk in head])
@@ -438,7 +449,8 @@ def _retrieve_timed(timings: dict[str, float], stage: str, *, mode: str, query: 
     """retrieve_candidates for `mode`, in a span, its time added to timings[stage]."""
     t = time.perf_counter()
     span_attributes = {"exact_vector": True} if exact_vector else {}
-    with span(_retrieve_span_name(mode, vector), mode=mode, limit=limit, **span_attributes) as retrieve_span:
+    span_name = _retrieve_span_name(mode, vector)
+    with span(span_name, mode=mode, limit=limit, **span_attributes) as retrieve_span:
         retrieved = retrieve_candidates(
             query=query,
             query_vector=vector,
@@ -458,7 +470,8 @@ def _retrieve_timed(timings: dict[str, float], stage: str, *, mode: str, query: 
 
 
 def _retrieve_span_name(mode: str, vector: list[float] | None) -> str:
-    parts = [name for name, used in (("bm25", mode in {"bm25", "hybrid"}), ("vector", vector is not None))
+    parts = [name for name, used in (("bm25", mode in {"bm25", "hybrid"}),
+                                     ("vector", vector is not None))
              if used]
     return "retrieve." + ("+".join(parts) or "none")
 

@@ -1,1 +1,2 @@
-"""The REST API: views, serializers, URLs, errors, pagination, authentication, rate limits, schema."""
+"""The REST API: views, serializers, URLs, errors, pagination, authentication, rate limits,
+schema."""

@@ -48,7 +48,9 @@ class ChunkSerializer(serializers.ModelSerializer):
 
 
 class DocumentListFiltersSerializer(serializers.Serializer):
-    collection = serializers.SlugField(required=False, help_text="Only documents of this collection.")
+    collection = serializers.SlugField(
+        required=False, help_text="Only documents of this collection."
+    )
     status = serializers.ChoiceField(choices=Document.Status.choices, required=False)
 
 
@@ -140,7 +142,9 @@ class DocumentListCreate(generics.ListAPIView):
         except DjangoPermissionDenied as exc:
             raise PermissionDenied(str(exc)) from None
         if not isinstance(request.data, Mapping):
-            raise ValidationError({"file": ["Send multipart/form-data with one or more “file” parts."]})
+            raise ValidationError(
+                {"file": ["Send multipart/form-data with one or more “file” parts."]}
+            )
         serializer = UploadSerializer(data={
             "file": request.FILES.getlist("file"),
             "collection": request.data.get("collection", "default"),
@@ -151,9 +155,12 @@ class DocumentListCreate(generics.ListAPIView):
             slug=slug
         ).first()
         if collection is None:
-            raise ValidationError({"collection": [f"No collection “{slug}” that you can write to."]})
+            raise ValidationError(
+                {"collection": [f"No collection “{slug}” that you can write to."]}
+            )
         outcomes = uploads.upload_outcomes_refresh(outcomes=uploads.documents_upload_files(
-            collection=collection, files=serializer.validated_data["file"], uploaded_by=request.user,
+            collection=collection, files=serializer.validated_data["file"],
+            uploaded_by=request.user,
         ))
         summary = uploads.upload_summary(outcomes=outcomes)
         body = {

@@ -22,7 +22,8 @@ def database_prepare() -> None:
     except DatabaseSetupError:
         raise
     except OperationalError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        detail = str(exc).strip()
+        first_line = detail.splitlines()[0] if detail else exc.__class__.__name__
         raise DatabaseSetupError(
             f"Cannot connect to PostgreSQL ({first_line}). Check DATABASE_URL, or unset it to "
             "use the embedded server."

@@ -165,13 +165,15 @@ def _check_data_dir(pgdata: Path) -> None:
     except OSError as exc:
         raise DatabaseSetupError(
             f"Cannot create the data directory {pgdata.parent} ({exc.strerror}). "
-            "Set KB_DATA_DIR to a writable directory, or set DATABASE_URL to use an external server."
+            "Set KB_DATA_DIR to a writable directory, "
+            "or set DATABASE_URL to use an external server."
         ) from exc
     probe_dir = pgdata if pgdata.exists() else pgdata.parent
     if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise DatabaseSetupError(
             f"The data directory {probe_dir} is not writable. "
-            "Set KB_DATA_DIR to a writable directory, or set DATABASE_URL to use an external server."
+            "Set KB_DATA_DIR to a writable directory, "
+            "or set DATABASE_URL to use an external server."
         )
 
 
@@ -205,13 +207,18 @@ def _shared_buffers_apply(server, pgdata: Path) -> None:
     try:
         with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
             current, target = conn.execute(
-                "SELECT pg_size_bytes(current_setting('shared_buffers')), pg_size_bytes(%s)", [wanted]
+                "SELECT pg_size_bytes(current_setting('shared_buffers')), pg_size_bytes(%s)",
+                [wanted],
             ).fetchone()
             if current == target:
                 return
-            conn.execute(sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(sql.Literal(wanted)))
+            conn.execute(
+                sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(sql.Literal(wanted))
+            )
     except psycopg.Error as exc:
-        logger.warning("The embedded server keeps its shared_buffers; %s was refused: %s", wanted, exc)
+        logger.warning(
+            "The embedded server keeps its shared_buffers; %s was refused: %s", wanted, exc
+        )
         return
     with PostgresServer._lock:
         if _server_holders(pgdata) != [os.getpid()]:
@@ -223,8 +230,9 @@ def _shared_buffers_apply(server, pgdata: Path) -> None:
             server.ensure_postgres_running()
         except Exception as exc:  # pgserver raises bare CalledProcessError/AssertionError
             raise DatabaseSetupError(
-                f"The embedded PostgreSQL in {pgdata} did not restart with shared_buffers = {wanted} "
-                f"({exc.__class__.__name__}). See {pgdata / 'log'}; set KB_PG_SHARED_BUFFERS lower, "
+                f"The embedded PostgreSQL in {pgdata} did not restart with "
+                f"shared_buffers = {wanted} ({exc.__class__.__name__}). "
+                f"See {pgdata / 'log'}; set KB_PG_SHARED_BUFFERS lower, "
                 f"or remove the line from {pgdata / 'postgresql.auto.conf'}."
             ) from exc
 

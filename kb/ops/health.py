@@ -21,7 +21,8 @@ def readiness_report() -> dict:
         report["database"] = True
         report["vector_extension"] = row is not None
         executor = MigrationExecutor(connection)
-        report["migrations_applied"] = not executor.migration_plan(executor.loader.graph.leaf_nodes())
+        plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+        report["migrations_applied"] = not plan
     except Exception as exc:  # a probe reports failure; it never raises
         report["error"] = f"{exc.__class__.__name__}: {exc}".strip()[:300]
     return report

@@ -206,7 +206,8 @@ class UsageLedgerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         tokens = CounterMetricFamily(
-            "kb_tokens_used", "Model tokens, by provider, model, kind and direction (input/output).",
+            "kb_tokens_used",
+            "Model tokens, by provider, model, kind and direction (input/output).",
             labels=["provider", "model", "kind", "direction"],
         )
         cost = CounterMetricFamily(
@@ -222,7 +223,8 @@ class UsageLedgerCollector(Collector):
             labels=["provider", "model", "kind"],
         )
         calls = CounterMetricFamily(
-            "kb_model_calls", "Model calls (cache hits included), by provider, model, kind and status.",
+            "kb_model_calls",
+            "Model calls (cache hits included), by provider, model, kind and status.",
             labels=["provider", "model", "kind", "status"],
         )
         cache = CounterMetricFamily(
@@ -388,7 +390,9 @@ def metrics_access_allowed(request: HttpRequest) -> bool:
     if token:
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
             return True
     try:
         address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))

@@ -91,7 +91,8 @@ def tracing_configure(*, exporter: Any, simple: bool = False) -> Any:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     global _provider, _tracer
-    provider = TracerProvider(resource=Resource.create({"service.name": settings.OTEL_SERVICE_NAME}))
+    resource = Resource.create({"service.name": settings.OTEL_SERVICE_NAME})
+    provider = TracerProvider(resource=resource)
     processor = SimpleSpanProcessor(exporter) if simple else BatchSpanProcessor(exporter)
     provider.add_span_processor(processor)
     with _lock:

@@ -62,7 +62,8 @@ def query_embedding_warm_up_start() -> threading.Thread:
 def _query_embedding_warm_up() -> None:
     try:
         active = selectors.embedding_model_active()
-        backend = registry.embedding_backend(active.key if active else settings.KB_DEFAULT_EMBEDDING_MODEL)
+        key = active.key if active else settings.KB_DEFAULT_EMBEDDING_MODEL
+        backend = registry.embedding_backend(key)
         if not backend.remote:
             backend.embed_query("warm-up")
             garbage_collection_settle()

@@ -1,4 +1,5 @@
-"""The answerer of last resort: quotes the passages' most relevant sentences and code, never generates.
+"""The answerer of last resort: quotes the passages' most relevant sentences and code, never
+generates.
 
 It needs no network and no model weights, so it cannot fail, and it is always the last
 entry of the chat cascade. It reads the question and the numbered passages of its
@@ -40,7 +41,9 @@ _WORD = re.compile(r"[^\W_]+")
 # A sentence ends at . ! ? (or a line break) followed by space and a capital, digit or quote.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“(\[A-Z0-9])")
 _LINE_MARKUP = re.compile(r"^\s*(?:#{1,6}\s+|[-*•+]\s+|\d+[.)]\s+|>\s*)")
-_CODE_LINE = re.compile(r"^(?:\s{2,}|\t)\S|[=(){};<>\[\]]|^\s*(?:\$|>>>|def |class |import |from |return )")
+_CODE_LINE = re.compile(
+    r"^(?:\s{2,}|\t)\S|[=(){};<>\[\]]|"
+    r"^\s*(?:\$|>>>|def |class |import |from |return )")
 # English function words: they match everywhere and would drown the question's terms.
 _STOPWORD_TEXT = """a about above after again all also am an and any are as at be been before being
     between both but by can could did do does doing down during each few for from further
@@ -56,8 +59,9 @@ _STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 _INSTRUCTION_START = re.compile(
     r"^(?:if|when|whenever|before|after|in case|should|to)\b|"
     r"\b(?:do not|don't|never|always|must|make sure)\b|:$", re.IGNORECASE)
-_STEP_START = re.compile(r"^(?:then|next|finally|afterwards|also|and|please|do not|don't|never|always)\b",
-                         re.IGNORECASE)
+_STEP_START = re.compile(
+    r"^(?:then|next|finally|afterwards|also|and|please|do not|don't|never|always)\b",
+    re.IGNORECASE)
 # Words that open a statement rather than a command: "The …", "It …", "Pumps …".
 _NOT_A_COMMAND = _STOPWORDS | frozenset([
     "although", "because", "however", "once", "since", "though", "unless", "whether", "yes",
@@ -65,7 +69,9 @@ _NOT_A_COMMAND = _STOPWORDS | frozenset([
 # How much of the procedure's paragraph an instruction may bring with it.
 MAX_STEP_UNITS = 3
 MAX_STEP_CHARS = 500
-_SUFFIXES = ("ations", "ation", "ements", "ement", "ings", "ing", "edly", "ed", "ies", "es", "s", "ly")
+_SUFFIXES = (
+    "ations", "ation", "ements", "ement", "ings", "ing", "edly", "ed", "ies", "es", "s", "ly"
+)
 
 
 @dataclass

@@ -48,7 +48,10 @@ def rerank_messages(query: str, passages: Sequence[str]) -> list[ChatMessage]:
         f'Reply as {{"scores": [s1, ..., s{len(passages)}]}}: exactly {len(passages)} '
         "numbers from 0 to 10, in passage order."
     )
-    return [ChatMessage(role="system", content=SYSTEM_PROMPT), ChatMessage(role="user", content=user)]
+    return [
+        ChatMessage(role="system", content=SYSTEM_PROMPT),
+        ChatMessage(role="user", content=user),
+    ]
 
 
 def scores_parse(text: str, count: int) -> list[float] | None:
@@ -171,7 +174,9 @@ class LLMReranker(RerankBackend):
             input_tokens += (usage.input_tokens or 0) if usage else 0
             parsed = scores_parse(reply, len(batch))
             if parsed is None:
-                logger.warning("LLM reranker reply could not be read; keeping the fused order: %.200r", reply)
+                logger.warning(
+                    "LLM reranker reply could not be read; keeping the fused order: %.200r", reply
+                )
                 return RerankResult(scores=_input_order(len(documents)), input_tokens=input_tokens)
             scores.extend(parsed)
         return RerankResult(scores=scores, input_tokens=input_tokens)
@@ -197,7 +202,9 @@ class LLMReranker(RerankBackend):
         except ProviderError:
             raise
         except TimeoutError as exc:
-            raise ProviderError(f"LLM reranker: no reply within {self.timeout:g}s", retryable=True) from exc
+            raise ProviderError(
+                f"LLM reranker: no reply within {self.timeout:g}s", retryable=True
+            ) from exc
         except Exception as exc:
             # Search turns a ProviderError into a notice and keeps the fused order.
             raise ProviderError(f"LLM reranker: {exc.__class__.__name__}: {exc}") from exc

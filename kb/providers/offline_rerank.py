@@ -116,6 +116,6 @@ class SentenceMaxSimReranker(RerankBackend):
             return RerankResult(scores=[])
         similarities = self.sentence_similarities(query, documents)
         prior = list(range(1, len(documents) + 1))
-        scores = weighted_rrf([prior, ranks_of(similarities)], [self.prior_weight, self.sentence_weight],
-                              k=self.rrf_k)
+        scores = weighted_rrf([prior, ranks_of(similarities)],
+                              [self.prior_weight, self.sentence_weight], k=self.rrf_k)
         return RerankResult(scores=scores)

@@ -83,10 +83,14 @@ def onnx_sentence_encoder(encoder, *, cache_dir: Path, threads: int = 0) -> Onnx
 
     def load() -> OnnxSentenceEncoder:
         try:
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime's errors share no base class of their own
             raise OnnxExportError(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
-        twin = OnnxSentenceEncoder(session=session, encoder=encoder, input_names=input_names, path=path)
+        twin = OnnxSentenceEncoder(
+            session=session, encoder=encoder, input_names=input_names, path=path
+        )
         _verify(twin, encoder)
         return twin
 
@@ -125,7 +129,9 @@ def _input_names(encoder) -> list[str]:
     features = encoder.preprocess(["probe"])
     names = [name for name in encoder.tokenizer.model_input_names if name in features]
     if "input_ids" not in names:
-        raise OnnxExportError(f"the model's tokenizer gives no input_ids (it gives {sorted(features)})")
+        raise OnnxExportError(
+            f"the model's tokenizer gives no input_ids (it gives {sorted(features)})"
+        )
     return names
 
 
@@ -181,4 +187,6 @@ def _verify(twin: OnnxSentenceEncoder, encoder) -> None:
         raise OnnxExportError(f"ONNX Runtime failed on a verification text: {exc}") from exc
     difference = float(np.abs(got - expected).max())
     if not difference <= TOLERANCE:
-        raise OnnxExportError(f"its vectors differ from torch's by {difference:.2e} (> {TOLERANCE})")
+        raise OnnxExportError(
+            f"its vectors differ from torch's by {difference:.2e} (> {TOLERANCE})"
+        )

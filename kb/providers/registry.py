@@ -26,7 +26,9 @@ def _build(entry: dict, expected: type) -> Any:
     try:
         backend_class = import_string(entry["BACKEND"])
     except ImportError as exc:
-        raise ImproperlyConfigured(f"Cannot import provider backend {entry['BACKEND']}: {exc}") from exc
+        raise ImproperlyConfigured(
+            f"Cannot import provider backend {entry['BACKEND']}: {exc}"
+        ) from exc
     if not issubclass(backend_class, expected):
         raise ImproperlyConfigured(f"{entry['BACKEND']} is not a {expected.__name__}.")
     options = {k: v for k, v in entry.items() if k not in {"BACKEND", "MODEL"}}
@@ -52,7 +54,9 @@ def embedding_entry(key: str) -> dict:
         return settings.KB_PROVIDERS["embedding"][key]
     except KeyError:
         known = ", ".join(embedding_model_keys())
-        raise ImproperlyConfigured(f"Unknown embedding model {key!r}; configured: {known}.") from None
+        raise ImproperlyConfigured(
+            f"Unknown embedding model {key!r}; configured: {known}."
+        ) from None
 
 
 def embedding_unavailable_reason(key: str) -> str | None:

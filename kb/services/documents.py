@@ -31,7 +31,9 @@ def document_queue_ingest(*, document: Document) -> None:
 
 
 def _status_while_processing(document: Document) -> str:
-    return Document.Status.DISABLED if document.status == Document.Status.DISABLED else Document.Status.PENDING
+    if document.status == Document.Status.DISABLED:
+        return Document.Status.DISABLED
+    return Document.Status.PENDING
 
 
 def document_retry(*, document: Document) -> bool:

@@ -123,7 +123,9 @@ def _ingest_parse(*, document_ids: Sequence[int], models: list) -> list[_ParsedD
     if not documents:
         return []
     now = timezone.now()
-    disabled = {document.pk for document in documents if document.status == Document.Status.DISABLED}
+    disabled = {
+        document.pk for document in documents if document.status == Document.Status.DISABLED
+    }
     started = {
         "stage": Document.Stage.PARSING, "processing_started_at": now,
         "processing_finished_at": None, "error_message": "", "chunks_embedded": 0,
@@ -143,10 +145,13 @@ def _ingest_parse(*, document_ids: Sequence[int], models: list) -> list[_ParsedD
         for name, value in started.items():
             setattr(document, name, value)
         generation = document.chunk_generation + 1
-        item = _ingest_guarded(document, generation, lambda document=document, generation=generation,
-                               keep_disabled=keep_disabled: _parse_and_chunk(
-            document=document, generation=generation, keep_disabled=keep_disabled, models=models,
-        ))
+        item = _ingest_guarded(
+            document, generation,
+            lambda document=document, generation=generation, keep_disabled=keep_disabled: (
+                _parse_and_chunk(document=document, generation=generation,
+                                 keep_disabled=keep_disabled, models=models)
+            ),
+        )
         if item is not None:
             parsed.append(item)
     return parsed
@@ -178,7 +183,9 @@ def _parse_and_chunk(
         raise ParseError("No text could be extracted from this file.")
     title = (document.metadata.get("title") or parsed.title
              or PurePath(document.original_filename).stem)[:500]
-    inputs = [embedding_input(title=title, heading_path=d.heading_path, text=d.text) for d in drafts]
+    inputs = [
+        embedding_input(title=title, heading_path=d.heading_path, text=d.text) for d in drafts
+    ]
     return _ParsedDocument(
         document=document, generation=generation, keep_disabled=keep_disabled, title=title,
         mime_type=parsed.mime_type, metadata={**parsed.metadata, **document.metadata},
@@ -250,7 +257,9 @@ def _write_generations(items: list[_ParsedDocument], *, models: list) -> list[_P
         for model in models:
             hits = cached[model.pk]
             ChunkEmbedding.objects.bulk_create([
-                ChunkEmbedding(chunk=c, embedding_model=model, embedding=hits[c.embedding_input_hash])
+                ChunkEmbedding(
+                    chunk=c, embedding_model=model, embedding=hits[c.embedding_input_hash]
+                )
                 for c in chunks
                 if c.embedding_input_hash in hits
             ])

@@ -153,7 +153,10 @@ def _name_part_sanitize(name: str) -> str:
     name = re.sub(r"\s+", " ", name).strip(" .")
     if len(name) > 200:
         stem, dot, suffix = name.rpartition(".")
-        name = (stem[: 200 - len(suffix) - 1] + dot + suffix) if dot and len(suffix) < 10 else name[:200]
+        if dot and len(suffix) < 10:
+            name = stem[: 200 - len(suffix) - 1] + dot + suffix
+        else:
+            name = name[:200]
     return name or "unnamed"
 
 
@@ -375,7 +378,9 @@ def _document_store(
             old_file = document.file.name if document.file else None
             outcome = "updated"
         else:
-            document = Document(collection=collection, original_filename=shown, uploaded_by=uploaded_by)
+            document = Document(
+                collection=collection, original_filename=shown, uploaded_by=uploaded_by
+            )
             old_file = None
             outcome = "created"
         document.content_hash = content_hash
@@ -396,7 +401,9 @@ def _document_store(
             transaction.on_commit(lambda: document.file.storage.delete(old_file))
         if queue:
             document_queue_ingest(document=document)
-    message = "New version queued for ingestion." if outcome == "updated" else "Queued for ingestion."
+    message = (
+        "New version queued for ingestion." if outcome == "updated" else "Queued for ingestion."
+    )
     return UploadOutcome(filename=shown, outcome=outcome, document=document, message=message)
 
 

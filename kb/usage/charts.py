@@ -137,7 +137,8 @@ def _y_axis(frame: _Frame, ticks: Sequence[float], y_label: str, fmt: Formatter)
     for tick in ticks:
         y = frame.top + frame.plot_height * (1 - tick / top)
         parts.append(
-            f'<line x1="{frame.left}" x2="{frame.width - frame.right}" y1="{_num(y)}" y2="{_num(y)}" '
+            f'<line x1="{frame.left}" x2="{frame.width - frame.right}" '
+            f'y1="{_num(y)}" y2="{_num(y)}" '
             f'stroke="currentColor" stroke-opacity="{0.5 if tick == 0 else 0.12}"/>'
         )
         parts.append(
@@ -158,7 +159,8 @@ def _x_labels(frame: _Frame, labels: Sequence[str], centers: Sequence[float]) ->
     every = max(1, math.ceil(len(labels) / max(1, frame.plot_width // 60)))
     y = frame.height - frame.bottom + 16
     return [
-        f'<text x="{_num(x)}" y="{y}" text-anchor="middle" fill="currentColor">{escape(label)}</text>'
+        f'<text x="{_num(x)}" y="{y}" text-anchor="middle" fill="currentColor">'
+        f"{escape(label)}</text>"
         for i, (label, x) in enumerate(zip(labels, centers, strict=True))
         if i % every == 0
     ]
@@ -203,7 +205,10 @@ def line_chart(
     ticks = nice_ticks(y_max if y_max is not None else max(present))
     top = ticks[-1]
     step = frame.plot_width / max(1, len(x_labels) - 1) if len(x_labels) > 1 else 0
-    xs = [frame.left + (i * step if len(x_labels) > 1 else frame.plot_width / 2) for i in range(len(x_labels))]
+    xs = [
+        frame.left + (i * step if len(x_labels) > 1 else frame.plot_width / 2)
+        for i in range(len(x_labels))
+    ]
     parts += _legend(frame, [s.name for s in series])
     parts += _y_axis(frame, ticks, y_label, value_format)
     for index, (s, values) in enumerate(zip(series, data, strict=True)):
@@ -260,7 +265,8 @@ def bar_chart(
     if x_labels and data and zero_note and not any(v for values in data for v in values):
         parts += _y_axis(frame, nice_ticks(0), y_label, value_format)
         band = frame.plot_width / len(x_labels)
-        parts += _x_labels(frame, x_labels, [frame.left + band * (i + 0.5) for i in range(len(x_labels))])
+        centers = [frame.left + band * (i + 0.5) for i in range(len(x_labels))]
+        parts += _x_labels(frame, x_labels, centers)
         return _empty(frame, parts, zero_note)
     if not x_labels or not data or not any(v for values in data for v in values):
         return _empty(frame, parts, "No data for this period")
@@ -312,8 +318,8 @@ def hbar_chart(
 ) -> SafeString:
     """Horizontal bars, one per label, longest first as given: a ranking."""
     label_width = 220
-    frame = _Frame(width, 40 + max(1, len(labels)) * (bar_height + 6) + 10, left=label_width, top=34,
-                   bottom=10, right=90)
+    frame = _Frame(width, 40 + max(1, len(labels)) * (bar_height + 6) + 10, left=label_width,
+                   top=34, bottom=10, right=90)
     numbers = [float(v) for v in values]
     chart_id = _chart_id(title, tuple(labels), tuple(numbers))
     parts = _open(frame, title, chart_id, f"Ranking of {len(labels)} items.", title_x=8)

@@ -187,7 +187,8 @@ def tracked_model_call(
                         status=UsageRecord.Status.ERROR,
                         error=f"{exc.__class__.__name__}: {exc}", **record_fields)
         raise
-    retried_attempts_record_usage(retried, kind=kind, provider=provider, model=model, **record_fields)
+    retried_attempts_record_usage(retried, kind=kind, provider=provider, model=model,
+                                  **record_fields)
     _outcome_record(placeholder, call, started, kind=kind, provider=provider, model=model,
                     **record_fields)
 
@@ -195,7 +196,10 @@ def tracked_model_call(
 def _outcome_record(placeholder: UsageRecord | None, call: TrackedCall, started: float, *,
                     model: str, status: str = UsageRecord.Status.OK, error: str = "",
                     **record_fields) -> None:
-    latency_ms = call.latency_ms if call.latency_ms is not None else (time.perf_counter() - started) * 1000
+    latency_ms = (
+        call.latency_ms if call.latency_ms is not None
+        else (time.perf_counter() - started) * 1000
+    )
     if placeholder is None:
         usage_record_create(
             model=model, input_tokens=call.input_tokens, output_tokens=call.output_tokens,

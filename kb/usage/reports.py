@@ -116,7 +116,9 @@ _TIMED_CALL = Q(cache_hit=False, status=UsageRecord.Status.OK)
 
 
 def _usd(name: str) -> Coalesce:
-    return Coalesce(Sum(name), _ZERO_USD, output_field=DecimalField(max_digits=20, decimal_places=8))
+    return Coalesce(
+        Sum(name), _ZERO_USD, output_field=DecimalField(max_digits=20, decimal_places=8)
+    )
 
 
 def _summary_aggregates(*, latency_filter: Q) -> dict:
@@ -179,7 +181,8 @@ def usage_daily(*, period: Period) -> list[UsageSummary]:
     )
     by_day = {row["day"]: row for row in rows}
     return [
-        _summary(day.isoformat(), by_day[day]) if day in by_day else UsageSummary(label=day.isoformat())
+        _summary(day.isoformat(), by_day[day]) if day in by_day
+        else UsageSummary(label=day.isoformat())
         for day in period.days
     ]
 

@@ -101,7 +101,8 @@ def usage_dashboard(request: HttpRequest) -> HttpResponse:
             "top_users": _spenders_chart("Top users", top_users),
             "top_api_keys": _spenders_chart("Top API keys", top_api_keys),
             "cited": charts.hbar_chart(
-                title="Most-cited documents (cited passages)", labels=[c.title for c in cited_documents],
+                title="Most-cited documents (cited passages)",
+                labels=[c.title for c in cited_documents],
                 values=[c.citations for c in cited_documents],
             ),
         },
@@ -124,7 +125,8 @@ def _daily_charts(period: reports.Period, daily: list[reports.UsageSummary]) -> 
             series=[Series(name, values) for name, values in tokens.items()],
         ),
         "latency": charts.line_chart(
-            title="Chat latency and time to first token", x_labels=labels, value_format=charts.format_ms,
+            title="Chat latency and time to first token", x_labels=labels,
+            value_format=charts.format_ms,
             series=[
                 Series("latency p50", [d.latency_p50_ms for d in daily]),
                 Series("latency p95", [d.latency_p95_ms for d in daily]),
@@ -161,7 +163,8 @@ def _spenders_chart(title: str, spenders: list[reports.TopSpender]):
     # Ranked by cost; with local models everything costs $0, so rank by tokens instead.
     if any(s.cost_usd for s in spenders):
         return charts.hbar_chart(title=f"{title} by cost", labels=[s.name for s in spenders],
-                                 values=[s.cost_usd for s in spenders], value_format=charts.format_usd)
+                                 values=[s.cost_usd for s in spenders],
+                                 value_format=charts.format_usd)
     return charts.hbar_chart(title=f"{title} by tokens", labels=[s.name for s in spenders],
                              values=[s.tokens for s in spenders])
 

@@ -59,7 +59,8 @@ def budget_target(*, scope: str, username: str | None, key_prefix: str | None) -
     if scope == Budget.Scope.USER:
         if not username or key_prefix:
             raise CommandError("A user budget needs --user NAME (and no --key).")
-        user = get_user_model().objects.filter(**{get_user_model().USERNAME_FIELD: username}).first()
+        user_model = get_user_model()
+        user = user_model.objects.filter(**{user_model.USERNAME_FIELD: username}).first()
         if user is None:
             raise CommandError(f"No user {username!r}.")
         return {"scope": scope, "user": user, "api_key": None}
@@ -145,11 +146,13 @@ class Command(BaseCommand):
             tokens_limit = settings.KB_BUDGET_GLOBAL_DAILY_TOKENS or None
             cost_limit = settings.KB_BUDGET_GLOBAL_DAILY_COST_USD or None
             rows.insert(0, ["global", "everyone (settings)", _tokens_limit(tokens_limit),
-                            f"{spent_tokens:,}", _used(spent_tokens, tokens_limit), _cost_limit(cost_limit),
-                            f"${spent_cost:.4f}", _used(spent_cost, cost_limit)])
+                            f"{spent_tokens:,}", _used(spent_tokens, tokens_limit),
+                            _cost_limit(cost_limit), f"${spent_cost:.4f}",
+                            _used(spent_cost, cost_limit)])
         self.stdout.write(f"Budgets today (since {day_start():%Y-%m-%d %H:%M %Z}):")
         self.stdout.write(table(
-            ["scope", "target", "token limit", "tokens today", "used", "cost limit", "cost today", "used"],
+            ["scope", "target", "token limit", "tokens today", "used",
+             "cost limit", "cost today", "used"],
             rows, text_columns=2,
         ))
         self.stdout.write(

@@ -33,7 +33,9 @@ class Command(BaseCommand):
         except user_model.DoesNotExist:
             raise CommandError(f"No user named {options['username']!r}.") from None
         if not user.is_active:
-            raise CommandError(f"{options['username']} is deactivated; a key of theirs would be refused.")
+            raise CommandError(
+                f"{options['username']} is deactivated; a key of theirs would be refused."
+            )
         slugs = list(dict.fromkeys(options["collections"]))
         collections = list(Collection.objects.filter(slug__in=slugs))
         missing = sorted(set(slugs) - {collection.slug for collection in collections})

@@ -1,4 +1,5 @@
-"""`manage.py kb_ingest PATH... [--collection SLUG] [--sync] [--user NAME]`: bulk ingestion from disk."""
+"""`manage.py kb_ingest PATH... [--collection SLUG] [--sync] [--user NAME]`: bulk ingestion
+from disk."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def expand_paths(patterns: list[str]) -> list[tuple[Path, str]]:
             matches = [match]
         for match in matches:
             if match.is_dir():
-                files = sorted(p for p in match.rglob("*") if p.is_file() and not p.name.startswith("."))
+                files = sorted(
+                    p for p in match.rglob("*") if p.is_file() and not p.name.startswith(".")
+                )
             elif match.is_file():
                 files = [match]
             else:
@@ -73,7 +76,8 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("paths", nargs="+")
-        parser.add_argument("--collection", default="default", help="Collection slug (created if missing).")
+        parser.add_argument("--collection", default="default",
+                            help="Collection slug (created if missing).")
         parser.add_argument("--sync", action="store_true",
                             help="Ingest in this process instead of queueing for the workers.")
         parser.add_argument(
@@ -123,14 +127,16 @@ class Command(BaseCommand):
         failures = []
         for outcome in outcomes:
             document = outcome.document
-            if outcome.outcome == "rejected" or (document and document.status == Document.Status.FAILED):
+            rejected = outcome.outcome == "rejected"
+            if rejected or (document and document.status == Document.Status.FAILED):
                 failures.append((outcome.filename, outcome.message if outcome.outcome == "rejected"
                                  else document.error_message))
         counts = {name: sum(1 for o in outcomes if o.outcome == name)
                   for name in ("created", "updated", "duplicate")}
         verb = "ingested" if sync else "queued"
         self.stdout.write(
-            f"{len(files)} {'file' if len(files) == 1 else 'files'}: {counts['created']} new, {counts['updated']} updated, "
+            f"{len(files)} {'file' if len(files) == 1 else 'files'}: "
+            f"{counts['created']} new, {counts['updated']} updated, "
             f"{counts['duplicate']} duplicates {verb}, {len(failures)} failed."
         )
         for outcome in outcomes:

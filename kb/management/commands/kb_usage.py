@@ -25,7 +25,9 @@ def since_parse(value: str, *, now: datetime | None = None) -> datetime:
     try:
         day = date.fromisoformat(value.strip())
     except ValueError:
-        raise CommandError(f"--since takes 24h, 7d, 2w or a date like 2025-01-31, not {value!r}.") from None
+        raise CommandError(
+            f"--since takes 24h, 7d, 2w or a date like 2025-01-31, not {value!r}."
+        ) from None
     return timezone.make_aware(datetime.combine(day, time.min))
 
 
@@ -72,11 +74,14 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--since", default="7d",
-                            help="How far back: 24h, 7d, 30d, 2w, or a date YYYY-MM-DD (default 7d).")
+                            help="How far back: 24h, 7d, 30d, 2w, or a date YYYY-MM-DD "
+                                 "(default 7d).")
 
     def handle(self, *args, since: str, **options):
         now = timezone.now()
-        window = reports.TimeWindow(since=since_parse(since, now=now), until=now + timedelta(seconds=1))
+        window = reports.TimeWindow(
+            since=since_parse(since, now=now), until=now + timedelta(seconds=1)
+        )
         totals = reports.usage_totals(period=window)
         by_kind = reports.usage_breakdown(period=window, by=("kind",))
         by_model = reports.usage_breakdown(period=window, by=("provider", "model"))
@@ -94,4 +99,5 @@ class Command(BaseCommand):
         for title, rows in (("kind", by_kind), ("provider/model", by_model)):
             self.stdout.write(f"\nBy {title}")
             self.stdout.write(table([title, *headers],
-                                    [[row.label or "—", *(fmt(row) for _, fmt in COLUMNS)] for row in rows]))
+                                    [[row.label or "—", *(fmt(row) for _, fmt in COLUMNS)]
+                                     for row in rows]))

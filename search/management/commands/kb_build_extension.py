@@ -39,7 +39,8 @@ class Command(BaseCommand):
         finally:
             logger.removeHandler(handler)
         if not built:
-            raise CommandError("kb_bm25 was not built: " + (" ".join(handler.messages) or "see the log")
+            raise CommandError("kb_bm25 was not built: "
+                               + (" ".join(handler.messages) or "see the log")
                                + " Search keeps working with BM25 in SQL.")
         self.stdout.write(f"Built kb_bm25 for {path}; `migrate` creates it in the database.")
 

@@ -24,7 +24,8 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_argument("--dataset", required=True, help="Directory with corpus.jsonl, queries.jsonl, qrels/test.tsv.")
+        parser.add_argument("--dataset", required=True,
+                            help="Directory with corpus.jsonl, queries.jsonl, qrels/test.tsv.")
         parser.add_argument("--modes", default="bm25,vector,hybrid",
                             help=f"Comma-separated, from {', '.join(evaluation.MODES)}.")
         parser.add_argument("--json", dest="json_file", help="Also write the results to this file.")
@@ -32,13 +33,16 @@ class Command(BaseCommand):
         parser.add_argument("--b", type=float, help="BM25 b (default: KB_BM25_B).")
         parser.add_argument("--rrf-k", type=int, help="RRF k (default: KB_RRF_K).")
         parser.add_argument("--candidates", type=int, default=None,
-                            help="Candidates per retriever before fusion (default: KB_SEARCH_CANDIDATES).")
+                            help="Candidates per retriever before fusion "
+                                 "(default: KB_SEARCH_CANDIDATES).")
         parser.add_argument("--fusion", choices=("rrf", "convex"), default="rrf")
-        parser.add_argument("--ef-search", type=int, help="HNSW ef_search (default: KB_HNSW_EF_SEARCH).")
+        parser.add_argument("--ef-search", type=int,
+                            help="HNSW ef_search (default: KB_HNSW_EF_SEARCH).")
         parser.add_argument("--reranker", help="dotted.path[:model] for hybrid+rerank "
                             "(default: KB_PROVIDERS['reranker']).")
         parser.add_argument("--limit-queries", type=int, help="Only the first N test queries.")
-        parser.add_argument("--split", default="test", help="qrels file to evaluate (default: test).")
+        parser.add_argument("--split", default="test",
+                            help="qrels file to evaluate (default: test).")
         parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
     def handle(self, *args: object, dataset: str, modes: str, json_file: str | None, k1: float | None,
@@ -74,16 +78,17 @@ class Command(BaseCommand):
                 "rerank_top_n": settings.KB_RERANK_TOP_N,
             }
             for mode in wanted:
-                results.append(self._mode_evaluate(data, prepared, mode, candidates=used["candidates"],
-                                                   fusion=fusion, limit_queries=limit_queries,
-                                                   no_progress=no_progress))
+                results.append(self._mode_evaluate(
+                    data, prepared, mode, candidates=used["candidates"], fusion=fusion,
+                    limit_queries=limit_queries, no_progress=no_progress))
         self._report(data, prepared, results, used=used, json_file=json_file)
 
     def _reranker_entry(self, wanted: list[str], reranker: str | None) -> dict | None:
         """The --reranker entry, once the modes are known and hybrid+rerank has a reranker."""
         unknown = [mode for mode in wanted if mode not in evaluation.MODES]
         if unknown or not wanted:
-            raise CommandError(f"Unknown mode(s) {unknown}; choose from {', '.join(evaluation.MODES)}.")
+            raise CommandError(f"Unknown mode(s) {unknown}; "
+                               f"choose from {', '.join(evaluation.MODES)}.")
         if reranker:
             try:
                 return evaluation.reranker_entry_parse(reranker)
@@ -109,20 +114,22 @@ class Command(BaseCommand):
         if prepared.reused:
             self.stdout.write(f"Reusing collection {prepared.collection.slug} (corpus unchanged).")
         else:
-            self.stdout.write(f"Ingested {prepared.ingested} documents into {prepared.collection.slug}.")
+            self.stdout.write(f"Ingested {prepared.ingested} documents into "
+                              f"{prepared.collection.slug}.")
         for name, reason in prepared.failures:
             self.stderr.write(f"FAILED {name}: {reason}")
         problems = evaluation.eval_collection_check(dataset=data, prepared=prepared)
         if problems:
-            raise CommandError("The collection is not in a state to evaluate: " + "; ".join(problems)
+            raise CommandError("The collection is not in a state to evaluate: "
+                               + "; ".join(problems)
                                + ". Nothing was reported; run kb_eval again once it is.")
         return prepared
 
     def _mode_evaluate(self, data: evaluation.BeirDataset, prepared: evaluation.EvalCollection, mode: str, *,
                        candidates: int, fusion: str, limit_queries: int | None,
                        no_progress: bool) -> evaluation.ModeResult:
-        with tqdm(total=len(data.queries) if not limit_queries else min(limit_queries, len(data.queries)),
-                  desc=mode, unit="query", disable=no_progress) as bar:
+        total = len(data.queries) if not limit_queries else min(limit_queries, len(data.queries))
+        with tqdm(total=total, desc=mode, unit="query", disable=no_progress) as bar:
             try:
                 return evaluation.mode_evaluate(
                     dataset=data, prepared=prepared, mode=mode, candidates=candidates,
@@ -135,7 +142,8 @@ class Command(BaseCommand):
                 results: list[evaluation.ModeResult], *, used: dict, json_file: str | None) -> None:
         self.stdout.write(f"\n{data.name} (k1={used['k1']}, b={used['b']}, rrf_k={used['rrf_k']}, "
                           f"candidates={used['candidates']}, ef_search={used['ef_search']}, "
-                          f"chunks={used['chunk_max_tokens']}/{used['chunk_overlap_tokens']} tokens)")
+                          f"chunks={used['chunk_max_tokens']}/"
+                          f"{used['chunk_overlap_tokens']} tokens)")
         self.stdout.write(evaluation.results_table(results))
         for result in results:
             for notice in result.notices:
