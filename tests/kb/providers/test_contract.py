@@ -31,7 +31,8 @@ from kb.providers.offline_rerank import SentenceMaxSimReranker
 from kb.providers.openai import OpenAIChat, OpenAIEmbeddings
 from tests.fakes.openai_server import FakeOpenAIServer
 
-TEXTS = ["Backups run every night at 02:00 UTC.", "Restores are tested monthly.", "Cats sleep a lot."]
+TEXTS = ["Backups run every night at 02:00 UTC.", "Restores are tested monthly.",
+         "Cats sleep a lot."]
 QUERY = "When do backups run?"
 
 
@@ -49,7 +50,8 @@ class EmbeddingBackendContract:
 
         assert len(result.vectors) == len(TEXTS)
         assert all(len(vector) == backend.dimensions for vector in result.vectors)
-        assert all(math.isclose(math.hypot(*vector), 1.0, abs_tol=1e-3) for vector in result.vectors)
+        assert all(math.isclose(math.hypot(*vector), 1.0, abs_tol=1e-3)
+                   for vector in result.vectors)
         assert result.input_tokens >= 0
         # Input order: each text's own vector, not a neighbour's.
         alone = backend.embed_batch([TEXTS[2]]).vectors[0]
@@ -116,7 +118,8 @@ class TestSentenceTransformerEmbeddings(EmbeddingBackendContract):
 class TestOpenAIEmbeddings(EmbeddingBackendContract):
     @pytest.fixture
     def backend(self, fake_openai):
-        backend = OpenAIEmbeddings(model="fake-embedding", base_url=fake_openai.base_url, timeout=5.0)
+        backend = OpenAIEmbeddings(model="fake-embedding", base_url=fake_openai.base_url,
+                                   timeout=5.0)
         yield backend
         backend.close()
 
