@@ -104,7 +104,9 @@ class Figures:
     imports: dict[str, set[str]]  # module -> first-party modules it imports (anywhere)
 
     def over(self, lines: int, prefixes: tuple[str, ...] = ("",)) -> list[tuple[int, str]]:
-        return [(n, where) for n, where in self.functions if n > lines and where.startswith(prefixes)]
+        return [
+            (n, where) for n, where in self.functions if n > lines and where.startswith(prefixes)
+        ]
 
 
 def architecture_figures(root: Path) -> Figures:
@@ -131,7 +133,9 @@ def architecture_figures(root: Path) -> Figures:
             length = (node.end_lineno or node.lineno) - node.lineno + 1
             functions.append((length, f"{path.relative_to(root)}:{node.lineno} {node.name}"))
             arguments = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
-            untyped += sum(1 for a in arguments if a.annotation is None and a.arg not in {"self", "cls"})
+            untyped += sum(
+                1 for a in arguments if a.annotation is None and a.arg not in {"self", "cls"}
+            )
             for inner in ast.walk(node):
                 if not isinstance(inner, (ast.Import, ast.ImportFrom)):
                     continue
@@ -172,7 +176,8 @@ def main() -> None:
     print(f"cycles once imports inside functions count: {len(figures.hidden_cycles)}")
     for cycle in figures.hidden_cycles:
         print("  " + " <-> ".join(cycle))
-    print(f"first-party imports inside functions (no comment naming a cycle): {len(figures.inner_imports)}")
+    print("first-party imports inside functions (no comment naming a cycle): "
+          f"{len(figures.inner_imports)}")
     print(f"functions over 80 lines: {len(figures.over(80))}")
     hot = figures.over(60, HOT_PATHS)
     print(f"functions over 60 lines on the search and chat paths: {len(hot)}")

@@ -79,7 +79,9 @@ def sample_dataset(dataset, *, queries: int, docs: int, rng: random.Random):
     by_id = {entry.doc_id: entry for entry in dataset.corpus}
     chosen, keep = [], []
     for qid in qids:
-        relevant = [d for d, score in sorted(dataset.qrels[qid].items()) if score > 0 and d in by_id][:3]
+        relevant = [
+            d for d, score in sorted(dataset.qrels[qid].items()) if score > 0 and d in by_id
+        ][:3]
         if not relevant:
             continue
         chosen.append(qid)
@@ -105,7 +107,10 @@ def fit_logistic(rows: list[tuple[list[float], int]], *, steps: int = 3000, rate
     """Logistic regression by gradient descent on standardised features; raw-unit weights."""
     n = len(rows[0][0])
     means = [sum(x[i] for x, _ in rows) / len(rows) for i in range(n)]
-    scales = [math.sqrt(sum((x[i] - means[i]) ** 2 for x, _ in rows) / len(rows)) or 1.0 for i in range(n)]
+    scales = [
+        math.sqrt(sum((x[i] - means[i]) ** 2 for x, _ in rows) / len(rows)) or 1.0
+        for i in range(n)
+    ]
     data = [([(x[i] - means[i]) / scales[i] for i in range(n)], y) for x, y in rows]
     # Both classes weigh the same: out-of-scope questions outnumber in-scope ones.
     positives = sum(y for _, y in data)
@@ -119,7 +124,10 @@ def fit_logistic(rows: list[tuple[list[float], int]], *, steps: int = 3000, rate
             grad[0] += error
             for i, xi in enumerate(x):
                 grad[i + 1] += error * xi
-        w = [wi - rate * (g / len(data) + (l2 * wi if i else 0)) for i, (wi, g) in enumerate(zip(w, grad, strict=True))]
+        w = [
+            wi - rate * (g / len(data) + (l2 * wi if i else 0))
+            for i, (wi, g) in enumerate(zip(w, grad, strict=True))
+        ]
     raw = [w[i + 1] / scales[i] for i in range(n)]
     intercept = w[0] - sum(raw[i] * means[i] for i in range(n))
     return [intercept, *raw]
@@ -142,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="scifact,nfcorpus,cranfield,cisi")
     parser.add_argument("--queries", type=int, default=40, help="In-scope queries per dataset.")
     parser.add_argument("--docs", type=int, default=250, help="Documents per collection.")
-    parser.add_argument("--foreign", type=int, default=15, help="Out-of-scope queries per other dataset.")
+    parser.add_argument("--foreign", type=int, default=15,
+                        help="Out-of-scope queries per other dataset.")
     parser.add_argument("--seed", type=int, default=16)
     args = parser.parse_args(argv)
 
@@ -170,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         prepared = evaluation.eval_collection_prepare(dataset=subset)
         collections[name] = prepared.collection.slug
         foreign[name] = others
-        questions += [(text, prepared.collection.slug, 1, f"{name} in scope") for text in subset.queries.values()]
+        questions += [
+            (text, prepared.collection.slug, 1, f"{name} in scope")
+            for text in subset.queries.values()
+        ]
         print(f"{name}: {len(subset.corpus)} documents, {len(subset.queries)} in-scope queries "
               f"({'reused' if prepared.reused else f'{prepared.ingested} ingested'})", flush=True)
     from kb.models import Document
@@ -190,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, slug in collections.items():
         for other in names:
             if other != name:
-                questions += [(text, slug, 0, f"{other} asked of {name}") for text in foreign[other][: args.foreign]]
+                questions += [
+                    (text, slug, 0, f"{other} asked of {name}")
+                    for text in foreign[other][: args.foreign]
+                ]
         questions += [(text, slug, 0, "nonsense") for text in NONSENSE]
     questions += [(text, demo.slug, 0, "nonsense") for text in NONSENSE]
     print(f"prepared in {time.perf_counter() - started:.0f}s; {len(questions)} questions "
@@ -200,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     assess_ms = []
     for text, slug, label, kind in questions:
-        result = search(params=SearchParams(query=text, k=settings.KB_CHAT_TOP_K, mode="hybrid", rerank=None,
-                                            collections=(slug,)), user=user, record_usage=False)
+        result = search(params=SearchParams(query=text, k=settings.KB_CHAT_TOP_K, mode="hybrid",
+                                            rerank=None, collections=(slug,)),
+                        user=user, record_usage=False)
         t = time.perf_counter()
         decision = answerability_assess(result=result)
         assess_ms.append((time.perf_counter() - t) * 1000)
@@ -213,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         of_kind = [row[0] for row in rows if row[2] == kind]
         means = [sum(f[i] for f in of_kind) / len(of_kind) for i in range(len(FEATURES))]
-        print(f"  {kind:32s} n={len(of_kind):3d} " + " ".join(f"{n}={m:.3f}" for n, m in zip(FEATURES, means, strict=True)))
+        print(f"  {kind:32s} n={len(of_kind):3d} "
+              + " ".join(f"{n}={m:.3f}" for n, m in zip(FEATURES, means, strict=True)))
 
     # 2-fold cross-validation by question: each half is scored by the model fitted on the other.
     folds = [[row for i, row in enumerate(rows) if i % 2 == fold] for fold in (0, 1)]
@@ -222,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         coefficients = fit_logistic([(row[0], row[1]) for row in folds[1 - fold]])
         held_out += [(answerability_probability(coverage=row[0][0], top_similarity=row[0][1],
                                                 agreement=row[0][2],
-                                                coefficients=coefficients), row[1], row) for row in folds[fold]]
+                                                coefficients=coefficients), row[1], row)
+                     for row in folds[fold]]
     current = [(answerability_probability(coverage=row[0][0], top_similarity=row[0][1],
                                           agreement=row[0][2]), row[1]) for row in rows]
     threshold = settings.KB_CHAT_ANSWERABLE_THRESHOLD

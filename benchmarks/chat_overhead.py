@@ -124,8 +124,12 @@ def main() -> None:
     web_process_prepare()
     ours_ttft, ours_per_token, retrieval = [], [], []
     headers = {"Authorization": f"Bearer {raw_key}"}
-    with running_asgi_server() as base, httpx.Client(base_url=base, headers=headers, timeout=60) as http:
-        http.post("/api/v1/chat", json={"message": "warm up", "collection": "demo", "stream": False})
+    with (
+        running_asgi_server() as base,
+        httpx.Client(base_url=base, headers=headers, timeout=60) as http,
+    ):
+        http.post("/api/v1/chat",
+                  json={"message": "warm up", "collection": "demo", "stream": False})
         for question in questions:
             timings = http.get("/api/v1/search", params={"query": question, "explain": "true",
                                                          "collection": "demo"}).json()["timings_ms"]
@@ -160,7 +164,8 @@ def main() -> None:
         "reply_tokens": args.tokens,
         "upstream_ttft_ms": {"p50": percentile(up_ttft, 50), "p95": percentile(up_ttft, 95)},
         "ours_ttft_ms": {"p50": percentile(ours_ttft, 50), "p95": percentile(ours_ttft, 95)},
-        "ttft_overhead_ms": {"p50": percentile(ttft_overhead, 50), "p95": percentile(ttft_overhead, 95)},
+        "ttft_overhead_ms": {"p50": percentile(ttft_overhead, 50),
+                             "p95": percentile(ttft_overhead, 95)},
         "retrieval_ms": {"p50": percentile(retrieval, 50), "p95": percentile(retrieval, 95)},
         "per_token_overhead_ms": {"mean": statistics.fmean(token_overhead),
                                   "p95": percentile(token_overhead, 95)},

@@ -43,10 +43,13 @@ SLUG_PREFIX = "bench-ingest-"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=CORPUS)
-    parser.add_argument("--limit", type=int, default=1000, help="Corpus entries to ingest (0: all).")
-    parser.add_argument("--profile", action="store_true", help="cProfile the pipeline and print hot spots.")
+    parser.add_argument("--limit", type=int, default=1000,
+                        help="Corpus entries to ingest (0: all).")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the pipeline and print hot spots.")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
 
@@ -113,7 +116,10 @@ def main() -> None:
         Chunk.objects.filter(collection=collection, searchable=True)
         .select_related("document").order_by("document_id", "ordinal")
     )
-    failed = Document.objects.filter(collection=collection).exclude(status=Document.Status.READY).count()
+    failed = (
+        Document.objects.filter(collection=collection)
+        .exclude(status=Document.Status.READY).count()
+    )
     if embedded != len(chunks):
         sys.exit(f"{len(chunks) - embedded} of {len(chunks)} chunks came from the embedding cache; "
                  "use a fresh KB_PGDATA so the pipeline embeds every chunk.")
@@ -123,7 +129,8 @@ def main() -> None:
     chunks.sort(key=lambda c: (order[c.document_id], c.ordinal))
     texts = []
     for chunk in chunks:
-        text = embedding_input(title=chunk.document.title, heading_path=chunk.heading_path, text=chunk.text)
+        text = embedding_input(title=chunk.document.title, heading_path=chunk.heading_path,
+                               text=chunk.text)
         assert hashlib.sha256(text.encode()).hexdigest() == chunk.embedding_input_hash, chunk.pk
         texts.append(text)
 
@@ -154,7 +161,8 @@ def main() -> None:
           f"(upload {figures['upload_s']} s, ingest {figures['ingest_s']} s)")
     print(f"raw embedder  {raw_seconds:8.1f} s  {raw_rate:7.2f} chunks/s")
     print(f"ratio         {figures['ratio']:.3f}  (goal ≥ 0.85)")
-    print(f"peak RSS      {peak_mb:.0f} MB   (load average {figures['load_average_1m_at_end']} at the end, "
+    print(f"peak RSS      {peak_mb:.0f} MB   "
+          f"(load average {figures['load_average_1m_at_end']} at the end, "
           f"{os.cpu_count()} CPUs)")
     if profiler:
         _print_profile(profiler)

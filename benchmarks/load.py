@@ -200,7 +200,8 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SystemExit(f"the server exited ({self.process.returncode}); see {self.log.name}")
+                raise SystemExit(
+                    f"the server exited ({self.process.returncode}); see {self.log.name}")
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=2) as response:
                     if response.status == 200:

@@ -149,9 +149,11 @@ def load_section(load: dict | None) -> list[str]:
         return [*lines, "Not measured in this run (wrk is not installed, or `--skip-load`).", ""]
     machine = load.get("machine", {})
     lines += [
-        f"wrk ({' '.join(load.get('wrk', 'wrk').split()[:2])}) on loopback against `manage.py serve` (uvicorn, one "
+        f"wrk ({' '.join(load.get('wrk', 'wrk').split()[:2])}) on loopback against "
+        "`manage.py serve` (uvicorn, one "
         f"process) with the demo corpus, {machine.get('cpus', '?')} CPUs shared with the load "
-        f"generator and whatever else ran (1-minute load average {machine.get('loadavg_before', '?')}"
+        "generator and whatever else ran (1-minute load average "
+        f"{machine.get('loadavg_before', '?')}"
         f" before, {machine.get('loadavg_after', '?')} after: figures from a busy machine are "
         "lower bounds). Every request carries a unique query (no cache helps); chat answers come "
         "from a fake OpenAI-compatible upstream (no model cost), so chat figures measure "
@@ -166,13 +168,14 @@ def load_section(load: dict | None) -> list[str]:
              "chat-sse": "POST /api/v1/chat (SSE)"}
     for r in load["results"]:
         limits = r.get("limits", {})
+        throttled = r["statuses"].get("429", r["statuses"].get(429, 0))
         run = r["run"] + (f" ({limits.get('search')})" if r["run"] != "steady" else "")
         lines.append(
             f"| {run} | {names.get(r['scenario'], r['scenario'])} | {r['connections']} | "
             f"{r['requests']} | {r['throughput_rps']} | {r['latency_ms']['p50']} | "
             f"{r['latency_ms']['p95']} | {r['latency_ms']['p99']} | {r['server_errors_5xx']} | "
             f"{r['error_rate']:.2%} | {r['throttled_share']:.1%} | "
-            f"{r['throttled_with_retry_after']}/{r['statuses'].get('429', r['statuses'].get(429, 0))} |")
+            f"{r['throttled_with_retry_after']}/{throttled} |")
     lines += ["", f"Reproduce: `.venv/bin/python {load.get('command', 'benchmarks/load.py')}` "
               f"({load.get('total_seconds', '?')} s; needs `apt-get install wrk`).", ""]
     return lines
@@ -231,7 +234,8 @@ def faults_section(cases: list[Case], figures: dict) -> list[str]:
             f"the rerun activated fake-b atomically, searches "
             f"{'all worked' if reembed.get('searches_ok_after_rerun') else 'FAILED'} | problems: "
             f"{reembed.get('problems') or 'none'}; usage: {reembed.get('usage_double_counted')} "
-            f"double counted, {reembed.get('usage_lost')} lost ({reembed.get('usage_in_flight_rows', 0)} "
+            f"double counted, {reembed.get('usage_lost')} lost "
+            f"({reembed.get('usage_in_flight_rows', 0)} "
             f"written ahead and left `interrupted` by the kill) | "
             f"{pytest_command('tests/reliability/test_faults.py', '-k', 'reembedding')} |")
     worker = select(cases, "test_worker_crash.py")
@@ -250,6 +254,7 @@ def faults_section(cases: list[Case], figures: dict) -> list[str]:
     for fault in ("429 rate limited", "500 server error", "timeout before the first token",
                   "malformed JSON", "connection dropped", "stream cut mid-answer"):
         chosen = select(cases, "test_provider_fault_gives", f"[{fault}-")
+        selection = repr(" and ".join(fault.split()))
         expected = ("partial answer kept as `interrupted`; SSE `error` event / JSON 502"
                     if fault == "stream cut mid-answer" else
                     "extractive answer with a notice (SSE `done` / JSON 200)")
@@ -257,7 +262,7 @@ def faults_section(cases: list[Case], figures: dict) -> list[str]:
             f"| Chat provider: {fault} | FakeOpenAIServer fault, through uvicorn, SSE and JSON | "
             f"{verdict(chosen)}: {expected} | one chat usage row per upstream attempt, "
             f"message stored once | "
-            f"{pytest_command('tests/reliability/test_faults.py', '-k', repr(' and '.join(fault.split())))} |")
+            f"{pytest_command('tests/reliability/test_faults.py', '-k', selection)} |")
     retried = select(cases, "test_retried_upstream_attempts")
     if retried:
         lines.append(
@@ -410,7 +415,8 @@ def main() -> int:
     parser.add_argument("--pgdata", default="/tmp/kb-report-pgdata",
                         help="embedded database for the test run (KB_PGDATA)")
     parser.add_argument("--skip-load", action="store_true")
-    parser.add_argument("--load-results", type=Path, help="read load.py's JSON instead of running it")
+    parser.add_argument("--load-results", type=Path,
+                        help="read load.py's JSON instead of running it")
     parser.add_argument("--load-duration", type=int, default=20)
     parser.add_argument("--tests-from", type=Path,
                         help="a work dir with junit.xml and stats.json from an earlier run")

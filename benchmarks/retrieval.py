@@ -105,7 +105,9 @@ def base_vectors(backend, corpus: list[dict], cache_dir: Path):
 
     from kb.ingestion.chunking import embedding_input
 
-    texts = [embedding_input(title=d.get("title") or "", heading_path=(), text=d["text"]) for d in corpus]
+    texts = [
+        embedding_input(title=d.get("title") or "", heading_path=(), text=d["text"]) for d in corpus
+    ]
     digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
     path = cache_dir / f"scifact-base-vectors-{digest}.npy"
     if path.exists():
@@ -163,8 +165,9 @@ def corpus_build(*, target: int, corpus: list[dict], vectors, model, rebuild: bo
     raw = connection.connection
     register_vector(raw)
     started = time.perf_counter()
-    columns = ("document_id, collection_id, generation, ordinal, text, embedding_input_hash, token_count, "
-               "heading_path, char_start, char_end, search_context, searchable, created_at")
+    columns = ("document_id, collection_id, generation, ordinal, text, embedding_input_hash, "
+               "token_count, heading_path, char_start, char_end, search_context, searchable, "
+               "created_at")
     chunk_vectors: list = []
     for batch_start in range(0, target, COPY_BATCH):
         rows = []
@@ -178,8 +181,9 @@ def corpus_build(*, target: int, corpus: list[dict], vectors, model, rebuild: bo
                 vector = vector + noise.normal(0, NOISE_SIGMA, vector.shape).astype(numpy.float32)
                 vector /= numpy.linalg.norm(vector)
             chunk_vectors.append(vector)
-            rows.append((documents[i // CHUNKS_PER_DOCUMENT].pk, collection.pk, 1, i % CHUNKS_PER_DOCUMENT,
-                         text, hashlib.sha256(f"{i}:{text}".encode()).hexdigest(), len(words), "[]", 0,
+            rows.append((documents[i // CHUNKS_PER_DOCUMENT].pk, collection.pk, 1,
+                         i % CHUNKS_PER_DOCUMENT, text,
+                         hashlib.sha256(f"{i}:{text}".encode()).hexdigest(), len(words), "[]", 0,
                          len(text), base.get("title") or "", True, now))
         with transaction.atomic(), raw.cursor() as cursor, \
                 cursor.copy(f"COPY kb_chunk ({columns}) FROM STDIN") as copy:
@@ -188,12 +192,14 @@ def corpus_build(*, target: int, corpus: list[dict], vectors, model, rebuild: bo
         print(f"  chunks {min(target, batch_start + COPY_BATCH)}/{target}", flush=True)
     timings["chunks_copy_s"] = round(time.perf_counter() - started, 1)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT id, document_id, ordinal FROM kb_chunk WHERE collection_id = %s", [collection.pk])
+        cursor.execute("SELECT id, document_id, ordinal FROM kb_chunk WHERE collection_id = %s",
+                       [collection.pk])
         position = {pk: i for i, pk in enumerate(d.pk for d in documents)}
         ids = sorted(cursor.fetchall(), key=lambda r: (position[r[1]], r[2]))
     started = time.perf_counter()
     with transaction.atomic(), raw.cursor() as cursor, cursor.copy(
-        "COPY kb_chunkembedding (chunk_id, embedding_model_id, embedding) FROM STDIN WITH (FORMAT BINARY)"
+        "COPY kb_chunkembedding (chunk_id, embedding_model_id, embedding) "
+        "FROM STDIN WITH (FORMAT BINARY)"
     ) as copy:
         copy.set_types(["int8", "int8", "vector"])
         for (chunk_id, _, _), vector in zip(ids, chunk_vectors, strict=True):
@@ -216,13 +222,14 @@ def tsvector_tokens(collection_id: int) -> tuple[list[int], list[list[str]]]:
 
     pattern = re.compile(r"'((?:[^']|'')*)'(?::([0-9A-D,]+))?")
     with connection.cursor() as cursor:
-        cursor.execute("SELECT id, search_vector::text FROM kb_chunk WHERE collection_id = %s AND searchable "
-                       "ORDER BY id", [collection_id])
+        cursor.execute("SELECT id, search_vector::text FROM kb_chunk "
+                       "WHERE collection_id = %s AND searchable ORDER BY id", [collection_id])
         ids, docs = [], []
         for chunk_id, text in cursor.fetchall():
             tokens = []
             for lexeme, positions in pattern.findall(text or ""):
-                tokens.extend([lexeme.replace("''", "'")] * (positions.count(",") + 1 if positions else 1))
+                occurrences = positions.count(",") + 1 if positions else 1
+                tokens.extend([lexeme.replace("''", "'")] * occurrences)
             ids.append(chunk_id)
             docs.append(tokens)
     return ids, docs
@@ -239,7 +246,8 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
     filters = SearchFilters(collection_ids=(collection.pk,))
 
     def ours(q):
-        return retrieve_candidates(query=q, query_vector=None, filters=filters, use_bm25=True, limit=10)
+        return retrieve_candidates(query=q, query_vector=None, filters=filters, use_bm25=True,
+                                   limit=10)
 
     engine = "kb_bm25 C function" if ours(queries[0]).bm25_engine == "kb_bm25" else "SQL"
 
@@ -260,8 +268,10 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT avg(n) FROM (SELECT count(*) AS n FROM unnest(%s::text[]) AS q(query) "
-            "JOIN LATERAL (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', q.query))) l ON TRUE "
-            "JOIN search_posting p ON p.collection_id = %s AND p.lexeme = l.lexeme GROUP BY q.query) t",
+            "JOIN LATERAL (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', q.query))) l "
+            "ON TRUE "
+            "JOIN search_posting p ON p.collection_id = %s AND p.lexeme = l.lexeme "
+            "GROUP BY q.query) t",
             [queries, collection.pk],
         )
         postings = float(cursor.fetchone()[0] or 0)
@@ -274,7 +284,8 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
           f"p95 {report['bm25']['ours']['p95_ms']:7.1f} ms")
     print(f"ts_rank top-10         p50 {report['bm25']['ts_rank']['p50_ms']:7.1f} ms  "
           f"p95 {report['bm25']['ts_rank']['p95_ms']:7.1f} ms")
-    print(f"ratio ours/ts_rank     p50 {report['bm25']['ratio_p50']:.2f}  p95 {report['bm25']['ratio_p95']:.2f}"
+    print(f"ratio ours/ts_rank     p50 {report['bm25']['ratio_p50']:.2f}  "
+          f"p95 {report['bm25']['ratio_p95']:.2f}"
           f"  (goal ≤ 1.0; {postings:.0f} postings per query on average)")
 
     # The SQL engine (what a server without the extension runs) against the default, in turns.
@@ -288,8 +299,10 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
         settings.KB_BM25_ENGINE = "auto"
         report["bm25"]["ours_sql_engine"] = summary(sql_ms)
         report["bm25"]["ours_c_engine_same_run"] = summary(native_ms)
-        print(f"BM25 top-10, SQL engine p50 {percentile(sql_ms, 50):7.1f} ms  p95 {percentile(sql_ms, 95):7.1f} ms"
-              f"  (C function in the same turns: {percentile(native_ms, 50):.1f} / {percentile(native_ms, 95):.1f})")
+        print(f"BM25 top-10, SQL engine p50 {percentile(sql_ms, 50):7.1f} ms  "
+              f"p95 {percentile(sql_ms, 95):7.1f} ms"
+              f"  (C function in the same turns: {percentile(native_ms, 50):.1f} / "
+              f"{percentile(native_ms, 95):.1f})")
 
     # Users type short queries more often than scifact's claims: each query's first
     # one and two words that have a lexeme, through the same statement.
@@ -297,7 +310,8 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
         short = [q for q in (short_query(query, words, collection.pk) for query in queries) if q]
         short_ms = [timed(ours, q)[0] for q in short]
         report["bm25"][f"ours_{words}_word"] = summary(short_ms)
-        print(f"BM25 top-10, {words} word{'s' if words > 1 else ' '}  p50 {percentile(short_ms, 50):7.1f} ms  "
+        print(f"BM25 top-10, {words} word{'s' if words > 1 else ' '}  "
+              f"p50 {percentile(short_ms, 50):7.1f} ms  "
               f"p95 {percentile(short_ms, 95):7.1f} ms  ({len(short)} queries)")
 
     # In-memory baselines over exactly the same lexemes.
@@ -326,10 +340,12 @@ def bench_bm25(collection, queries: list[str], report: dict) -> None:
             break
         ms, _ = timed(lambda t=tokens: numpy.argpartition(-okapi.get_scores(t), 10)[:10])
         okapi_ms.append(ms)
+    overlap_mean = round(statistics.fmean(overlap), 4) if overlap else None
     report["bm25s"] = {"build_s": round(build_ms / 1000, 1), **summary(bm25s_ms),
-                       "top10_overlap_with_ours": round(statistics.fmean(overlap), 4) if overlap else None}
+                       "top10_overlap_with_ours": overlap_mean}
     report["rank_bm25"] = {"build_s": round(rank_build_ms / 1000, 1), **summary(okapi_ms)}
-    print(f"bm25s (in memory)      p50 {report['bm25s']['p50_ms']:7.1f} ms  p95 {report['bm25s']['p95_ms']:7.1f} ms"
+    print(f"bm25s (in memory)      p50 {report['bm25s']['p50_ms']:7.1f} ms  "
+          f"p95 {report['bm25s']['p95_ms']:7.1f} ms"
           f"  build {report['bm25s']['build_s']} s, top-10 overlap with ours "
           f"{report['bm25s']['top10_overlap_with_ours']}")
     print(f"rank_bm25 (in memory)  p50 {report['rank_bm25']['p50_ms']:7.1f} ms  "
@@ -376,7 +392,8 @@ def bench_hnsw(collection, model, query_vectors, report: dict) -> None:
         exact_ms.append(ms)
         exact_top.append(set(ids))
     report["hnsw"] = {"exact": summary(exact_ms), "by_ef_search": {}}
-    print(f"exact vector top-10    p50 {percentile(exact_ms, 50):7.1f} ms  p95 {percentile(exact_ms, 95):7.1f} ms")
+    print(f"exact vector top-10    p50 {percentile(exact_ms, 50):7.1f} ms  "
+          f"p95 {percentile(exact_ms, 95):7.1f} ms")
     for ef in sorted({40, int(settings.KB_HNSW_EF_SEARCH), 200}):
         with connection.cursor() as cursor:
             cursor.execute("SET hnsw.ef_search = %s", [ef])
@@ -387,7 +404,8 @@ def bench_hnsw(collection, model, query_vectors, report: dict) -> None:
             ms, ids = timed(top, vector, False)
             latencies.append(ms)
             recalls.append(len(truth & set(ids)) / max(1, len(truth)))
-        report["hnsw"]["by_ef_search"][ef] = {"recall@10": round(statistics.fmean(recalls), 4), **summary(latencies)}
+        report["hnsw"]["by_ef_search"][ef] = {"recall@10": round(statistics.fmean(recalls), 4),
+                                              **summary(latencies)}
         print(f"HNSW ef_search={ef:<4}     p50 {percentile(latencies, 50):7.1f} ms  "
               f"p95 {percentile(latencies, 95):7.1f} ms  recall@10 {statistics.fmean(recalls):.4f}"
               f"{'  (default)' if ef == settings.KB_HNSW_EF_SEARCH else ''}")
@@ -406,15 +424,17 @@ def bench_http(queries: list[str], *, concurrency: int, duration: float, max_req
 
     user, _ = get_user_model().objects.get_or_create(username="bench")
     raw_key, prefix = api_key_generate()
-    ApiKey.objects.create(name="benchmark", prefix=prefix, hashed_key=api_key_hash(raw_key), user=user)
+    ApiKey.objects.create(name="benchmark", prefix=prefix, hashed_key=api_key_hash(raw_key),
+                          user=user)
     connection.close()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "KB_RATELIMIT_ENABLE": "false", "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "KB_RATELIMIT_ENABLE": "false", "PYTHONUNBUFFERED": "1",
+           "LOG_LEVEL": "WARNING"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "kb.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-         "--lifespan", "off", "--log-level", "warning", "--no-access-log"],
+        [sys.executable, "-m", "uvicorn", "kb.asgi:application", "--host", "127.0.0.1",
+         "--port", str(port), "--lifespan", "off", "--log-level", "warning", "--no-access-log"],
         cwd=ROOT, env=env,
     )
     base = f"http://127.0.0.1:{port}"
@@ -429,8 +449,11 @@ def bench_http(queries: list[str], *, concurrency: int, duration: float, max_req
                     pass
                 time.sleep(0.1)
             for q in ("warm up the embedding model", "and the database connection"):
-                response = client.post(f"{base}/api/v1/search", json={"query": q, "k": 10, "mode": "hybrid",
-                                                                      "rerank": False}, headers=headers)
+                response = client.post(
+                    f"{base}/api/v1/search",
+                    json={"query": q, "k": 10, "mode": "hybrid", "rerank": False},
+                    headers=headers,
+                )
                 response.raise_for_status()
         report["http"] = {}
         pool = iter(queries)
@@ -458,7 +481,8 @@ def bench_http(queries: list[str], *, concurrency: int, duration: float, max_req
                             ok, response = False, exc
                         elapsed = (time.perf_counter() - started) * 1000
                         with lock:
-                            (latencies.append(elapsed) if ok else errors.append(str(response)[:200]))
+                            (latencies.append(elapsed) if ok
+                             else errors.append(str(response)[:200]))
 
             threads = [threading.Thread(target=worker) for _ in range(clients)]
             started = time.perf_counter()
@@ -467,11 +491,14 @@ def bench_http(queries: list[str], *, concurrency: int, duration: float, max_req
             for thread in threads:
                 thread.join()
             wall = time.perf_counter() - started
-            report["http"][clients] = {**summary(latencies), "requests_per_s": round(len(latencies) / wall, 1),
+            report["http"][clients] = {**summary(latencies),
+                                       "requests_per_s": round(len(latencies) / wall, 1),
                                        "errors": len(errors)}
-            print(f"API hybrid, {clients} client{'s' if clients > 1 else ' '}   p50 {percentile(latencies, 50):7.1f} ms  "
+            print(f"API hybrid, {clients} client{'s' if clients > 1 else ' '}   "
+                  f"p50 {percentile(latencies, 50):7.1f} ms  "
                   f"p95 {percentile(latencies, 95):7.1f} ms  {len(latencies) / wall:6.1f} req/s  "
-                  f"({len(latencies)} requests, {len(errors)} errors{'; ' + errors[0] if errors else ''})")
+                  f"({len(latencies)} requests, {len(errors)} errors"
+                  f"{'; ' + errors[0] if errors else ''})")
     finally:
         server.terminate()
         try:
@@ -481,19 +508,24 @@ def bench_http(queries: list[str], *, concurrency: int, duration: float, max_req
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=100_000)
-    parser.add_argument("--queries", type=int, default=300, help="scifact test queries for BM25/HNSW.")
+    parser.add_argument("--queries", type=int, default=300,
+                        help="scifact test queries for BM25/HNSW.")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--duration", type=float, default=20.0, help="Seconds per HTTP phase.")
-    parser.add_argument("--max-requests", type=int, default=500, help="Requests per HTTP phase at most.")
+    parser.add_argument("--max-requests", type=int, default=500,
+                        help="Requests per HTTP phase at most.")
     parser.add_argument("--base-docs", type=int, default=0,
                         help="Replicate only the first N scifact abstracts (0: all 5,183).")
-    parser.add_argument("--rebuild", action="store_true", help="Rebuild the corpus even if it exists.")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="Rebuild the corpus even if it exists.")
     parser.add_argument("--skip", default="", help="Comma-separated: bm25, hnsw, http.")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--bench-data", type=Path, default=BENCH_DATA,
-                        help=f"The shared benchmark data, with scifact/ in it (default: {BENCH_DATA}).")
+                        help="The shared benchmark data, with scifact/ in it "
+                             f"(default: {BENCH_DATA}).")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -511,10 +543,11 @@ def main() -> None:
     model = embeddings.embedding_model_active_or_bootstrap()
     backend = embeddings.backend_for(model)
     vectors = base_vectors(backend, corpus, Path(settings.KB_DATA_DIR) / "bench")
-    collection, build = corpus_build(target=args.chunks, corpus=corpus, vectors=vectors, model=model,
-                                     rebuild=args.rebuild)
-    report: dict = {"chunks": args.chunks, "build": build, "k1": settings.KB_BM25_K1, "b": settings.KB_BM25_B,
-                    "ef_search": settings.KB_HNSW_EF_SEARCH, "cpus": os.cpu_count()}
+    collection, build = corpus_build(target=args.chunks, corpus=corpus, vectors=vectors,
+                                     model=model, rebuild=args.rebuild)
+    report: dict = {"chunks": args.chunks, "build": build, "k1": settings.KB_BM25_K1,
+                    "b": settings.KB_BM25_B, "ef_search": settings.KB_HNSW_EF_SEARCH,
+                    "cpus": os.cpu_count()}
     if build:
         print(f"built: {build}")
     queries = all_queries[: args.queries]
@@ -525,11 +558,12 @@ def main() -> None:
         bench_hnsw(collection, model, query_vectors, report)
     if "http" not in skip:
         # Queries the server has not seen, so each request embeds its query.
-        bench_http(all_queries[args.queries:] + all_queries[: args.queries], concurrency=args.concurrency,
-                   duration=args.duration, max_requests=args.max_requests, report=report)
+        bench_http(all_queries[args.queries:] + all_queries[: args.queries],
+                   concurrency=args.concurrency, duration=args.duration,
+                   max_requests=args.max_requests, report=report)
     report["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
-    print(f"load average {report['load_average_1m_at_end']} at the end ({os.cpu_count()} CPUs): other "
-          "processes on the machine inflate every latency above.")
+    print(f"load average {report['load_average_1m_at_end']} at the end ({os.cpu_count()} CPUs): "
+          "other processes on the machine inflate every latency above.")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
 

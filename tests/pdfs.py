@@ -7,7 +7,8 @@ import zlib
 
 
 def pathological_pdf(text_operations: int) -> bytes:
-    """A 10 KB PDF whose one page holds text_operations text operators: pypdf needs ~1 s per 20,000."""
+    """A 10 KB PDF whose one page holds text_operations text operators: pypdf needs ~1 s per
+    20,000."""
     content = b"BT /F1 12 Tf 72 720 Td " + b"(a) Tj 1 0 Td " * text_operations + b"ET"
     return one_page_pdf(zlib.compress(content, 9))
 

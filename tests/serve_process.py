@@ -1,4 +1,5 @@
-"""`manage.py serve` as a user runs it: a subprocess in a session of its own, and its process tree."""
+"""`manage.py serve` as a user runs it: a subprocess in a session of its own, and its process
+tree."""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ def serve_env(*, data_dir: Path, extra_env: dict[str, str] | None = None) -> dic
     return env
 
 
-def serve_start(*, data_dir: Path, port: int, log_path: Path, extra_env: dict[str, str] | None = None,
+def serve_start(*, data_dir: Path, port: int, log_path: Path,
+                extra_env: dict[str, str] | None = None,
                 args: tuple[str, ...] = ("--no-demo",)) -> subprocess.Popen:
-    """Start `manage.py serve` on a fresh embedded database in data_dir, as its own process group."""
+    """Start `manage.py serve` on a fresh embedded database in data_dir, as its own process
+    group."""
     env = serve_env(data_dir=data_dir, extra_env=extra_env)
     with open(log_path, "ab") as log:
         # A session of its own, as under systemd: the test can signal the whole group.

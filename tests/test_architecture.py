@@ -1,4 +1,5 @@
-"""The shape issue 18 set for the code, checked on every run (figures from .ci/architecture_report.py)."""
+"""The shape issue 18 set for the code, checked on every run (figures from
+.ci/architecture_report.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def figures():
-    spec = importlib.util.spec_from_file_location("architecture_report", ROOT / ".ci" / "architecture_report.py")
+    spec = importlib.util.spec_from_file_location("architecture_report",
+                                                  ROOT / ".ci" / "architecture_report.py")
     report = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = report  # dataclasses look their module up there
     spec.loader.exec_module(report)
@@ -61,6 +63,7 @@ def test_imports_point_one_way_down_the_layers(figures):
         for target in targets:
             if _is(target, EDGES):
                 upward.append(f"{module} -> {target} (an HTTP edge)")
-            elif (module.startswith("kb") and target.startswith(("search", "chat"))) or (module.startswith("search") and target.startswith("chat")):
+            elif ((module.startswith("kb") and target.startswith(("search", "chat")))
+                  or (module.startswith("search") and target.startswith("chat"))):
                 upward.append(f"{module} -> {target}")
     assert upward == []

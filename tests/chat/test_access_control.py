@@ -44,7 +44,8 @@ def world(django_user_model, ingest_one, generative):
 def ask(user, question: str, collection: str | None = None) -> tuple[int, dict]:
     client = Client()
     client.force_login(user)
-    body = {"message": question, "stream": False, **({"collection": collection} if collection else {})}
+    body = {"message": question, "stream": False,
+            **({"collection": collection} if collection else {})}
     response = client.post("/api/v1/chat", data=json.dumps(body), content_type="application/json")
     return response.status_code, response.json()
 
@@ -85,7 +86,8 @@ def test_outsider_cannot_name_the_private_collection(world):
 
 def test_openai_compatible_endpoint_respects_collection_access(world):
     raw, prefix = api_key_generate()
-    ApiKey.objects.create(name="o", prefix=prefix, hashed_key=api_key_hash(raw), user=world["outsider"])
+    ApiKey.objects.create(name="o", prefix=prefix, hashed_key=api_key_hash(raw),
+                          user=world["outsider"])
     client = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
 
     models = {m["id"] for m in client.get("/v1/models").json()["data"]}

@@ -75,7 +75,8 @@ def test_disabling_a_source_document_invalidates_the_cache(corpus, generative, u
     assert entry.kb_version == f"c{corpus.pk}@{corpus.updated_at.isoformat()}"
 
 
-def test_reingesting_a_source_document_deletes_its_cache_entries(corpus, ingest_one, generative, user):
+def test_reingesting_a_source_document_deletes_its_cache_entries(corpus, ingest_one, generative,
+                                                                 user):
     """A new version of a cited document removes the answers that drew on it at once."""
     ask(QUESTION, user=user)
     assert AnswerCacheEntry.objects.count() == 1

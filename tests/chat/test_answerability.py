@@ -51,13 +51,15 @@ def test_questions_the_documents_answer_are_covered(demo, question):
 
 
 @pytest.mark.parametrize("question", OUT_OF_SCOPE)
-def test_extractive_answer_says_not_covered_and_lists_related_sources(demo, extractive_only, user, question):
+def test_extractive_answer_says_not_covered_and_lists_related_sources(demo, extractive_only, user,
+                                                                      question):
     """The answer says plainly the documents do not cover it; the closest passages come as
     related, never as citations; meta and done say answerable: false."""
     events = ask(question, user=user)
 
     assert "do not cover" in text_of(events)
-    meta, citations, done = of_type(events, Meta)[0], of_type(events, Citations)[0], of_type(events, Done)[0]
+    meta, citations, done = (of_type(events, Meta)[0], of_type(events, Citations)[0],
+                             of_type(events, Done)[0])
     assert meta.answerable is False and done.answerable is False
     assert citations.citations == [] and 1 <= len(citations.related) <= services.RELATED_COUNT
     documents = [c["document_id"] for c in citations.related]
@@ -94,7 +96,8 @@ def test_api_and_stored_message_expose_answerable_and_related(demo, extractive_o
     """API clients see answerable: false, and the related passages apart from citations,
     in the JSON answer and when the message is read back."""
     client.force_login(user)
-    answer = client.post("/api/v1/chat", {"message": "zxqv blorptang", "collection": "docs", "stream": False},
+    answer = client.post("/api/v1/chat",
+                         {"message": "zxqv blorptang", "collection": "docs", "stream": False},
                          content_type="application/json").json()
     assert answer["answerable"] is False and answer["citations"] == [] and answer["related"]
     assert "do not cover" in answer["answer"]
@@ -106,9 +109,10 @@ def test_api_and_stored_message_expose_answerable_and_related(demo, extractive_o
 def test_sse_meta_and_done_events_say_answerable_false():
     from chat.sse import sse_event
 
-    meta = sse_event(Meta(conversation_id="c", message_id="m", mode="extracted", notice=None, answerable=False))
-    done = sse_event(Done(message_id="m", status="complete", usage={}, cited=[], invalid_citations=[],
+    meta = sse_event(Meta(conversation_id="c", message_id="m", mode="extracted", notice=None,
                           answerable=False))
+    done = sse_event(Done(message_id="m", status="complete", usage={}, cited=[],
+                          invalid_citations=[], answerable=False))
     assert meta.startswith("event: meta\n") and '"answerable": false' in meta
     assert done.startswith("event: done\n") and '"answerable": false' in done
 

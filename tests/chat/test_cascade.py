@@ -81,7 +81,8 @@ def test_open_circuit_skips_the_model_without_calling_it(settings, corpus, gener
 
 
 def test_cut_mid_stream_keeps_the_partial_answer_as_interrupted(corpus, generative, user):
-    """Text already shown is not restarted elsewhere: the message is interrupted, an error follows."""
+    """Text already shown is not restarted elsewhere: the message is interrupted, an error
+    follows."""
     generative.enqueue(Fault(cut_after_tokens=3))
 
     events = ask(QUESTION, user=user)

@@ -79,4 +79,5 @@ def test_history_status_sits_under_the_heading(page):
     not after the list, which fills the sidebar's height."""
     html = page()
     heading = html.index('id="history-title"')
-    assert heading < html.index('class="sidebar-status') < html.index('data-testid="conversation-list"')
+    assert heading < html.index('class="sidebar-status') < html.index(
+        'data-testid="conversation-list"')

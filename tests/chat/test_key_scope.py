@@ -67,7 +67,8 @@ def test_models_lists_only_the_keys_collections(world):
     ids = {m["id"] for m in narrowed.get("/v1/models").json()["data"]}
     assert ids == {"kb-general"}
     full = _client_for(world["user"])
-    assert {"kb-general", "kb-b-private"} <= {m["id"] for m in full.get("/v1/models").json()["data"]}
+    models = full.get("/v1/models").json()["data"]
+    assert {"kb-general", "kb-b-private"} <= {m["id"] for m in models}
 
 
 def test_citations_of_documents_no_longer_readable_are_dropped(world):
@@ -84,11 +85,13 @@ def test_a_keys_own_conversation_hides_once_it_cites_outside_the_key(world):
     """The key's conversation over every collection, continued on the web page with a
     b-private answer, is no longer readable with the general-only key."""
     raw, prefix = api_key_generate()
-    key = ApiKey.objects.create(name="k", prefix=prefix, hashed_key=api_key_hash(raw), user=world["user"])
+    key = ApiKey.objects.create(name="k", prefix=prefix, hashed_key=api_key_hash(raw),
+                                user=world["user"])
     key.collections.set([world["general"]])
     narrowed = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
-    asked = narrowed.post("/api/v1/chat", data=json.dumps({"message": "When does the cafeteria open?",
-                                                            "stream": False}),
+    asked = narrowed.post("/api/v1/chat",
+                          data=json.dumps({"message": "When does the cafeteria open?",
+                                           "stream": False}),
                           content_type="application/json").json()
     url = f"/api/v1/conversations/{asked['conversation_id']}"
     assert narrowed.get(url).status_code == 200
@@ -96,7 +99,8 @@ def test_a_keys_own_conversation_hides_once_it_cites_outside_the_key(world):
     session.force_login(world["user"])
     follow_up = {"message": "What does the B4 salary band start at?", "stream": False,
                  "conversation_id": asked["conversation_id"], "collection": "b-private"}
-    response = session.post("/api/v1/chat", data=json.dumps(follow_up), content_type="application/json")
+    response = session.post("/api/v1/chat", data=json.dumps(follow_up),
+                            content_type="application/json")
     assert "71,500" in response.content.decode()
     hidden = narrowed.get(url)
     assert hidden.status_code == 404 and b"71,500" not in hidden.content

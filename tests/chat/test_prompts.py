@@ -158,8 +158,9 @@ def test_bracketed_numbers_inside_documents_are_not_citations():
     """A document's "[2]" reaches the model as a neutral footnote, not as a passage number,
     and the citation check does not count it."""
     forged = passage(1, "The budget was approved by the board [2]. See also [3, 4].")
-    prompt = prompts.prompt_build(question="Who approved the budget?", passages=[forged, passage(2)],
-                                  count_tokens=words, context_tokens=10_000)
+    prompt = prompts.prompt_build(question="Who approved the budget?",
+                                  passages=[forged, passage(2)], count_tokens=words,
+                                  context_tokens=10_000)
 
     body = prompt.prompt.passages[0].text
     assert body in prompt.prompt.messages[1].content

@@ -56,7 +56,8 @@ def environment_reads(tree: ast.AST) -> list[tuple[int, str | None]]:
                       and func.attr in READING_METHODS)
             if getenv or method:
                 reads.append((node.lineno, _literal(node.args[0]) if node.args else None))
-        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _is_environ(node.value):
+        elif (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load)
+              and _is_environ(node.value)):
             reads.append((node.lineno, _literal(node.slice)))
         elif isinstance(node, ast.Compare) and any(
             isinstance(op, (ast.In, ast.NotIn)) and _is_environ(right)
@@ -71,7 +72,8 @@ def settings_variables() -> set[str]:
     tree = ast.parse(SETTINGS.read_text())
     names = {name for _, name in environment_reads(tree) if name}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ENV_HELPERS:
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ENV_HELPERS):
             name = _literal(node.args[0]) if node.args else None
             if name:
                 names.add(name)
@@ -87,7 +89,8 @@ def test_no_module_but_settings_reads_the_environment():
                 continue
             for line, name in environment_reads(ast.parse(path.read_text(), str(path))):
                 if name not in NOT_CONFIGURATION:
-                    outside.append(f"{path.relative_to(ROOT)}:{line} reads {name or 'the environment'}")
+                    outside.append(
+                        f"{path.relative_to(ROOT)}:{line} reads {name or 'the environment'}")
     assert outside == [], "read these in kb/settings.py and use the setting instead"
 
 
@@ -106,7 +109,8 @@ os.environ.setdefault("W1", "1")
 os.environ["W2"] = "2"
 child = {**os.environ, "W3": "3"}
 """
-    assert sorted(name for _, name in environment_reads(ast.parse(code))) == ["A", "B", "C", "D", "E", "F"]
+    assert sorted(name for _, name in environment_reads(ast.parse(code))) == [
+        "A", "B", "C", "D", "E", "F"]
 
 
 def test_every_setting_is_in_the_readme_table():

@@ -45,7 +45,8 @@ def test_progress_updates_without_a_reload(page, browser, client, admin_user, tm
         browser.add_cookie({"name": "sessionid", "value": client.cookies["sessionid"].value,
                             "path": "/"})
         browser.get(f"{base}{path}")
-        progress = browser.find_element(By.CSS_SELECTOR, f"[data-document-progress='{document.pk}']")
+        progress = browser.find_element(By.CSS_SELECTOR,
+                                        f"[data-document-progress='{document.pk}']")
         status = browser.find_element(By.CSS_SELECTOR, f"[data-document-status='{document.pk}']")
         assert status.text == "Pending"
         wait = WebDriverWait(browser, 20)

@@ -39,7 +39,8 @@ def test_limit_warning_and_remembered_collection(browser, django_user_model):  #
         browser.find_element(By.CSS_SELECTOR, "[data-testid=login-submit]").click()
         wait.until(ec.url_to_be(f"{base}/chat/"))
 
-        question = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=question-input]")))
+        question = wait.until(ec.element_to_be_clickable(
+            (By.CSS_SELECTOR, "[data-testid=question-input]")))
         counter = browser.find_element(By.CSS_SELECTOR, "[data-testid=question-counter]")
         send = browser.find_element(By.CSS_SELECTOR, "[data-testid=send-button]")
         warning = browser.find_element(By.CSS_SELECTOR, "[data-testid=question-too-long]")
@@ -73,7 +74,9 @@ def test_limit_warning_and_remembered_collection(browser, django_user_model):  #
         assert not warning.is_displayed() and send.is_enabled()
         assert "over-limit" not in counter.get_attribute("class")
 
-        Select(browser.find_element(By.CSS_SELECTOR, "[data-testid=collection-select]")).select_by_value("team")
+        dropdown = browser.find_element(By.CSS_SELECTOR, "[data-testid=collection-select]")
+        Select(dropdown).select_by_value("team")
         browser.get(f"{base}/chat/")
-        select = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid=collection-select]")))
+        select = wait.until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, "[data-testid=collection-select]")))
         wait.until(lambda _: Select(select).first_selected_option.get_attribute("value") == "team")

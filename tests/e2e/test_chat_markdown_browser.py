@@ -40,7 +40,8 @@ def _ask(driver, wait, question: str):
     box = driver.find_element(By.CSS_SELECTOR, "[data-testid=question-input]")
     box.send_keys(question)
     driver.find_element(By.CSS_SELECTOR, "[data-testid=send-button]").click()
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-testid=assistant-message]")) > before)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-testid=assistant-message]"))
+               > before)
     answer = driver.find_elements(By.CSS_SELECTOR, "[data-testid=assistant-message]")[-1]
     wait.until(lambda _: answer.get_attribute("data-status") in {"complete", "error"})
     assert answer.get_attribute("data-status") == "complete", answer.text
@@ -96,12 +97,14 @@ def test_hostile_markdown_renders_inert_and_out_of_scope_is_not_covered(
         assert "--policy=/etc/launch.conf" in code.text
         browser.save_screenshot(str(tmp_path / "chat-code.png"))
 
-        # A new conversation: in this one it would be a follow-up, searched with the question before.
+        # A new conversation: in this one it would be a follow-up, searched with the question
+        # before.
         browser.find_element(By.CSS_SELECTOR, "[data-testid=new-chat-button]").click()
         not_covered = _ask(browser, wait, "Capital of Mongolia?")
         assert "do not cover" in not_covered.text
         assert not_covered.find_elements(By.CSS_SELECTOR, "[data-testid=citation-link]") == []
         related = not_covered.find_element(By.CSS_SELECTOR, "[data-testid=related-sources]")
-        assert "launch-policy" in related.text.lower() or related.find_elements(By.CSS_SELECTOR, "button")
+        assert ("launch-policy" in related.text.lower()
+                or related.find_elements(By.CSS_SELECTOR, "button"))
         assert browser.execute_script("return window.__xss") is None
         browser.save_screenshot(str(tmp_path / "chat-markdown.png"))

@@ -59,18 +59,21 @@ def test_ask_stream_and_open_a_citation(browser, settings, tmp_path, django_user
         browser.add_cookie({"name": "sessionid", "value": session_cookie, "path": "/"})
         browser.get(f"{base}/chat/")
         wait = WebDriverWait(browser, 60)
-        question = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=question-input]")))
+        question = wait.until(ec.element_to_be_clickable(
+            (By.CSS_SELECTOR, "[data-testid=question-input]")))
         question.send_keys("How are duplicate uploads handled?")
         browser.find_element(By.CSS_SELECTOR, "[data-testid=send-button]").click()
 
-        answer = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid=assistant-message]")))
+        answer = wait.until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, "[data-testid=assistant-message]")))
         wait.until(lambda _: answer.get_attribute("data-status") in {"complete", "error"})
         assert answer.get_attribute("data-status") == "complete", answer.text
         assert "duplicate" in answer.text.lower()
         citation = answer.find_element(By.CSS_SELECTOR, "[data-testid=citation-link]")
         citation.click()
 
-        panel = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "[data-testid=source-panel]")))
+        panel = wait.until(ec.visibility_of_element_located(
+            (By.CSS_SELECTOR, "[data-testid=source-panel]")))
         passage = panel.find_element(By.CSS_SELECTOR, "[data-testid=source-panel-text]").text
         title = panel.find_element(By.CSS_SELECTOR, "[data-testid=source-panel-title]").text
         assert passage.strip() and title.strip()

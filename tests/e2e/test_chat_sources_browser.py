@@ -17,8 +17,9 @@ pytestmark = [
 
 
 def citation(n: int, document_id: int, section: str, text: str) -> dict:
-    return {"n": n, "chunk_id": n, "document_id": document_id, "document_title": "Lighthouse keeper handbook",
-            "page": None, "heading_path": ["Lighthouse keeper handbook", section], "text": text, "url": ""}
+    return {"n": n, "chunk_id": n, "document_id": document_id,
+            "document_title": "Lighthouse keeper handbook", "page": None,
+            "heading_path": ["Lighthouse keeper handbook", section], "text": text, "url": ""}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -37,8 +38,10 @@ def test_citations_of_one_document_are_told_apart(browser, tmp_path, django_user
                                          data=b"# Lamp\n\nLight the lamp at dusk.\n")
     document = document[0].document
     user = django_user_model.objects.create_user("reader", password="pw-reader-123")
-    conversation = Conversation.objects.create(user=user, collection=collection, title="Lamp duties")
-    Message.objects.create(conversation=conversation, role=Message.Role.USER, content="Lamp duties?")
+    conversation = Conversation.objects.create(user=user, collection=collection,
+                                               title="Lamp duties")
+    Message.objects.create(conversation=conversation, role=Message.Role.USER,
+                           content="Lamp duties?")
     Message.objects.create(
         conversation=conversation, role=Message.Role.ASSISTANT, mode=Message.Mode.EXTRACTED,
         content="Light the lamp at dusk. [1] Log the lamp hours. [2] Clean the lens. [3]",
@@ -55,10 +58,12 @@ def test_citations_of_one_document_are_told_apart(browser, tmp_path, django_user
         browser.get(f"{base}/chat/")
         wait = WebDriverWait(browser, 30)
         wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, ".conversation"))).click()
-        answer = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid=assistant-message]")))
+        answer = wait.until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, "[data-testid=assistant-message]")))
         wait.until(lambda _: answer.find_elements(By.CSS_SELECTOR, ".source-chip"))
 
-        chips = [" ".join(chip.text.split()) for chip in answer.find_elements(By.CSS_SELECTOR, ".source-chip")]
+        chips = [" ".join(chip.text.split())
+                 for chip in answer.find_elements(By.CSS_SELECTOR, ".source-chip")]
         # Numbered 1..n in order; the one section cited once is named, the twice-cited one numbered.
         assert chips == ["[1] Lighthouse keeper handbook · passage 1",
                          "[2] Lighthouse keeper handbook › Log book",
@@ -66,6 +71,8 @@ def test_citations_of_one_document_are_told_apart(browser, tmp_path, django_user
         assert len(set(chips)) == 3
 
         answer.find_elements(By.CSS_SELECTOR, ".source-chip")[2].click()
-        panel = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "[data-testid=source-panel]")))
-        assert "passage 3 of 3 from this document" in panel.find_element(By.CSS_SELECTOR, ".source-meta").text
+        panel = wait.until(ec.visibility_of_element_located(
+            (By.CSS_SELECTOR, "[data-testid=source-panel]")))
+        meta = panel.find_element(By.CSS_SELECTOR, ".source-meta").text
+        assert "passage 3 of 3 from this document" in meta
         browser.save_screenshot(str(tmp_path / "sources.png"))

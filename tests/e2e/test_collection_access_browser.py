@@ -45,7 +45,8 @@ def test_editor_grants_a_user_who_can_then_search(browser, django_user_model):  
     from kb.services.collections import collection_get_or_create
     from kb.services.uploads import documents_upload
 
-    editor = django_user_model.objects.create_user("editor", password="pw-editor-123", is_staff=True)
+    editor = django_user_model.objects.create_user("editor", password="pw-editor-123",
+                                                   is_staff=True)
     editor.user_permissions.add(*Permission.objects.filter(
         content_type__app_label="kb", codename__in=["change_collection", "view_collection"]))
     django_user_model.objects.create_user("reader", password="pw-reader-123")

@@ -43,7 +43,8 @@ CAN_SEE_SECRET = {"outsider": False, "member": True, "listed": True, "admin": Tr
 
 def _key_for(user, collections=()):
     raw, prefix = api_key_generate()
-    key = ApiKey.objects.create(name=f"{user}", prefix=prefix, hashed_key=api_key_hash(raw), user=user)
+    key = ApiKey.objects.create(name=f"{user}", prefix=prefix, hashed_key=api_key_hash(raw),
+                                user=user)
     key.collections.set(collections)
     return raw, key
 
@@ -108,7 +109,8 @@ def test_non_superuser_editors_see_only_their_collections_in_admin(world, client
     editor.save()
     from django.contrib.auth.models import Permission
 
-    editor.user_permissions.add(*Permission.objects.filter(codename__in=["view_document", "change_document"]))
+    editor.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_document", "change_document"]))
     client.force_login(editor)
     page = client.get("/admin/kb/document/").content.decode()
     assert "Tide tables" in page and "Merger plans" not in page

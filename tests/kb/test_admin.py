@@ -32,14 +32,16 @@ def upload(client, django_capture_on_commit_callbacks, collection, *names):
 
 def test_upload_several_files_at_once(editor, collection, django_capture_on_commit_callbacks):
     """Several files in one upload each become a ready document, with a summary message."""
-    response = upload(editor, django_capture_on_commit_callbacks, collection, "guide.md", "policy.docx")
+    response = upload(editor, django_capture_on_commit_callbacks, collection, "guide.md",
+                      "policy.docx")
 
     assert response.status_code == 200
     assert "2 files queued for processing" in response.content.decode()
     assert set(Document.objects.values_list("status", flat=True)) == {Document.Status.READY}
 
 
-def test_changelist_shows_progress_and_polls(editor, collection, django_capture_on_commit_callbacks):
+def test_changelist_shows_progress_and_polls(editor, collection,
+                                             django_capture_on_commit_callbacks):
     """The list shows status and progress cells the page script refreshes from JSON."""
     upload(editor, django_capture_on_commit_callbacks, collection, "guide.md")
     document = Document.objects.get()
@@ -53,7 +55,8 @@ def test_changelist_shows_progress_and_polls(editor, collection, django_capture_
     assert row["status"] == "ready" and row["chunks_embedded"] == row["chunks_total"] > 0
 
 
-def test_document_page_previews_chunks_read_only(editor, collection, django_capture_on_commit_callbacks):
+def test_document_page_previews_chunks_read_only(editor, collection,
+                                                 django_capture_on_commit_callbacks):
     """The change page lists the current chunks with tokens and heading path."""
     upload(editor, django_capture_on_commit_callbacks, collection, "guide.md")
     document = Document.objects.get()
@@ -103,7 +106,8 @@ def test_staff_without_the_add_permission_cannot_upload(client, django_user_mode
     """Staff who may only view documents get a 403 from the upload page, and no button."""
     from django.contrib.auth.models import Permission
 
-    viewer = django_user_model.objects.create_user("viewer", password="pw-viewer-123", is_staff=True)
+    viewer = django_user_model.objects.create_user("viewer", password="pw-viewer-123",
+                                                   is_staff=True)
     viewer.user_permissions.add(Permission.objects.get(codename="view_document"),
                                 Permission.objects.get(codename="change_document"))
     client.force_login(viewer)

@@ -1,4 +1,5 @@
-"""API keys in the admin: staff manage only their own keys, and no key reads more than its granter."""
+"""API keys in the admin: staff manage only their own keys, and no key reads more than its
+granter."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def world(django_user_model):
     user_a = django_user_model.objects.create_user("user-a", password="pw-user-a-11")
     private.allowed_users.add(user_a)
     editor = django_user_model.objects.create_user("editor", password="pw-editor-11", is_staff=True)
-    return {"root": root, "user_a": user_a, "editor": editor, "general": general, "private": private}
+    return {"root": root, "user_a": user_a, "editor": editor, "general": general,
+            "private": private}
 
 
 def _grant(user, *codenames):

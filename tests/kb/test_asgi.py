@@ -25,7 +25,8 @@ class ModeProbe(MiddlewareMixin):
 
 
 async def _get(app, path: str, method: str = "GET") -> httpx.Response:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://testserver") as client:
         return await client.request(method, path)
 
 

@@ -32,7 +32,8 @@ def create(*args: str) -> tuple[str, str]:
 def search_status(raw_key: str, slug: str) -> tuple[int, int]:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
-    response = client.get("/api/v1/search", {"query": "cafeteria", "collection": slug, "mode": "bm25"})
+    response = client.get("/api/v1/search",
+                          {"query": "cafeteria", "collection": slug, "mode": "bm25"})
     return response.status_code, len(response.json().get("results", []))
 
 
@@ -51,9 +52,11 @@ def test_collections_narrow_the_key(alice, collection, ingest):
     """--collections SLUG narrows the key: other collections find nothing with it."""
     other = collection_get_or_create(slug="other", name="Other")
     ingest(other, "canteen.md", "# Canteen\n\nThe cafeteria opens at 8.\n")
-    raw_key, _ = create("--user", "alice", "--collections", collection.slug, "--rate-limit", "600/m")
+    raw_key, _ = create("--user", "alice", "--collections", collection.slug,
+                        "--rate-limit", "600/m")
     key = ApiKey.objects.get(user=alice)
-    assert [c.slug for c in key.collections.all()] == [collection.slug] and key.rate_limit == "600/m"
+    assert [c.slug for c in key.collections.all()] == [collection.slug]
+    assert key.rate_limit == "600/m"
     assert search_status(raw_key, "other")[1] == 0
 
 

@@ -94,7 +94,8 @@ def test_kb_ingest_as_a_user_who_may_only_add_cannot_replace(tmp_path, capsys, d
     call_command("kb_ingest", str(tmp_path), "--collection", "docs", "--sync")
     (tmp_path / "guide.md").write_text("# Guide\n\nReplaced text.\n")
     with pytest.raises(CommandError):
-        call_command("kb_ingest", str(tmp_path), "--collection", "docs", "--sync", "--user", "adder")
+        call_command("kb_ingest", str(tmp_path), "--collection", "docs", "--sync",
+                     "--user", "adder")
 
     assert "Can change document" in capsys.readouterr().err
     assert "Original text" in Document.objects.get().extracted_text
@@ -171,16 +172,16 @@ def test_serve_starts_everything_and_stops_cleanly(tmp_path):
                  if p.info["cmdline"] and any(pgdata in part for part in p.info["cmdline"])]
     assert not leftovers, leftovers
     assert not [p for p in psutil.process_iter(["cmdline"])
-                if p.info["cmdline"] and "qcluster" in p.info["cmdline"] and str(ROOT) in " ".join(p.info["cmdline"])
-                and p.ppid() == process.pid]
+                if p.info["cmdline"] and "qcluster" in p.info["cmdline"]
+                and str(ROOT) in " ".join(p.info["cmdline"]) and p.ppid() == process.pid]
 
 
 @pytest.mark.slow
 def test_serve_stops_cleanly_on_sigterm(tmp_path):
     """`kill`, `docker stop` and systemd send SIGTERM: no traceback, nothing left running."""
     port = 19000 + os.getpid() % 1000
-    env = {**os.environ, "KB_DATA_DIR": str(tmp_path / "data"), "KB_ADMIN_PASSWORD": "pw-sigterm-123",
-           "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "KB_DATA_DIR": str(tmp_path / "data"),
+           "KB_ADMIN_PASSWORD": "pw-sigterm-123", "PYTHONUNBUFFERED": "1"}
     for inherited in ("DATABASE_URL", "KB_PGDATA"):  # a fresh embedded server in tmp_path
         env.pop(inherited, None)
     env.pop("DJANGO_SETTINGS_MODULE", None)
@@ -280,13 +281,16 @@ def test_serve_leaves_no_process_after_any_stop_signal(stop, serve_data_dir, tmp
     ):
         time.sleep(0.25)
     assert still_running(tree) == []
-    assert still_running(postgres_processes(serve_data_dir)) == [], _embedded_server_state(serve_data_dir)
+    assert still_running(postgres_processes(serve_data_dir)) == [], (
+        _embedded_server_state(serve_data_dir))
 
 
 def _embedded_server_state(data_dir) -> str:
-    """What a stop test shows when the embedded server outlived serve: who held it, and its log."""
+    """What a stop test shows when the embedded server outlived serve: who held it, and its
+    log."""
     pgdata = data_dir / "pgdata"
-    holders = (pgdata / ".handle_pids.json").read_text() if (pgdata / ".handle_pids.json").exists() else "none"
+    handle_pids = pgdata / ".handle_pids.json"
+    holders = handle_pids.read_text() if handle_pids.exists() else "none"
     log = (pgdata / "log").read_text()[-2000:] if (pgdata / "log").exists() else ""
     return f"holders: {holders}\nserver log:\n{log}"
 
@@ -351,7 +355,8 @@ def test_serve_names_the_admin_password_source_when_it_was_chosen(settings):
 
 @pytest.mark.django_db
 def test_serve_shows_a_generated_admin_password_once(settings):
-    """Without KB_ADMIN_PASSWORD, the generated password is printed, with the advice to change it."""
+    """Without KB_ADMIN_PASSWORD, the generated password is printed, with the advice to change
+    it."""
     from io import StringIO
 
     from django.contrib.auth import get_user_model

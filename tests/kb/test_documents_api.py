@@ -39,7 +39,8 @@ def reader_api(django_user_model):
     return key_client(django_user_model.objects.create_user("reader", password="pw-reader-123"))
 
 
-def test_upload_returns_202_with_an_outcome_per_file(api, collection, django_capture_on_commit_callbacks):
+def test_upload_returns_202_with_an_outcome_per_file(api, collection,
+                                                     django_capture_on_commit_callbacks):
     """Several files in one request: each gets its outcome, and ingestion runs in the background."""
     files = [SimpleUploadedFile("guide.md", (SAMPLES / "guide.md").read_bytes()),
              SimpleUploadedFile("empty.txt", b"")]
@@ -69,7 +70,8 @@ def test_upload_without_files_is_a_400_with_field_messages(api, collection):
 
 def test_upload_to_an_unknown_collection_is_refused(api, collection):
     files = [SimpleUploadedFile("guide.md", b"# Hello\n\nworld")]
-    response = api.post("/api/v1/documents/", {"file": files, "collection": "nope"}, format="multipart")
+    response = api.post("/api/v1/documents/", {"file": files, "collection": "nope"},
+                        format="multipart")
     assert response.status_code == 400
     assert "collection" in response.json()["error"]["fields"]
 

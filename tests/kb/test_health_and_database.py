@@ -101,7 +101,9 @@ with psycopg.connect(server.get_uri("postgres")) as conn:
 """
 
 
-def test_a_new_embedded_server_restarts_once_with_its_shared_buffers_and_keeps_them_on_a_bad_value(tmp_path):
+def test_a_new_embedded_server_restarts_once_with_its_shared_buffers_and_keeps_them_on_a_bad_value(
+    tmp_path,
+):
     """PostgreSQL's 128 MB is replaced at the first start (a restart, as no other process
     holds the new server); a value PostgreSQL refuses is a warning, not a failed start."""
     def start(value: str) -> subprocess.CompletedProcess:

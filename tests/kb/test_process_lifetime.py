@@ -35,7 +35,9 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def test_an_orphaned_cluster_that_ignores_sigterm_is_killed_with_its_group_after_the_grace(tmp_path):
+def test_an_orphaned_cluster_that_ignores_sigterm_is_killed_with_its_group_after_the_grace(
+    tmp_path,
+):
     output_path = tmp_path / "child.out"
     with open(output_path, "w") as output:
         parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD], stdout=output,

@@ -119,14 +119,16 @@ def test_old_vectors_can_be_dropped_after_cutover(corpus, fake_embedder):
     assert EmbeddingModel.objects.get(pk=old.pk).status == EmbeddingModel.Status.RETIRED
 
 
-def test_documents_ingested_during_a_reembed_get_both_vectors(collection, ingest_one, fake_embedder):
+def test_documents_ingested_during_a_reembed_get_both_vectors(collection, ingest_one,
+                                                              fake_embedder):
     """New uploads while a model is building are embedded with it too, so it stays complete."""
     ingest_one(collection, "guide.md", (SAMPLES / "guide.md").read_bytes())
     new = embeddings.reembed_start(key="fake")
     document = ingest_one(collection, "policy.docx", (SAMPLES / "policy.docx").read_bytes())
 
     chunks = Chunk.objects.filter(document=document).count()
-    assert ChunkEmbedding.objects.filter(embedding_model=new, chunk__document=document).count() == chunks
+    assert ChunkEmbedding.objects.filter(embedding_model=new,
+                                         chunk__document=document).count() == chunks
 
 
 def test_admin_reembeds_and_drops_vectors_in_queued_tasks(admin_client, corpus, fake_embedder,

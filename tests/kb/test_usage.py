@@ -39,7 +39,8 @@ def test_a_retried_request_gets_its_own_error_row(server):
         call_with_retries(lambda: list_models(server), policy=POLICY, describe="t")
         call.input_tokens = 7
 
-    rows = list(UsageRecord.objects.order_by("created_at").values_list("status", "input_tokens", "error"))
+    rows = list(UsageRecord.objects.order_by("created_at").values_list("status", "input_tokens",
+                                                                       "error"))
     assert len(server.requests) == 2
     assert [row[:2] for row in rows] == [("error", 0), ("ok", 7)], rows
     assert rows[0][2].startswith("retried: ")

@@ -169,7 +169,8 @@ class RemoteEmbeddings(RecordingEmbeddings):
 def _embedding_provider(settings, backend: type[EmbeddingBackend], key: str = "warm-test") -> None:
     settings.KB_PROVIDERS = {
         **settings.KB_PROVIDERS,
-        "embedding": {key: {"BACKEND": f"{__name__}.{backend.__name__}", "MODEL": backend.__name__}},
+        "embedding": {key: {"BACKEND": f"{__name__}.{backend.__name__}",
+                            "MODEL": backend.__name__}},
     }
     settings.KB_DEFAULT_EMBEDDING_MODEL = key
     RecordingEmbeddings.calls = []
@@ -217,7 +218,8 @@ def test_a_model_that_fails_to_warm_up_is_logged_and_the_thread_ends(settings, c
         thread.join(timeout=30)
 
     assert not thread.is_alive()
-    assert "Could not warm up the query embedding model: weights not found at /nowhere" in caplog.text
+    assert ("Could not warm up the query embedding model: weights not found at /nowhere"
+            in caplog.text)
 
 
 @pytest.mark.django_db(transaction=True)

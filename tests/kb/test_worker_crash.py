@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _long_markdown(sections: int = 200) -> str:
     return "\n\n".join(
         f"## Section {i}\n\n" + " ".join(
-            f"Tidal station {i} reports water level {j} with harbour note {i * j}." for j in range(12)
+            f"Tidal station {i} reports water level {j} with harbour note {i * j}."
+            for j in range(12)
         )
         for i in range(sections)
     )
@@ -37,16 +38,18 @@ def test_worker_killed_mid_document_then_retry_finishes_without_duplicates(setti
     settings.KB_TASKS_SYNC = False
     settings.MEDIA_ROOT = tmp_path / "media"
     params = connection.get_connection_params()
-    url = f"postgresql://{params.get('user') or 'postgres'}@/{connection.settings_dict['NAME']}?host={params['host']}"
-    env = {**os.environ, "DATABASE_URL": url, "KB_WORKERS": "1", "KB_MEDIA_ROOT": str(tmp_path / "media"),
-           "PYTHONUNBUFFERED": "1"}
+    url = (f"postgresql://{params.get('user') or 'postgres'}@/"
+           f"{connection.settings_dict['NAME']}?host={params['host']}")
+    env = {**os.environ, "DATABASE_URL": url, "KB_WORKERS": "1",
+           "KB_MEDIA_ROOT": str(tmp_path / "media"), "PYTHONUNBUFFERED": "1"}
     collection = collection_get_or_create(slug="crash")
     # The active embedding model must exist before the worker starts embedding.
     from kb.embeddings import embedding_model_active_or_bootstrap
 
     embedding_model_active_or_bootstrap()
-    worker = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], cwd=ROOT,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     try:
         (outcome,) = documents_upload(collection=collection, filename="tides.md",
                                                data=_long_markdown().encode())
@@ -60,7 +63,8 @@ def test_worker_killed_mid_document_then_retry_finishes_without_duplicates(setti
             time.sleep(0.05)
         else:
             pytest.fail("the worker never started embedding")
-        for process in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]:
+        worker_process = psutil.Process(worker.pid)
+        for process in [worker_process, *worker_process.children(recursive=True)]:
             process.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
     finally:

@@ -1,4 +1,5 @@
-"""A small usage ledger for the operations tests, written through kb.usage.ledger like real calls."""
+"""A small usage ledger for the operations tests, written through kb.usage.ledger like real
+calls."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def record(*, days_ago: int = 0, **fields) -> UsageRecord:
     """One ledger row through the real service, moved back `days_ago` days."""
     row = usage_record_create(**fields)
     if days_ago:
-        UsageRecord.objects.filter(pk=row.pk).update(created_at=row.created_at - timedelta(days=days_ago))
+        UsageRecord.objects.filter(pk=row.pk).update(
+            created_at=row.created_at - timedelta(days=days_ago))
         row.refresh_from_db()
     return row
 
@@ -41,5 +43,6 @@ def ledger(db, django_user_model, settings):
                model="all-MiniLM-L6-v2", input_tokens=50, latency_ms=12, user=bob)
         record(days_ago=days_ago, kind=UsageRecord.Kind.SEARCH, provider="postgres", model="hybrid",
                latency_ms=40, user=bob)
-    record(**chat, latency_ms=30, status=UsageRecord.Status.ERROR, error="RateLimitError: slow down")
+    record(**chat, latency_ms=30, status=UsageRecord.Status.ERROR,
+           error="RateLimitError: slow down")
     return {"alice": alice, "bob": bob, "today": timezone.localdate()}

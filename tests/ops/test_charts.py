@@ -55,10 +55,12 @@ def test_grouped_bars_and_hbar_ranking():
     """Grouped bars sit side by side; a ranking labels each bar with its value."""
     grouped = parse(charts.bar_chart(title="G", x_labels=["x"], stacked=False,
                                      series=[Series("a", [1]), Series("b", [2])]))
-    ranking = parse(charts.hbar_chart(title="Top", labels=["alice", "bob"], values=[Decimal("1.5"), 0.25],
+    ranking = parse(charts.hbar_chart(title="Top", labels=["alice", "bob"],
+                                      values=[Decimal("1.5"), 0.25],
                                       value_format=charts.format_usd))
 
-    widths = [float(r.get("width")) for r in grouped.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]
+    widths = [float(r.get("width")) for r in grouped.iter(f"{SVG}rect")
+              if r.find(f"{SVG}title") is not None]
     assert len(widths) == 2 and widths[0] == widths[1]
     assert {"alice", "bob", "$1.50", "$0.25"} <= set(texts(ranking))
 
@@ -86,7 +88,8 @@ def test_nice_ticks_and_formats():
 def test_zero_valued_bars_with_events_show_the_note_not_no_data():
     """Calls that all cost $0 draw the axes and say how many calls there were."""
     svg = charts.bar_chart(title="Cost", x_labels=["a", "b"], series=[Series("Cost", [0, 0])],
-                           value_format=charts.format_usd, zero_note="245 model calls, all at no cost")
+                           value_format=charts.format_usd,
+                           zero_note="245 model calls, all at no cost")
     shown = texts(parse(svg))
     assert "245 model calls, all at no cost" in shown
     assert "No data for this period" not in shown

@@ -73,12 +73,14 @@ def test_kb_budget_set_and_show(ledger):
     run("kb_budget", "--set", "--scope", "global", "--daily-cost", "5")
     run("kb_budget", "--set", "--scope", "user", "--user", "alice", "--daily-tokens", "10000",
         "--daily-cost", "0.01")
-    output = run("kb_budget", "--set", "--scope", "api_key", "--key", key.prefix, "--daily-tokens", "500")
+    output = run("kb_budget", "--set", "--scope", "api_key", "--key", key.prefix,
+                 "--daily-tokens", "500")
     run("kb_budget", "--set", "--scope", "user", "--user", "alice", "--daily-cost", "none")
 
     assert Budget.objects.count() == 3
     budget = Budget.objects.get(scope="user")
-    assert (budget.user, budget.daily_token_limit, budget.daily_cost_limit_usd) == (alice, 10000, None)
+    assert (budget.user, budget.daily_token_limit, budget.daily_cost_limit_usd) == (
+        alice, 10000, None)
     assert Budget.objects.get(scope="global").daily_cost_limit_usd == Decimal("5.0000")
     assert "Created: Budget for key" in output
     listing = run("kb_budget")

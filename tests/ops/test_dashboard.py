@@ -30,7 +30,8 @@ def test_daily_aggregates_and_percentiles(ledger):
     assert latest.cost_usd == 5 * CALL_COST
     assert latest.input_tokens == 5 * 1000 + 50 and latest.output_tokens == 5 * 200
     assert latest.errors == 1
-    assert (latest.cache_hits, latest.cache_lookups) == (1, 8)  # 5 calls, 1 hit, 1 error, 1 embedding
+    # 5 calls, 1 hit, 1 error, 1 embedding
+    assert (latest.cache_hits, latest.cache_lookups) == (1, 8)
     assert latest.saved_cost_usd == CALL_COST
     assert latest.latency_p50_ms == pytest.approx(300)
     assert latest.latency_p95_ms == pytest.approx(880)  # 400 + 0.8 * (1000 - 400)
@@ -96,8 +97,9 @@ def test_dashboard_renders_charts_for_staff(admin_client, ledger):
     assert len(svgs) == 9
     for svg in svgs:
         ElementTree.fromstring(svg)
-    for title in ("Cost per day (USD)", "Tokens per day by model", "Chat latency and time to first token",
-                  "Cache hit rate", "Cost saved by caches", "Top users by cost", "Most-cited documents"):
+    for title in ("Cost per day (USD)", "Tokens per day by model",
+                  "Chat latency and time to first token", "Cache hit rate",
+                  "Cost saved by caches", "Top users by cost", "Most-cited documents"):
         assert title in page
     assert "openai/gpt-4o-mini" in page and "alice" in page
     assert f"${6 * CALL_COST:.4f}" in page
@@ -131,11 +133,14 @@ def test_date_range_filter_limits_the_period(admin_client, ledger):
     """start/end pick the days shown; a reversed range is refused with a message."""
     today = ledger["today"]
     two_days_ago = (today - timedelta(days=2)).isoformat()
-    response = admin_client.get(reverse("usage-dashboard"), {"start": two_days_ago, "end": two_days_ago})
+    response = admin_client.get(reverse("usage-dashboard"),
+                                {"start": two_days_ago, "end": two_days_ago})
     assert f"${CALL_COST:.4f}" in response.content.decode()
-    assert response.context["period"] == Period(start=today - timedelta(days=2), end=today - timedelta(days=2))
+    assert response.context["period"] == Period(start=today - timedelta(days=2),
+                                                end=today - timedelta(days=2))
 
-    bad = admin_client.get(reverse("usage-dashboard"), {"start": today.isoformat(), "end": two_days_ago})
+    bad = admin_client.get(reverse("usage-dashboard"),
+                           {"start": today.isoformat(), "end": two_days_ago})
     assert "The start date must be on or before the end date." in bad.content.decode()
     assert bad.context["period"] == Period.last_days(30)
 
@@ -151,7 +156,9 @@ def test_csv_export_of_daily_aggregates(admin_client, ledger):
     assert response["Content-Type"].startswith("text/csv")
     assert "attachment" in response["Content-Disposition"]
     rows = list(csv.DictReader(io.StringIO(response.content.decode())))
-    assert [row["date"] for row in rows] == [(today - timedelta(days=n)).isoformat() for n in (2, 1, 0)]
+    assert [row["date"] for row in rows] == [
+        (today - timedelta(days=n)).isoformat() for n in (2, 1, 0)
+    ]
     assert Decimal(rows[-1]["cost_usd"]) == 5 * CALL_COST
     assert rows[-1]["chat_latency_p95_ms"] == "880.0"
     assert rows[1]["calls"] == "0" and rows[1]["chat_latency_p50_ms"] == ""

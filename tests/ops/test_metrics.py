@@ -71,7 +71,8 @@ def test_ledger_counters_by_provider_and_model(client, ledger):
 
 
 def test_ledger_counters_grow_across_the_settle_window(client, db):
-    """Old rows are summed once and kept; recent rows are re-read each scrape; counters only grow."""
+    """Old rows are summed once and kept; recent rows are re-read each scrape; counters only
+    grow."""
     llm = {"kind": UsageRecord.Kind.CHAT, "provider": "p", "model": "m"}
     old = record(**llm, input_tokens=10)
     UsageRecord.objects.filter(pk=old.pk).update(created_at=timezone.now() - timedelta(hours=3))
@@ -92,7 +93,8 @@ def test_queue_depth_ingestion_lag_and_documents(client, collection, settings):
     from kb import queue
 
     queue.enqueue("kb.tasks.documents_mark_stalled_task")  # the ORM broker: one OrmQ row
-    Document.objects.filter(pk=outcome.document.pk).update(updated_at=timezone.now() - timedelta(seconds=120))
+    Document.objects.filter(pk=outcome.document.pk).update(
+        updated_at=timezone.now() - timedelta(seconds=120))
 
     samples = scrape(client)
 
@@ -120,8 +122,10 @@ def test_request_metrics_for_sync_async_and_streaming_views(client):
     assert delta(endpoint="healthz", method="GET", status="200") == 1
     assert delta(endpoint="unmatched", method="GET", status="404") == 1
     assert delta(endpoint="ops-sync-stream", method="GET", status="200") == 1
-    assert (value(after, "kb_http_request_duration_seconds_count", endpoint="ops-sync", method="GET")
-            > value(before, "kb_http_request_duration_seconds_count", endpoint="ops-sync", method="GET"))
+    assert (value(after, "kb_http_request_duration_seconds_count", endpoint="ops-sync",
+                  method="GET")
+            > value(before, "kb_http_request_duration_seconds_count", endpoint="ops-sync",
+                    method="GET"))
 
 
 def test_request_metrics_for_async_views():
@@ -157,9 +161,11 @@ def test_metrics_bearer_token(client, settings):
     """With KB_METRICS_TOKEN set, the right bearer token opens /metrics from anywhere."""
     settings.KB_METRICS_TOKEN = "s3cret-token"
     remote = {"REMOTE_ADDR": "203.0.113.9"}
-    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-token", **remote).status_code == 200
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-token",
+                      **remote).status_code == 200
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong", **remote).status_code == 403
-    assert client.get("/metrics", HTTP_AUTHORIZATION="Basic s3cret-token", **remote).status_code == 403
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Basic s3cret-token",
+                      **remote).status_code == 403
     assert client.get("/metrics", **remote).status_code == 403
 
 
@@ -174,13 +180,16 @@ def test_request_metrics_add_up_across_processes(client, settings, tmp_path):
         "request = RequestFactory().get('/healthz'); request.resolver_match = resolve('/healthz')\n"
         "_observe(request, 200, time.perf_counter())\n"
     )
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "kb.settings", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "kb.settings",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     for _ in range(2):
         subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True)
     settings.PROMETHEUS_MULTIPROC_DIR = str(tmp_path)
 
     samples = scrape(client)
 
-    assert value(samples, "kb_http_requests_total", endpoint="healthz", method="GET", status="200") == 2
-    assert value(samples, "kb_http_request_duration_seconds_count", endpoint="healthz", method="GET") == 2
+    assert value(samples, "kb_http_requests_total", endpoint="healthz", method="GET",
+                 status="200") == 2
+    assert value(samples, "kb_http_request_duration_seconds_count", endpoint="healthz",
+                 method="GET") == 2
     assert value(samples, "kb_metrics_database_up") == 1  # the database metrics are still there

@@ -42,8 +42,8 @@ def redis_url(tmp_path_factory):
     port = _free_port()
     workdir = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
@@ -87,13 +87,14 @@ def redis_cache(settings, redis_url, redis_client):
 
 
 def test_settings_use_redis_for_cache_and_task_broker_when_redis_url_is_set(redis_url):
-    """REDIS_URL moves the cache and the django-q2 queue to Redis; KB_TASK_BROKER=orm keeps the queue."""
+    """REDIS_URL moves the cache and the django-q2 queue to Redis; KB_TASK_BROKER=orm keeps the
+    queue."""
     code = ("from django.conf import settings as s; import json; "
             "print(json.dumps([s.CACHES['default']['BACKEND'], s.Q_CLUSTER.get('redis'), "
             "s.Q_CLUSTER.get('orm')]))")
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "kb.settings", "REDIS_URL": redis_url}
-    with_redis = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout
+    with_redis = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout
     orm_queue = subprocess.run([sys.executable, "-c", code], env={**env, "KB_TASK_BROKER": "orm"},
                                cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
@@ -154,14 +155,15 @@ def test_redis_broker_runs_a_task_in_a_real_cluster(redis_url, redis_client, mon
     assert queue_depth() == 1
 
     params = connection.get_connection_params()
-    database_url = (f"postgresql://{params.get('user') or 'postgres'}@/{connection.settings_dict['NAME']}"
-                    f"?host={params['host']}")
+    database_url = (f"postgresql://{params.get('user') or 'postgres'}@/"
+                    f"{connection.settings_dict['NAME']}?host={params['host']}")
     env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "KB_WORKERS": "1",
            "KB_MEDIA_ROOT": str(tmp_path / "media"), "PYTHONUNBUFFERED": "1"}
     env.pop("KB_TASK_BROKER", None)
     log = (tmp_path / "qcluster.log").open("wb")
-    worker = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "qcluster"], cwd=ROOT,
+                              env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not UsageRecord.objects.filter(request_id="req-redis-1").exists():
@@ -211,8 +213,8 @@ def test_redis_broker_worker_reads_pdfs_and_keeps_the_parse_deadline(redis_url, 
                                      data=pathological_pdf(600_000))[0].document
 
     params = connection.get_connection_params()
-    database_url = (f"postgresql://{params.get('user') or 'postgres'}@/{connection.settings_dict['NAME']}"
-                    f"?host={params['host']}")
+    database_url = (f"postgresql://{params.get('user') or 'postgres'}@/"
+                    f"{connection.settings_dict['NAME']}?host={params['host']}")
     env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "KB_WORKERS": "1",
            "KB_MEDIA_ROOT": str(tmp_path / "media"), "KB_PARSE_TIMEOUT_SECONDS": "3",
            "PYTHONUNBUFFERED": "1"}

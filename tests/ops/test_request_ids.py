@@ -56,7 +56,8 @@ def test_request_id_is_generated_and_returned(client):
 
 def test_sane_client_request_id_is_kept_and_junk_replaced(client):
     """A proxy's id is reused; spaces, newlines or overlong values are not."""
-    assert client.get("/ops/sync", HTTP_X_REQUEST_ID="lb-7f3a.42").headers["X-Request-ID"] == "lb-7f3a.42"
+    kept = client.get("/ops/sync", HTTP_X_REQUEST_ID="lb-7f3a.42")
+    assert kept.headers["X-Request-ID"] == "lb-7f3a.42"
     for junk in ("two words", "forged\nline", "x" * 65, ""):
         returned = client.get("/ops/sync", HTTP_X_REQUEST_ID=junk).headers["X-Request-ID"]
         assert returned != junk and re.fullmatch(r"[0-9a-f]{32}", returned)
@@ -94,7 +95,8 @@ def test_async_views_and_async_streams_keep_the_request_id():
 
     assert plain["X-Request-ID"] == "req-async-1" and stream["X-Request-ID"] == "req-async-2"
     assert len(body) == 2
-    assert sorted(UsageRecord.objects.values_list("request_id", flat=True)) == ["req-async-1", "req-async-2"]
+    assert sorted(UsageRecord.objects.values_list("request_id", flat=True)) == [
+        "req-async-1", "req-async-2"]
 
 
 def test_log_lines_are_json_with_the_request_id(client, json_log):
@@ -107,7 +109,8 @@ def test_log_lines_are_json_with_the_request_id(client, json_log):
     (outside,) = [line for line in lines if line["message"] == "outside"]
     assert request_line["request_id"] == "req-log-1"
     assert request_line["level"] == "INFO"
-    assert (request_line["method"], request_line["path"], request_line["status"]) == ("GET", "/ops/sync", 200)
+    assert (request_line["method"], request_line["path"], request_line["status"]) == (
+        "GET", "/ops/sync", 200)
     assert request_line["duration_ms"] >= 0 and "ts" in request_line
     assert outside["request_id"] == "" and outside["document_id"] == 7
 
@@ -120,7 +123,8 @@ def test_json_formatter_handles_exceptions_and_odd_extras():
     except ValueError:
         import sys
 
-        entry = logging.LogRecord("kb.x", logging.ERROR, __file__, 1, "failed %s", ("job",), sys.exc_info())
+        entry = logging.LogRecord("kb.x", logging.ERROR, __file__, 1, "failed %s", ("job",),
+                                  sys.exc_info())
     entry.when = object()
 
     line = json.loads(formatter.format(entry))
@@ -151,16 +155,18 @@ def test_task_queued_outside_a_request_runs_under_its_task_id(db):
 
 
 def test_kb_log_format_json_configures_json_lines():
-    """KB_LOG_FORMAT=json makes the configured handler write JSON; plain shows the id in brackets."""
+    """KB_LOG_FORMAT=json makes the configured handler write JSON; plain shows the id in
+    brackets."""
     code = ("import django, logging; django.setup(); "
             "from kb.ops.observability import request_id_set; request_id_set('req-cfg-1'); "
             "logging.getLogger('kb.x').warning('hello %s', 'there', extra={'n': 1})")
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "kb.settings"}
-    as_json = subprocess.run([sys.executable, "-c", code], env={**env, "KB_LOG_FORMAT": "json"}, cwd=ROOT,
-                             capture_output=True, text=True, check=True).stderr
-    plain = subprocess.run([sys.executable, "-c", code], env={**env, "KB_LOG_FORMAT": "plain"}, cwd=ROOT,
-                           capture_output=True, text=True, check=True).stderr
+    as_json = subprocess.run([sys.executable, "-c", code], env={**env, "KB_LOG_FORMAT": "json"},
+                             cwd=ROOT, capture_output=True, text=True, check=True).stderr
+    plain = subprocess.run([sys.executable, "-c", code], env={**env, "KB_LOG_FORMAT": "plain"},
+                           cwd=ROOT, capture_output=True, text=True, check=True).stderr
 
     line = json.loads(as_json.strip().splitlines()[-1])
-    assert (line["message"], line["request_id"], line["n"], line["logger"]) == ("hello there", "req-cfg-1", 1, "kb.x")
+    assert (line["message"], line["request_id"], line["n"], line["logger"]) == (
+        "hello there", "req-cfg-1", 1, "kb.x")
     assert "WARNING [req-cfg-1] kb.x hello there" in plain

@@ -21,7 +21,8 @@ class WordOverlapReranker(RerankBackend):
 
     def rerank(self, query: str, documents: Sequence[str]) -> RerankResult:
         words = set(query.lower().split())
-        return RerankResult(scores=[len(words & set(d.lower().split())) / len(words) for d in documents],
+        return RerankResult(scores=[len(words & set(d.lower().split())) / len(words)
+                                    for d in documents],
                             input_tokens=len(documents))
 
 
@@ -58,7 +59,9 @@ def test_search_emits_embed_retrieve_fuse_and_rerank_spans(spans, collection, in
     assert result.hits and result.reranked
     finished = {span.name: span for span in spans.get_finished_spans()}
     # The query is embedded while the BM25 statement runs, so the two retrievals are apart.
-    assert set(finished) == {"search", "embed", "retrieve.bm25", "retrieve.vector", "fuse", "rerank"}
+    assert set(finished) == {
+        "search", "embed", "retrieve.bm25", "retrieve.vector", "fuse", "rerank",
+    }
     root = finished["search"]
     for name in ("embed", "retrieve.bm25", "retrieve.vector", "fuse", "rerank"):
         assert finished[name].parent.span_id == root.context.span_id
@@ -128,7 +131,8 @@ def collector():
 
 
 def test_otlp_endpoint_switches_tracing_on_and_exports(settings, monkeypatch, collector):
-    """With OTEL_EXPORTER_OTLP_ENDPOINT set, spans are exported over OTLP/HTTP to <endpoint>/v1/traces."""
+    """With OTEL_EXPORTER_OTLP_ENDPOINT set, spans are exported over OTLP/HTTP to
+    <endpoint>/v1/traces."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     endpoint, received = collector

@@ -193,16 +193,19 @@ def check_documents_and_chunks(postgres: PrivatePostgres, url: str) -> list[str]
         elif chunks != total or chunks == 0:
             problems.append(f"document {pk}: {chunks} chunks for chunks_total {total}")
     stale = postgres.value(url, """SELECT count(*) FROM kb_chunk c JOIN kb_document d
-                                   ON d.id = c.document_id WHERE c.generation <> d.chunk_generation""")
+                                   ON d.id = c.document_id
+                                   WHERE c.generation <> d.chunk_generation""")
     if stale:
         problems.append(f"{stale} chunks of an old or abandoned generation remain")
     duplicates = postgres.value(url, """SELECT count(*) FROM (SELECT 1 FROM kb_chunkembedding
-                                        GROUP BY chunk_id, embedding_model_id HAVING count(*) > 1) x""")
+                                        GROUP BY chunk_id, embedding_model_id
+                                        HAVING count(*) > 1) x""")
     if duplicates:
         problems.append(f"{duplicates} chunks have two vectors in one model")
     missing = postgres.value(url, """SELECT count(*) FROM kb_chunk c CROSS JOIN kb_embeddingmodel m
         WHERE m.is_active AND NOT EXISTS (SELECT 1 FROM kb_chunkembedding e
-                                          WHERE e.chunk_id = c.id AND e.embedding_model_id = m.id)""")
+                                          WHERE e.chunk_id = c.id
+                                          AND e.embedding_model_id = m.id)""")
     if missing:
         problems.append(f"{missing} chunks have no vector in the active model")
     return problems
@@ -272,7 +275,8 @@ class UsageAudit:
 def committed_input_hashes(postgres: PrivatePostgres, url: str) -> set[str]:
     """sha256 of the embedding input of every vector in the database now."""
     return {hash_ for (hash_,) in postgres.rows(url, """
-        SELECT c.embedding_input_hash FROM kb_chunkembedding e JOIN kb_chunk c ON c.id = e.chunk_id""")}
+        SELECT c.embedding_input_hash FROM kb_chunkembedding e
+        JOIN kb_chunk c ON c.id = e.chunk_id""")}
 
 
 def audit_embedding_usage(postgres: PrivatePostgres, url: str,
@@ -297,7 +301,8 @@ def audit_embedding_usage(postgres: PrivatePostgres, url: str,
     # unmatched call of its model; one left over (killed before the request went out) bills
     # nothing, so it is not double counting.
     in_flight = Counter(model for (model,) in postgres.rows(
-        url, "SELECT model FROM kb_usagerecord WHERE kind = 'embedding' AND status = 'interrupted'"))
+        url, "SELECT model FROM kb_usagerecord "
+             "WHERE kind = 'embedding' AND status = 'interrupted'"))
     expected = Counter((model, tokens) for model, tokens, _ in calls)
     audit = UsageAudit(calls=len(calls), rows=sum(rows.values()) + sum(in_flight.values()),
                        double_counted=sum((rows - expected).values()),
@@ -571,7 +576,8 @@ def reembed_outcome(private_postgres) -> Iterator[ReembedOutcome]:
         b_calls_before_kill = len(slow.requests_to("/v1/embeddings"))
         after_kill = manage_json(env, MODEL_STATE)
         b_rows_after_kill = postgres.value(url, "SELECT count(*) FROM kb_usagerecord WHERE "
-                                                "kind = 'embedding' AND model = 'fake-b' AND NOT cache_hit")
+                                                "kind = 'embedding' AND model = 'fake-b' "
+                                                "AND NOT cache_hit")
         refused = manage_json(env, """
             import json
             from kb import embeddings

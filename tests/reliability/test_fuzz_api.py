@@ -10,8 +10,9 @@ with a real API key of an ordinary user. Two checks run on every response:
   its documented schema.
 
 POST /api/v1/chat and /v1 (OpenAI-compatible) are plain async Django views, described by
-chat.schema's postprocessing hook; the two chat operations are fuzzed non-streaming (`stream` is always false, as an SSE body cannot be
-validated against a JSON schema). Every failure is collected, per operation, with
+chat.schema's postprocessing hook; the two chat operations are fuzzed non-streaming
+(`stream` is always false, as an SSE body cannot be validated against a JSON schema).
+Every failure is collected, per operation, with
 schemathesis' reproduction (a curl command), and reported together.
 
 Bugs the fuzzer found that are not fixed yet are listed in KNOWN_BUGS: a 5xx caused by one
@@ -146,7 +147,8 @@ def fuzz_operation(operation, mode: GenerationMode, *, url: str, headers: dict[s
               suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case):
-        if label in {"POST /api/v1/chat", "POST /v1/chat/completions"} and isinstance(case.body, dict):
+        if (label in {"POST /api/v1/chat", "POST /v1/chat/completions"}
+                and isinstance(case.body, dict)):
             case.body["stream"] = False  # an SSE body has no JSON schema to check
         response = case.call(base_url=url, headers=headers, timeout=60)
         statuses[response.status_code] += 1
@@ -197,7 +199,8 @@ def test_every_operation_survives_fuzzing_without_5xx_and_matches_the_schema(api
             try:
                 fuzz_operation(operation, mode, url=url, headers=headers,
                                statuses=statuses[operation.label])
-            except (Exception, BaseExceptionGroup) as exc:  # FailureGroup (with a curl repro), or a crash
+            except (Exception, BaseExceptionGroup) as exc:
+                # A FailureGroup (with a curl repro), or a crash.
                 failures.setdefault(operation.label, []).append(f"[{mode.value}] {exc}")
     for case in known_good_cases(schema, ids):
         response = case.call(base_url=url, headers=headers, timeout=60)
@@ -224,8 +227,11 @@ def test_the_served_schema_describes_the_chat_endpoint():
 
     paths = SchemaGenerator().get_schema(request=None, public=True)["paths"]
     operation = paths["/api/v1/chat"]["post"]
-    assert operation["requestBody"]["content"]["application/json"]["schema"]["required"] == ["message"]
-    assert set(operation["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    request_schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert request_schema["required"] == ["message"]
+    assert set(operation["responses"]["200"]["content"]) == {
+        "application/json", "text/event-stream",
+    }
 
 
 # --- Regressions for the bugs the fuzzer found ---

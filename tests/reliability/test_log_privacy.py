@@ -7,8 +7,9 @@ unless KB_LOG_CONTENT=true; LOG_LEVEL=DEBUG alone does not log content. Credenti
 whatever the level: kb.ops.log_privacy.RedactingFilter on the console handler is the last
 line of defence.
 
-The helpers' own tests are in tests/kb/test_log_privacy.py. These end-to-end tests run a real chat (whose upstream misbehaves: it answers 401 and
-echoes the provider key, and its base URL carries a proxy password) and real searches
+The helpers' own tests are in tests/kb/test_log_privacy.py. These end-to-end tests run a
+real chat (whose upstream misbehaves: it answers 401 and echoes the provider key, and its
+base URL carries a proxy password) and real searches
 (one of them rate limited, which makes django.request log the request) with known
 secrets in settings, and read what the production handler (settings.LOGGING's console
 handler: its filters, the JSON and the plain formatter) would have written.
@@ -128,7 +129,8 @@ def logged(settings, django_user_model, caplog, ingest_one):
         cache.clear()
     answer_text = answer.json()["answer"]
     records = list(caplog.records)  # the setup phase's records: this fixture's requests
-    return records, {name: stream.getvalue() for name, stream in streams.items()}, answer_text, raw_key
+    outputs = {name: stream.getvalue() for name, stream in streams.items()}
+    return records, outputs, answer_text, raw_key
 
 
 SECRETS = [SECRET_KEY, OPENAI_KEY, DB_PASSWORD, PROXY_PASSWORD]

@@ -87,4 +87,5 @@ def kb_bm25_installed(db, settings):
     if not extension_installed(connection):
         if settings.DATABASES["default"]["ENGINE"] == "kb.ops.embedded_postgres":
             pytest.fail("The embedded server should have kb_bm25 built and created (see the log).")
-        pytest.skip("This PostgreSQL server has no kb_bm25 extension (make -C search/postgres install).")
+        pytest.skip("This PostgreSQL server has no kb_bm25 extension "
+                    "(make -C search/postgres install).")

@@ -44,11 +44,13 @@ def chunk_lexemes(collection_id: int) -> dict[int, Counter]:
 
 def distinct_query_lexemes(config: str, query: str) -> set[str]:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT DISTINCT lexeme FROM unnest(to_tsvector(%s::regconfig, %s))", [config, query])
+        cursor.execute("SELECT DISTINCT lexeme FROM unnest(to_tsvector(%s::regconfig, %s))",
+                       [config, query])
         return {row[0] for row in cursor.fetchall()}
 
 
-def reference_bm25(chunks: dict[int, Counter], terms: set[str], *, k1: float, b: float) -> dict[int, float]:
+def reference_bm25(chunks: dict[int, Counter], terms: set[str], *, k1: float,
+                   b: float) -> dict[int, float]:
     """Okapi BM25 with Lucene's idf, written out independently of the SQL."""
     n = len(chunks)
     lengths = {chunk_id: sum(tfs.values()) for chunk_id, tfs in chunks.items()}
@@ -106,8 +108,8 @@ def test_scores_equal_reference_okapi_bm25(demo_collection, settings, bm25_engin
     for query in QUERIES:
         expected = reference_bm25(chunks, distinct_query_lexemes("english", query), k1=k1, b=b)
         retrieved = retrieve_candidates(
-            query=query, query_vector=None, filters=SearchFilters(collection_ids=(demo_collection.pk,)),
-            use_bm25=True, limit=1000,
+            query=query, query_vector=None,
+            filters=SearchFilters(collection_ids=(demo_collection.pk,)), use_bm25=True, limit=1000,
         )
         got = {c.chunk_id: c.bm25_score for c in retrieved.candidates}
         assert expected, query
@@ -118,7 +120,8 @@ def test_scores_equal_reference_okapi_bm25(demo_collection, settings, bm25_engin
         assert [c.bm25_score for c in ranks] == sorted(got.values(), reverse=True)
 
 
-def test_search_service_bm25_mode_returns_reference_order(demo_collection, reader, settings, bm25_engine):
+def test_search_service_bm25_mode_returns_reference_order(demo_collection, reader, settings,
+                                                          bm25_engine):
     """search(mode=bm25) returns the top k by the same scores, ties broken by chunk id."""
     query = QUERIES[0]
     expected = reference_bm25(
@@ -126,22 +129,26 @@ def test_search_service_bm25_mode_returns_reference_order(demo_collection, reade
         k1=settings.KB_BM25_K1, b=settings.KB_BM25_B,
     )
     result = services.search(
-        params=services.SearchParams(query=query, k=5, mode="bm25", collections=(demo_collection.slug,)),
+        params=services.SearchParams(query=query, k=5, mode="bm25",
+                                     collections=(demo_collection.slug,)),
         user=reader, record_usage=False,
     )
 
     top = sorted(expected.items(), key=lambda item: (-item[1], item[0]))[:5]
     assert [hit.chunk_id for hit in result.hits] == [chunk_id for chunk_id, _ in top]
-    assert [hit.score for hit in result.hits] == pytest.approx([score for _, score in top], abs=1e-6)
+    assert [hit.score for hit in result.hits] == pytest.approx([score for _, score in top],
+                                                               abs=1e-6)
 
 
 def reference_top(expected: dict[int, float], limit: int) -> list[tuple[int, float]]:
     return sorted(expected.items(), key=lambda item: (-item[1], item[0]))[:limit]
 
 
-def assert_top_matches_reference(collection, query: str, limit: int, *, k1: float, b: float) -> None:
+def assert_top_matches_reference(collection, query: str, limit: int, *, k1: float,
+                                 b: float) -> None:
     expected = reference_top(reference_bm25(chunk_lexemes(collection.pk),
-                                            distinct_query_lexemes("english", query), k1=k1, b=b), limit)
+                                            distinct_query_lexemes("english", query), k1=k1, b=b),
+                             limit)
     retrieved = retrieve_candidates(
         query=query, query_vector=None, filters=SearchFilters(collection_ids=(collection.pk,)),
         use_bm25=True, limit=limit,
@@ -161,8 +168,8 @@ def test_top_k_equals_reference_at_every_cutoff(demo_collection, settings, bm25_
 
 @pytest.mark.parametrize(("engine", "lookup_cost"), [("sql", 0), ("sql", 10**9), ("native", None)],
                          ids=["sql-by-lookup", "sql-by-scan", "native"])
-def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, settings, monkeypatch, request,
-                                                     engine, lookup_cost):
+def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, settings, monkeypatch,
+                                                     request, engine, lookup_cost):
     """A rare term and a term in nearly every chunk: the common term's postings are only
     added to chunks that can still make the top k, and the result is still exact, whether
     they are looked up per surviving chunk or scanned against them. (In the C function,
@@ -187,12 +194,14 @@ def test_top_k_is_exact_when_common_terms_are_pruned(collection, ingest_one, set
 def index_snapshot() -> tuple[set, set, set]:
     """(postings, document frequencies, collection statistics) as stored by the triggers."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT collection_id, lexeme, chunk_id, term_frequency, chunk_length FROM search_posting")
+        cursor.execute("SELECT collection_id, lexeme, chunk_id, term_frequency, chunk_length "
+                       "FROM search_posting")
         postings = set(cursor.fetchall())
         cursor.execute("SELECT collection_id, lexeme, document_frequency FROM search_termstatistic "
                        "WHERE document_frequency <> 0")
         terms = set(cursor.fetchall())
-        cursor.execute("SELECT collection_id, chunk_count, total_length FROM search_collectionstatistic "
+        cursor.execute("SELECT collection_id, chunk_count, total_length "
+                       "FROM search_collectionstatistic "
                        "WHERE chunk_count <> 0 OR total_length <> 0")
         collections = set(cursor.fetchall())
     return postings, terms, collections
@@ -222,9 +231,11 @@ def index_recomputed() -> tuple[set, set, set]:
 
 def assert_index_consistent() -> None:
     stored, recomputed = index_snapshot(), index_recomputed()
-    for name, got, want in zip(("postings", "term statistics", "collection statistics"), stored, recomputed,
-                               strict=True):
-        assert got == want, f"{name}: extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"
+    for name, got, want in zip(("postings", "term statistics", "collection statistics"), stored,
+                               recomputed, strict=True):
+        assert got == want, (
+            f"{name}: extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"
+        )
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM search_termstatistic WHERE document_frequency < 0")
         assert cursor.fetchone()[0] == 0
@@ -247,7 +258,8 @@ def test_incremental_maintenance_equals_recomputation(collection, ingest_one, in
     assert_index_consistent()
     document_enable(document=third)
     assert_index_consistent()
-    (outcome,) = ingest(collection, "guide.md", guide.replace("## ", "## Revised ", 1) + "\n\nA new closing paragraph.\n")
+    (outcome,) = ingest(collection, "guide.md",
+                        guide.replace("## ", "## Revised ", 1) + "\n\nA new closing paragraph.\n")
     assert outcome.outcome == "updated" and outcome.document.pk == first.pk
     assert_index_consistent()
     document_disable(document=third)
@@ -260,7 +272,8 @@ def test_incremental_maintenance_equals_recomputation(collection, ingest_one, in
 
 
 def test_text_search_config_is_per_collection(collection, ingest_one, reader):
-    """The same text gives stemmed lexemes in an english collection and whole words in a simple one."""
+    """The same text gives stemmed lexemes in an english collection and whole words in a simple
+    one."""
     simple = Collection.objects.create(slug="simple", name="Simple", text_search_config="simple")
     text = "The runners were running quickly through the searches."
     ingest_one(collection, "notes.txt", text)
@@ -273,7 +286,8 @@ def test_text_search_config_is_per_collection(collection, ingest_one, reader):
 
     def hits(slug: str, query: str) -> list[int]:
         params = services.SearchParams(query=query, mode="bm25", collections=(slug,))
-        return [hit.chunk_id for hit in services.search(params=params, user=reader, record_usage=False).hits]
+        result = services.search(params=params, user=reader, record_usage=False)
+        return [hit.chunk_id for hit in result.hits]
 
     assert hits("docs", "run") and not hits("simple", "run")
     assert hits("simple", "the") and not hits("docs", "the")
@@ -302,8 +316,8 @@ def test_hostile_queries_return_a_list(demo_collection, reader, bm25_engine, mod
     failures = {}
     for name, query in HOSTILE_QUERIES.items():
         try:
-            result = services.search(params=services.SearchParams(query=query, mode=mode), user=reader,
-                                     record_usage=False)
+            result = services.search(params=services.SearchParams(query=query, mode=mode),
+                                     user=reader, record_usage=False)
         except Exception as exc:  # collected, so one run reports every query that breaks
             failures[name] = f"{exc.__class__.__name__}: {exc}"
             continue
@@ -317,29 +331,33 @@ def test_hostile_queries_return_a_list(demo_collection, reader, bm25_engine, mod
 
 
 @pytest.mark.parametrize("chunk_ids", ["close", "far apart"])
-def test_rare_and_common_terms_rank_alike_in_both_engines(collection, ingest_one, settings, chunk_ids,
-                                                           kb_bm25_installed):
+def test_rare_and_common_terms_rank_alike_in_both_engines(collection, ingest_one, settings,
+                                                           chunk_ids, kb_bm25_installed):
     """Ties, a term in every chunk and a term in one: the C function and SQL agree exactly,
     whether it adds up by chunk id in an array (ids close together) or in a hash table."""
     for i in range(12):
-        ingest_one(collection, f"note-{i}.txt", f"Note {i}. The common ledger entry number {i % 3}.")
+        ingest_one(collection, f"note-{i}.txt",
+                   f"Note {i}. The common ledger entry number {i % 3}.")
         if chunk_ids == "far apart" and i == 5:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT setval(pg_get_serial_sequence('kb_chunk', 'id'), "
                                "nextval(pg_get_serial_sequence('kb_chunk', 'id')) + 50000000)")
     ingest_one(collection, "rare.txt", "The common ledger mentions a zyzzyva once.")
     filters = SearchFilters(collection_ids=(collection.pk,))
-    for query in ("common zyzzyva", "ledger entry number", "common", "zyzzyva", "absent words only"):
+    for query in ("common zyzzyva", "ledger entry number", "common", "zyzzyva",
+                  "absent words only"):
         ranked = {}
         for engine in ("auto", "sql"):
             settings.KB_BM25_ENGINE = engine
             candidates = retrieve_candidates(query=query, query_vector=None, filters=filters,
                                              use_bm25=True, limit=5).candidates
-            ranked[engine] = sorted((c.bm25_rank, c.chunk_id, round(c.bm25_score, 9)) for c in candidates)
+            ranked[engine] = sorted((c.bm25_rank, c.chunk_id, round(c.bm25_score, 9))
+                                    for c in candidates)
         assert ranked["auto"] == ranked["sql"], query
         settings.KB_BM25_ENGINE = "auto"
         if query != "absent words only":
-            assert_top_matches_reference(collection, query, 5, k1=settings.KB_BM25_K1, b=settings.KB_BM25_B)
+            assert_top_matches_reference(collection, query, 5, k1=settings.KB_BM25_K1,
+                                         b=settings.KB_BM25_B)
 
 
 def test_native_engine_is_used_where_installed_and_sql_with_filters(demo_collection, settings,
@@ -348,9 +366,13 @@ def test_native_engine_is_used_where_installed_and_sql_with_filters(demo_collect
     from django.test.utils import CaptureQueriesContext
 
     plain = SearchFilters(collection_ids=(demo_collection.pk,))
-    filtered = SearchFilters(collection_ids=(demo_collection.pk,), metadata={"audience": "everyone"})
+    filtered = SearchFilters(collection_ids=(demo_collection.pk,),
+                             metadata={"audience": "everyone"})
     with CaptureQueriesContext(connection) as queries:
-        unfiltered = retrieve_candidates(query=QUERIES[0], query_vector=None, filters=plain, use_bm25=True)
-        with_filters = retrieve_candidates(query=QUERIES[0], query_vector=None, filters=filtered, use_bm25=True)
-    assert ["kb_bm25_top_chunks" in query["sql"] for query in queries.captured_queries] == [True, False]
+        unfiltered = retrieve_candidates(query=QUERIES[0], query_vector=None, filters=plain,
+                                         use_bm25=True)
+        with_filters = retrieve_candidates(query=QUERIES[0], query_vector=None, filters=filtered,
+                                           use_bm25=True)
+    used_native = ["kb_bm25_top_chunks" in query["sql"] for query in queries.captured_queries]
+    assert used_native == [True, False]
     assert (unfiltered.bm25_engine, with_filters.bm25_engine) == ("kb_bm25", "sql")

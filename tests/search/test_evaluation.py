@@ -21,10 +21,13 @@ TOPICS = {
     "d2": ("Honeybees", "Honeybee colonies pollinate almond orchards and make honey from nectar."),
     "d3": ("Glaciers", "Alpine glaciers retreat as summer melting outpaces winter snowfall."),
     "d4": ("Chess", "The Sicilian defence answers the king's pawn opening with a flank pawn."),
-    "d5": ("Sourdough", "Sourdough bread rises with wild yeast and lactic acid bacteria in a starter."),
+    "d5": ("Sourdough",
+           "Sourdough bread rises with wild yeast and lactic acid bacteria in a starter."),
     "d6": ("Tides", "Ocean tides follow the moon's gravity, with two high tides a day."),
-    "d7": ("Compilers", "A compiler parses source code into a syntax tree before generating machine code."),
-    "d8": ("Penguins", "Emperor penguins breed in the Antarctic winter and huddle against the cold."),
+    "d7": ("Compilers",
+           "A compiler parses source code into a syntax tree before generating machine code."),
+    "d8": ("Penguins",
+           "Emperor penguins breed in the Antarctic winter and huddle against the cold."),
 }
 QUERIES = {
     "q1": ("Which volcanoes produce basaltic lava?", "d1"),
@@ -42,13 +45,15 @@ def beir_dir(tmp_path):
     root = tmp_path / "tinybeir"
     (root / "qrels").mkdir(parents=True)
     (root / "corpus.jsonl").write_text("".join(
-        json.dumps({"_id": doc_id, "title": title, "text": text}) + "\n" for doc_id, (title, text) in TOPICS.items()
+        json.dumps({"_id": doc_id, "title": title, "text": text}) + "\n"
+        for doc_id, (title, text) in TOPICS.items()
     ))
     (root / "queries.jsonl").write_text("".join(
         json.dumps({"_id": qid, "text": text}) + "\n" for qid, (text, _) in QUERIES.items()
     ))
     (root / "qrels" / "test.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{qid}\t{doc}\t1\n" for qid, (_, doc) in QUERIES.items())
+        "query-id\tcorpus-id\tscore\n"
+        + "".join(f"{qid}\t{doc}\t1\n" for qid, (_, doc) in QUERIES.items())
     )
     return root
 
@@ -61,7 +66,8 @@ def other_collections(transactional_db, settings, tmp_path):
     ids = []
     for name, text in (("volcano-trip.md", "# Trip\nWe hiked to a volcano crater and saw lava."),
                        ("bees.md", "# Bees\nOur bees swarmed in May; the honey was late.")):
-        (outcome,) = documents_upload(collection=other, filename=name, data=text.encode(), queue=False)
+        (outcome,) = documents_upload(collection=other, filename=name, data=text.encode(),
+                                      queue=False)
         ids.append(outcome.document.pk)
     documents_ingest_batch(document_ids=ids)
     return other
@@ -69,13 +75,15 @@ def other_collections(transactional_db, settings, tmp_path):
 
 def evaluate(beir_dir, tmp_path, name: str) -> dict:
     out = tmp_path / f"{name}.json"
-    call_command("kb_eval", dataset=str(beir_dir), modes=MODES, json_file=str(out), no_progress=True)
+    call_command("kb_eval", dataset=str(beir_dir), modes=MODES, json_file=str(out),
+                 no_progress=True)
     return {mode: {metric: figures[metric] for metric in ("ndcg@10", "recall@100", "mrr@10")}
             for mode, figures in json.loads(out.read_text())["modes"].items()}
 
 
 @pytest.mark.slow
-def test_a_first_run_that_ingests_reports_what_a_reusing_run_reports(beir_dir, other_collections, tmp_path):
+def test_a_first_run_that_ingests_reports_what_a_reusing_run_reports(beir_dir, other_collections,
+                                                                     tmp_path):
     """First-run conditions: the dataset is ingested in the process that then evaluates it,
     beside other collections; the figures equal a second run's, which reuses the collection."""
     first = evaluate(beir_dir, tmp_path, "first")
@@ -88,14 +96,18 @@ def test_a_first_run_that_ingests_reports_what_a_reusing_run_reports(beir_dir, o
 
 
 @pytest.mark.slow
-def test_a_collection_with_ready_documents_missing_from_search_is_refused(beir_dir, other_collections, tmp_path):
+def test_a_collection_with_ready_documents_missing_from_search_is_refused(beir_dir,
+                                                                          other_collections,
+                                                                          tmp_path):
     """Ready documents whose chunks search cannot see would give partial figures (the
     0.12-instead-of-0.69 report): kb_eval says what is wrong and reports nothing."""
     evaluate(beir_dir, tmp_path, "first")
-    hidden = Document.objects.filter(collection__slug="beir-tinybeir", metadata__beir_id__in=["d1", "d2"])
+    hidden = Document.objects.filter(collection__slug="beir-tinybeir",
+                                     metadata__beir_id__in=["d1", "d2"])
     Chunk.objects.filter(document__in=hidden).update(searchable=False)
 
-    with pytest.raises(CommandError, match="2 ready documents of beir-tinybeir have no searchable chunks"):
+    with pytest.raises(CommandError,
+                       match="2 ready documents of beir-tinybeir have no searchable chunks"):
         evaluate(beir_dir, tmp_path, "second")
     assert not (tmp_path / "second.json").exists()
 

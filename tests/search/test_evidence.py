@@ -36,8 +36,8 @@ def test_evidence_summarises_the_candidates_without_a_query():
 
 
 def test_search_results_carry_their_evidence(corpus, reader):
-    result = services.search(params=services.SearchParams(query="How does hybrid search fuse results?"),
-                             user=reader, record_usage=False)
+    params = services.SearchParams(query="How does hybrid search fuse results?")
+    result = services.search(params=params, user=reader, record_usage=False)
 
     assert result.evidence.top_similarity is not None and result.evidence.agreement > 0
 

@@ -30,7 +30,8 @@ def search(reader):
 
     def run(**kwargs) -> services.SearchResult:
         kwargs.setdefault("query", QUERY)
-        return services.search(params=services.SearchParams(**kwargs), user=reader, record_usage=False)
+        return services.search(params=services.SearchParams(**kwargs), user=reader,
+                               record_usage=False)
 
     return run
 
@@ -99,9 +100,11 @@ def test_explain_has_per_stage_scores_ranks_and_timings(corpus, search):
         assert set(hit.stages) == {"bm25", "vector", "fused"}
         assert hit.stages["fused"] == {"score": hit.score, "rank": rank}
         assert hit.stages["bm25"]["rank"] is not None or hit.stages["vector"]["rank"] is not None
-    both = [hit for hit in result.hits if hit.stages["bm25"]["rank"] and hit.stages["vector"]["rank"]]
+    both = [hit for hit in result.hits
+            if hit.stages["bm25"]["rank"] and hit.stages["vector"]["rank"]]
     assert both, "the top hits should be found by both retrievers"
-    assert all(hit.stages["bm25"]["score"] > 0 and -1 <= hit.stages["vector"]["similarity"] <= 1 for hit in both)
+    assert all(hit.stages["bm25"]["score"] > 0 and -1 <= hit.stages["vector"]["similarity"] <= 1
+               for hit in both)
 
 
 def test_rrf_scores_follow_the_formula(corpus, search, settings):
@@ -110,10 +113,12 @@ def test_rrf_scores_follow_the_formula(corpus, search, settings):
     result = search(mode="hybrid", explain=True, k=20)
 
     for hit in result.hits:
-        expected = sum(1 / (60 + stage["rank"]) for stage in (hit.stages["bm25"], hit.stages["vector"])
+        expected = sum(1 / (60 + stage["rank"])
+                       for stage in (hit.stages["bm25"], hit.stages["vector"])
                        if stage["rank"] is not None)
         assert hit.score == pytest.approx(expected, abs=1e-12)
-    assert [hit.score for hit in result.hits] == sorted((hit.score for hit in result.hits), reverse=True)
+    assert [hit.score for hit in result.hits] == sorted((hit.score for hit in result.hits),
+                                                        reverse=True)
 
 
 def test_rrf_by_hand():
@@ -162,8 +167,11 @@ def test_convex_fusion_in_search(corpus, search, settings):
     mixed = search(mode="hybrid", fusion="convex", k=10)
 
     assert [h.chunk_id for h in by_bm25.hits] == [h.chunk_id for h in search(mode="bm25", k=5).hits]
-    assert [h.chunk_id for h in by_vector.hits] == [h.chunk_id for h in search(mode="vector", k=5).hits]
-    assert by_bm25.hits[0].score == pytest.approx(1.0) and by_vector.hits[0].score == pytest.approx(1.0)
+    assert [h.chunk_id for h in by_vector.hits] == [
+        h.chunk_id for h in search(mode="vector", k=5).hits
+    ]
+    assert by_bm25.hits[0].score == pytest.approx(1.0)
+    assert by_vector.hits[0].score == pytest.approx(1.0)
     assert all(0.0 <= h.score <= 1.0 for h in mixed.hits)
     assert [h.score for h in mixed.hits] == sorted((h.score for h in mixed.hits), reverse=True)
 
@@ -221,15 +229,20 @@ def test_a_new_query_is_embedded_while_its_bm25_half_runs(corpus, search, reader
     in the ledger with the model's own latency."""
     query = "Which formats can editors upload, and how are they split into chunks?"
     with CaptureQueriesContext(connection) as captured:
-        apart = services.search(params=services.SearchParams(query=query, explain=True), user=reader)
+        apart = services.search(params=services.SearchParams(query=query, explain=True),
+                                user=reader)
     together = search(query=query, explain=True)  # the vector is cached now: one statement
 
     bm25_half, vector_half = retrieval_statements(captured)
     assert "search_posting" in bm25_half and "<=>" not in bm25_half
     assert "<=>" in vector_half and "search_posting" not in vector_half
-    assert [(h.chunk_id, h.stages) for h in apart.hits] == [(h.chunk_id, h.stages) for h in together.hits]
+    assert [(h.chunk_id, h.stages) for h in apart.hits] == [
+        (h.chunk_id, h.stages) for h in together.hits
+    ]
     assert apart.hits[0].stages["bm25"]["rank"] and apart.hits[0].stages["vector"]["rank"]
-    embedded = UsageRecord.objects.filter(kind=UsageRecord.Kind.EMBEDDING, cache_hit=False).latest("created_at")
+    embedded = UsageRecord.objects.filter(
+        kind=UsageRecord.Kind.EMBEDDING, cache_hit=False
+    ).latest("created_at")
     assert embedded.status == UsageRecord.Status.OK and embedded.input_tokens > 0
     assert 0 < embedded.latency_ms <= apart.timings_ms["total"]
 
@@ -243,7 +256,9 @@ def test_keyword_results_survive_a_failing_embedding_model(corpus, reader, setti
         model.key: {"BACKEND": "tests.search.test_hybrid.BrokenLocalEmbeddings"},
     }}
 
-    params = services.SearchParams(query="How are uploaded documents chunked before they are embedded?")
+    params = services.SearchParams(
+        query="How are uploaded documents chunked before they are embedded?"
+    )
     result = services.search(params=params, user=reader)
 
     assert result.mode == "bm25" and result.hits

@@ -46,7 +46,8 @@ def test_metrics_match_hand_computed_values():
 
 def test_a_query_without_results_scores_zero():
     """Judged queries missing from the run count as zeros, not as skipped."""
-    got = metrics_compute(qrels={"q1": {"a": 1}, "q2": {"b": 1}}, run=run_from_rankings({"q1": ["a"]}))
+    got = metrics_compute(qrels={"q1": {"a": 1}, "q2": {"b": 1}},
+                          run=run_from_rankings({"q1": ["a"]}))
 
     assert got == {"ndcg@10": 0.5, "recall@100": 0.5, "mrr@10": 0.5}
 
@@ -77,9 +78,12 @@ def test_beir_loader_reads_test_queries_and_graded_qrels(tmp_path):
         + json.dumps({"_id": "d2", "title": "Only a title", "text": ""}) + "\n"
     )
     (tmp_path / "queries.jsonl").write_text(
-        json.dumps({"_id": "q1", "text": "first"}) + "\n" + json.dumps({"_id": "q2", "text": "unjudged"}) + "\n"
+        json.dumps({"_id": "q1", "text": "first"}) + "\n"
+        + json.dumps({"_id": "q2", "text": "unjudged"}) + "\n"
     )
-    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td2\t1\n")
+    (tmp_path / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td2\t1\n"
+    )
 
     dataset = beir_dataset_load(path=tmp_path)
 

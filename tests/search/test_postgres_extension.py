@@ -38,12 +38,14 @@ def fake_server(tmp_path) -> tuple[Path, Path, Path]:
     answers = {
         "--pkglibdir": str(lib_dir),
         "--sharedir": str(share_dir),
-        **{option: subprocess.run([str(real), option], capture_output=True, text=True, check=True).stdout.strip()
+        **{option: subprocess.run([str(real), option], capture_output=True, text=True,
+                                  check=True).stdout.strip()
            for option in ("--includedir-server", "--cppflags", "--cflags", "--cflags_sl")},
     }
     script = tmp_path / "pg_config"
     cases = "\n".join(f'    {option}) echo "{value}" ;;' for option, value in answers.items())
-    script.write_text(f'#!/bin/sh\nfor option in "$@"; do\n  case "$option" in\n{cases}\n  esac\ndone\n')
+    script.write_text('#!/bin/sh\nfor option in "$@"; do\n  case "$option" in\n'
+                      f'{cases}\n  esac\ndone\n')
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return script, lib_dir, share_dir / "extension"
 
@@ -55,13 +57,16 @@ def test_build_installs_the_library_and_extension_files_once(fake_server):
     library = lib_dir / f"{EXTENSION}.so"
     assert library.stat().st_size > 0
     assert {path.name for path in extension_dir.iterdir()} == {
-        f"{EXTENSION}.control", f"{EXTENSION}--1.0.sql", f"{EXTENSION}--1.1.sql", f"{EXTENSION}--1.0--1.1.sql",
+        f"{EXTENSION}.control", f"{EXTENSION}--1.0.sql", f"{EXTENSION}--1.1.sql",
+        f"{EXTENSION}--1.0--1.1.sql",
     }
     built_at = library.stat().st_mtime_ns
 
     assert extension_build(pg_config), "an unchanged source is not rebuilt"
     assert library.stat().st_mtime_ns == built_at
-    assert sorted(path.name for path in lib_dir.iterdir()) == [f"{EXTENSION}.sha256", f"{EXTENSION}.so"]
+    assert sorted(path.name for path in lib_dir.iterdir()) == [
+        f"{EXTENSION}.sha256", f"{EXTENSION}.so",
+    ]
 
 
 def test_a_failed_build_is_logged_and_leaves_nothing(fake_server, settings, caplog):
@@ -92,7 +97,8 @@ def test_migrate_created_the_extension_and_creating_again_changes_nothing():
 
 def top_chunks(*arguments) -> list[tuple]:
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SELECT * FROM kb_bm25_top_chunks(%s::regclass, %s, %s, %s, %s, %s, %s, %s)", arguments)
+        cursor.execute("SELECT * FROM kb_bm25_top_chunks(%s::regclass, %s, %s, %s, %s, %s, %s, %s)",
+                       arguments)
         return cursor.fetchall()
 
 
@@ -137,7 +143,8 @@ def test_starting_the_embedded_server_compiles_nothing(settings, monkeypatch):
     from kb.ops.database import embedded_server_start, embedded_server_stop
 
     builds = []
-    monkeypatch.setattr(postgres_extension, "extension_build", lambda *args: builds.append(args) or True)
+    monkeypatch.setattr(postgres_extension, "extension_build",
+                        lambda *args: builds.append(args) or True)
     # Beside the test server's data: pytest's tmp_path is private to root, and pgserver runs
     # the server as its own user.
     parent = Path(tempfile.mkdtemp(dir=settings.KB_DATA_DIR, prefix="test-start-"))

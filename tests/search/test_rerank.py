@@ -58,7 +58,8 @@ def reference_scores(model_path: Path, query: str, passages: list[str]) -> list[
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = BertForSequenceClassification.from_pretrained(model_path).eval()
-    encoded = tokenizer([query] * len(passages), passages, padding=True, truncation=True, return_tensors="pt")
+    encoded = tokenizer([query] * len(passages), passages, padding=True, truncation=True,
+                        return_tensors="pt")
     with torch.no_grad():
         return torch.sigmoid(model(**encoded).logits.squeeze(-1)).tolist()
 
@@ -67,7 +68,8 @@ def test_cross_encoder_scores_pairs_with_a_local_model(tiny_cross_encoder):
     """CrossEncoderReranker loads a local path offline and scores (query, passage) pairs."""
     result = CrossEncoderReranker(model=str(tiny_cross_encoder)).rerank(QUERY, PASSAGES)
 
-    assert result.scores == pytest.approx(reference_scores(tiny_cross_encoder, QUERY, PASSAGES), abs=1e-5)
+    expected = reference_scores(tiny_cross_encoder, QUERY, PASSAGES)
+    assert result.scores == pytest.approx(expected, abs=1e-5)
     assert len(set(result.scores)) == len(PASSAGES)
     assert CrossEncoderReranker(model=str(tiny_cross_encoder)).rerank(QUERY, []).scores == []
 
@@ -97,7 +99,8 @@ def hybrid(reader):
 
 
 @pytest.mark.django_db
-def test_search_reranks_the_fused_top_n_and_explains_it(corpus, hybrid, settings, tiny_cross_encoder):
+def test_search_reranks_the_fused_top_n_and_explains_it(corpus, hybrid, settings,
+                                                        tiny_cross_encoder):
     """The top N fused hits are reordered by the reranker; explain shows both stages."""
     settings.KB_RERANK_TOP_N = 6
     use_reranker(settings, {"BACKEND": "kb.providers.local.CrossEncoderReranker",
@@ -114,7 +117,8 @@ def test_search_reranks_the_fused_top_n_and_explains_it(corpus, hybrid, settings
     for rank, hit in enumerate(result.hits[:6], start=1):
         assert hit.stages["rerank"]["rank"] == rank
         assert hit.stages["rerank"]["score"] == pytest.approx(hit.score)
-        assert hit.stages["fused"]["rank"] == 1 + [h.chunk_id for h in fused.hits].index(hit.chunk_id)
+        fused_ids = [h.chunk_id for h in fused.hits]
+        assert hit.stages["fused"]["rank"] == 1 + fused_ids.index(hit.chunk_id)
     assert "rerank" not in result.hits[6].stages
     assert "rerank" in result.timings_ms
     assert UsageRecord.objects.filter(kind=UsageRecord.Kind.RERANK, provider="local").count() == 1
@@ -154,8 +158,8 @@ def server() -> Iterator[FakeOpenAIServer]:
 def test_http_reranker_orders_search_results(corpus, hybrid, settings, server):
     """Search sends the fused top N to a real /rerank server and orders by its scores."""
     settings.KB_RERANK_TOP_N = 8
-    use_reranker(settings, {"BACKEND": "kb.providers.http_rerank.HTTPReranker", "MODEL": "rerank-test",
-                            "url": server.rerank_url, "timeout": 5})
+    use_reranker(settings, {"BACKEND": "kb.providers.http_rerank.HTTPReranker",
+                            "MODEL": "rerank-test", "url": server.rerank_url, "timeout": 5})
     fused = hybrid(rerank=False)
     result = hybrid(rerank=True)
 
@@ -172,8 +176,8 @@ def test_http_reranker_orders_search_results(corpus, hybrid, settings, server):
 @pytest.mark.django_db
 def test_http_reranker_failure_keeps_fused_order(corpus, hybrid, settings, server):
     """A failing rerank server degrades to the fused ranking with a notice, not an error."""
-    use_reranker(settings, {"BACKEND": "kb.providers.http_rerank.HTTPReranker", "url": server.rerank_url,
-                            "max_attempts": 1, "timeout": 5})
+    use_reranker(settings, {"BACKEND": "kb.providers.http_rerank.HTTPReranker",
+                            "url": server.rerank_url, "max_attempts": 1, "timeout": 5})
     fused = hybrid(rerank=False)
     server.enqueue(Fault(status=500))
     result = hybrid(rerank=True)
@@ -191,7 +195,8 @@ def grade_by_overlap(messages: list[dict]) -> str:
     prompt = messages[-1]["content"]
     query = re.search(r"^Query: (.*)$", prompt, re.MULTILINE).group(1)
     passages = re.findall(r"^\[\d+\] (.*)$", prompt, re.MULTILINE)
-    return "```json\n" + json.dumps({"scores": [round(10 * word_overlap(query, p)) for p in passages]}) + "\n```"
+    scores = [round(10 * word_overlap(query, p)) for p in passages]
+    return "```json\n" + json.dumps({"scores": scores}) + "\n```"
 
 
 @pytest.fixture
@@ -243,7 +248,8 @@ def test_llm_reranker_runs_inside_an_event_loop(chat_settings):
 
 
 def test_llm_reranker_without_a_generative_model_is_a_provider_error(settings):
-    """Only the extractive answerer configured: a ProviderError, which search turns into a notice."""
+    """Only the extractive answerer configured: a ProviderError, which search turns into a
+    notice."""
     settings.KB_PROVIDERS = {**settings.KB_PROVIDERS, "chat": [
         {"BACKEND": "kb.providers.extractive.ExtractiveChat", "MODEL": "extractive"}]}
 
@@ -256,7 +262,8 @@ def test_llm_reranker_without_a_generative_model_is_a_provider_error(settings):
     [
         ('{"scores": [1, 9, 0]}', [1.0, 9.0, 0.0]),
         ("Here you go: [3, 7.5, 12]", [3.0, 7.5, 10.0]),
-        ('[{"index": 2, "score": 8}, {"index": 1, "score": 2}, {"index": 3, "score": 5}]', [2.0, 8.0, 5.0]),
+        ('[{"index": 2, "score": 8}, {"index": 1, "score": 2}, {"index": 3, "score": 5}]',
+         [2.0, 8.0, 5.0]),
         ("[1] 4\n[2] 6\n[3] 9", [4.0, 6.0, 9.0]),
         ("1: 4/10\n2: 6/10\n3: 0/10", [4.0, 6.0, 0.0]),
         ('{"scores": [1, 2]}', None),
@@ -290,7 +297,8 @@ def test_sentences_are_split_and_short_fragments_merged():
 def test_offline_reranker_prefers_the_passage_with_the_matching_sentence(db):
     """A passage whose one sentence says what the query asks rises above the prior order."""
     passages = [
-        "The admin lists documents. Each row shows a status. Filters narrow the list by collection.",
+        "The admin lists documents. Each row shows a status. Filters narrow the list by "
+        "collection.",
         "Colours are configurable. The logo can be replaced. Editors upload a zip archive of "
         "documents from the admin and each file is ingested.",
         "Search combines keyword and vector results. The fused list is cut to ten.",

@@ -70,7 +70,8 @@ def test_get_returns_results_with_the_documented_fields(client, corpus):
 def test_post_json_with_explain_filters_and_collection(client, corpus, shared_corpus):
     """POST JSON: mode, collection, filters and explain are honoured."""
     response = client.post(URL, {
-        "query": "upload a zip file", "k": 5, "mode": "bm25", "collection": [shared_corpus.collection.slug],
+        "query": "upload a zip file", "k": 5, "mode": "bm25",
+        "collection": [shared_corpus.collection.slug],
         "filters": {"metadata": {"audience": "editors"}}, "explain": True,
     }, format="json")
 
@@ -88,7 +89,8 @@ def test_post_json_with_explain_filters_and_collection(client, corpus, shared_co
 def test_get_filters_as_a_json_string(client, corpus):
     """On GET, filters is a JSON object in a query parameter."""
     target = corpus["how-search-works.md"]
-    response = client.get(URL, {"query": "upload", "filters": json.dumps({"document_ids": [target.pk]})})
+    response = client.get(URL, {"query": "upload",
+                                "filters": json.dumps({"document_ids": [target.pk]})})
 
     assert response.status_code == 200
     results = response.json()["results"]

@@ -106,7 +106,8 @@ def test_metadata_filter_returns_k_results(corpus, reader):
     starve_hnsw()
 
     result = services.search(params=services.SearchParams(
-        query="vector similarity search", mode="vector", k=len(expected), metadata={"team": "alpha"},
+        query="vector similarity search", mode="vector", k=len(expected),
+        metadata={"team": "alpha"},
     ), user=reader, record_usage=False)
 
     assert {hit.chunk_id for hit in result.hits} == expected
@@ -130,7 +131,8 @@ def test_date_range_filter_returns_k_results(corpus, reader):
 def test_small_collection_among_large_ones_returns_k_results(corpus, reader, ingest_one):
     """Searching one small collection is a filter too: its chunks must all come back."""
     small = Collection.objects.create(slug="small", name="Small")
-    document = ingest_one(small, "notes.txt", (FIXTURES / "samples" / "notes-latin1.txt").read_bytes())
+    document = ingest_one(small, "notes.txt",
+                          (FIXTURES / "samples" / "notes-latin1.txt").read_bytes())
     expected = chunk_ids(document=document)
     starve_hnsw()
 
@@ -157,11 +159,15 @@ def test_a_new_hybrid_query_falls_back_to_exact_vectors_too(corpus, reader):
     expected = chunk_ids(document=target)
     starve_hnsw()
     params = services.SearchParams(query="which file types can an editor upload to a collection",
-                                   mode="hybrid", k=len(expected), document_ids=(target.pk,), explain=True)
+                                   mode="hybrid", k=len(expected), document_ids=(target.pk,),
+                                   explain=True)
 
     apart = services.search(params=params, user=reader, record_usage=False)
-    together = services.search(params=params, user=reader, record_usage=False)  # the vector is cached
+    # the vector is cached
+    together = services.search(params=params, user=reader, record_usage=False)
 
     assert "retrieve_exact" in apart.timings_ms
     assert {hit.chunk_id for hit in apart.hits} == expected
-    assert [(h.chunk_id, h.stages) for h in apart.hits] == [(h.chunk_id, h.stages) for h in together.hits]
+    assert [(h.chunk_id, h.stages) for h in apart.hits] == [
+        (h.chunk_id, h.stages) for h in together.hits
+    ]

@@ -32,7 +32,8 @@ from kb.providers.openai import OpenAIChat, OpenAIEmbeddings
 from kb.providers.retrying import failed_attempts_recorded
 from tests.fakes.openai_server import FakeOpenAIServer, Fault
 
-TEXTS = ["Backups run every night at 02:00 UTC.", "Restores are tested monthly.", "Cats sleep a lot."]
+TEXTS = ["Backups run every night at 02:00 UTC.", "Restores are tested monthly.",
+         "Cats sleep a lot."]
 QUERY = "When do backups run?"
 
 
@@ -50,7 +51,8 @@ class EmbeddingBackendContract:
 
         assert len(result.vectors) == len(TEXTS)
         assert all(len(vector) == backend.dimensions for vector in result.vectors)
-        assert all(math.isclose(math.hypot(*vector), 1.0, abs_tol=1e-3) for vector in result.vectors)
+        assert all(math.isclose(math.hypot(*vector), 1.0, abs_tol=1e-3)
+                   for vector in result.vectors)
         assert result.input_tokens >= 0
         # Input order: each text's own vector, not a neighbour's.
         alone = backend.embed_batch([TEXTS[2]]).vectors[0]
@@ -134,7 +136,8 @@ class TestSentenceTransformerEmbeddings(EmbeddingBackendContract):
 class TestOpenAIEmbeddings(EmbeddingBackendContract, RemoteBackendContract):
     @pytest.fixture
     def backend(self, fake_openai):
-        backend = OpenAIEmbeddings(model="fake-embedding", base_url=fake_openai.base_url, timeout=5.0)
+        backend = OpenAIEmbeddings(model="fake-embedding", base_url=fake_openai.base_url,
+                                   timeout=5.0)
         yield backend
         backend.close()
 

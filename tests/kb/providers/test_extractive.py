@@ -49,7 +49,8 @@ def answer_of(items) -> str:
 def test_is_a_non_generative_local_backend():
     backend = ExtractiveChat(model="extractive")
     assert isinstance(backend, ChatBackend)
-    assert (backend.generative, backend.remote, backend.provider_name) == (False, False, "extractive")
+    assert (backend.generative, backend.remote, backend.provider_name) == (
+        False, False, "extractive")
 
 
 def test_quotes_the_matching_sentences_with_their_citations():
@@ -80,7 +81,8 @@ def test_picks_at_most_four_units_in_reading_order():
     """Several matching sentences: at most four are quoted, ordered by passage then position."""
     text = " ".join(f"Backups of server {i} run every night at {i}:00." for i in range(1, 10))
 
-    picked = select_sentences("When do backups run every night?", [(1, text), (2, text + " Extra.")])
+    picked = select_sentences("When do backups run every night?",
+                              [(1, text), (2, text + " Extra.")])
 
     assert 1 <= len(picked) <= 4
     assert picked == sorted(picked, key=lambda pair: (pair[0], text.find(pair[1])))
@@ -89,7 +91,8 @@ def test_picks_at_most_four_units_in_reading_order():
 def test_stemming_lets_word_forms_meet():
     assert stem("indexing") == stem("indexes") == stem("index")
     assert stem("policies") == "policy"
-    pairs = select_sentences("restoring backups", [(1, "A restore is simple to do now. Nothing else here today.")])
+    pairs = select_sentences("restoring backups",
+                             [(1, "A restore is simple to do now. Nothing else here today.")])
     assert pairs[0][1].startswith("A restore")
 
 
@@ -129,7 +132,8 @@ def test_a_document_cannot_forge_citations_to_other_passages():
 
 DRF_CURSOR = """CursorPagination
 
-The cursor-based pagination presents an opaque "cursor" indicator that the client may use to page through the result set.
+The cursor-based pagination presents an opaque "cursor" indicator that the client may use \
+to page through the result set.
 
 To enable the CursorPagination style globally, use the following configuration:
 
@@ -138,17 +142,20 @@ REST_FRAMEWORK = {
     'PAGE_SIZE': 100
 }
 
-cursor_query_param = A string value indicating the name of the "cursor" query parameter. Defaults to 'cursor'.
+cursor_query_param = A string value indicating the name of the "cursor" query parameter. \
+Defaults to 'cursor'.
 
-ordering = This should be a string, or list of strings, indicating the field against which the cursor based pagination will be applied. Defaults to '-created'."""
+ordering = This should be a string, or list of strings, indicating the field against which \
+the cursor based pagination will be applied. Defaults to '-created'."""
 
 
 def test_a_short_sentence_is_quoted_with_the_one_it_completes():
     """"Defaults to 'cursor'." alone answers nothing: it comes with the sentence it completes."""
-    answer = answer_of(run("What is the name of the cursor query parameter?", [UPLOADS, DRF_CURSOR]))
+    answer = answer_of(run("What is the name of the cursor query parameter?",
+                           [UPLOADS, DRF_CURSOR]))
 
-    assert "cursor_query_param = A string value indicating the name of the \"cursor\" query parameter. " \
-        "Defaults to 'cursor'." in answer
+    assert ("cursor_query_param = A string value indicating the name of the \"cursor\" "
+            "query parameter. Defaults to 'cursor'." in answer)
     assert not answer.startswith("Defaults")
     assert "PDF" not in answer
 

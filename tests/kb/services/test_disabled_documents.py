@@ -43,4 +43,5 @@ def test_reader_paths_answer_404_for_a_disabled_document(disabled, django_user_m
 def test_the_admin_still_lists_a_disabled_document(disabled, admin_client):
     """Editors can still find a disabled document to enable it again."""
     assert admin_client.get(f"/admin/kb/document/{disabled.pk}/change/").status_code == 200
-    assert selectors.documents_visible(user=selectors.SYSTEM, include_disabled=True).filter(pk=disabled.pk).exists()
+    assert selectors.documents_visible(user=selectors.SYSTEM, include_disabled=True).filter(
+        pk=disabled.pk).exists()

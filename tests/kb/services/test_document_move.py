@@ -72,7 +72,8 @@ def _index_disagreements(collection_ids) -> list:
             if expected != actual:
                 problems.append(("collection statistic", collection_id, expected, actual))
             cursor.execute("""
-                SELECT u.lexeme, count(*) FROM kb_chunk AS c CROSS JOIN LATERAL unnest(c.search_vector) AS u
+                SELECT u.lexeme, count(*) FROM kb_chunk AS c
+                CROSS JOIN LATERAL unnest(c.search_vector) AS u
                 WHERE c.collection_id = %s AND c.searchable GROUP BY u.lexeme
             """, [collection_id])
             expected_df = dict(cursor.fetchall())
@@ -87,7 +88,8 @@ def _index_disagreements(collection_ids) -> list:
                 WHERE c.collection_id = %s AND c.searchable
             """, [collection_id])
             expected_postings = cursor.fetchone()[0]
-            cursor.execute("SELECT count(*) FROM search_posting WHERE collection_id = %s", [collection_id])
+            cursor.execute("SELECT count(*) FROM search_posting WHERE collection_id = %s",
+                           [collection_id])
             if cursor.fetchone()[0] != expected_postings:
                 problems.append(("posting count", collection_id))
     return problems
@@ -108,8 +110,9 @@ def test_after_a_move_only_readers_of_the_new_collection_find_the_passage(world,
 
     assert not _finds(world["a"], mode, world["doc"])
     assert _finds(world["b"], mode, world["doc"])
-    assert set(Chunk.objects.filter(document=world["doc"]).values_list("collection", flat=True)) == {
-        world["private"].pk}
+    chunk_collections = Chunk.objects.filter(document=world["doc"]).values_list(
+        "collection", flat=True)
+    assert set(chunk_collections) == {world["private"].pk}
 
 
 @pytest.fixture
@@ -193,7 +196,8 @@ def test_admin_change_form_cannot_move_and_the_move_action_does(world, admin_cli
 
     changelist = reverse("admin:kb_document_changelist")
     page = admin_client.post(changelist, {"action": "move", "_selected_action": [document.pk]})
-    assert page.status_code == 200 and "Move documents to another collection" in page.content.decode()
+    assert page.status_code == 200
+    assert "Move documents to another collection" in page.content.decode()
     response = admin_client.post(changelist, {
         "action": "move", "_selected_action": [document.pk], "apply": "1",
         "collection": world["private"].pk,

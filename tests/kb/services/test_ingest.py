@@ -115,7 +115,8 @@ def test_changed_file_reembeds_only_changed_chunks(collection, ingest_one):
     text = sample("guide.md").decode()
     first = ingest_one(collection, "guide.md", text)
     old_chunks = {c.embedding_input_hash for c in Chunk.objects.filter(document=first)}
-    tokens_before = sum(UsageRecord.objects.filter(kind="embedding").values_list("input_tokens", flat=True))
+    embedding_records = UsageRecord.objects.filter(kind="embedding")
+    tokens_before = sum(embedding_records.values_list("input_tokens", flat=True))
 
     edited = text.replace("## ", "## Revised: ", 1)
     second = ingest_one(collection, "guide.md", edited)
@@ -125,7 +126,7 @@ def test_changed_file_reembeds_only_changed_chunks(collection, ingest_one):
     changed = [c for c in new_chunks if c.embedding_input_hash not in old_chunks]
     assert 0 < len(changed) < len(new_chunks)
     records = UsageRecord.objects.filter(kind="embedding", document=second).order_by("-created_at")
-    new_tokens = sum(UsageRecord.objects.filter(kind="embedding").values_list("input_tokens", flat=True)) - tokens_before
+    new_tokens = sum(embedding_records.values_list("input_tokens", flat=True)) - tokens_before
     assert records.exists()
     assert new_tokens <= sum(c.token_count + 64 for c in changed)
     # Only one generation remains, and every chunk has exactly one vector.
@@ -178,7 +179,8 @@ def test_zip_with_one_bad_member_still_ingests_the_rest(collection, ingest):
     by_name = {o.filename.split("/")[-1]: o for o in outcomes}
     assert Document.objects.get(pk=by_name["guide.md"].document.pk).status == Document.Status.READY
     assert Document.objects.get(pk=by_name["notes.txt"].document.pk).status == Document.Status.READY
-    assert Document.objects.get(pk=by_name["broken.pdf"].document.pk).status == Document.Status.FAILED
+    assert (Document.objects.get(pk=by_name["broken.pdf"].document.pk).status
+            == Document.Status.FAILED)
     assert by_name["evil.txt"].outcome == "rejected"
     assert "traversal" in by_name["evil.txt"].message.lower() or ".." in by_name["evil.txt"].message
 
@@ -224,8 +226,8 @@ def test_retry_after_a_killed_run_finishes_without_duplicates(collection, ingest
             "search_context, embedding_input_hash, token_count, heading_path, char_start, "
             "char_end, searchable, search_length, created_at) "
             "SELECT document_id, collection_id, generation + 1, ordinal, text, search_context, "
-            "embedding_input_hash, token_count, heading_path, char_start, char_end, false, 0, now() "
-            "FROM kb_chunk WHERE document_id = %s",
+            "embedding_input_hash, token_count, heading_path, char_start, char_end, false, 0, "
+            "now() FROM kb_chunk WHERE document_id = %s",
             [document.pk],
         )
     Document.objects.filter(pk=document.pk).update(status=Document.Status.PROCESSING)
@@ -248,11 +250,13 @@ def test_retry_after_a_killed_run_finishes_without_duplicates(collection, ingest
 def test_embedding_provider_failure_marks_failed_and_keeps_old_version(
     collection, ingest_one, settings
 ):
-    """If the embedder fails, the document fails with the reason and its last good version serves."""
+    """If the embedder fails, the document fails with the reason and its last good version
+    serves."""
     from tests.fakes.openai_server import FakeOpenAIServer, Fault
 
     document = ingest_one(collection, "guide.md", sample("guide.md"))
-    old_ids = set(Chunk.objects.filter(document=document, searchable=True).values_list("pk", flat=True))
+    old_ids = set(Chunk.objects.filter(document=document, searchable=True)
+                  .values_list("pk", flat=True))
     with FakeOpenAIServer(dimensions=8) as server:
         settings.KB_PROVIDERS = {
             **settings.KB_PROVIDERS,
@@ -267,18 +271,21 @@ def test_embedding_provider_failure_marks_failed_and_keeps_old_version(
         model = embeddings.reembed_start(key="fake")  # a model being built gets new chunks too
         for _ in range(4):
             server.enqueue(Fault(status=500))
-        edited = sample("guide.md").decode() + "\n\n## Appendix\n\nA brand new section about tides.\n"
+        edited = (sample("guide.md").decode()
+                  + "\n\n## Appendix\n\nA brand new section about tides.\n")
         ingest_one(collection, "guide.md", edited)
         embeddings.reembed_cancel(model=model)
 
     document.refresh_from_db()
     assert document.status == Document.Status.FAILED
     assert "500" in document.error_message or "fake-embed" in document.error_message
-    assert set(Chunk.objects.filter(document=document, searchable=True).values_list("pk", flat=True)) == old_ids
+    assert set(Chunk.objects.filter(document=document, searchable=True)
+               .values_list("pk", flat=True)) == old_ids
 
 
 def test_a_batch_ingests_each_document_on_its_own(collection, ingest_one):
-    """One batch: new files, a new version of a stored one and a corrupt file; only the corrupt one fails."""
+    """One batch: new files, a new version of a stored one and a corrupt file; only the corrupt
+    one fails."""
     old = ingest_one(collection, "guide.md", sample("guide.md"))
     old_generation = old.chunk_generation
     uploads = [

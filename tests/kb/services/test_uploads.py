@@ -51,12 +51,16 @@ def _zip(members: dict[str, bytes]) -> bytes:
 def _orphans() -> set[str]:
     """Files in the media folder that no document row points to."""
     root = Path(settings.MEDIA_ROOT)
-    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+    on_disk = (
+        {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+        if root.exists() else set()
+    )
     return on_disk - {name for name in Document.objects.values_list("file", flat=True) if name}
 
 
 def _finds(user, text: str) -> set[int]:
-    result = search(params=SearchParams(query=text, mode="bm25", k=10), user=user, record_usage=False)
+    result = search(params=SearchParams(query=text, mode="bm25", k=10), user=user,
+                    record_usage=False)
     return {hit.document_id for hit in result.hits}
 
 
