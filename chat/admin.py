@@ -1,5 +1,9 @@
 """Admin for chat: budgets are edited here; conversations and the cache are read and cleared."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, TypedDict
+
 from django.contrib import admin, messages
 from django.db.models import Count, Model, QuerySet
 from django.http import HttpRequest
@@ -7,6 +11,15 @@ from django.utils.text import Truncator
 
 from chat import answer_cache, selectors
 from chat.models import AnswerCacheEntry, Budget, Conversation, Message
+
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
+
+
+class _MessageTotal(TypedDict):
+    """What ConversationAdmin.get_queryset annotates its rows with."""
+
+    message_total: int
 
 
 class _ReadOnly:
@@ -31,9 +44,9 @@ class BudgetAdmin(admin.ModelAdmin):
 class MessageInline(_ReadOnly, admin.TabularInline):
     model = Message
     extra = 0
-    fields = ["created_at", "role", "status", "mode", "short_content", "provider", "model",
-              "input_tokens", "output_tokens", "cache_hit"]
-    readonly_fields = fields
+    readonly_fields = ("created_at", "role", "status", "mode", "short_content", "provider",
+                       "model", "input_tokens", "output_tokens", "cache_hit")
+    fields = readonly_fields
     ordering = ["created_at"]
     show_change_link = True
 
@@ -61,7 +74,7 @@ class ConversationAdmin(_ReadOnly, admin.ModelAdmin):
         )
 
     @admin.display(description="Messages", ordering="message_total")
-    def message_count(self, obj: Conversation) -> int:
+    def message_count(self, obj: WithAnnotations[Conversation, _MessageTotal]) -> int:
         return obj.message_total
 
 

@@ -30,8 +30,7 @@ from search.selectors import collections_visible_to
 from search.vector import vector_literal
 
 if TYPE_CHECKING:
-    from django.contrib.auth.base_user import AbstractBaseUser
-    from django.contrib.auth.models import AnonymousUser
+    from kb.selectors import Caller
 
 _SPACES = re.compile(r"\s+")
 # Trailing punctuation and filler that do not change what is asked.
@@ -58,7 +57,7 @@ def cache_key(*, question: str, kb_version: str) -> str:
 
 
 def kb_version(
-    *, collection: Collection | None, user: AbstractBaseUser | AnonymousUser | None, api_key: ApiKey | None = None
+    *, collection: Collection | None, user: Caller, api_key: ApiKey | None = None
 ) -> str:
     """The version of what a question over `collection` (None: all visible ones) can see.
 
@@ -111,6 +110,8 @@ def cache_lookup(
     pk, exact, distance = found
     if exact:
         kind, similarity = "exact", 1.0
+    elif distance is None:  # not reached: a row other than the question's has a vector
+        return None
     else:
         threshold = settings.KB_SEMANTIC_CACHE_THRESHOLD if threshold is None else threshold
         kind, similarity = "semantic", 1.0 - float(distance)

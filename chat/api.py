@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import sync_to_async
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import exceptions, generics, serializers
@@ -29,11 +30,10 @@ from chat.models import Conversation, Message
 from chat.sse import event_stream_response, sse_stream
 from kb.api.authentication import ApiKeyAuthentication
 from kb.api.ratelimits import rate_limit_enforce
-from kb.models import ApiKey
+from kb.models import ApiKey, Collection
 
 if TYPE_CHECKING:
-    from django.contrib.auth.base_user import AbstractBaseUser
-    from django.contrib.auth.models import AnonymousUser
+    from kb.selectors import AnyUser
 
 MAX_MESSAGE_CHARS = 4000
 
@@ -76,10 +76,10 @@ class MessageSerializer(serializers.ModelSerializer):
     @extend_schema_field(CitationSerializer(many=True))
     def get_related(self, message: Message) -> list[dict]:
         """A not-covered answer's closest passages: stored as its citations, cited by nothing."""
-        return (
-            CitationSerializer(message.citations, many=True).data
-            if message.answerable is False else []
-        )
+        if message.answerable is not False:
+            return []
+        # many=True builds a ListSerializer, whose data is a list; the stubs type the child's.
+        return CitationSerializer(message.citations, many=True).data  # type: ignore[return-value]
 
     def to_representation(self, message: Message) -> dict:
         data = super().to_representation(message)
@@ -96,7 +96,9 @@ class ConversationListSerializer(serializers.ModelSerializer):
 
 class ConversationSerializer(serializers.ModelSerializer):
     # Null for a conversation over every collection the caller can read.
-    collection = serializers.SlugRelatedField(slug_field="slug", read_only=True, allow_null=True)
+    collection: serializers.SlugRelatedField[Collection] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True, allow_null=True
+    )
     messages = serializers.SerializerMethodField()
 
     class Meta:
@@ -109,7 +111,8 @@ class ConversationSerializer(serializers.ModelSerializer):
             messages=selectors.message_list(conversation=conversation),
             user=self.context["user"], api_key=self.context["api_key"],
         )
-        return MessageSerializer(messages, many=True).data
+        # many=True builds a ListSerializer, whose data is a list; the stubs type the child's.
+        return MessageSerializer(messages, many=True).data  # type: ignore[return-value]
 
 
 # --- POST /api/v1/chat -----------------------------------------------------------------------
@@ -136,7 +139,8 @@ def csrf_failure(request: HttpRequest) -> str | None:
     with the same message as the DRF views (search) do.
     """
     try:
-        SessionAuthentication().enforce_csrf(request)
+        # It reads only what a Django HttpRequest has; the stubs ask for DRF's Request.
+        SessionAuthentication().enforce_csrf(request)  # type: ignore[arg-type]
     except exceptions.PermissionDenied as exc:
         return str(exc.detail)
     return None
@@ -144,7 +148,7 @@ def csrf_failure(request: HttpRequest) -> str | None:
 
 async def authenticate(
     request: HttpRequest, *, allow_session: bool = True
-) -> tuple[AbstractBaseUser | AnonymousUser, ApiKey | None] | JsonResponse:
+) -> tuple[AnyUser, ApiKey | None] | JsonResponse:
     """(user, api_key) for a bearer key or (with allow_session) a logged-in session.
 
     Session callers must pass CSRF: the view is csrf_exempt only so that API-key callers,
@@ -170,7 +174,7 @@ async def authenticate(
 
 
 async def enforce_rate_limit(
-    request: HttpRequest, *, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None
+    request: HttpRequest, *, user: AnyUser, api_key: ApiKey | None
 ) -> JsonResponse | None:
     """A 429 response if the caller is over the chat rate limit."""
     request.user = user
@@ -178,7 +182,7 @@ async def enforce_rate_limit(
     try:
         await sync_to_async(rate_limit_enforce)(request, group="chat")
     except exceptions.Throttled as exc:
-        wait = int(exc.wait or 60)
+        wait = int(exc.wait or 60)  # type: ignore[attr-defined]  # set by DRF, not in the stubs
         return error_response(429, "throttled", str(exc.detail), headers={"Retry-After": str(wait)})
     return None
 
@@ -201,7 +205,7 @@ def request_id_for(request: HttpRequest) -> str:
 
 
 @csrf_exempt
-async def chat(request: HttpRequest) -> HttpResponse:
+async def chat(request: HttpRequest) -> HttpResponseBase:
     """POST /api/v1/chat: answer a question, as an SSE stream or (stream: false) JSON."""
     if request.method != "POST":
         return error_response(405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})

@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
@@ -30,8 +30,7 @@ from chat.models import Budget
 from kb.models import ApiKey, UsageRecord
 
 if TYPE_CHECKING:
-    from django.contrib.auth.base_user import AbstractBaseUser
-    from django.contrib.auth.models import AnonymousUser
+    from kb.selectors import AnyUser
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ def _limit(scope: str, row: Budget | None, tokens_default: int, cost_default: fl
     )
 
 
-def budget_limits_for(*, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None) -> list[BudgetLimit]:
+def budget_limits_for(*, user: AnyUser, api_key: ApiKey | None) -> list[BudgetLimit]:
     """The limits that apply to this caller, with admin rows overriding the settings."""
     rows = Budget.objects.filter(
         Q(scope=Budget.Scope.GLOBAL)
@@ -96,11 +95,11 @@ def budget_limits_for(*, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey
 
 
 def usage_today(
-    *, scopes: list[str], user: AbstractBaseUser | AnonymousUser | None, api_key: ApiKey | None
+    *, scopes: list[str], user: AnyUser | None, api_key: ApiKey | None
 ) -> dict[str, tuple[int, Decimal]]:
     """Tokens and USD spent today per scope, in one query over the ledger."""
     tokens = F("input_tokens") + F("output_tokens")
-    filters = {
+    filters: dict[str, Q] = {
         Budget.Scope.GLOBAL: Q(),
         Budget.Scope.USER: Q(user_id=getattr(user, "pk", None)),
         Budget.Scope.API_KEY: Q(api_key_id=getattr(api_key, "pk", None)),
@@ -120,15 +119,15 @@ def usage_today(
     }
 
 
-def budget_check(*, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None) -> None:
+def budget_check(*, user: AnyUser, api_key: ApiKey | None) -> None:
     """Raise BudgetExceeded if any budget that applies to this caller is used up today."""
     limits = budget_limits_for(user=user, api_key=api_key)
     if not limits:
         return
     spent = usage_today(scopes=[limit.scope for limit in limits], user=user, api_key=api_key)
-    names = {Budget.Scope.GLOBAL: "The daily budget for this service",
-             Budget.Scope.USER: "Your daily budget",
-             Budget.Scope.API_KEY: "This API key's daily budget"}
+    names: dict[str, str] = {Budget.Scope.GLOBAL: "The daily budget for this service",
+                             Budget.Scope.USER: "Your daily budget",
+                             Budget.Scope.API_KEY: "This API key's daily budget"}
     for limit in limits:
         tokens, cost = spent[limit.scope]
         over = None
@@ -147,7 +146,7 @@ def budget_check(*, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | No
 
 @transaction.atomic
 def budget_set(
-    *, scope: str, user: AbstractUser | None = None, api_key: ApiKey | None = None,
+    *, scope: str, user: User | None = None, api_key: ApiKey | None = None,
     changes: dict[str, int | Decimal | None],
 ) -> tuple[Budget, bool]:
     """Create or update the Budget row of a target; only the limits in changes change
@@ -165,7 +164,7 @@ def budget_set(
 
 
 def budget_delete(
-    *, scope: str, user: AbstractUser | None = None, api_key: ApiKey | None = None
+    *, scope: str, user: User | None = None, api_key: ApiKey | None = None
 ) -> bool:
     """Remove the Budget row of a target, so the KB_BUDGET_* settings apply again;
     False if there was none."""

@@ -16,10 +16,11 @@ import json
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import serializers
 
@@ -31,8 +32,7 @@ from kb.models import ApiKey, Collection
 from kb.providers.base import ChatMessage
 
 if TYPE_CHECKING:
-    from django.contrib.auth.base_user import AbstractBaseUser
-    from django.contrib.auth.models import AnonymousUser
+    from kb.selectors import AnyUser
 
 MODEL_PREFIX = "kb-"
 
@@ -55,6 +55,18 @@ def openai_error(
     for name, value in (headers or {}).items():
         response[name] = value
     return response
+
+
+class _TurnArguments(TypedDict):
+    """The keyword arguments of services.answer_complete and answer_stream."""
+
+    question: str
+    conversation_id: None
+    collection_slug: str
+    user: AnyUser
+    api_key: ApiKey | None
+    request_id: str
+    history: list[ChatMessage]
 
 
 def _from_api_error(response: JsonResponse) -> JsonResponse:
@@ -82,13 +94,13 @@ def _text(content: Any) -> str:
 
 
 def _visible_collection(
-    *, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None, slug: str
+    *, user: AnyUser, api_key: ApiKey | None, slug: str
 ) -> Collection | None:
     return selectors.collections_for_chat(user=user, api_key=api_key).filter(slug=slug).first()
 
 
 @csrf_exempt
-async def chat_completions(request: HttpRequest) -> HttpResponse:
+async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     """POST /v1/chat/completions over the knowledge base; model `kb-<collection slug>`."""
     if request.method != "POST":
         return openai_error(405, "Use POST.", code="method_not_allowed")
@@ -103,7 +115,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     limited = await api.enforce_rate_limit(request, user=user, api_key=api_key)
     if limited is not None:
         return _from_api_error(limited)
-    arguments = {
+    arguments: _TurnArguments = {
         "question": turns[-1].content[: api.MAX_MESSAGE_CHARS],
         "conversation_id": None,
         "collection_slug": collection.slug,
@@ -133,7 +145,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
 
 
 async def _completion_request(
-    request: HttpRequest, *, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None
+    request: HttpRequest, *, user: AnyUser, api_key: ApiKey | None
 ) -> tuple[dict[str, Any], Collection, list[ChatMessage]] | JsonResponse:
     """The validated body, the collection its model names and the conversation's turns, or
     the OpenAI-shaped error that refuses it."""
@@ -258,7 +270,7 @@ def _usage(usage: dict) -> dict:
             "total_tokens": prompt + completion}
 
 
-def _models_for(user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None) -> list[dict]:
+def _models_for(user: AnyUser, api_key: ApiKey | None) -> list[dict]:
     return [
         {"id": f"{MODEL_PREFIX}{c.slug}", "object": "model",
          "created": int(c.created_at.timestamp()), "owned_by": "kb"}

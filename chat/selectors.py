@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-from django.contrib.auth.models import AbstractUser
 from django.contrib.postgres.expressions import ArraySubquery
 from django.contrib.postgres.fields import ArrayField
 from django.db import connection
@@ -15,17 +13,13 @@ from django.db.models import BigIntegerField, Exists, Func, OuterRef, Q, QuerySe
 from chat.models import AnswerCacheEntry, Conversation, Message
 from kb.models import ApiKey, Collection, Document
 from kb.providers.base import ChatMessage
-from kb.selectors import collections_visible, documents_visible
+from kb.selectors import AnyUser, collections_visible, documents_visible, signed_in_user
 from kb.usage.reports import CitedDocument, Window, cited_documents_source_set
 from search.selectors import collections_visible_to
 
-if TYPE_CHECKING:
-    from django.contrib.auth.base_user import AbstractBaseUser
-    from django.contrib.auth.models import AnonymousUser
-
 
 def conversation_list(
-    *, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None = None
+    *, user: AnyUser, api_key: ApiKey | None = None
 ) -> QuerySet[Conversation]:
     """The caller's conversations that its scope still covers, most recently active first.
 
@@ -35,7 +29,8 @@ def conversation_list(
     asked it and no answer in it (say, one added later through the web page) cites a
     document outside the key's collections.
     """
-    if not getattr(user, "is_authenticated", False):
+    owner = signed_in_user(user)
+    if owner is None:
         return Conversation.objects.none()
     in_scope = Q(collection__in=collections_visible(user=user, api_key=api_key))
     if api_key is None:
@@ -53,11 +48,11 @@ def conversation_list(
         unscoped = Q(collection__isnull=True) & (
             ~narrowed | (Q(api_key_id=api_key.pk) & ~cites_outside)
         )
-    return Conversation.objects.filter(in_scope | unscoped, user=user).order_by("-updated_at")
+    return Conversation.objects.filter(in_scope | unscoped, user=owner).order_by("-updated_at")
 
 
 def conversation_get(
-    *, user: AbstractBaseUser | AnonymousUser, pk: uuid.UUID | str, api_key: ApiKey | None = None
+    *, user: AnyUser, pk: uuid.UUID | str, api_key: ApiKey | None = None
 ) -> Conversation | None:
     """One of the caller's conversations (conversation_list), with its collection, or None."""
     return (
@@ -74,7 +69,7 @@ def message_list(*, conversation: Conversation) -> QuerySet[Message]:
 
 
 def message_get(
-    *, user: AbstractBaseUser | AnonymousUser, pk: uuid.UUID, api_key: ApiKey | None = None
+    *, user: AnyUser, pk: uuid.UUID, api_key: ApiKey | None = None
 ) -> Message | None:
     """A message of one of the caller's conversations (conversation_list), or None."""
     if not getattr(user, "is_authenticated", False):
@@ -85,7 +80,7 @@ def message_get(
 
 
 def messages_scoped(
-    *, messages: Iterable[Message], user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None = None
+    *, messages: Iterable[Message], user: AnyUser, api_key: ApiKey | None = None
 ) -> list[Message]:
     """The messages with only the citations the caller may read now.
 
@@ -132,7 +127,7 @@ def conversation_history(*, conversation: Conversation, turns: int) -> list[Chat
 
 
 def collections_for_chat(
-    *, user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None = None
+    *, user: AnyUser, api_key: ApiKey | None = None
 ) -> QuerySet[Collection]:
     """Collections the caller may ask about, by name, each flagged `has_ready` if searchable."""
     ready = Document.objects.filter(collection=OuterRef("pk"), status=Document.Status.READY)
@@ -143,7 +138,7 @@ def collections_for_chat(
     )
 
 
-def conversation_last_collection_slug(*, user: AbstractBaseUser | AnonymousUser) -> str | None:
+def conversation_last_collection_slug(*, user: AnyUser) -> str | None:
     """The collection of the user's most recently active conversation, if any."""
     return (
         conversation_list(user=user).exclude(collection=None)
@@ -180,12 +175,12 @@ class CitedDocumentIds(Func):
     output_field = ArrayField(BigIntegerField())
 
 
-def _readable_document_ids(*, user: AbstractBaseUser | AnonymousUser) -> ArraySubquery:
+def _readable_document_ids(*, user: AnyUser) -> ArraySubquery:
     # The editors' admin shows disabled documents, so their answers stay visible there too.
     return ArraySubquery(documents_visible(user=user, include_disabled=True).values("pk"))
 
 
-def conversations_for_admin(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Conversation]:
+def conversations_for_admin(*, user: AnyUser) -> QuerySet[Conversation]:
     """Conversations an editor may read in the admin: the document admin's rule.
 
     A conversation is shown when its collection is one the editor may read (or none) and
@@ -205,14 +200,14 @@ def conversations_for_admin(*, user: AbstractBaseUser | AnonymousUser) -> QueryS
     )
 
 
-def messages_for_admin(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Message]:
+def messages_for_admin(*, user: AnyUser) -> QuerySet[Message]:
     """Messages of the conversations an editor may read (conversations_for_admin)."""
     if user.is_superuser:
         return Message.objects.all()
     return Message.objects.filter(conversation__in=conversations_for_admin(user=user))
 
 
-def answer_cache_entries_for_admin(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[AnswerCacheEntry]:
+def answer_cache_entries_for_admin(*, user: AnyUser) -> QuerySet[AnswerCacheEntry]:
     """Cached answers whose collection and every source document the editor may read."""
     if user.is_superuser:
         return AnswerCacheEntry.objects.all()
@@ -225,7 +220,7 @@ def answer_cache_entries_for_admin(*, user: AbstractBaseUser | AnonymousUser) ->
 
 
 def documents_most_cited(
-    *, period: Window, limit: int = 10, user: AbstractUser | None = None
+    *, period: Window, limit: int = 10, user: AnyUser | None = None
 ) -> list[CitedDocument]:
     """The documents cited most often by answers in the period.
 
@@ -255,7 +250,7 @@ def documents_most_cited(
     return result
 
 
-def _cited_rows(*, period: Window, limit: int, user: AbstractUser | None) -> list[tuple]:
+def _cited_rows(*, period: Window, limit: int, user: AnyUser | None) -> list[tuple]:
     """(document id, title, citations, answers), most cited first: the passages unnested in
     SQL (`jsonb_array_elements ... WITH ORDINALITY`; the ordinal stands in for a missing n)."""
     table = connection.ops.quote_name(Message._meta.db_table)

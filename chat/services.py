@@ -30,7 +30,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -48,14 +48,11 @@ from kb.models import ApiKey, Collection, UsageRecord
 from kb.ops.log_privacy import loggable_text
 from kb.providers import registry
 from kb.providers.base import ChatBackend, ChatDelta, ChatMessage, ChatUsage, Prompt, ProviderError
+from kb.selectors import AnyUser, signed_in_user
 from kb.usage.ledger import retried_attempts_record_usage, usage_record_create
 from search import selectors as search_selectors
 from search.query_embedding import query_vector
 from search.services import QueryEmbedding, SearchParams, SearchResult, search
-
-if TYPE_CHECKING:
-    from django.contrib.auth.base_user import AbstractBaseUser
-    from django.contrib.auth.models import AnonymousUser
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +146,7 @@ async def answer_stream(
     question: str,
     conversation_id: uuid.UUID | str | None,
     collection_slug: str | None,
-    user: AbstractBaseUser | AnonymousUser,
+    user: AnyUser,
     api_key: ApiKey | None,
     request_id: str = "",
     history: Sequence[ChatMessage] | None = None,
@@ -205,7 +202,7 @@ async def answer_complete(
     question: str,
     conversation_id: uuid.UUID | str | None,
     collection_slug: str | None,
-    user: AbstractBaseUser | AnonymousUser,
+    user: AnyUser,
     api_key: ApiKey | None,
     request_id: str = "",
     history: Sequence[ChatMessage] | None = None,
@@ -286,7 +283,7 @@ def _turn_open(**arguments: Any) -> Turn:
 
 def _turn_check(
     *, question: str, conversation_id: uuid.UUID | str | None, collection_slug: str | None,
-    user: AbstractBaseUser | AnonymousUser, api_key: ApiKey | None,
+    user: AnyUser, api_key: ApiKey | None,
     request_id: str, history: Sequence[ChatMessage] | None,
 ) -> TurnRequest:
     """Validate and check budgets; the turn's rows are built (ids included) but not written.
@@ -323,7 +320,7 @@ def _turn_check(
     if conversation is None:
         # Unsaved, but its id is already the one the client is told (uuid default).
         conversation = Conversation(
-            user=user if getattr(user, "is_authenticated", False) else None,
+            user=signed_in_user(user),
             api_key=api_key,
             collection=collection,
             title=" ".join(question.split())[:120],
@@ -450,7 +447,9 @@ def _one_per_document(passages: list[prompts.Passage]) -> list[prompts.Passage]:
     return result
 
 
-async def _not_covered(turn: Turn, passages: list[prompts.Passage]) -> AsyncGenerator[ChatEvent, None]:
+async def _not_covered(
+    turn: Turn, passages: list[prompts.Passage]
+) -> AsyncGenerator[ChatEvent, None]:
     """The answer that says the documents do not cover the question, with the closest
     passages as related sources (not citations)."""
     answer = turn.answer

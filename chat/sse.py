@@ -15,6 +15,7 @@ def sse_event(event: ChatEvent) -> str:
     """One event in text/event-stream framing."""
     if isinstance(event, Heartbeat):
         return ": ping\n\n"
+    data: dict[str, object]
     if isinstance(event, Meta):
         name, data = "meta", {"conversation_id": event.conversation_id,
                               "message_id": event.message_id, "mode": event.mode,

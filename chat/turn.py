@@ -33,8 +33,7 @@ from kb.usage.ledger import UsageBuffer, model_cost
 from search.services import QueryEmbedding, SearchResult
 
 if TYPE_CHECKING:
-    from django.contrib.auth.base_user import AbstractBaseUser
-    from django.contrib.auth.models import AnonymousUser
+    from kb.selectors import AnyUser
 
 
 @dataclass
@@ -87,7 +86,7 @@ class TurnRequest:
     """The question as asked; its rows (ids included) are built but written later."""
 
     question: str
-    user: AbstractBaseUser | AnonymousUser
+    user: AnyUser
     api_key: ApiKey | None
     request_id: str
     conversation: Conversation

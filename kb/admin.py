@@ -5,18 +5,23 @@ Admin classes stay declarative; every action queues a service and returns.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypedDict, cast
+
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
-from django.db.models import F, Q, QuerySet
+from django.core.files.uploadedfile import UploadedFile
+from django.db.models import F, Model, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.urls.resolvers import URLPattern
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.safestring import SafeString
 from django.utils.translation import ngettext
 
 from kb import embeddings, selectors
@@ -25,7 +30,11 @@ from kb.api.ratelimits import rate_limit_parse
 from kb.ingestion import sniff
 from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel, UsageRecord
 from kb.providers import registry
+from kb.selectors import AnyUser
 from kb.services import api_keys, collections, documents, embedding_models, uploads
+
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
 
 # Short names for the document list; any other type shows as it is.
 DOCUMENT_KINDS = {
@@ -81,7 +90,7 @@ def document_progress_payload(document: Document) -> dict:
     }
 
 
-def human_size(size: int) -> str:
+def human_size(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -114,6 +123,14 @@ class CollectionForm(forms.ModelForm):
         return value
 
 
+class _CollectionCounts(TypedDict):
+    """What CollectionAdmin.get_queryset annotates (selectors.collections_with_counts)."""
+
+    document_count: int
+    ready_count: int
+    chunk_count: int
+
+
 @admin.register(Collection)
 class CollectionAdmin(admin.ModelAdmin):
     form = CollectionForm
@@ -129,21 +146,21 @@ class CollectionAdmin(admin.ModelAdmin):
         ("Access", {"fields": ["is_public", "allowed_users", "allowed_groups"]}),
     ]
 
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Collection]:
         return selectors.collections_with_counts(
             super().get_queryset(request).filter(selectors.collections_visible_to(user=request.user))
         )
 
     @admin.display(ordering="document_count")
-    def documents(self, obj):
+    def documents(self, obj: WithAnnotations[Collection, _CollectionCounts]) -> int:
         return obj.document_count
 
     @admin.display(ordering="ready_count")
-    def ready(self, obj):
+    def ready(self, obj: WithAnnotations[Collection, _CollectionCounts]) -> int:
         return obj.ready_count
 
     @admin.display(ordering="chunk_count", description="Searchable chunks")
-    def chunks(self, obj):
+    def chunks(self, obj: WithAnnotations[Collection, _CollectionCounts]) -> int:
         return obj.chunk_count
 
     @admin.display(description="Index", ordering="reindex_status")
@@ -165,29 +182,29 @@ class CollectionAdmin(admin.ModelAdmin):
 
 class ChunkInline(admin.TabularInline):
     model = Chunk
-    fields = ["ordinal", "preview", "token_count", "heading", "pages"]
-    readonly_fields = fields
+    readonly_fields = ("ordinal", "preview", "token_count", "heading", "pages")
+    fields = readonly_fields
     extra = 0
     can_delete = False
     show_change_link = False
     verbose_name_plural = "Chunks (current version, read-only)"
 
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Chunk]:
         return super().get_queryset(request).filter(generation=F("document__chunk_generation"))
 
-    def has_add_permission(self, request, obj=None):
+    def has_add_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
     @admin.display(description="Text")
-    def preview(self, obj):
+    def preview(self, obj: Chunk) -> SafeString:
         return format_html('<div class="kb-chunk-text">{}</div>', obj.text)
 
     @admin.display(description="Heading path")
-    def heading(self, obj):
+    def heading(self, obj: Chunk) -> str:
         return obj.heading_path_text
 
     @admin.display(description="Page")
-    def pages(self, obj):
+    def pages(self, obj: Chunk) -> str | int:
         if obj.page_start is None:
             return "–"
         if obj.page_end and obj.page_end != obj.page_start:
@@ -202,18 +219,20 @@ class MultipleFileInput(forms.ClearableFileInput):
 class MultipleFileField(forms.FileField):
     """A file field that takes several files (Django's documented pattern)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("widget", MultipleFileInput())
         super().__init__(*args, **kwargs)
 
-    def clean(self, data, initial=None):
+    def clean(self, data: object, initial: object = None) -> list[UploadedFile]:
         files = data if isinstance(data, list | tuple) else [data]
         return [super(MultipleFileField, self).clean(item, initial) for item in files]
 
 
 class UploadForm(forms.Form):
     collection = forms.ModelChoiceField(queryset=Collection.objects.all(), empty_label=None)
-    files = MultipleFileField(
+    # The form's metaclass moves declared fields into base_fields: Form.files stays the
+    # uploaded files, which the stubs cannot see.
+    files = MultipleFileField(  # type: ignore[assignment]
         allow_empty_file=True,
         help_text=(
             "PDF, DOCX, HTML, Markdown, text, or a zip of these. "
@@ -226,9 +245,9 @@ class MoveForm(forms.Form):
     collection = forms.ModelChoiceField(queryset=Collection.objects.none(), empty_label=None,
                                         label="Move to")
 
-    def __init__(self, *args, collections, **kwargs):
+    def __init__(self, *args, collections: QuerySet[Collection], **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["collection"].queryset = collections
+        cast(forms.ModelChoiceField, self.fields["collection"]).queryset = collections
 
 
 @admin.register(Document)
@@ -254,16 +273,16 @@ class DocumentAdmin(admin.ModelAdmin):
         js = ["kb/admin_progress.js"]
         css = {"all": ["kb/admin.css"]}
 
-    def has_add_permission(self, request):
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # uploads go through the upload page, which handles many files and zips
 
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Document]:
         # Editors who are not superusers see only the collections they may read.
         return super().get_queryset(request).filter(
             collection__in=selectors.collections_visible(user=request.user)
         )
 
-    def get_urls(self):
+    def get_urls(self) -> list[URLPattern]:
         return [
             path("upload/", self.admin_site.admin_view(self.upload_view),
                  name="kb_document_upload"),
@@ -273,26 +292,26 @@ class DocumentAdmin(admin.ModelAdmin):
         ]
 
     @admin.display(description="Title", ordering="title")
-    def title_or_name(self, obj):
+    def title_or_name(self, obj: Document) -> SafeString:
         # The poller replaces it once parsing has found the document's own title.
         return format_html('<span data-document-title="{}">{}</span>', obj.pk,
                            obj.title or obj.original_filename)
 
     @admin.display(description="Type", ordering="mime_type")
-    def kind(self, obj):
+    def kind(self, obj: Document) -> SafeString:
         # Office MIME types are longer than the rest of the row; the full one is the tooltip.
         return format_html('<span title="{}">{}</span>', obj.mime_type,
                            DOCUMENT_KINDS.get(obj.mime_type, obj.mime_type))
 
     @admin.display(description="Status", ordering="status")
-    def status_badge(self, obj):
+    def status_badge(self, obj: Document) -> SafeString:
         return format_html(
             '<span class="kb-status kb-status-{}" data-document-status="{}" title="{}">{}</span>',
             obj.status, obj.pk, obj.error_message, obj.get_status_display(),
         )
 
     @admin.display(description="Progress")
-    def progress(self, obj):
+    def progress(self, obj: Document) -> SafeString:
         data = document_progress_payload(obj)
         return format_html(
             '<span data-document-progress="{}" data-active="{}">{}</span>',
@@ -300,11 +319,11 @@ class DocumentAdmin(admin.ModelAdmin):
         )
 
     @admin.display(description="Size", ordering="size_bytes")
-    def size(self, obj):
+    def size(self, obj: Document) -> str:
         return human_size(obj.size_bytes)
 
     @admin.display(description="Source")
-    def source_link(self, obj):
+    def source_link(self, obj: Document) -> str:
         if not obj.pk or obj.chunk_generation == 0:
             return "–"
         return format_html('<a href="{}">View extracted text</a>', obj.get_absolute_url())
@@ -317,7 +336,9 @@ class DocumentAdmin(admin.ModelAdmin):
     def upload_view(self, request: HttpRequest) -> HttpResponse:
         uploads.upload_permission_check(user=request.user)
         form = UploadForm(request.POST or None, request.FILES or None)
-        form.fields["collection"].queryset = selectors.collections_visible(user=request.user)
+        cast(forms.ModelChoiceField, form.fields["collection"]).queryset = (
+            selectors.collections_visible(user=request.user)
+        )
         if request.method == "POST" and form.is_valid():
             outcomes = uploads.documents_upload_files(
                 collection=form.cleaned_data["collection"], files=form.cleaned_data["files"],
@@ -334,7 +355,9 @@ class DocumentAdmin(admin.ModelAdmin):
         }
         return TemplateResponse(request, "admin/kb/document/upload.html", context)
 
-    def _report_outcomes(self, request, outcomes) -> None:
+    def _report_outcomes(
+        self, request: HttpRequest, outcomes: list[uploads.UploadOutcome]
+    ) -> None:
         summary = uploads.upload_summary(outcomes=outcomes)
         failed_url = reverse("admin:kb_document_changelist") + "?status__exact=failed"
         if summary.rejected or summary.failed:
@@ -365,14 +388,14 @@ class DocumentAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{outcome.filename}: {outcome.message}", level)
 
     @admin.action(description="Reprocess selected documents")
-    def reprocess(self, request, queryset):
+    def reprocess(self, request: HttpRequest, queryset: QuerySet[Document]) -> None:
         queued = sum(documents.document_retry(document=d) for d in queryset)
         self.message_user(
             request, ngettext("%d document queued.", "%d documents queued.", queued) % queued
         )
 
     @admin.action(description="Retry failed documents")
-    def retry_failed(self, request, queryset):
+    def retry_failed(self, request: HttpRequest, queryset: QuerySet[Document]) -> None:
         queued = sum(
             documents.document_retry(document=d)
             for d in queryset.filter(status=Document.Status.FAILED)
@@ -382,7 +405,7 @@ class DocumentAdmin(admin.ModelAdmin):
         )
 
     @admin.action(description="Disable (remove from search, keep)")
-    def disable(self, request, queryset):
+    def disable(self, request: HttpRequest, queryset: QuerySet[Document]) -> None:
         count = 0
         for document in queryset:
             documents.document_disable(document=document)
@@ -392,7 +415,7 @@ class DocumentAdmin(admin.ModelAdmin):
         )
 
     @admin.action(description="Enable (put back into search)")
-    def enable(self, request, queryset):
+    def enable(self, request: HttpRequest, queryset: QuerySet[Document]) -> None:
         count = 0
         for document in queryset.filter(status=Document.Status.DISABLED):
             documents.document_enable(document=document)
@@ -401,7 +424,9 @@ class DocumentAdmin(admin.ModelAdmin):
                           % count)
 
     @admin.action(description="Move to collection…", permissions=["change"])
-    def move(self, request, queryset):
+    def move(
+        self, request: HttpRequest, queryset: QuerySet[Document]
+    ) -> TemplateResponse | None:
         form = MoveForm(request.POST if "apply" in request.POST else None,
                         collections=selectors.collections_visible(user=request.user))
         if form.is_valid():
@@ -430,10 +455,10 @@ class DocumentAdmin(admin.ModelAdmin):
         }
         return TemplateResponse(request, "admin/kb/document/move.html", context)
 
-    def delete_model(self, request, obj):
+    def delete_model(self, request: HttpRequest, obj: Document) -> None:
         documents.document_delete(document=obj)
 
-    def delete_queryset(self, request, queryset):
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Document]) -> None:
         for document in queryset:
             documents.document_delete(document=document)
 
@@ -441,11 +466,14 @@ class DocumentAdmin(admin.ModelAdmin):
 class SelectWithUnavailable(forms.Select):
     """A select whose options listed in `unavailable` are shown but cannot be chosen."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.unavailable: set[str] = set()
 
-    def create_option(self, name, value, label, selected, index, subindex=None, attrs=None):
+    def create_option(
+        self, name: str, value: object, label: int | str, selected: bool,
+        index: int, subindex: int | None = None, attrs: dict[str, object] | None = None,
+    ) -> dict[str, object]:
         option = super().create_option(name, value, label, selected, index, subindex, attrs)
         if value in self.unavailable:
             option["attrs"]["disabled"] = True
@@ -459,7 +487,7 @@ class ReembedForm(forms.Form):
         help_text="Switch search to the new model as soon as every chunk has a vector in it.",
     )
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         active = selectors.embedding_model_active()
         keys = [key for key in registry.embedding_model_keys()
@@ -473,11 +501,12 @@ class ReembedForm(forms.Form):
             if key in self.unavailable:
                 label += f" (unavailable: {self.unavailable[key]})"
             choices.append((key, label))
-        self.fields["key"].choices = choices
-        self.fields["key"].widget.unavailable = set(self.unavailable)
+        field = cast(forms.ChoiceField, self.fields["key"])
+        field.choices = choices
+        cast(SelectWithUnavailable, field.widget).unavailable = set(self.unavailable)
         available = [key for key in keys if key not in self.unavailable]
         if available:
-            self.fields["key"].initial = available[0]
+            field.initial = available[0]
 
     def clean_key(self) -> str:
         key = self.cleaned_data["key"]
@@ -496,13 +525,13 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
     actions = ["activate", "cancel", "drop_vectors"]
     change_list_template = "admin/kb/embeddingmodel/change_list.html"
 
-    def has_add_permission(self, request):
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_delete_permission(self, request, obj=None):
+    def has_delete_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False  # vectors are dropped with the action, which refuses the active model
 
-    def get_urls(self):
+    def get_urls(self) -> list[URLPattern]:
         return [
             path("reembed/", self.admin_site.admin_view(self.reembed_view),
                  name="kb_embeddingmodel_reembed"),
@@ -510,7 +539,7 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
         ]
 
     @admin.display(description="Progress")
-    def progress(self, obj):
+    def progress(self, obj: EmbeddingModel) -> str:
         if not obj.chunks_total:
             return "–"
         percent = 100 * obj.chunks_embedded // obj.chunks_total
@@ -541,7 +570,7 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/kb/embeddingmodel/reembed.html", context)
 
     @admin.action(description="Activate (switch search to this model)")
-    def activate(self, request, queryset):
+    def activate(self, request: HttpRequest, queryset: QuerySet[EmbeddingModel]) -> None:
         for model in queryset:
             try:
                 embeddings.embedding_model_activate(model=model)
@@ -550,7 +579,7 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
                 self.message_user(request, str(exc), messages.ERROR)
 
     @admin.action(description="Cancel re-embedding")
-    def cancel(self, request, queryset):
+    def cancel(self, request: HttpRequest, queryset: QuerySet[EmbeddingModel]) -> None:
         for model in queryset:
             embeddings.reembed_cancel(model=model)
         self.message_user(request, "Cancelled; the job stops after its current page.")
@@ -576,36 +605,36 @@ class UsageRecordAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     list_select_related = ["user", "api_key"]
 
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[UsageRecord]:
         # A record names its document: only those the editor may read, as in the document admin.
         return super().get_queryset(request).filter(
             Q(document__isnull=True)
             | Q(document__in=selectors.documents_visible(user=request.user, include_disabled=True))
         )
 
-    def has_add_permission(self, request):
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request, obj=None):
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
 
 class ApiKeyForm(forms.ModelForm):
     # Set by ApiKeyAdmin.get_form: the signed-in user who grants the key.
-    granter = None
+    granter: AnyUser
 
     class Meta:
         model = ApiKey
         fields = ["name", "user", "collections", "rate_limit"]
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if "user" in self.fields:
-            self.fields["user"].queryset = key_access.api_key_owners_assignable(user=self.granter)
-            self.fields["user"].initial = self.granter.pk
-        self.fields["collections"].queryset = key_access.api_key_collections_grantable(
-            granter=self.granter
-        )
+            owners = cast(forms.ModelChoiceField, self.fields["user"])
+            owners.queryset = key_access.api_key_owners_assignable(user=self.granter)
+            owners.initial = self.granter.pk
+        grantable = cast(forms.ModelMultipleChoiceField, self.fields["collections"])
+        grantable.queryset = key_access.api_key_collections_grantable(granter=self.granter)
 
     def clean_rate_limit(self) -> str:
         value = self.cleaned_data["rate_limit"].strip()
@@ -618,8 +647,9 @@ class ApiKeyForm(forms.ModelForm):
                 ) from None
         return value
 
-    def clean(self) -> dict:
-        cleaned = super().clean()
+    def clean(self) -> dict[str, object]:
+        super().clean()
+        cleaned = self.cleaned_data
         owner = cleaned.get("user") if "user" in self.fields else self.instance.user
         collections = cleaned.get("collections")
         if owner is None or collections is None:
@@ -647,17 +677,21 @@ class ApiKeyAdmin(admin.ModelAdmin):
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke"]
 
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
         # Without kb.manage_all_api_keys a staff user sees, edits and revokes only their keys.
         return super().get_queryset(request).filter(
             pk__in=key_access.api_keys_manageable(user=request.user).values("pk")
         )
 
-    def get_readonly_fields(self, request, obj=None):
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: ApiKey | None = None
+    ) -> list[str] | tuple[str, ...]:
         # Moving a key to another user would hand them its access; make a new key instead.
         return [*self.readonly_fields, "user"] if obj is not None else self.readonly_fields
 
-    def get_form(self, request, obj=None, change=False, **kwargs):
+    def get_form(
+        self, request: HttpRequest, obj: ApiKey | None = None, change: bool = False, **kwargs
+    ) -> type[forms.ModelForm]:
         form = super().get_form(request, obj, change=change, **kwargs)
         return type(form.__name__, (form,), {"granter": request.user})
 
@@ -676,7 +710,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
 
     @admin.action(description="Revoke selected keys")
-    def revoke(self, request, queryset):
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         count = key_access.api_keys_revoke(actor=request.user, keys=queryset)
         self.message_user(request, f"Revoked {count} keys.")
 

@@ -1,6 +1,7 @@
 """ASGI entry point: uvicorn serves this, so chat streams run as async generators."""
 
 import os
+from collections.abc import Awaitable, Callable
 
 import django
 from asgiref.sync import iscoroutinefunction, sync_to_async
@@ -28,6 +29,9 @@ class ASGIHandler(asgi.ASGIHandler):
     Django's own async chain, on the event loop, as with the stock handler.
     """
 
+    # Django's handlers set it in load_middleware; the stubs leave it out.
+    _middleware_chain: Callable[[HttpRequest], Awaitable[HttpResponseBase]]
+
     def load_middleware(self, is_async: bool = False) -> None:
         super().load_middleware(is_async=True)
         self._async_chain = self._middleware_chain
@@ -35,7 +39,9 @@ class ASGIHandler(asgi.ASGIHandler):
         # exception middleware lists (load_middleware adapts each for its mode).
         sync_handler = base.BaseHandler()
         sync_handler.load_middleware(is_async=False)
-        self._sync_chain = sync_to_async(sync_handler._middleware_chain, thread_sensitive=True)
+        # Django's private attribute, which the stubs leave out.
+        sync_chain = sync_handler._middleware_chain  # type: ignore[attr-defined]
+        self._sync_chain = sync_to_async(sync_chain, thread_sensitive=True)
         self._middleware_chain = self._dispatch
 
     async def _dispatch(self, request: HttpRequest) -> HttpResponseBase:
@@ -61,7 +67,7 @@ if serving:
     os.environ["KB_PROCESS_ROLE"] = "web"
 
 django.setup(set_prefix=False)
-application = ASGIHandler()
+application: asgi.ASGIHandler = ASGIHandler()
 
 if serving:
     from kb.ops.web_process import query_embedding_warm_up_start, web_process_prepare

@@ -14,7 +14,7 @@ from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
 from kb.ingestion.chunking import embedding_input
-from kb.models import Chunk, ChunkEmbedding, EmbeddingModel, UsageRecord
+from kb.models import Chunk, ChunkEmbedding, Document, EmbeddingModel, UsageRecord
 from kb.ops.tracing import span
 from kb.ops.worker_threads import WorkerThreads
 from kb.providers import registry
@@ -138,7 +138,7 @@ def embed_texts(
     *,
     model: EmbeddingModel,
     texts: Sequence[str],
-    document=None,
+    document: Document | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
     """Embed texts in the backend's batch size, writing one UsageRecord per batch."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
+from django.contrib.auth.models import AnonymousUser, User
 from django.db import connection
 from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
@@ -31,7 +34,7 @@ def _count_of(rows: QuerySet) -> Coalesce:
     return Coalesce(Subquery(rows.annotate(count=Count("pk")).values("count")), 0)
 
 
-def collection_list_with_counts(*, user) -> QuerySet[Collection]:
+def collection_list_with_counts(*, user: Caller) -> QuerySet[Collection]:
     """The collections the caller may read with their counts (collections_with_counts), by name."""
     return collections_with_counts(collections_visible(user=user)).order_by("name")
 
@@ -51,8 +54,18 @@ class SystemCaller:
 
 SYSTEM = SystemCaller()
 
+# A request's caller: request.user, a signed-in user or AnonymousUser when nobody is.
+AnyUser: TypeAlias = User | AnonymousUser
+# Whoever reads: a request's caller, or SYSTEM for the product itself.
+Caller: TypeAlias = AnyUser | SystemCaller
 
-def collections_visible_to(*, user, api_key=None) -> Q:
+
+def signed_in_user(caller: Caller | None) -> User | None:
+    """The caller as a row of the users' table; None for AnonymousUser, SYSTEM and None."""
+    return caller if isinstance(caller, User) and caller.is_authenticated else None
+
+
+def collections_visible_to(*, user: Caller, api_key: ApiKey | None = None) -> Q:
     """The filter for collections a caller may read, as one SQL condition.
 
     Superusers read everything; other signed-in users read public collections and those
@@ -62,13 +75,13 @@ def collections_visible_to(*, user, api_key=None) -> Q:
     way is an error, not access to everything. Subqueries rather than joins, so the
     condition never duplicates rows.
     """
-    if user is SYSTEM:
+    if isinstance(user, SystemCaller):  # SYSTEM, its one instance
         condition = Q()
     elif user is None:
         raise TypeError(
             "Pass the caller (request.user), or kb.selectors.SYSTEM for the product itself."
         )
-    elif not user.is_authenticated:
+    elif isinstance(user, AnonymousUser) or not user.is_authenticated:
         condition = Q(pk__in=[])
     elif user.is_superuser:
         condition = Q()
@@ -87,12 +100,14 @@ def collections_visible_to(*, user, api_key=None) -> Q:
     return condition
 
 
-def collections_visible(*, user, api_key=None) -> QuerySet[Collection]:
+def collections_visible(*, user: Caller, api_key: ApiKey | None = None) -> QuerySet[Collection]:
     """Collections the caller may read."""
     return Collection.objects.filter(collections_visible_to(user=user, api_key=api_key))
 
 
-def documents_visible(*, user, api_key=None, include_disabled: bool = False) -> QuerySet[Document]:
+def documents_visible(
+    *, user: Caller, api_key: ApiKey | None = None, include_disabled: bool = False
+) -> QuerySet[Document]:
     """Documents in collections the caller may read.
 
     Disabled documents are hidden from every reader path; only the editors' admin (and the
@@ -105,7 +120,7 @@ def documents_visible(*, user, api_key=None, include_disabled: bool = False) -> 
     return documents.select_related("collection")
 
 
-def document_get_visible(*, pk: int, user, api_key=None) -> Document:
+def document_get_visible(*, pk: int, user: Caller, api_key: ApiKey | None = None) -> Document:
     """A document the caller may read, or 404 (never 403, which would confirm it exists)."""
     document = documents_visible(user=user, api_key=api_key).filter(pk=pk).first()
     if document is None:

@@ -13,6 +13,7 @@ operations, logging, serving, tools we look for, chat.
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, TypedDict
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -363,7 +364,16 @@ KB_RATELIMITS = {
 OPENAI_API_KEY = env_str("OPENAI_API_KEY")
 OPENAI_BASE_URL = env_str("OPENAI_BASE_URL")  # Ollama, vLLM, LM Studio, llama.cpp, TEI...
 
-KB_PROVIDERS = {
+
+class ProvidersSetting(TypedDict):
+    """KB_PROVIDERS; an entry is {"BACKEND": dotted path, "MODEL": name, **backend options}."""
+
+    embedding: dict[str, dict[str, Any]]
+    chat: list[dict[str, Any]]
+    reranker: dict[str, Any] | None
+
+
+KB_PROVIDERS: ProvidersSetting = {
     "embedding": {
         "minilm": {
             "BACKEND": "kb.providers.local.SentenceTransformerEmbeddings",

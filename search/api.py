@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from django.utils.datastructures import MultiValueDict
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers
@@ -82,7 +83,7 @@ class SearchRequestSerializer(serializers.Serializer):
 
     def to_internal_value(self, data: object) -> dict:
         # GET passes `collection` once or repeated, or comma-separated.
-        if hasattr(data, "getlist"):
+        if isinstance(data, MultiValueDict):  # a QueryDict
             plain = {key: data.get(key) for key in data}
             collections = []
             for value in data.getlist("collection"):

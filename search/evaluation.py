@@ -33,7 +33,7 @@ from search import query_embedding, services
 from search.models import CollectionStatistic
 
 if TYPE_CHECKING:
-    from django.contrib.auth.base_user import AbstractBaseUser
+    from django.contrib.auth.models import User
 
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 MODES = ("bm25", "vector", "hybrid", "hybrid+rerank")
@@ -118,11 +118,11 @@ def beir_dataset_load(*, path: Path, split: str = "test") -> BeirDataset:
     digest = hashlib.sha256()
     corpus = []
     with corpus_file.open("rb") as handle:
-        for line in handle:
-            digest.update(line)
-            if not line.strip():
+        for raw in handle:
+            digest.update(raw)
+            if not raw.strip():
                 continue
-            row = json.loads(line)
+            row = json.loads(raw)
             corpus.append(CorpusEntry(
                 doc_id=str(row["_id"]), title=row.get("title") or "", text=row.get("text") or "",
             ))
@@ -151,7 +151,7 @@ def eval_collection_slug(*, dataset: BeirDataset) -> str:
     return "beir-" + (re.sub(r"[^a-z0-9-]+", "-", dataset.name.lower()).strip("-") or "dataset")
 
 
-def eval_user_get_or_create() -> AbstractBaseUser:
+def eval_user_get_or_create() -> User:
     """The account kb_eval searches as; created without a usable password."""
     from django.contrib.auth import get_user_model
 
@@ -174,7 +174,7 @@ def eval_fingerprint(*, dataset: BeirDataset) -> str:
 
 def eval_collection_prepare(
     *, dataset: BeirDataset, progress: Callable[[int, int], object] | None = None,
-    on_embedded: Callable[[int], None] | None = None,
+    on_embedded: Callable[[int], object] | None = None,
 ) -> EvalCollection:
     """The dataset's collection, ingested through documents_upload + documents_ingest_batch.
 
@@ -221,7 +221,9 @@ def eval_collection_prepare(
     return result
 
 
-def eval_doc_ids_by_document(*, dataset: BeirDataset, collection: Collection) -> dict[int, list[str]]:
+def eval_doc_ids_by_document(
+    *, dataset: BeirDataset, collection: Collection
+) -> dict[int, list[str]]:
     """The corpus ids each ready document of the collection stands for, as the database has it
     now."""
     entries_by_hash: dict[str, list[CorpusEntry]] = {}
@@ -298,9 +300,10 @@ def _stored_fingerprint(collection: Collection) -> str:
 
 
 def _sync_documents(
-    *, collection: Collection, entries_by_hash: dict[str, list[CorpusEntry]], result: EvalCollection,
+    *, collection: Collection, entries_by_hash: dict[str, list[CorpusEntry]],
+    result: EvalCollection,
     reingest_all: bool, progress: Callable[[int, int], object] | None,
-    on_embedded: Callable[[int], None] | None,
+    on_embedded: Callable[[int], object] | None,
 ) -> None:
     existing = dict(
         Document.objects.filter(collection=collection).values_list("content_hash", "status")
@@ -337,7 +340,9 @@ def _sync_documents(
             progress(min(start + INGEST_GROUP, len(to_ingest)), len(to_ingest))
 
 
-def ranked_doc_ids(*, document_ids: Iterable[int], doc_ids_by_document: dict[int, list[str]]) -> list[str]:
+def ranked_doc_ids(
+    *, document_ids: Iterable[int], doc_ids_by_document: dict[int, list[str]]
+) -> list[str]:
     """Corpus ids in rank order: a document counts at its first (best) chunk only."""
     seen: set[str] = set()
     ranked = []

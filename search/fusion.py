@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from search.retrieval import Candidate
 
 
-def reciprocal_rank_fusion(candidates: Sequence[Candidate], *, k: int = 60) -> list[tuple[Candidate, float]]:
+def reciprocal_rank_fusion(
+    candidates: Sequence[Candidate], *, k: int = 60
+) -> list[tuple[Candidate, float]]:
     """RRF (Cormack et al. 2009): Σ 1 / (k + rank) over the lists a candidate appears in."""
     scored = []
     for candidate in candidates:
@@ -20,7 +22,9 @@ def reciprocal_rank_fusion(candidates: Sequence[Candidate], *, k: int = 60) -> l
     return _sorted(scored)
 
 
-def convex_fusion(candidates: Sequence[Candidate], *, alpha: float = 0.5) -> list[tuple[Candidate, float]]:
+def convex_fusion(
+    candidates: Sequence[Candidate], *, alpha: float = 0.5
+) -> list[tuple[Candidate, float]]:
     """Convex combination α·bm25' + (1−α)·cos' of min-max normalised scores.
 
     A candidate missing from one list gets 0 for that list, the bottom of its range.

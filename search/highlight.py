@@ -26,7 +26,7 @@ def highlighted_snippet(text: str, lexemes: Sequence[str], *, width: int = 240) 
     if end < len(text):
         space = text.rfind(" ", end - 30, end)
         end = space if space > start else end
-    pieces = []
+    pieces: list[str] = []
     cursor = start
     for span_start, span_end in spans:
         if span_start < start or span_end > end:

@@ -73,7 +73,7 @@ def extension_build(pg_config: Path) -> bool:
     and search keeps to the SQL engine.
     """
     try:
-        include_dir, lib_dir, share_dir, *flags = _pg_config(
+        include_dir, lib_path, share_dir, *flags = _pg_config(
             pg_config, "--includedir-server", "--pkglibdir", "--sharedir",
             "--cppflags", "--cflags", "--cflags_sl",
         )
@@ -81,7 +81,7 @@ def extension_build(pg_config: Path) -> bool:
         logger.warning("kb_bm25 not built (%s cannot be run: %s); BM25 uses the SQL engine.",
                        pg_config, exc)
         return False
-    lib_dir, extension_dir = Path(lib_dir), Path(share_dir) / "extension"
+    lib_dir, extension_dir = Path(lib_path), Path(share_dir) / "extension"
     stamp = lib_dir / f"{EXTENSION}.sha256"
     digest = _digest()
     if (lib_dir / f"{EXTENSION}.so").exists() and stamp.exists() and stamp.read_text() == digest:

@@ -11,8 +11,7 @@ from kb.models import ApiKey, EmbeddingModel, UsageRecord
 from kb.usage.ledger import UsageBuffer, usage_record_create
 
 if TYPE_CHECKING:
-    from django.contrib.auth.base_user import AbstractBaseUser
-    from django.contrib.auth.models import AnonymousUser
+    from kb.selectors import Caller
 
 
 class QueryVectorCache:
@@ -47,7 +46,7 @@ query_vector_cache = QueryVectorCache()
 
 
 def query_vector(
-    *, model: EmbeddingModel, text: str, user: AbstractBaseUser | AnonymousUser | None = None,
+    *, model: EmbeddingModel, text: str, user: Caller | None = None,
     api_key: ApiKey | None = None, usage: UsageBuffer | None = None,
 ) -> list[float]:
     """The query's embedding, from the LRU when seen before (recorded as a cache hit)."""
@@ -62,7 +61,7 @@ def query_vector(
 
 
 def cached_query_vector(
-    *, model: EmbeddingModel, text: str, user: AbstractBaseUser | AnonymousUser | None = None,
+    *, model: EmbeddingModel, text: str, user: Caller | None = None,
     api_key: ApiKey | None = None, usage: UsageBuffer | None = None,
 ) -> list[float] | None:
     """The query's embedding if the LRU has it (recorded as a cache hit), else None."""

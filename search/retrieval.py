@@ -85,7 +85,7 @@ def retrieve_candidates(
     exact_vector: bool = False,
 ) -> Retrieved:
     """Top-`limit` BM25 and/or vector candidates (ids and scores), in one statement."""
-    use_vector = query_vector is not None and model_id is not None
+    use_vector = query_vector is not None and model_id is not None and dimensions is not None
     if not filters.collection_ids or not (use_bm25 or use_vector):
         return Retrieved(candidates=[], query_lexemes=[])
     params: dict = {
@@ -99,7 +99,7 @@ def retrieve_candidates(
     engine = bm25_engine(filters) if use_bm25 else None
     if engine is not None:
         ctes.append(bm25_ctes(filters, params, engine=engine))
-    if use_vector:
+    if query_vector is not None and model_id is not None and dimensions is not None:  # use_vector
         params["qvec"] = vector_literal(query_vector)
         ctes.append(vector_ctes(filters, params, model_id=model_id, dimensions=dimensions,
                                 exact=exact_vector))

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from kb.models import ApiKey, Collection, EmbeddingModel
-from kb.selectors import collections_visible_to
-
-if TYPE_CHECKING:
-    from django.contrib.auth.base_user import AbstractBaseUser
-    from django.contrib.auth.models import AnonymousUser
+from kb.selectors import Caller, collections_visible_to
 
 
 def collection_ids_for_search(
-    *, user: AbstractBaseUser | AnonymousUser | None, slugs: Sequence[str] = (), api_key: ApiKey | None = None,
+    *, user: Caller, slugs: Sequence[str] = (), api_key: ApiKey | None = None,
 ) -> list[int]:
     """Ids of the named collections (all when none are named) that the caller may search."""
     queryset = Collection.objects.filter(collections_visible_to(user=user, api_key=api_key))

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -25,10 +26,8 @@ from search.query_embedding import cached_query_vector, query_vector_cache
 from search.retrieval import Candidate, ChunkDetails, Retrieved, chunk_details, retrieve_candidates
 
 if TYPE_CHECKING:
-    from django.contrib.auth.base_user import AbstractBaseUser
-    from django.contrib.auth.models import AnonymousUser
+    from kb.selectors import Caller
 
-    from kb.selectors import SystemCaller
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ class SearchResult:
 class _Caller:
     """Whom a search's ledger rows are for, and where they go (usage None: written at once)."""
 
-    user: AbstractBaseUser | AnonymousUser | None
+    user: Caller | None
     api_key: ApiKey | None
     usage: UsageBuffer | None
 
@@ -135,7 +134,7 @@ Positions = dict[int, tuple[float, int]]
 def search(
     *,
     params: SearchParams,
-    user: AbstractBaseUser | AnonymousUser | SystemCaller,
+    user: Caller,
     api_key: ApiKey | None = None,
     record_usage: bool = True,
     embedded: QueryEmbedding | None = None,
@@ -193,7 +192,7 @@ def search(
 
 
 def _search_filters(params: SearchParams, *, collection_ids: Sequence[int] | None,
-                    user: AbstractBaseUser | AnonymousUser | None, api_key: ApiKey | None) -> SearchFilters:
+                    user: Caller, api_key: ApiKey | None) -> SearchFilters:
     """The params' filters, over the collections the caller may search (resolved unless given)."""
     if collection_ids is None:
         collection_ids = selectors.collection_ids_for_search(
@@ -220,6 +219,7 @@ def _query_vector_or_fallback(
     if model is None:
         notices.append("No embedding model is active yet; showing keyword (BM25) results.")
         return _QueryVector("bm25")
+    vector: list[float] | None
     if embedded is not None:
         vector = embedded.vector
     else:
@@ -268,24 +268,22 @@ def _retrieve(query: _QueryVector, *, text: str, filters: SearchFilters, limit: 
     """The candidates of both halves (or of the mode's one), joining the BM25 half already
     run, and the vector half again exactly when filters starved HNSW."""
     keyword = query.keyword
-    common = {"query": text, "vector": query.vector, "filters": filters, "model": query.model,
-              "limit": limit}
+    timed = partial(_retrieve_timed, timings, query=text, vector=query.vector, filters=filters,
+                    model=query.model, limit=limit)
     if keyword is not None and query.vector is not None:
-        vector_half = _retrieve_timed(timings, "retrieve", mode="vector", **common)
-        retrieved = keyword.with_vector_candidates(vector_half)
+        retrieved = keyword.with_vector_candidates(timed("retrieve", mode="vector"))
     elif keyword is not None:
         retrieved = keyword
     else:
         # BM25 and vector retrieval are one SQL statement, so one span (kb.ops.tracing explains).
-        retrieved = _retrieve_timed(timings, "retrieve", mode=query.mode, **common)
+        retrieved = timed("retrieve", mode=query.mode)
     if query.vector is not None and retrieved.vector_count < k:
         # HNSW returns ef_search neighbours before filtering; a selective filter (a small
         # collection among large ones, a document, metadata, dates) can starve it. Re-run
         # exactly over the filtered rows so that k matching rows give k results. (pgvector
         # 0.6 has no iterative index scans.) With fewer than k matching rows in all, the
         # exact scan is over those few rows and cheap.
-        exact = _retrieve_timed(timings, "retrieve_exact", mode="vector" if keyword else query.mode,
-                                exact_vector=True, **common)
+        exact = timed("retrieve_exact", mode="vector" if keyword else query.mode, exact_vector=True)
         retrieved = keyword.with_vector_candidates(exact) if keyword is not None else exact
     return retrieved
 
@@ -389,8 +387,9 @@ def _fuse(candidates: list[Candidate], *, mode: str, fusion: str) -> Scored:
     return reciprocal_rank_fusion(candidates, k=settings.KB_RRF_K)
 
 
-def _with_details(scored: list[tuple[Candidate, float]], count: int,
-                  details: dict[int, ChunkDetails | None]) -> list[tuple[Candidate, float, ChunkDetails]]:
+def _with_details(
+    scored: list[tuple[Candidate, float]], count: int, details: dict[int, ChunkDetails | None]
+) -> list[tuple[Candidate, float, ChunkDetails]]:
     """The first `count` of `scored` whose chunks are still searchable, with their details.
 
     A chunk deleted or disabled since retrieval is skipped, and the next one takes its
@@ -406,8 +405,10 @@ def _with_details(scored: list[tuple[Candidate, float]], count: int,
         if unread:
             read = chunk_details(unread)
             details.update({chunk_id: read.get(chunk_id) for chunk_id in unread})
-        found += [(candidate, score, details[candidate.chunk_id]) for candidate, score in batch
-                  if details[candidate.chunk_id] is not None]
+        for candidate, score in batch:
+            chunk = details[candidate.chunk_id]
+            if chunk is not None:
+                found.append((candidate, score, chunk))
     return found
 
 
@@ -443,8 +444,9 @@ def _explain(candidate: Candidate, *, fused_score: float, fused_rank: int,
     return stages
 
 
-def _retrieve_timed(timings: dict[str, float], stage: str, *, mode: str, query: str, vector: list[float] | None,
-                    filters: SearchFilters, model: EmbeddingModel | None, limit: int,
+def _retrieve_timed(timings: dict[str, float], stage: str, *, mode: str, query: str,
+                    vector: list[float] | None, filters: SearchFilters,
+                    model: EmbeddingModel | None, limit: int,
                     exact_vector: bool = False) -> Retrieved:
     """retrieve_candidates for `mode`, in a span, its time added to timings[stage]."""
     t = time.perf_counter()

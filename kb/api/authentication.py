@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from django.contrib.auth.models import User
+from django.http import HttpRequest
 from django.utils import timezone
 from rest_framework import authentication, exceptions
+from rest_framework.request import Request
 
 from kb.models import ApiKey
 from kb.services.api_keys import api_key_hash
@@ -14,8 +17,11 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
     keyword = "Bearer"
 
-    def authenticate(self, request):
-        header = authentication.get_authorization_header(request).decode("latin-1")
+    def authenticate(self, request: HttpRequest | Request) -> tuple[User, ApiKey] | None:
+        # DRF's views pass a Request; chat's plain Django views pass their HttpRequest.
+        # It reads only request.META, which an HttpRequest has too; the stubs ask for a Request.
+        raw_header = authentication.get_authorization_header(request)  # type: ignore[arg-type]
+        header = raw_header.decode("latin-1")
         if not header:
             return None
         scheme, _, raw_key = header.partition(" ")
@@ -37,5 +43,5 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
             ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
         return key.user, key
 
-    def authenticate_header(self, request) -> str:
+    def authenticate_header(self, request: Request) -> str:
         return self.keyword

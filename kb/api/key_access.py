@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.utils import timezone
 
 from kb.models import ApiKey, Collection
-from kb.selectors import collections_visible
+from kb.selectors import AnyUser, collections_visible, signed_in_user
 
 MANAGE_ALL_PERMISSION = "kb.manage_all_api_keys"
 
@@ -30,29 +31,33 @@ class ApiKeyGrantError(ValueError):
         self.field = field
 
 
-def api_key_manages_all(*, user) -> bool:
+def api_key_manages_all(*, user: AnyUser) -> bool:
     """Whether the user may create, see and revoke every user's keys."""
     return bool(getattr(user, "is_active", False) and user.has_perm(MANAGE_ALL_PERMISSION))
 
 
-def api_keys_manageable(*, user) -> QuerySet[ApiKey]:
+def api_keys_manageable(*, user: AnyUser) -> QuerySet[ApiKey]:
     """The keys a staff user may see, edit and revoke: their own, or all with the permission."""
-    if not getattr(user, "is_authenticated", False):
+    owner = signed_in_user(user)
+    if owner is None:
         return ApiKey.objects.none()
-    if api_key_manages_all(user=user):
+    if api_key_manages_all(user=owner):
         return ApiKey.objects.all()
-    return ApiKey.objects.filter(user_id=user.pk)
+    return ApiKey.objects.filter(user_id=owner.pk)
 
 
-def api_key_owners_assignable(*, user) -> QuerySet:
+def api_key_owners_assignable(*, user: AnyUser) -> QuerySet[User]:
     """The users a granter may create keys for: themselves, or every active user."""
     users = get_user_model().objects.filter(is_active=True)
     if api_key_manages_all(user=user):
         return users
-    return users.filter(pk=user.pk)
+    granter = signed_in_user(user)
+    return users.filter(pk=granter.pk) if granter is not None else users.none()
 
 
-def api_key_collections_grantable(*, granter, owner=None) -> QuerySet[Collection]:
+def api_key_collections_grantable(
+    *, granter: AnyUser, owner: User | None = None
+) -> QuerySet[Collection]:
     """Collections a key may be narrowed to: readable by the granter and by the key's user."""
     collections = collections_visible(user=granter)
     if owner is not None:
@@ -60,7 +65,9 @@ def api_key_collections_grantable(*, granter, owner=None) -> QuerySet[Collection
     return collections
 
 
-def api_key_grant_check(*, granter, owner, collections: Iterable[Collection]) -> None:
+def api_key_grant_check(
+    *, granter: AnyUser, owner: User, collections: Iterable[Collection]
+) -> None:
     """Raise ApiKeyGrantError unless `granter` may give `owner` a key reading `collections`."""
     if not api_key_owners_assignable(user=granter).filter(pk=owner.pk).exists():
         raise ApiKeyGrantError(
@@ -88,7 +95,7 @@ def api_key_grant_check(*, granter, owner, collections: Iterable[Collection]) ->
         )
 
 
-def api_keys_revoke(*, actor, keys: QuerySet[ApiKey]) -> int:
+def api_keys_revoke(*, actor: AnyUser, keys: QuerySet[ApiKey]) -> int:
     """Revoke the active keys among `keys` that `actor` may manage; the number revoked."""
     manageable = api_keys_manageable(user=actor)
     return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.request import Request
 
 
 class BoundedLimitOffsetPagination(LimitOffsetPagination):
@@ -15,5 +16,5 @@ class BoundedLimitOffsetPagination(LimitOffsetPagination):
     # Past bigint PostgreSQL refuses the OFFSET; far below it, an offset is only ever empty.
     max_offset = 10**12
 
-    def get_offset(self, request) -> int:
+    def get_offset(self, request: Request) -> int:
         return min(super().get_offset(request), self.max_offset)

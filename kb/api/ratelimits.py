@@ -6,8 +6,10 @@ import math
 import re
 
 from django.conf import settings
+from django.http import HttpRequest
 from django_ratelimit.core import get_usage
 from rest_framework.exceptions import Throttled
+from rest_framework.request import Request
 
 from kb.models import ApiKey
 
@@ -17,7 +19,7 @@ _RATE = re.compile(r"(\d+)/(\d*)([smhd])?")
 _PERIOD_SECONDS = {"s": 1, "m": 60, "h": 60 * 60, "d": 24 * 60 * 60}
 
 
-def caller_key(group: str, request) -> str:
+def caller_key(group: str, request: HttpRequest | Request) -> str:
     """Limit API keys separately from their owners, users by id, anonymous callers by IP."""
     auth = getattr(request, "auth", None)
     if isinstance(auth, ApiKey):
@@ -28,7 +30,7 @@ def caller_key(group: str, request) -> str:
     return f"ip:{request.META.get('REMOTE_ADDR', '')}"
 
 
-def rate_limit_enforce(request, *, group: str) -> None:
+def rate_limit_enforce(request: HttpRequest | Request, *, group: str) -> None:
     """Count this request against its group's limit; raise a 429 with Retry-After past it."""
     auth = getattr(request, "auth", None)
     # A key may carry its own limit (set in the admin), which replaces the default.

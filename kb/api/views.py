@@ -30,7 +30,9 @@ class CollectionSerializer(serializers.ModelSerializer):
 
 
 class DocumentSerializer(serializers.ModelSerializer):
-    collection = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    collection: serializers.SlugRelatedField[Collection] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
 
     class Meta:
         model = Document
@@ -94,7 +96,7 @@ def _api_key(request: Request) -> ApiKey | None:
     return request.auth if isinstance(request.auth, ApiKey) else None
 
 
-def _query_filters(request: Request, serializer_class) -> dict:
+def _query_filters(request: Request, serializer_class: type[serializers.Serializer]) -> dict:
     """The list filters in the query string, validated: a NUL, an unknown status or an
     overlong id is a 400 with field messages, never a database error. Empty ones are unset."""
     filters = serializer_class(data={k: v for k, v in request.query_params.items() if v})

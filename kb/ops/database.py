@@ -15,17 +15,22 @@ import json
 import logging
 import os
 import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+if TYPE_CHECKING:
+    from pgserver.postgres_server import PostgresServer
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATABASE_NAME = "kb"
 
-_servers: dict[Path, object] = {}
+_servers: dict[Path, PostgresServer] = {}
 _servers_lock = threading.Lock()
 
 
@@ -68,7 +73,7 @@ def embedded_database_settings(data_dir: Path) -> dict:
     }
 
 
-def embedded_server_start(pgdata: Path):
+def embedded_server_start(pgdata: Path) -> PostgresServer:
     """Start (or attach to) the embedded server for pgdata and make sure our database exists.
 
     Returns the pgserver handle. Raises DatabaseSetupError with a one-line fix on failure.
@@ -119,7 +124,7 @@ def embedded_server_stop(pgdata: Path) -> None:
         server.cleanup()
 
 
-def _prune_dead_handles(pgdata: Path, lock) -> None:
+def _prune_dead_handles(pgdata: Path, lock: AbstractContextManager[object]) -> None:
     """Forget processes that died without releasing the server (killed, or forked workers
     that exit without running atexit); otherwise the last real process never stops it."""
     with lock:
@@ -192,14 +197,16 @@ def embedded_shared_buffers() -> str:
     return f"{min(max(memory // 4 // 2**20, 128), 1024)}MB"
 
 
-def _shared_buffers_apply(server, pgdata: Path) -> None:
+def _shared_buffers_apply(server: PostgresServer, pgdata: Path) -> None:
     """Set shared_buffers; it takes a restart, done now if no other process holds the server.
 
     Otherwise (a worker or a test server attached already) it applies at the next start.
     A value PostgreSQL refuses is a warning, and the server keeps the one it has.
     """
     import psycopg
-    from pgserver._commands import pg_ctl
+
+    # pgserver makes its pg_* commands at import time (setattr), out of the checker's sight.
+    from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
     from pgserver.postgres_server import PostgresServer
     from psycopg import sql
 
@@ -209,7 +216,7 @@ def _shared_buffers_apply(server, pgdata: Path) -> None:
             current, target = conn.execute(
                 "SELECT pg_size_bytes(current_setting('shared_buffers')), pg_size_bytes(%s)",
                 [wanted],
-            ).fetchone()
+            ).fetchone() or (None, None)  # a SELECT without FROM has its one row
             if current == target:
                 return
             conn.execute(
@@ -237,7 +244,7 @@ def _shared_buffers_apply(server, pgdata: Path) -> None:
             ) from exc
 
 
-def _create_database_if_missing(server) -> None:
+def _create_database_if_missing(server: PostgresServer) -> None:
     import psycopg
     from psycopg import errors
 

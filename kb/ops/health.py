@@ -12,7 +12,9 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 def readiness_report() -> dict:
     """Whether the database answers, has pgvector, and has every migration applied."""
-    report = {"database": False, "vector_extension": False, "migrations_applied": False}
+    report: dict[str, bool | str] = {
+        "database": False, "vector_extension": False, "migrations_applied": False
+    }
     try:
         connection = connections[DEFAULT_DB_ALIAS]
         with connection.cursor() as cursor:

@@ -31,14 +31,15 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
+from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError
-from django.db.models import Count, Min, Q, Sum
+from django.db.models import Count, Min, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, Greatest
 from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
 from django.utils import timezone
@@ -55,7 +56,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from kb.models import Document, UsageRecord
-from kb.ops.middleware import SyncAndAsyncMiddleware
+from kb.ops.middleware import MiddlewareResult, SyncAndAsyncMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class PrometheusMiddleware(SyncAndAsyncMiddleware):
     in the usage ledger.
     """
 
-    def __call__(self, request: HttpRequest):
+    def __call__(self, request: HttpRequest) -> MiddlewareResult:
         if self.is_async:
             return self._acall(request)
         started = time.perf_counter()
@@ -147,7 +148,7 @@ class _Totals:
         self.cost = Decimal(0)
         self.saved = Decimal(0)
 
-    def add(self, row: dict) -> None:
+    def add(self, row: Mapping[str, Any]) -> None:
         self.calls += row["calls"]
         self.input_tokens += row["input_tokens"] or 0
         self.output_tokens += row["output_tokens"] or 0
@@ -192,7 +193,7 @@ class UsageLedgerCollector(Collector):
         return merged
 
     @staticmethod
-    def _accumulate(into: dict[_LedgerKey, _Totals], queryset) -> None:
+    def _accumulate(into: dict[_LedgerKey, _Totals], queryset: QuerySet[UsageRecord]) -> None:
         rows = queryset.values("kind", "provider", "model", "status", "cache_hit").annotate(
             calls=Count("pk"),
             input_tokens=Sum("input_tokens"),
@@ -368,7 +369,7 @@ class _Forward(Collector):
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterable[Metric]:
         return self.registry.collect()
 
 

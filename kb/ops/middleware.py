@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import HttpRequest, HttpResponseBase
+
+# What a middleware returns: the response, or (in an async chain) a coroutine of it.
+MiddlewareResult = HttpResponseBase | Awaitable[HttpResponseBase]
 
 
 class SyncAndAsyncMiddleware:
@@ -20,3 +24,6 @@ class SyncAndAsyncMiddleware:
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> MiddlewareResult:
+        raise NotImplementedError("A subclass answers, with a coroutine when self.is_async.")

@@ -31,10 +31,10 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 
 from kb.ops import tracing
-from kb.ops.middleware import SyncAndAsyncMiddleware
+from kb.ops.middleware import MiddlewareResult, SyncAndAsyncMiddleware
 
 logger = logging.getLogger("kb.request")
 
@@ -90,7 +90,7 @@ class RequestIdMiddleware(SyncAndAsyncMiddleware):
     usage written in the generator's `finally:` still carries the id.
     """
 
-    def __call__(self, request: HttpRequest):
+    def __call__(self, request: HttpRequest) -> MiddlewareResult:
         if self.is_async:
             return self._acall(request)
         request_id, token, started = self._start(request)
@@ -112,22 +112,19 @@ class RequestIdMiddleware(SyncAndAsyncMiddleware):
 
     def _start(self, request: HttpRequest) -> tuple[str, Token, float]:
         request_id = request_id_from_header(request.headers.get(REQUEST_ID_HEADER))
-        request.request_id = request_id
+        request.request_id = request_id  # type: ignore[attr-defined]  # our own attribute
         return request_id, request_id_set(request_id), time.perf_counter()
 
     def _finish(
         self, request: HttpRequest, response: HttpResponseBase, request_id: str, started: float
     ) -> HttpResponseBase:
         response[REQUEST_ID_HEADER] = request_id
-        if response.streaming:
-            if response.is_async:
-                response.streaming_content = _aiter_with_request_id(
-                    response.streaming_content, request_id
-                )
+        if isinstance(response, StreamingHttpResponse):
+            content = response.streaming_content
+            if isinstance(content, AsyncIterator):  # response.is_async
+                response.streaming_content = _aiter_with_request_id(content, request_id)
             else:
-                response.streaming_content = _iter_with_request_id(
-                    response.streaming_content, request_id
-                )
+                response.streaming_content = _iter_with_request_id(content, request_id)
         logger.log(
             logging.DEBUG if request.path in QUIET_PATHS else logging.INFO,
             "%s %s %s", request.method, request.path, response.status_code,
@@ -174,7 +171,9 @@ def _iter_with_request_id(content: Iterable[bytes], request_id: str) -> Iterator
                 request_id_reset(token)
 
 
-async def _aiter_with_request_id(content: AsyncIterator[bytes], request_id: str) -> AsyncIterator[bytes]:
+async def _aiter_with_request_id(
+    content: AsyncIterator[bytes], request_id: str
+) -> AsyncIterator[bytes]:
     iterator = aiter(content)
     try:
         while True:
@@ -213,18 +212,18 @@ def task_signals_connect() -> None:
     post_execute_in_worker.connect(_task_reset_request_id, dispatch_uid="kb_request_id_executed")
 
 
-def _task_carry_request_id(sender, task: dict, **kwargs) -> None:
+def _task_carry_request_id(sender: object, task: dict, **kwargs: object) -> None:
     request_id = current_request_id()
     if request_id:
         task["request_id"] = request_id
 
 
-def _task_set_request_id(sender, func, task: dict, **kwargs) -> None:
+def _task_set_request_id(sender: object, func: object, task: dict, **kwargs: object) -> None:
     request_id = task.get("request_id") or str(task.get("id", ""))[:64]
     _task_tokens[str(task.get("id"))] = request_id_set(request_id)
 
 
-def _task_reset_request_id(sender, func, task: dict, **kwargs) -> None:
+def _task_reset_request_id(sender: object, func: object, task: dict, **kwargs: object) -> None:
     token = _task_tokens.pop(str(task.get("id")), None)
     if token is not None:
         request_id_reset(token)
@@ -263,9 +262,11 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRIBUTES and not key.startswith("_") and key not in payload:
                 payload[key] = value
-        if record.exc_info or record.exc_text:
-            # exc_text first: a filter (kb.ops.log_privacy) may have redacted it.
-            payload["exc_info"] = record.exc_text or self.formatException(record.exc_info)
+        # exc_text first: a filter (kb.ops.log_privacy) may have redacted it.
+        if record.exc_text:
+            payload["exc_info"] = record.exc_text
+        elif record.exc_info:
+            payload["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
             payload["stack_info"] = self.formatStack(record.stack_info)
         # default=str: an extra that is not JSON (a datetime, a model) is logged as text

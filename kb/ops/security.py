@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
-from kb.ops.middleware import SyncAndAsyncMiddleware
+from kb.ops.middleware import MiddlewareResult, SyncAndAsyncMiddleware
 
 # Our pages load only same-origin scripts and styles (nothing from a CDN), so the policy
 # can be strict. The admin and Swagger UI ship inline scripts, so they keep Django's
@@ -25,7 +25,7 @@ class ContentSecurityPolicyMiddleware(SyncAndAsyncMiddleware):
     async view (chat's stream) for what is only a header.
     """
 
-    def __call__(self, request: HttpRequest):
+    def __call__(self, request: HttpRequest) -> MiddlewareResult:
         if self.is_async:
             return self._acall(request)
         return self.process_response(request, self.get_response(request))

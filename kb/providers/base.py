@@ -8,7 +8,7 @@ accounted the same way and a new backend cannot forget to record its usage.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 
@@ -152,8 +152,10 @@ class ChatBackend(ABC):
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
-    ) -> AsyncIterator[ChatDelta | ChatUsage]:
-        """Yield the answer as it arrives. Raise ProviderError before the first delta on failure."""
+    ) -> AsyncGenerator[ChatDelta | ChatUsage, None]:
+        """Yield the answer as it arrives. Raise ProviderError before the first delta on failure.
+
+        An async generator: callers close it (contextlib.aclosing) when they stop early."""
 
     def count_tokens(self, text: str) -> int:
         """A sensible token count for budgets and prompts: about four characters a token."""

@@ -120,8 +120,8 @@ class HTTPReranker(RerankBackend):
         for item in items:
             index = item.get("index") if isinstance(item, dict) else None
             score = item.get("relevance_score", item.get("score")) if index is not None else None
-            valid_index = isinstance(index, int) and 0 <= index < count
-            if not valid_index or isinstance(score, bool) or not isinstance(score, int | float):
+            if (not (isinstance(index, int) and 0 <= index < count) or isinstance(score, bool)
+                    or not isinstance(score, int | float)):
                 raise ProviderError(f"{self._describe}: malformed result {item!r:.100}")
             scores[index] = float(score)
         return scores

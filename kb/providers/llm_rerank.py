@@ -13,9 +13,10 @@ import concurrent.futures
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import aclosing
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from kb.providers import registry
 from kb.providers.base import (
@@ -30,6 +31,8 @@ from kb.providers.base import (
 )
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_GRADE = 10.0
 
@@ -121,7 +124,7 @@ def _clamp(value: float) -> float:
     return min(MAX_GRADE, max(0.0, value))
 
 
-def run_coroutine(factory):
+def run_coroutine(factory: Callable[[], Coroutine[object, object, T]]) -> T:
     """Run `factory()`'s coroutine to completion from sync code, even under a running loop.
 
     asyncio.run refuses to nest, so from inside an event loop (an async view calling
@@ -170,7 +173,7 @@ class LLMReranker(RerankBackend):
         input_tokens = 0
         for start in range(0, len(passages), self.batch_size):
             batch = passages[start : start + self.batch_size]
-            reply, usage = run_coroutine(lambda batch=batch: self._ask(backend, query, batch))
+            reply, usage = run_coroutine(partial(self._ask, backend, query, batch))
             input_tokens += (usage.input_tokens or 0) if usage else 0
             parsed = scores_parse(reply, len(batch))
             if parsed is None:
@@ -181,7 +184,9 @@ class LLMReranker(RerankBackend):
             scores.extend(parsed)
         return RerankResult(scores=scores, input_tokens=input_tokens)
 
-    async def _ask(self, backend: ChatBackend, query: str, batch: list[str]) -> tuple[str, ChatUsage | None]:
+    async def _ask(
+        self, backend: ChatBackend, query: str, batch: list[str]
+    ) -> tuple[str, ChatUsage | None]:
         parts: list[str] = []
         usage: ChatUsage | None = None
 

@@ -7,10 +7,20 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kb.ops.worker_threads import WorkerThreads
-from kb.providers.base import EmbeddingBackend, EmbeddingResult, RerankBackend, RerankResult
+from kb.providers.base import (
+    EmbeddingBackend,
+    EmbeddingResult,
+    ProviderError,
+    RerankBackend,
+    RerankResult,
+)
 from kb.providers.onnx_runtime import OnnxExportError, OnnxSentenceEncoder, onnx_sentence_encoder
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +78,14 @@ class SentenceTransformerEmbeddings(EmbeddingBackend):
         if self.query_runtime not in QUERY_RUNTIMES:
             raise ValueError(f"query_runtime must be one of {', '.join(QUERY_RUNTIMES)}, "
                              f"not {self.query_runtime!r}.")
-        self._model = None
+        self._model: SentenceTransformer | None = None
         self._load_lock = threading.Lock()
         self._query_encoder: OnnxSentenceEncoder | None = None
         self._query_encoder_loaded = False
         self._query_encoder_lock = threading.Lock()
 
     @property
-    def encoder(self):
+    def encoder(self) -> SentenceTransformer:
         """The loaded SentenceTransformer, loaded on first use and kept."""
         if self._model is None:
             with self._load_lock:
@@ -90,11 +100,17 @@ class SentenceTransformerEmbeddings(EmbeddingBackend):
 
     @property
     def dimensions(self) -> int:
-        return int(self.encoder.get_embedding_dimension())
+        dimensions = self.encoder.get_embedding_dimension()
+        if dimensions is None:  # int(None) would say nothing of the model
+            raise ProviderError(f"{self.model} does not say how long its vectors are.")
+        return int(dimensions)
 
     @property
     def max_input_tokens(self) -> int:
-        return int(self.encoder.max_seq_length)
+        limit = self.encoder.max_seq_length
+        if limit is None:
+            raise ProviderError(f"{self.model} does not say how many tokens it reads.")
+        return int(limit)
 
     def embed_batch(self, texts: Sequence[str]) -> EmbeddingResult:
         vectors = inference_thread.run(

@@ -54,7 +54,9 @@ def sentences_split(text: str, *, max_sentences: int = 32) -> list[str]:
     return merged or [text]
 
 
-def weighted_rrf(rankings: Sequence[Sequence[int]], weights: Sequence[float], *, k: float) -> list[float]:
+def weighted_rrf(
+    rankings: Sequence[Sequence[int]], weights: Sequence[float], *, k: float
+) -> list[float]:
     """Σ w / (k + rank) per item, ranks 1-based; rankings[i][j] is item j's rank in list i."""
     count = len(rankings[0]) if rankings else 0
     return [sum(w / (k + ranks[j]) for ranks, w in zip(rankings, weights, strict=True))

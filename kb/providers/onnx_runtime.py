@@ -21,8 +21,13 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
+    from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +52,8 @@ class OnnxExportError(Exception):
 class OnnxSentenceEncoder:
     """Unit vectors for texts, computed by ONNX Runtime from the model's own tokenizer."""
 
-    def __init__(self, *, session, encoder, input_names: Sequence[str], path: Path):
+    def __init__(self, *, session: InferenceSession, encoder: SentenceTransformer,
+                 input_names: Sequence[str], path: Path) -> None:
         self.session = session
         self.path = path
         self._encoder = encoder
@@ -64,7 +70,9 @@ class OnnxSentenceEncoder:
         return vectors / np.maximum(norms, 1e-12)
 
 
-def onnx_sentence_encoder(encoder, *, cache_dir: Path, threads: int = 0) -> OnnxSentenceEncoder:
+def onnx_sentence_encoder(
+    encoder: SentenceTransformer, *, cache_dir: Path, threads: int = 0
+) -> OnnxSentenceEncoder:
     """The encoder's ONNX twin, exported into cache_dir unless already there, and verified.
 
     `encoder` is a loaded SentenceTransformer. `threads` bounds ONNX Runtime's intra-op
@@ -105,7 +113,7 @@ def onnx_sentence_encoder(encoder, *, cache_dir: Path, threads: int = 0) -> Onnx
     return load()
 
 
-def model_digest(encoder) -> str:
+def model_digest(encoder: SentenceTransformer) -> str:
     """A name for the export: the model's weights, structure, and the tracing libraries."""
     import onnx
     import sentence_transformers
@@ -125,7 +133,7 @@ def model_digest(encoder) -> str:
     return digest.hexdigest()[:32]
 
 
-def _input_names(encoder) -> list[str]:
+def _input_names(encoder: SentenceTransformer) -> list[str]:
     features = encoder.preprocess(["probe"])
     names = [name for name in encoder.tokenizer.model_input_names if name in features]
     if "input_ids" not in names:
@@ -135,7 +143,7 @@ def _input_names(encoder) -> list[str]:
     return names
 
 
-def _export(encoder, input_names: Sequence[str], path: Path) -> None:
+def _export(encoder: SentenceTransformer, input_names: Sequence[str], path: Path) -> None:
     """Trace the encoder into `path`, atomically: a reader sees the whole file or none."""
     import torch
 
@@ -177,7 +185,7 @@ def _export(encoder, input_names: Sequence[str], path: Path) -> None:
     logger.info("Exported the query encoder to %s", path)
 
 
-def _verify(twin: OnnxSentenceEncoder, encoder) -> None:
+def _verify(twin: OnnxSentenceEncoder, encoder: SentenceTransformer) -> None:
     expected = encoder.encode(list(VERIFICATION_TEXTS), normalize_embeddings=True,
                               convert_to_numpy=True, show_progress_bar=False)
     try:

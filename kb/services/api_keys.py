@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 
-from django.contrib.auth.models import AbstractUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from kb.models import ApiKey, Collection
@@ -33,7 +33,7 @@ class ApiKeyError(ValueError):
 @transaction.atomic
 def api_key_create(
     *,
-    user: AbstractUser,
+    user: User,
     name: str,
     collections: Sequence[Collection] | None = None,
     rate_limit: str = "",

@@ -7,8 +7,8 @@ drawn from the old state stop matching.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
-from django.contrib.auth.models import AbstractUser
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import Q
@@ -17,6 +17,7 @@ from django.utils import timezone
 from kb import selectors
 from kb.models import Chunk, Collection, Document
 from kb.queue import enqueue
+from kb.selectors import AnyUser
 from kb.services.collections import collection_touch
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class DocumentMoveRefused(Exception):
 
 
 def document_move(
-    *, document: Document, collection: Collection, actor: AbstractUser | None = None
+    *, document: Document, collection: Collection, actor: AnyUser | None = None
 ) -> Document:
     """Move a document to another collection with its chunks, in one transaction.
 
@@ -125,7 +126,7 @@ def document_delete(*, document: Document) -> None:
         collection_id = document.collection_id
         document.delete()
         collection_touch(collection_ids=[collection_id])
-        if file_name:
+        if file_name and storage is not None:
             transaction.on_commit(lambda: storage.delete(file_name))
 
 
@@ -136,7 +137,7 @@ DOCUMENT_STALLED_AFTER_SECONDS = 600
 
 def stalled_filter(*, older_than_seconds: int) -> Q:
     """Documents in processing whose worker has not beaten for older_than_seconds."""
-    cutoff = timezone.now() - timezone.timedelta(seconds=older_than_seconds)
+    cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
     return Q(status=Document.Status.PROCESSING, heartbeat_at__lt=cutoff)
 
 

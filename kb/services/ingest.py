@@ -11,7 +11,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import PurePath
+from typing import TypeVar
 
 from django.conf import settings
 from django.db import transaction
@@ -74,7 +76,7 @@ class _PreparedDocument:
 
 
 def documents_ingest_batch(
-    *, document_ids: Sequence[int], on_embedded: Callable[[int], None] | None = None
+    *, document_ids: Sequence[int], on_embedded: Callable[[int], object] | None = None
 ) -> list[Document]:
     """Ingest several documents, embedding their chunks together in full model batches.
 
@@ -99,7 +101,10 @@ def documents_ingest_batch(
     return [documents[pk] for pk in document_ids if pk in documents]
 
 
-def _ingest_guarded(item_document: Document, generation: int, work: Callable[[], object]):
+T = TypeVar("T")
+
+
+def _ingest_guarded(item_document: Document, generation: int, work: Callable[[], T]) -> T | None:
     """Run one step for one document; a failure marks only that document failed."""
     try:
         return work()
@@ -145,13 +150,10 @@ def _ingest_parse(*, document_ids: Sequence[int], models: list) -> list[_ParsedD
         for name, value in started.items():
             setattr(document, name, value)
         generation = document.chunk_generation + 1
-        item = _ingest_guarded(
-            document, generation,
-            lambda document=document, generation=generation, keep_disabled=keep_disabled: (
-                _parse_and_chunk(document=document, generation=generation,
-                                 keep_disabled=keep_disabled, models=models)
-            ),
-        )
+        item = _ingest_guarded(document, generation, partial(
+            _parse_and_chunk,
+            document=document, generation=generation, keep_disabled=keep_disabled, models=models,
+        ))
         if item is not None:
             parsed.append(item)
     return parsed
@@ -201,7 +203,8 @@ def _stage_progress(document: Document, stage: str) -> None:
     write saves a statement per document when a batch holds many small ones.
     """
     now = timezone.now()
-    if (now - document.heartbeat_at).total_seconds() < PROGRESS_MIN_INTERVAL_SECONDS:
+    since = document.heartbeat_at
+    if since is not None and (now - since).total_seconds() < PROGRESS_MIN_INTERVAL_SECONDS:
         return
     Document.objects.filter(pk=document.pk).update(stage=stage, heartbeat_at=now)
     document.stage, document.heartbeat_at = stage, now
@@ -224,7 +227,7 @@ def _ingest_write_generations(
     prepared = []
     for item in items:
         written = _ingest_guarded(item.document, item.generation,
-                                  lambda item=item: _write_generations([item], models=models))
+                                  partial(_write_generations, [item], models=models))
         if written:
             prepared.extend(written)
     return prepared
@@ -321,7 +324,10 @@ def _prepared(
     )
 
 
-def _ingest_embed(*, prepared: list[_PreparedDocument], model, on_embedded) -> None:
+def _ingest_embed(
+    *, prepared: list[_PreparedDocument], model: EmbeddingModel,
+    on_embedded: Callable[[int], object] | None,
+) -> None:
     pending = [(item, i) for item in prepared if not item.failed for i in item.missing[model.pk]]
     batch_size = embeddings.backend_for(model).batch_size
     for start in range(0, len(pending), batch_size):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import PurePath, PurePosixPath
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractUser
+from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import UploadedFile
@@ -26,6 +26,7 @@ from kb.ingestion.archives import ArchiveLimits, extract_archive
 from kb.ingestion.document import ParseError
 from kb.ingestion.sniff import sniff_mime_type
 from kb.models import Collection, Document
+from kb.selectors import AnyUser, signed_in_user
 from kb.services.documents import (
     DOCUMENT_STALLED_AFTER_SECONDS,
     document_queue_ingest,
@@ -160,7 +161,7 @@ def _name_part_sanitize(name: str) -> str:
     return name or "unnamed"
 
 
-def upload_permission_check(*, user: AbstractUser | None) -> None:
+def upload_permission_check(*, user: AnyUser | None) -> None:
     """Raise PermissionDenied unless the user may add documents (user=None: the system).
 
     Reading a collection is not writing to it; the admin's upload page, the upload API
@@ -179,7 +180,7 @@ def upload_size_refusal(*, size: int) -> str | None:
 
 
 def documents_upload_files(
-    *, collection: Collection, files: Iterable[UploadedFile], uploaded_by: AbstractUser | None
+    *, collection: Collection, files: Iterable[UploadedFile], uploaded_by: AnyUser | None
 ) -> list[UploadOutcome]:
     """Check the uploader may add documents, then store the files and queue them; the one
     entry point of the admin's upload page and the upload API (see documents_upload).
@@ -187,22 +188,23 @@ def documents_upload_files(
     A file over the size limit is recorded as rejected without being read into memory.
     """
     upload_permission_check(user=uploaded_by)
+    uploader = signed_in_user(uploaded_by)  # AnonymousUser never passes the check
     outcomes: list[UploadOutcome] = []
     for upload in files:
         refusal = upload_size_refusal(size=upload.size or 0)
         if refusal is not None:
             outcomes.append(document_record_failure(
                 collection=collection, filename=filename_sanitize(upload.name or ""),
-                size=upload.size or 0, uploaded_by=uploaded_by, reason=refusal,
+                size=upload.size or 0, uploaded_by=uploader, reason=refusal,
             ))
             continue
         outcomes += documents_upload(collection=collection, filename=upload.name or "",
-                                     data=upload.read(), uploaded_by=uploaded_by)
+                                     data=upload.read(), uploaded_by=uploader)
     return outcomes
 
 
 def documents_upload(
-    *, collection: Collection, filename: str, data: bytes, uploaded_by: AbstractUser | None = None,
+    *, collection: Collection, filename: str, data: bytes, uploaded_by: User | None = None,
     metadata: dict | None = None, queue: bool = True, keep_folders: bool = False,
 ) -> list[UploadOutcome]:
     """Store an upload and queue its ingestion; a zip becomes one document per member.
@@ -227,7 +229,7 @@ def documents_upload(
 
 
 def _archive_upload(
-    *, collection: Collection, filename: str, data: bytes, uploaded_by: AbstractUser | None
+    *, collection: Collection, filename: str, data: bytes, uploaded_by: User | None
 ) -> list[UploadOutcome]:
     limits = ArchiveLimits(
         max_total_uncompressed_bytes=settings.KB_ZIP_MAX_TOTAL_BYTES,
@@ -272,7 +274,7 @@ def document_upload(
     collection: Collection,
     filename: str,
     data: bytes,
-    uploaded_by: AbstractUser | None = None,
+    uploaded_by: User | None = None,
     display_name: str | None = None,
     metadata: dict | None = None,
     queue: bool = True,
@@ -350,7 +352,7 @@ def _duplicate_outcome(
 
 
 def _upload_refused(
-    *, collection: Collection, shown: str, data: bytes, uploaded_by: AbstractUser | None
+    *, collection: Collection, shown: str, data: bytes, uploaded_by: User | None
 ) -> UploadOutcome | None:
     """The outcome of a file refused before it is hashed: too long a name, empty, too big."""
     if len(shown) > NAME_MAX_LENGTH:
@@ -369,7 +371,7 @@ def _upload_refused(
 
 def _document_store(
     *, collection: Collection, filename: str, data: bytes, shown: str, content_hash: str,
-    previous: Document | None, uploaded_by: AbstractUser | None, metadata: dict | None,
+    previous: Document | None, uploaded_by: User | None, metadata: dict | None,
     queue: bool, stored: list[str],
 ) -> UploadOutcome:
     with transaction.atomic():
@@ -395,7 +397,8 @@ def _document_store(
         # Stored under its base name: the folders of a zip member or a kb_ingest path are
         # part of its name, not of the storage layout, where "x.md" and "x.md/y.md" collide.
         document.file.save(PurePosixPath(filename).name, ContentFile(data), save=False)
-        stored.append(document.file.name)
+        if document.file.name:  # saved just now, so named
+            stored.append(document.file.name)
         document.save()
         if old_file and old_file != document.file.name:
             transaction.on_commit(lambda: document.file.storage.delete(old_file))
@@ -409,7 +412,7 @@ def _document_store(
 
 def document_record_failure(
     *, collection: Collection, filename: str, size: int, reason: str,
-    uploaded_by: AbstractUser | None = None,
+    uploaded_by: User | None = None,
 ) -> UploadOutcome:
     """Keep a rejected upload visible as a failed document with its reason."""
     document = Document.objects.create(

@@ -106,7 +106,9 @@ def _chart_id(title: str, *parts: object) -> str:
     return "chart-" + sha1(repr((title, *parts)).encode()).hexdigest()[:10]
 
 
-def _open(frame: _Frame, title: str, chart_id: str, description: str, title_x: int | None = None) -> list[str]:
+def _open(
+    frame: _Frame, title: str, chart_id: str, description: str, title_x: int | None = None
+) -> list[str]:
     return [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="kb-chart" role="img" '
         f'viewBox="0 0 {frame.width} {frame.height}" width="100%" '

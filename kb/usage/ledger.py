@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,10 +14,11 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
-from kb.models import UsageRecord
+from kb.models import ApiKey, Document, UsageRecord
 from kb.ops.log_privacy import redact
 from kb.ops.observability import current_request_id
 from kb.providers.retrying import FailedAttempt, failed_attempts_recorded
+from kb.selectors import Caller, signed_in_user
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class UsageBuffer:
     def __init__(self) -> None:
         self.records: list[UsageRecord] = []
 
-    def flush(self, *, conversation_id: object = None) -> None:
+    def flush(self, *, conversation_id: uuid.UUID | str | None = None) -> None:
         """Write the held rows in one statement (tagged with the conversation, if given)."""
         records, self.records = self.records, []
         if not records:
@@ -81,10 +83,10 @@ def usage_record_create(
     saved_cost_usd: Decimal | None = None,
     status: str = UsageRecord.Status.OK,
     error: str = "",
-    user=None,
-    api_key=None,
-    document=None,
-    conversation_id=None,
+    user: Caller | None = None,
+    api_key: ApiKey | None = None,
+    document: Document | None = None,
+    conversation_id: uuid.UUID | str | None = None,
     request_id: str = "",
     buffer: UsageBuffer | None = None,
 ) -> UsageRecord:
@@ -106,7 +108,7 @@ def usage_record_create(
         status=status,
         # Provider errors can echo credentials (a key in a 401, a password in a URL).
         error=redact(error)[:2000],
-        user=user if getattr(user, "is_authenticated", False) else None,
+        user=signed_in_user(user),
         api_key=api_key,
         document=document,
         conversation_id=conversation_id,

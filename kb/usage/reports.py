@@ -7,17 +7,21 @@ model: a cache hit costs nothing and takes no time, and would drag p50 towards z
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
-from django.contrib.auth.models import AbstractUser
 from django.db.models import Aggregate, Count, DecimalField, F, FloatField, Q, QuerySet, Sum
+from django.db.models.expressions import Combinable
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
 from kb.models import UsageRecord
+
+if TYPE_CHECKING:
+    from kb.selectors import AnyUser
 
 
 class PercentileCont(Aggregate):
@@ -29,13 +33,14 @@ class PercentileCont(Aggregate):
     template = "%(function)s(%(fraction)s) WITHIN GROUP (ORDER BY %(expressions)s)"
     output_field = FloatField()
 
-    def __init__(self, expression, fraction: float, **extra):
+    def __init__(self, expression: str | Combinable, fraction: float, *,
+                 filter: Q | None = None) -> None:
         fraction = float(fraction)
         if not 0 <= fraction <= 1:
             raise ValueError("A percentile is a fraction between 0 and 1.")
         # A float literal, never user input: formatted into the SQL, not passed as a parameter,
         # because PostgreSQL wants the fraction as a constant of the ordered-set aggregate.
-        super().__init__(expression, fraction=repr(fraction), **extra)
+        super().__init__(expression, fraction=repr(fraction), filter=filter)
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,7 @@ def _summary_aggregates(*, latency_filter: Q) -> dict:
 _SUMMARY_FIELDS = tuple(_summary_aggregates(latency_filter=Q()).keys())
 
 
-def _summary(label: str, row: dict) -> UsageSummary:
+def _summary(label: str, row: Mapping[str, Any]) -> UsageSummary:
     return UsageSummary(label=label, **{name: row[name] for name in _SUMMARY_FIELDS})
 
 
@@ -286,7 +291,7 @@ def cited_documents_source_set(source: CitedDocumentsSource | None) -> None:
 
 
 def documents_most_cited(
-    *, period: Window, limit: int = 10, user: AbstractUser | None = None
+    *, period: Window, limit: int = 10, user: AnyUser | None = None
 ) -> list[CitedDocument]:
     """The documents cited most often by answers in the period (chat.selectors reads them);
     none without an app that answers. user is the viewer, None the system (kb_usage)."""

@@ -55,8 +55,9 @@ class PeriodForm(forms.Form):
     start = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
     end = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
 
-    def clean(self) -> dict:
-        cleaned = super().clean()
+    def clean(self) -> dict[str, object]:
+        super().clean()
+        cleaned = self.cleaned_data
         today = timezone.localdate()
         end: date = cleaned.get("end") or today
         start: date = cleaned.get("start") or end - timedelta(days=DEFAULT_DAYS - 1)

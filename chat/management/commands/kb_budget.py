@@ -100,13 +100,13 @@ class Command(BaseCommand):
         parser.add_argument("--daily-tokens", help="Tokens per day, or none for unlimited.")
         parser.add_argument("--daily-cost", help="USD per day, or none for unlimited.")
 
-    def handle(self, *args: str, **options: object) -> None:
-        if options["set"] or options["delete"]:
-            if not options["scope"]:
+    def handle(self, *args: str, set: bool, delete: bool, scope: str | None,
+               username: str | None, key_prefix: str | None, **options: object) -> None:
+        if set or delete:
+            if not scope:
                 raise CommandError("--scope is required with --set and --delete.")
-            target = budget_target(scope=options["scope"], username=options["username"],
-                                   key_prefix=options["key_prefix"])
-            if options["delete"]:
+            target = budget_target(scope=scope, username=username, key_prefix=key_prefix)
+            if delete:
                 deleted = budget_delete(**target)
                 self.stdout.write("Budget removed; the settings defaults apply.\n" if deleted
                                   else "There was no such budget.\n")
@@ -135,7 +135,7 @@ class Command(BaseCommand):
                 scopes=[budget.scope], user=budget.user, api_key=budget.api_key
             )[budget.scope]
             target = {Budget.Scope.GLOBAL: "everyone", Budget.Scope.USER: str(budget.user),
-                      Budget.Scope.API_KEY: str(budget.api_key)}[budget.scope]
+                      Budget.Scope.API_KEY: str(budget.api_key)}[Budget.Scope(budget.scope)]
             rows.append([budget.scope, target, _tokens_limit(budget.daily_token_limit),
                          f"{spent_tokens:,}", _used(spent_tokens, budget.daily_token_limit),
                          _cost_limit(budget.daily_cost_limit_usd), f"${spent_cost:.4f}",

@@ -26,22 +26,21 @@ class Command(BaseCommand):
         create.add_argument("--rate-limit", default="",
                             help="This key's own limit, e.g. 600/m (default: KB_RATELIMIT_*).")
 
-    def handle(self, *args: str, **options: object) -> None:
+    def handle(self, *args: str, username: str, collections: list[str], name: str,
+               rate_limit: str, **options: object) -> None:
         user_model = get_user_model()
         try:
-            user = user_model.objects.get(**{user_model.USERNAME_FIELD: options["username"]})
+            user = user_model.objects.get(**{user_model.USERNAME_FIELD: username})
         except user_model.DoesNotExist:
-            raise CommandError(f"No user named {options['username']!r}.") from None
+            raise CommandError(f"No user named {username!r}.") from None
         if not user.is_active:
-            raise CommandError(
-                f"{options['username']} is deactivated; a key of theirs would be refused."
-            )
-        slugs = list(dict.fromkeys(options["collections"]))
-        collections = list(Collection.objects.filter(slug__in=slugs))
-        missing = sorted(set(slugs) - {collection.slug for collection in collections})
+            raise CommandError(f"{username} is deactivated; a key of theirs would be refused.")
+        slugs = list(dict.fromkeys(collections))
+        chosen = list(Collection.objects.filter(slug__in=slugs))
+        missing = sorted(set(slugs) - {collection.slug for collection in chosen})
         if missing:
             raise CommandError(f"No collection with the slug: {', '.join(missing)}.")
-        rate_limit = options["rate_limit"].strip()
+        rate_limit = rate_limit.strip()
         if rate_limit:
             try:
                 rate_limit_parse(rate_limit)
@@ -49,12 +48,12 @@ class Command(BaseCommand):
                 raise CommandError("--rate-limit takes N/s, N/m, N/h or N/d, e.g. 600/m.") from None
         try:
             api_key, raw_key = api_keys.api_key_create(
-                user=user, name=options["name"] or f"{user.get_username()} (command line)",
-                collections=collections, rate_limit=rate_limit,
+                user=user, name=name or f"{user.get_username()} (command line)",
+                collections=chosen, rate_limit=rate_limit,
             )
         except api_keys.ApiKeyError as exc:
             raise CommandError(str(exc)) from None
-        scope = ", ".join(c.slug for c in collections) or "every collection the user may read"
+        scope = ", ".join(c.slug for c in chosen) or "every collection the user may read"
         self.stderr.write(f"Created API key {api_key.prefix}… for {user.get_username()} ({scope}). "
                           "Copy it now, it is not shown again:")
         self.stdout.write(raw_key)

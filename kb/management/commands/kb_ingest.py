@@ -13,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from kb import selectors
-from kb.models import Document
+from kb.models import Collection, Document
 from kb.ops import bootstrap
 from kb.ops.database import DatabaseSetupError
 from kb.services.collections import collection_get_or_create
@@ -94,6 +94,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         files = expand_paths(paths)
         uploader = self._uploader(user)
+        target: Collection | None
         if uploader is None:
             target = collection_get_or_create(slug=collection)
         else:
@@ -120,17 +121,18 @@ class Command(BaseCommand):
             )
         if sync:
             # One batch for everything, so small files share full embedding batches.
-            pending = [o.document.pk for o in outcomes if o.outcome in {"created", "updated"}]
+            pending = [o.document.pk for o in outcomes
+                       if o.document is not None and o.outcome in {"created", "updated"}]
             with tqdm(desc="Embedding", unit="chunk", disable=not pending) as bar:
                 documents_ingest_batch(document_ids=pending, on_embedded=bar.update)
         outcomes = upload_outcomes_refresh(outcomes=outcomes)
         failures = []
         for outcome in outcomes:
             document = outcome.document
-            rejected = outcome.outcome == "rejected"
-            if rejected or (document and document.status == Document.Status.FAILED):
-                failures.append((outcome.filename, outcome.message if outcome.outcome == "rejected"
-                                 else document.error_message))
+            if outcome.outcome == "rejected":
+                failures.append((outcome.filename, outcome.message))
+            elif document is not None and document.status == Document.Status.FAILED:
+                failures.append((outcome.filename, document.error_message))
         counts = {name: sum(1 for o in outcomes if o.outcome == name)
                   for name in ("created", "updated", "duplicate")}
         verb = "ingested" if sync else "queued"

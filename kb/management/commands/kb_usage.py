@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime, time, timedelta
 
 from django.core.management.base import BaseCommand, CommandError
@@ -43,7 +43,7 @@ def _usd(value) -> str:
     return f"${value:,.4f}"
 
 
-COLUMNS: tuple[tuple[str, object], ...] = (
+COLUMNS: tuple[tuple[str, Callable[[UsageSummary], str]], ...] = (
     ("calls", lambda r: f"{r.calls:,}"),
     ("errors", lambda r: f"{r.errors:,}"),
     ("input tok", lambda r: f"{r.input_tokens:,}"),

@@ -45,8 +45,9 @@ class Command(BaseCommand):
                             help="qrels file to evaluate (default: test).")
         parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
-    def handle(self, *args: object, dataset: str, modes: str, json_file: str | None, k1: float | None,
-               b: float | None, rrf_k: int | None, candidates: int | None, fusion: str,
+    def handle(self, *args: object, dataset: str, modes: str, json_file: str | None,
+               k1: float | None, b: float | None, rrf_k: int | None, candidates: int | None,
+               fusion: str,
                ef_search: int | None, reranker: str | None, limit_queries: int | None, split: str,
                no_progress: bool, **options: object) -> None:
         path = Path(dataset)
@@ -66,11 +67,12 @@ class Command(BaseCommand):
                           f"judged {split} queries, corpus sha256 {data.corpus_sha256[:12]}…")
         prepared = self._collection_prepare(data, no_progress=no_progress)
         results = []
+        candidates = candidates or settings.KB_SEARCH_CANDIDATES
         with evaluation.retrieval_settings(k1=k1, b=b, rrf_k=rrf_k, ef_search=ef_search,
                                            reranker=reranker_entry):
             used = {
                 "k1": settings.KB_BM25_K1, "b": settings.KB_BM25_B, "rrf_k": settings.KB_RRF_K,
-                "candidates": candidates or settings.KB_SEARCH_CANDIDATES, "fusion": fusion,
+                "candidates": candidates, "fusion": fusion,
                 "ef_search": ef_search or settings.KB_HNSW_EF_SEARCH,
                 "chunk_max_tokens": settings.KB_CHUNK_MAX_TOKENS,
                 "chunk_overlap_tokens": settings.KB_CHUNK_OVERLAP_TOKENS,
@@ -78,9 +80,9 @@ class Command(BaseCommand):
                 "rerank_top_n": settings.KB_RERANK_TOP_N,
             }
             for mode in wanted:
-                results.append(self._mode_evaluate(
-                    data, prepared, mode, candidates=used["candidates"], fusion=fusion,
-                    limit_queries=limit_queries, no_progress=no_progress))
+                results.append(self._mode_evaluate(data, prepared, mode, candidates=candidates,
+                                                   fusion=fusion, limit_queries=limit_queries,
+                                                   no_progress=no_progress))
         self._report(data, prepared, results, used=used, json_file=json_file)
 
     def _reranker_entry(self, wanted: list[str], reranker: str | None) -> dict | None:
@@ -99,7 +101,9 @@ class Command(BaseCommand):
                                "or pass --reranker dotted.path[:model].")
         return None
 
-    def _collection_prepare(self, data: evaluation.BeirDataset, *, no_progress: bool) -> evaluation.EvalCollection:
+    def _collection_prepare(
+        self, data: evaluation.BeirDataset, *, no_progress: bool
+    ) -> evaluation.EvalCollection:
         """The dataset's collection, ingested or reused, and checked complete."""
         with tqdm(desc="Ingesting", unit="doc", disable=no_progress) as docs_bar, \
                 tqdm(desc="Embedding", unit="chunk", disable=no_progress) as chunks_bar:
@@ -125,8 +129,8 @@ class Command(BaseCommand):
                                + ". Nothing was reported; run kb_eval again once it is.")
         return prepared
 
-    def _mode_evaluate(self, data: evaluation.BeirDataset, prepared: evaluation.EvalCollection, mode: str, *,
-                       candidates: int, fusion: str, limit_queries: int | None,
+    def _mode_evaluate(self, data: evaluation.BeirDataset, prepared: evaluation.EvalCollection,
+                       mode: str, *, candidates: int, fusion: str, limit_queries: int | None,
                        no_progress: bool) -> evaluation.ModeResult:
         total = len(data.queries) if not limit_queries else min(limit_queries, len(data.queries))
         with tqdm(total=total, desc=mode, unit="query", disable=no_progress) as bar:
