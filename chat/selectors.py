@@ -13,7 +13,14 @@ from django.db.models import BigIntegerField, Exists, Func, OuterRef, Q, QuerySe
 from chat.models import AnswerCacheEntry, Conversation, Message
 from kb.models import ApiKey, Collection, Document
 from kb.providers.base import ChatMessage
-from kb.selectors import AnyUser, collections_visible, documents_visible, signed_in_user
+from kb.selectors import (
+    AnyUser,
+    Caller,
+    SystemCaller,
+    collections_visible,
+    documents_visible,
+    signed_in_user,
+)
 from kb.usage.reports import CitedDocument, Window, cited_documents_source_set
 from search.selectors import collections_visible_to
 
@@ -220,7 +227,7 @@ def answer_cache_entries_for_admin(*, user: AnyUser) -> QuerySet[AnswerCacheEntr
 
 
 def documents_most_cited(
-    *, period: Window, limit: int = 10, user: AnyUser | None = None
+    *, period: Window, user: Caller, limit: int = 10
 ) -> list[CitedDocument]:
     """The documents cited most often by answers in the period.
 
@@ -232,8 +239,8 @@ def documents_most_cited(
     it. One query for a period of any size (_cited_rows).
 
     `user` is the viewer: only documents in collections they may read are counted (deleted
-    ones, whose collection is unknown, only for superusers), as in the document admin.
-    None is the system itself (kb_usage).
+    ones, whose collection is unknown, only for superusers and SYSTEM), as in the document
+    admin.
     """
     rows = _cited_rows(period=period, limit=limit, user=user)
     documents = Document.objects.in_bulk([row[0] for row in rows if row[0] is not None])
@@ -250,13 +257,13 @@ def documents_most_cited(
     return result
 
 
-def _cited_rows(*, period: Window, limit: int, user: AnyUser | None) -> list[tuple]:
+def _cited_rows(*, period: Window, limit: int, user: Caller) -> list[tuple]:
     """(document id, title, citations, answers), most cited first: the passages unnested in
     SQL (`jsonb_array_elements ... WITH ORDINALITY`; the ordinal stands in for a missing n)."""
     table = connection.ops.quote_name(Message._meta.db_table)
     params: list = [Message.Role.ASSISTANT, period.since, period.until]
     visible_sql = ""
-    if user is not None and not user.is_superuser:
+    if not isinstance(user, SystemCaller) and not user.is_superuser:
         visible = Document.objects.filter(
             collection__in=collections_visible(user=user)).values("pk").query.sql_with_params()
         visible_sql = f"AND (passage.value ->> 'document_id')::bigint IN ({visible[0]})"

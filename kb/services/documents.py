@@ -17,7 +17,7 @@ from django.utils import timezone
 from kb import selectors
 from kb.models import Chunk, Collection, Document
 from kb.queue import enqueue
-from kb.selectors import AnyUser
+from kb.selectors import Caller, SystemCaller
 from kb.services.collections import collection_touch
 
 logger = logging.getLogger(__name__)
@@ -74,9 +74,7 @@ class DocumentMoveRefused(Exception):
     """A move that would break an invariant; the message says why, for the editor."""
 
 
-def document_move(
-    *, document: Document, collection: Collection, actor: AnyUser | None = None
-) -> Document:
+def document_move(*, document: Document, collection: Collection, actor: Caller) -> Document:
     """Move a document to another collection with its chunks, in one transaction.
 
     Updating the document's collection cascades to its chunks (the composite foreign key
@@ -84,10 +82,10 @@ def document_move(
     text-search configuration and move their postings and both collections' BM25
     statistics. Both collections' updated_at are bumped, so answer-cache entries keyed by
     either version stop matching, and the entries citing the document are dropped (the
-    post_save receiver in chat.models). actor=None is the system; a user needs the change
+    post_save receiver in chat.models). SYSTEM may move anything; a user needs the change
     permission and read access to both collections.
     """
-    if actor is not None:
+    if not isinstance(actor, SystemCaller):
         if not actor.has_perm("kb.change_document"):
             raise PermissionDenied("Moving a document needs the “Can change document” permission.")
         wanted = {document.collection_id, collection.pk}
@@ -114,7 +112,7 @@ def document_move(
         current.save(update_fields=["collection", "updated_at"])
         collection_touch(collection_ids=[source_id, collection.pk])
     logger.info("Document %s moved from collection %s to %s by %s.", current.pk, source_id,
-                collection.pk, getattr(actor, "pk", "the system"))
+                collection.pk, actor.pk or "the system")
     return current
 
 

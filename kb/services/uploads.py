@@ -26,7 +26,7 @@ from kb.ingestion.archives import ArchiveLimits, extract_archive
 from kb.ingestion.document import ParseError
 from kb.ingestion.sniff import sniff_mime_type
 from kb.models import Collection, Document
-from kb.selectors import AnyUser, signed_in_user
+from kb.selectors import Caller, SystemCaller, signed_in_user
 from kb.services.documents import (
     DOCUMENT_STALLED_AFTER_SECONDS,
     document_queue_ingest,
@@ -161,13 +161,13 @@ def _name_part_sanitize(name: str) -> str:
     return name or "unnamed"
 
 
-def upload_permission_check(*, user: AnyUser | None) -> None:
-    """Raise PermissionDenied unless the user may add documents (user=None: the system).
+def upload_permission_check(*, user: Caller) -> None:
+    """Raise PermissionDenied unless the caller may add documents (SYSTEM always may).
 
     Reading a collection is not writing to it; the admin's upload page, the upload API
     and kb_ingest --user all ask here.
     """
-    if user is not None and not user.has_perm("kb.add_document"):
+    if not isinstance(user, SystemCaller) and not user.has_perm("kb.add_document"):
         raise PermissionDenied("Uploading needs the “Can add document” permission.")
 
 
@@ -180,7 +180,7 @@ def upload_size_refusal(*, size: int) -> str | None:
 
 
 def documents_upload_files(
-    *, collection: Collection, files: Iterable[UploadedFile], uploaded_by: AnyUser | None
+    *, collection: Collection, files: Iterable[UploadedFile], uploaded_by: Caller
 ) -> list[UploadOutcome]:
     """Check the uploader may add documents, then store the files and queue them; the one
     entry point of the admin's upload page and the upload API (see documents_upload).

@@ -21,7 +21,7 @@ from django.utils import timezone
 from kb.models import UsageRecord
 
 if TYPE_CHECKING:
-    from kb.selectors import AnyUser
+    from kb.selectors import Caller
 
 
 class PercentileCont(Aggregate):
@@ -291,10 +291,10 @@ def cited_documents_source_set(source: CitedDocumentsSource | None) -> None:
 
 
 def documents_most_cited(
-    *, period: Window, limit: int = 10, user: AnyUser | None = None
+    *, period: Window, user: Caller, limit: int = 10
 ) -> list[CitedDocument]:
-    """The documents cited most often by answers in the period (chat.selectors reads them);
-    none without an app that answers. user is the viewer, None the system (kb_usage)."""
+    """The documents cited most often by answers in the period that the viewer (`user`, or
+    SYSTEM) may read (chat.selectors reads them); none without an app that answers."""
     if _cited_documents_source is None:
         return []
     return _cited_documents_source(period=period, limit=limit, user=user)

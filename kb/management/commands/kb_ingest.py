@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
@@ -151,7 +152,7 @@ class Command(BaseCommand):
         if failures:
             raise CommandError(f"{len(failures)} file(s) failed.", returncode=1)
 
-    def _uploader(self, username: str | None):
+    def _uploader(self, username: str | None) -> User | None:
         if username is None:
             return None
         user = get_user_model().objects.filter(username=username, is_active=True).first()

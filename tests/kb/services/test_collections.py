@@ -64,7 +64,7 @@ WRITES: dict[str, Callable[[dict], object]] = {
     "disable": lambda w: document_disable(document=w["document"]),
     "enable": _enable,
     "delete": lambda w: document_delete(document=w["document"]),
-    "move": lambda w: document_move(document=w["document"], collection=w["other"]),
+    "move": lambda w: document_move(document=w["document"], collection=w["other"], actor=SYSTEM),
     "reindex": lambda w: collection_reindex(collection=w["docs"]),
 }
 

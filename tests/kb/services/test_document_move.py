@@ -106,7 +106,7 @@ def test_after_a_move_only_readers_of_the_new_collection_find_the_passage(world,
     """user-a (general only) stops finding the moved passage; user-b (b-private) finds it."""
     assert _finds(world["a"], mode, world["doc"]) and _finds(world["b"], mode, world["doc"])
 
-    document_move(document=world["doc"], collection=world["private"])
+    document_move(document=world["doc"], collection=world["private"], actor=SYSTEM)
 
     assert not _finds(world["a"], mode, world["doc"])
     assert _finds(world["b"], mode, world["doc"])
@@ -133,7 +133,7 @@ def test_every_chunk_stays_in_its_documents_collection(world, second_embedder,
     and re-embedding, and the BM25 index always equals one rebuilt from the chunks."""
     collections = [world["general"].pk, world["private"].pk]
     document = world["doc"]
-    document_move(document=document, collection=world["private"])
+    document_move(document=document, collection=world["private"], actor=SYSTEM)
     assert _misplaced_chunks() == 0 and _index_disagreements(collections) == []
 
     with django_capture_on_commit_callbacks(execute=True):
@@ -163,7 +163,7 @@ def test_a_move_during_ingestion_writes_the_new_generation_in_the_new_collection
     """Reprocessing that started before a move finishes with every chunk in the new collection."""
     document = Document.objects.get(pk=world["doc"].pk)
     stale = Document.objects.get(pk=document.pk)  # what a worker loaded before the move
-    document_move(document=document, collection=world["private"])
+    document_move(document=document, collection=world["private"], actor=SYSTEM)
     documents_ingest_batch(document_ids=[stale.pk])
 
     assert _misplaced_chunks() == 0
@@ -216,7 +216,7 @@ def test_a_move_changes_both_collections_answer_cache_versions(world):
     before = {c: kb_version(collection=world[c], user=SYSTEM) for c in ("general", "private")}
     before_all = kb_version(collection=None, user=world["a"])
 
-    document_move(document=world["doc"], collection=world["private"])
+    document_move(document=world["doc"], collection=world["private"], actor=SYSTEM)
 
     for name in ("general", "private"):
         assert kb_version(collection=world[name], user=SYSTEM) != before[name]
@@ -227,7 +227,7 @@ def test_a_move_onto_a_document_of_the_same_name_is_refused(world, ingest_one):
     """A name identifies a document in its collection, so a move never creates two of one name."""
     namesake = ingest_one(world["private"], "cafeteria.md", CAFETERIA.replace("seven", "eight"))
     with pytest.raises(DocumentMoveRefused, match="already has a document named"):
-        document_move(document=world["doc"], collection=world["private"])
+        document_move(document=world["doc"], collection=world["private"], actor=SYSTEM)
     assert Document.objects.get(pk=world["doc"].pk).collection_id == world["general"].pk
     assert namesake.collection_id == world["private"].pk and _misplaced_chunks() == 0
 
