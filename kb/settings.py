@@ -375,12 +375,22 @@ class ProvidersSetting(TypedDict):
 
 KB_PROVIDERS: ProvidersSetting = {
     "embedding": {
+        # The default: all-MiniLM-L6-v2 on ONNX Runtime, no PyTorch (docs/RETRIEVAL.md).
+        "minilm-int8": {
+            "BACKEND": "kb.providers.onnx_embeddings.OnnxEmbeddings",
+            "MODEL": "bundled:all-MiniLM-L6-v2-int8",
+        },
+        # The same model on torch (pip install -e '.[torch]'), or any sentence-transformers
+        # model; the default before the torch-free install, so older data directories
+        # hold its vectors. Without torch the int8 model embeds in its place.
         "minilm": {
             "BACKEND": "kb.providers.local.SentenceTransformerEmbeddings",
             "MODEL": env_str("KB_LOCAL_EMBEDDING_MODEL", "bundled:all-MiniLM-L6-v2"),
             # A query's forward pass: ONNX Runtime (half torch's time for one short text)
             # or torch. Batches of chunks always run on torch. kb.providers.onnx_runtime.
             "query_runtime": env_str("KB_LOCAL_QUERY_RUNTIME", "onnxruntime"),
+            **({"without_torch": "bundled:all-MiniLM-L6-v2-int8"}
+               if not env_str("KB_LOCAL_EMBEDDING_MODEL") else {}),
         },
         "openai": {
             "BACKEND": "kb.providers.openai.OpenAIEmbeddings",
@@ -422,7 +432,7 @@ if env_str("KB_EMBEDDING_BACKEND"):
         "BACKEND": env_str("KB_EMBEDDING_BACKEND"),
         "MODEL": env_str("KB_EMBEDDING_BACKEND_MODEL"),
     }
-KB_DEFAULT_EMBEDDING_MODEL = env_str("KB_EMBEDDING_MODEL", "minilm")
+KB_DEFAULT_EMBEDDING_MODEL = env_str("KB_EMBEDDING_MODEL", "minilm-int8")
 
 # USD per million tokens. Local models cost nothing but still record tokens and latency.
 KB_MODEL_PRICES = {

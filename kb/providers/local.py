@@ -1,7 +1,14 @@
-"""Local models through sentence-transformers: the offline default. No network, no key."""
+"""Local models through sentence-transformers and PyTorch (the optional `torch` extra).
+
+The default local model runs without torch (kb.providers.onnx_embeddings). These backends
+serve any other sentence-transformers model, and data directories whose vectors came
+from the torch model: without torch those keep serving through a stand-in, the same model
+on ONNX Runtime, when the entry names one.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -9,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kb.ops.worker_threads import WorkerThreads
 from kb.providers.base import (
     EmbeddingBackend,
     EmbeddingResult,
@@ -17,6 +23,8 @@ from kb.providers.base import (
     RerankBackend,
     RerankResult,
 )
+from kb.providers.inference import inference_thread, torch_missing_message
+from kb.providers.onnx_embeddings import OnnxEmbeddings
 from kb.providers.onnx_runtime import OnnxExportError, OnnxSentenceEncoder, onnx_sentence_encoder
 
 if TYPE_CHECKING:
@@ -27,22 +35,6 @@ logger = logging.getLogger(__name__)
 BUNDLED_PREFIX = "bundled:"
 # What runs a single query's forward pass (see kb.providers.onnx_runtime).
 QUERY_RUNTIMES = ("onnxruntime", "torch")
-
-
-def _torch_threads_set() -> None:
-    from django.conf import settings
-
-    if settings.KB_TORCH_THREADS:
-        import torch
-
-        torch.set_num_threads(settings.KB_TORCH_THREADS)
-
-
-# Every forward pass runs on this one thread. On a new calling thread (and under ASGI each
-# request is one) torch's OpenMP runtime builds a new thread team: a query embedding took
-# 40 ms that way against 18 ms here. One thread also serialises concurrent passes, which
-# on a CPU would only contend for the same cores.
-inference_thread = WorkerThreads(max_workers=1, name="inference", setup=_torch_threads_set)
 
 
 def resolve_model_path(model: str) -> str:
@@ -64,14 +56,26 @@ def _offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def torch_installed() -> bool:
+    """Whether sentence-transformers (and with it PyTorch) can be imported."""
+    return importlib.util.find_spec("sentence_transformers") is not None
+
+
 class SentenceTransformerEmbeddings(EmbeddingBackend):
-    """Any sentence-transformers model by path or name; defaults to the bundled MiniLM."""
+    """Any sentence-transformers model by path or name; defaults to the bundled MiniLM.
+
+    Option `without_torch`: an OnnxEmbeddings MODEL of the same model (e.g.
+    `bundled:all-MiniLM-L6-v2-int8`) that embeds in its place where torch is not
+    installed, so an upgraded torch-free install keeps serving the vectors it has.
+    """
 
     provider_name = "local"
     batch_size = 64
 
     def __init__(self, *, model: str = "bundled:all-MiniLM-L6-v2", **options):
         super().__init__(model=model, **options)
+        self.without_torch = options.get("without_torch") or None
+        self._stand_in: OnnxEmbeddings | None = None
         self.batch_size = int(options.get("batch_size", self.batch_size))
         self.device = options.get("device", "cpu")
         self.query_runtime = options.get("query_runtime", "onnxruntime")
@@ -84,9 +88,32 @@ class SentenceTransformerEmbeddings(EmbeddingBackend):
         self._query_encoder_loaded = False
         self._query_encoder_lock = threading.Lock()
 
+    @classmethod
+    def unavailable_reason(cls, entry: dict) -> str | None:
+        if torch_installed():
+            return None
+        if entry.get("without_torch"):
+            return OnnxEmbeddings.unavailable_reason({"MODEL": entry["without_torch"]})
+        return torch_missing_message(f"The sentence-transformers model {entry.get('MODEL')}")
+
+    def stand_in(self) -> OnnxEmbeddings | None:
+        """The ONNX model that embeds in this one's place, when torch is not installed."""
+        if torch_installed() or self.without_torch is None:
+            return None
+        if self._stand_in is None:
+            with self._load_lock:
+                if self._stand_in is None:
+                    logger.warning(
+                        "%s: %s. Its vectors are computed by %s meanwhile.", self.model,
+                        torch_missing_message("This model"), self.without_torch)
+                    self._stand_in = OnnxEmbeddings(model=self.without_torch, quantize="none")
+        return self._stand_in
+
     @property
     def encoder(self) -> SentenceTransformer:
         """The loaded SentenceTransformer, loaded on first use and kept."""
+        if not torch_installed():
+            raise ProviderError(torch_missing_message(f"The embedding model {self.model}"))
         if self._model is None:
             with self._load_lock:
                 if self._model is None:
@@ -100,6 +127,8 @@ class SentenceTransformerEmbeddings(EmbeddingBackend):
 
     @property
     def dimensions(self) -> int:
+        if (stand_in := self.stand_in()) is not None:
+            return stand_in.dimensions
         dimensions = self.encoder.get_embedding_dimension()
         if dimensions is None:  # int(None) would say nothing of the model
             raise ProviderError(f"{self.model} does not say how long its vectors are.")
@@ -107,12 +136,16 @@ class SentenceTransformerEmbeddings(EmbeddingBackend):
 
     @property
     def max_input_tokens(self) -> int:
+        if (stand_in := self.stand_in()) is not None:
+            return stand_in.max_input_tokens
         limit = self.encoder.max_seq_length
         if limit is None:
             raise ProviderError(f"{self.model} does not say how many tokens it reads.")
         return int(limit)
 
     def embed_batch(self, texts: Sequence[str]) -> EmbeddingResult:
+        if (stand_in := self.stand_in()) is not None:
+            return stand_in.embed_batch(texts)
         vectors = inference_thread.run(
             self.encoder.encode,
             list(texts),
@@ -125,6 +158,8 @@ class SentenceTransformerEmbeddings(EmbeddingBackend):
         return EmbeddingResult(vectors=vectors.tolist(), input_tokens=tokens)
 
     def embed_query(self, text: str) -> EmbeddingResult:
+        if (stand_in := self.stand_in()) is not None:
+            return stand_in.embed_query(text)
         query_encoder = self.query_encoder
         if query_encoder is None:
             return self.embed_batch([text])
@@ -166,6 +201,8 @@ class SentenceTransformerEmbeddings(EmbeddingBackend):
             return None
 
     def count_tokens(self, text: str) -> int:
+        if (stand_in := self.stand_in()) is not None:
+            return stand_in.count_tokens(text)
         return self._token_lengths([text])[0]
 
     def _token_lengths(self, texts: Sequence[str]) -> list[int]:
@@ -193,6 +230,8 @@ class CrossEncoderReranker(RerankBackend):
         if self._model is None:
             with self._load_lock:
                 if self._model is None:
+                    if not torch_installed():
+                        raise ProviderError(torch_missing_message("The CrossEncoder reranker"))
                     _offline()
                     from sentence_transformers import CrossEncoder
 

@@ -75,7 +75,7 @@ def test_activation_is_refused_until_complete(corpus, fake_embedder):
     new = embeddings.reembed_start(key="fake")
     with pytest.raises(embeddings.EmbeddingModelError):
         embeddings.embedding_model_activate(model=new)
-    assert EmbeddingModel.objects.get(is_active=True).key == "minilm"
+    assert EmbeddingModel.objects.get(is_active=True).key == "minilm-int8"
 
 
 def test_cancel_stops_and_leaves_search_on_the_old_model(corpus, fake_embedder):
@@ -86,7 +86,7 @@ def test_cancel_stops_and_leaves_search_on_the_old_model(corpus, fake_embedder):
     result = embeddings.reembed_run(model_id=new.pk, activate=True)
 
     assert result.status == EmbeddingModel.Status.CANCELLED and not result.is_active
-    assert EmbeddingModel.objects.get(is_active=True).key == "minilm"
+    assert EmbeddingModel.objects.get(is_active=True).key == "minilm-int8"
 
 
 def test_failed_page_keeps_progress_and_a_rerun_resumes(corpus, fake_embedder):
@@ -97,7 +97,7 @@ def test_failed_page_keeps_progress_and_a_rerun_resumes(corpus, fake_embedder):
         embeddings.reembed_run(model_id=new.pk)
     partial = ChunkEmbedding.objects.filter(embedding_model=new).count()
     assert 0 < partial < Chunk.objects.count()
-    assert EmbeddingModel.objects.get(is_active=True).key == "minilm"
+    assert EmbeddingModel.objects.get(is_active=True).key == "minilm-int8"
 
     done = embeddings.reembed_run(model_id=new.pk, activate=True)
 
@@ -108,7 +108,7 @@ def test_failed_page_keeps_progress_and_a_rerun_resumes(corpus, fake_embedder):
 def test_old_vectors_can_be_dropped_after_cutover(corpus, fake_embedder):
     """Dropping an inactive model removes its vectors and index; the active one refuses."""
     new = embeddings.reembed_run(model_id=embeddings.reembed_start(key="fake").pk, activate=True)
-    old = EmbeddingModel.objects.get(key="minilm")
+    old = EmbeddingModel.objects.get(key="minilm-int8")
     with pytest.raises(embeddings.EmbeddingModelError):
         embeddings.embedding_model_drop_vectors(model=new)
 
@@ -139,7 +139,7 @@ def test_admin_reembeds_and_drops_vectors_in_queued_tasks(admin_client, corpus, 
                                  {"key": "fake", "activate": "on"}, follow=True)
     assert "started in the background" in response.content.decode()
     assert EmbeddingModel.objects.get(key="fake").is_active
-    old = EmbeddingModel.objects.get(key="minilm")
+    old = EmbeddingModel.objects.get(key="minilm-int8")
     changelist = reverse("admin:kb_embeddingmodel_changelist")
 
     with django_capture_on_commit_callbacks(execute=False):

@@ -182,7 +182,7 @@ def test_warm_up_embeds_one_query_with_the_active_model_on_a_background_thread(s
     """Serving starts while the active model loads: the start returns before the model has
     answered, and the model answers one query on the warm-up's own thread."""
     _embedding_provider(settings, RecordingEmbeddings, key="warm-active")
-    settings.KB_DEFAULT_EMBEDDING_MODEL = "minilm"  # not this one: the active model is
+    settings.KB_DEFAULT_EMBEDDING_MODEL = "minilm-int8"  # not this one: the active model is
     EmbeddingModel.objects.create(key="warm-active", backend="RecordingEmbeddings", model_name="r",
                                   dimensions=3, is_active=True, status=EmbeddingModel.Status.ACTIVE)
 
