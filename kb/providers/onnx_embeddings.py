@@ -322,7 +322,10 @@ class OnnxEmbeddings(EmbeddingBackend):
         return EmbeddingResult(vectors=vectors.tolist(), input_tokens=self.count_tokens(text))
 
     def count_tokens(self, text: str) -> int:
-        return self._token_lengths([text])[0]
+        # The chunker calls this for every span it weighs: one text, without the batch API.
+        self._load()
+        assert self._counter is not None
+        return len(self._counter.encode(text, add_special_tokens=False).ids)
 
     def _token_lengths(self, texts: Sequence[str]) -> list[int]:
         # Without special tokens, so chunk sizes add up (as the torch backend counts).
