@@ -1,5 +1,8 @@
 """A sentence-transformers model exported to ONNX and run by ONNX Runtime, for queries.
 
+This serves the torch backend (kb.providers.local, the `.[torch]` extra). The default
+model needs no export: it is an ONNX file already (kb.providers.onnx_embeddings).
+
 Search embeds one short query per request. At that size a torch forward pass of
 all-MiniLM-L6-v2 goes mostly to per-operator dispatch and small matrix products, and
 ONNX Runtime runs the same graph in about half the time (docs/RETRIEVAL.md has the
