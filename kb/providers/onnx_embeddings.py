@@ -19,6 +19,7 @@ most (cosine 0.978 for an empty one), and a single query gains nothing from it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -371,28 +372,39 @@ def int8_arithmetic_model(source: Path, *, cache_dir: Path, num_heads: int, hidd
         return target
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".derive-") as work:
-            # The tools log every fusion and every tensor on the root logger (some 50
-            # lines, and advice to pre-process): a few seconds once per data directory.
-            logging.disable(logging.WARNING)
-            try:
-                candidate = _int8_arithmetic_derive(source, Path(work), num_heads=num_heads,
-                                                    hidden_size=hidden_size)
-            finally:
-                logging.disable(logging.NOTSET)
-            worst = check(candidate)
-            if not worst >= QUANTIZED_MIN_COSINE:
-                raise ModelFileError(f"the int8-arithmetic graph's vectors reach only cosine "
-                                     f"{worst:.4f} to the source's (< {QUANTIZED_MIN_COSINE})")
-            # Atomic: a process reading the cache sees the whole file or none.
-            os.replace(candidate, target)
+        # At the first start the web process and every worker load the model at once: one
+        # derives, the others wait for its file instead of deriving the same bytes.
+        with open(cache_dir / f".{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.exists():
+                _int8_arithmetic_model_write(source, target, num_heads=num_heads,
+                                             hidden_size=hidden_size, check=check)
     except ModelFileError:
         raise
     except Exception as exc:  # the tools raise whatever their steps raise
         raise ModelFileError(f"deriving the int8-arithmetic graph failed: "
                              f"{exc.__class__.__name__}: {exc}") from exc
-    logger.info("Derived %s from %s", target.name, source.name)
     return target
+
+
+def _int8_arithmetic_model_write(source: Path, target: Path, *, num_heads: int,
+                                 hidden_size: int, check) -> None:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".derive-") as work:
+        # The tools log every fusion and every tensor on the root logger (some 50 lines,
+        # and advice to pre-process): a few seconds once per data directory.
+        logging.disable(logging.WARNING)
+        try:
+            candidate = _int8_arithmetic_derive(source, Path(work), num_heads=num_heads,
+                                                hidden_size=hidden_size)
+        finally:
+            logging.disable(logging.NOTSET)
+        worst = check(candidate)
+        if not worst >= QUANTIZED_MIN_COSINE:
+            raise ModelFileError(f"the int8-arithmetic graph's vectors reach only cosine "
+                                 f"{worst:.4f} to the source's (< {QUANTIZED_MIN_COSINE})")
+        # Atomic: a process reading the cache sees the whole file or none.
+        os.replace(candidate, target)
+    logger.info("Derived %s from %s", target.name, source.name)
 
 
 def _int8_arithmetic_derive(source: Path, work: Path, *, num_heads: int,

@@ -195,3 +195,30 @@ def test_a_new_install_serves_the_onnx_model():
     assert active.key == "minilm-int8"
     assert active.backend == "kb.providers.onnx_embeddings.OnnxEmbeddings"
     assert EmbeddingModel.objects.count() == 1
+
+
+def test_processes_starting_together_derive_the_graph_once(tmp_path, bundled):
+    """The web process and the workers load the model at the same moment: one derives,
+    the others wait for its file."""
+    import threading
+
+    checks = []
+
+    def check(candidate: Path) -> float:
+        checks.append(candidate)
+        return 1.0
+
+    def derive(results: list) -> None:
+        results.append(onnx_embeddings.int8_arithmetic_model(
+            bundled.model_path(), cache_dir=tmp_path, num_heads=12, hidden_size=384,
+            check=check))
+
+    results: list[Path] = []
+    threads = [threading.Thread(target=derive, args=(results,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(checks) == 1
+    assert len(set(results)) == 1 and results[0].exists()
