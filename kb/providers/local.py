@@ -90,10 +90,10 @@ class SentenceTransformerEmbeddings(EmbeddingBackend):
 
     @classmethod
     def unavailable_reason(cls, entry: dict) -> str | None:
+        # The stand-in serves vectors this model already has; a new space (a re-embedding
+        # into this key) must come from the model itself.
         if torch_installed():
             return None
-        if entry.get("without_torch"):
-            return OnnxEmbeddings.unavailable_reason({"MODEL": entry["without_torch"]})
         return torch_missing_message(f"The sentence-transformers model {entry.get('MODEL')}")
 
     def stand_in(self) -> OnnxEmbeddings | None:

@@ -165,7 +165,8 @@ def test_without_torch_the_old_default_is_served_by_its_onnx_stand_in(without_to
     old = local.SentenceTransformerEmbeddings(model=entry["MODEL"],
                                               without_torch=entry["without_torch"])
 
-    assert local.SentenceTransformerEmbeddings.unavailable_reason(entry) is None
+    # It serves; it is not offered for a new re-embedding, which must come from torch.
+    assert "'.[torch]'" in local.SentenceTransformerEmbeddings.unavailable_reason(entry)
     assert old.dimensions == 384 and old.max_input_tokens == 256
     plain = OnnxEmbeddings(quantize="none")
     assert old.embed_query("wifi").vectors == plain.embed_query("wifi").vectors
