@@ -176,6 +176,7 @@ class OnnxEmbeddings(EmbeddingBackend):
         self._counter: Tokenizer | None = None
         self._input_names: tuple[str, ...] = ()
         self._dimensions = 0
+        self._threads = 0
         self._load_lock = threading.Lock()
 
     @classmethod
@@ -229,19 +230,7 @@ class OnnxEmbeddings(EmbeddingBackend):
 
             threads = self.threads if self.threads is not None else settings.KB_TORCH_THREADS
             path = self.model_path()
-            session = batch_session = _session(path, threads=int(threads or 0))
-            if self.quantize == "dynamic":
-                try:
-                    derived = int8_arithmetic_model(
-                        path, cache_dir=Path(settings.KB_DATA_DIR) / "onnx",
-                        num_heads=self.bundled.num_heads if self.bundled else 0,
-                        hidden_size=self.bundled.hidden_size if self.bundled else 0,
-                        check=lambda quantized: self._compare(quantized, session, tokenizer))
-                    batch_session = _session(derived, threads=int(threads or 0))
-                except ModelFileError as exc:
-                    # Slower, not wrong: the file as it is computes the same space.
-                    logger.warning("%s embeds chunks without int8 arithmetic: %s",
-                                   self.model, exc)
+            session = _session(path, threads=int(threads or 0))
             inputs = tuple(i.name for i in session.get_inputs())
             if "input_ids" not in inputs or "attention_mask" not in inputs:
                 raise ModelFileError(f"{path} takes {inputs}, not input_ids and attention_mask.")
@@ -251,10 +240,40 @@ class OnnxEmbeddings(EmbeddingBackend):
                                      "dimensions (a last hidden state).")
             self._tokenizer, self._counter = tokenizer, counter
             self._input_names, self._dimensions = inputs, shape[2]
-            self._batch_session = batch_session
+            self._threads = int(threads or 0)
             self._session = session
             logger.info("Loaded %s on ONNX Runtime (%d intra-op threads)", path.name,
-                        int(threads or 0))
+                        self._threads)
+
+    def _batch_session_load(self) -> InferenceSession:
+        """The session for batches, derived on the first batch: a process that only embeds
+        queries (the web process) never derives it, and so never waits for it to start
+        or to stop."""
+        self._load()
+        assert self._session is not None and self._tokenizer is not None
+        if self._batch_session is not None:
+            return self._batch_session
+        with self._load_lock:
+            if self._batch_session is not None:
+                return self._batch_session
+            session, tokenizer = self._session, self._tokenizer
+            batch_session = session
+            if self.quantize == "dynamic":
+                from django.conf import settings
+
+                try:
+                    derived = int8_arithmetic_model(
+                        self.model_path(), cache_dir=Path(settings.KB_DATA_DIR) / "onnx",
+                        num_heads=self.bundled.num_heads if self.bundled else 0,
+                        hidden_size=self.bundled.hidden_size if self.bundled else 0,
+                        check=lambda quantized: self._compare(quantized, session, tokenizer))
+                    batch_session = _session(derived, threads=self._threads)
+                except ModelFileError as exc:
+                    # Slower, not wrong: the file as it is computes the same space.
+                    logger.warning("%s embeds chunks without int8 arithmetic: %s",
+                                   self.model, exc)
+            self._batch_session = batch_session
+            return batch_session
 
     def _compare(self, candidate: Path, reference: InferenceSession, tokenizer: Tokenizer) -> float:
         """The lowest cosine between the candidate graph's vectors and the reference's."""
@@ -276,7 +295,7 @@ class OnnxEmbeddings(EmbeddingBackend):
     def encode(self, texts: Sequence[str], *, query: bool = False) -> np.ndarray:
         """Unit vectors for texts, one forward pass, padded to the longest text."""
         self._load()
-        session = self._session if query else self._batch_session
+        session = self._session if query else self._batch_session_load()
         assert self._tokenizer is not None and session is not None
         return self._forward(session, self._tokenizer, texts)
 

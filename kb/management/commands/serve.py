@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -22,6 +23,9 @@ from django.db import connection
 from kb.ops import bootstrap
 from kb.ops.database import DatabaseSetupError
 from kb.ops.web_process import query_embedding_warm_up_start, web_process_prepare
+
+# How long a stop waits for a model that is still loading (seconds); it takes a few.
+WARM_UP_STOP_WAIT_SECONDS = 60
 
 
 class Command(BaseCommand):
@@ -72,10 +76,11 @@ class Command(BaseCommand):
                 [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "qcluster"],
                 env=env, start_new_session=True,
             )
+        warm_up: threading.Thread | None = None
         try:
             self._print_urls(host, port)
             web_process_prepare()
-            query_embedding_warm_up_start()
+            warm_up = query_embedding_warm_up_start()
             _run_uvicorn(host, port)
         finally:
             try:
@@ -83,6 +88,11 @@ class Command(BaseCommand):
                     _stop(workers)
             finally:
                 _stop_signals_ignore()
+                # A stop right after the start finds the model still loading: the process
+                # could not exit before it anyway (the load runs on the inference thread,
+                # which exit waits for), so wait here, and "Stopped." is the last word.
+                if warm_up is not None:
+                    warm_up.join(timeout=WARM_UP_STOP_WAIT_SECONDS)
 
     def _first_run(self, *, demo: bool) -> None:
         user_model = get_user_model()

@@ -59,10 +59,22 @@ def test_vectors_match_the_reference_torch_model(bundled):
 
 
 def test_chunks_run_in_int8_arithmetic_derived_once_into_the_data_directory(bundled, settings):
+    bundled.embed_batch(["derived on the first batch"])
     derived = list((Path(settings.KB_DATA_DIR) / "onnx").glob("model-int8-arithmetic-*.onnx"))
 
     assert len(derived) == 1
     assert bundled._batch_session is not bundled._session
+
+
+def test_a_process_that_only_embeds_queries_never_derives_the_graph(settings, tmp_path):
+    """The web process embeds queries only: it starts, and stops, without the derivation."""
+    settings.KB_DATA_DIR = tmp_path
+    backend = OnnxEmbeddings()
+
+    backend.embed_query("wifi")
+
+    assert backend._batch_session is None
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_a_derivation_that_strays_is_refused_and_chunks_run_on_the_file_itself(
