@@ -8,6 +8,7 @@ on ONNX Runtime, when the entry names one.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -56,8 +57,12 @@ def _offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@functools.cache
 def torch_installed() -> bool:
-    """Whether sentence-transformers (and with it PyTorch) can be imported."""
+    """Whether sentence-transformers (and with it PyTorch) can be imported.
+
+    Asked on every call of the torch backend (the chunker counts tokens per span), and an
+    absent module is looked for along the whole path each time: once per process."""
     return importlib.util.find_spec("sentence_transformers") is not None
 
 

@@ -177,6 +177,7 @@ class OnnxEmbeddings(EmbeddingBackend):
         self._input_names: tuple[str, ...] = ()
         self._dimensions = 0
         self._threads = 0
+        self._model_file = Path()
         self._load_lock = threading.Lock()
 
     @classmethod
@@ -218,13 +219,14 @@ class OnnxEmbeddings(EmbeddingBackend):
             from django.conf import settings
             from tokenizers import Tokenizer
 
-            tokenizer = Tokenizer.from_file(str(self.tokenizer_path()))
+            tokenizer_file = str(self.tokenizer_path())
+            tokenizer = Tokenizer.from_file(tokenizer_file)
             # A tokenizer.json may carry its own padding and truncation (this one pads
             # every text to 128): padding is done here per batch, truncation at the
             # model's limit, as sentence-transformers does.
             tokenizer.no_padding()
             tokenizer.enable_truncation(max_length=self.max_length)
-            counter = Tokenizer.from_file(str(self.tokenizer_path()))
+            counter = Tokenizer.from_file(tokenizer_file)
             counter.no_padding()
             counter.no_truncation()
 
@@ -241,6 +243,8 @@ class OnnxEmbeddings(EmbeddingBackend):
             self._tokenizer, self._counter = tokenizer, counter
             self._input_names, self._dimensions = inputs, shape[2]
             self._threads = int(threads or 0)
+            # Checked once: deriving the batch graph reads the same file.
+            self._model_file = path
             self._session = session
             logger.info("Loaded %s on ONNX Runtime (%d intra-op threads)", path.name,
                         self._threads)
@@ -263,7 +267,7 @@ class OnnxEmbeddings(EmbeddingBackend):
 
                 try:
                     derived = int8_arithmetic_model(
-                        self.model_path(), cache_dir=Path(settings.KB_DATA_DIR) / "onnx",
+                        self._model_file, cache_dir=Path(settings.KB_DATA_DIR) / "onnx",
                         num_heads=self.bundled.num_heads if self.bundled else 0,
                         hidden_size=self.bundled.hidden_size if self.bundled else 0,
                         check=lambda quantized: self._compare(quantized, session, tokenizer))
@@ -309,7 +313,8 @@ class OnnxEmbeddings(EmbeddingBackend):
             ids[row, : len(encoding.ids)] = encoding.ids
             mask[row, : len(encoding.ids)] = 1
         feeds = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in {i.name for i in session.get_inputs()}:
+        # Every graph run here is the model file or derived from it: the same inputs.
+        if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = np.zeros_like(ids)
         hidden = session.run(None, feeds)[0]
         if self.pooling == "cls":
