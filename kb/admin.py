@@ -504,9 +504,9 @@ class ReembedForm(forms.Form):
         field = cast(forms.ChoiceField, self.fields["key"])
         field.choices = choices
         cast(SelectWithUnavailable, field.widget).unavailable = set(self.unavailable)
-        available = [key for key in keys if key not in self.unavailable]
-        if available:
-            field.initial = available[0]
+        self.available = [key for key in keys if key not in self.unavailable]
+        if self.available:
+            field.initial = self.available[0]
 
     def clean_key(self) -> str:
         key = self.cleaned_data["key"]

@@ -53,3 +53,24 @@ def test_an_old_data_directory_keeps_serving_without_torch_then_reembeds(
     assert active.key == "minilm-int8"
     assert ChunkEmbedding.objects.filter(embedding_model=active).count() == Chunk.objects.count()
     assert _top_document("visitor wifi password") == before
+
+
+def test_the_reembed_page_says_why_no_other_model_can_be_used(admin_client, settings,
+                                                              monkeypatch):
+    """On a torch-free install without an API key nothing else can fill a new space: the
+    page names each model's reason instead of offering an empty choice."""
+    from django.urls import reverse
+
+    from kb.embeddings import embedding_model_active_or_bootstrap
+
+    monkeypatch.setattr(local, "torch_installed", lambda: False)
+    settings.KB_PROVIDERS = {**settings.KB_PROVIDERS, "embedding": {
+        key: entry for key, entry in settings.KB_PROVIDERS["embedding"].items()
+        if key in {"minilm-int8", "minilm"}}}
+    embedding_model_active_or_bootstrap()
+
+    page = admin_client.get(reverse("admin:kb_embeddingmodel_reembed")).content.decode()
+
+    assert "No other embedding model can be used here yet" in page
+    assert "pip install -e &#x27;.[torch]&#x27;" in page
+    assert "Start re-embedding" not in page
