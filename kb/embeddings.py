@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef
@@ -26,7 +25,6 @@ logger = logging.getLogger(__name__)
 # How many chunks a re-embedding pass loads, embeds and writes at a time.
 REEMBED_PAGE_SIZE = 256
 
-T = TypeVar("T")
 
 # Where a query is embedded while the request's own thread does database work.
 _alongside_threads = WorkerThreads(max_workers=4, name="query-embedding")
@@ -186,7 +184,7 @@ def _query_embedding_call(backend: EmbeddingBackend, model: EmbeddingModel, reco
 
 
 @dataclass(frozen=True)
-class EmbeddedAlongside(Generic[T]):
+class EmbeddedAlongside[T]:
     """A query's vector (None if the model failed: `error` says why) and what `work` returned."""
 
     vector: list[float] | None
@@ -196,7 +194,7 @@ class EmbeddedAlongside(Generic[T]):
     latency_ms: float = 0.0
 
 
-def embed_query_alongside(work: Callable[[], T], *, model: EmbeddingModel, text: str,
+def embed_query_alongside[T](work: Callable[[], T], *, model: EmbeddingModel, text: str,
                           **record_fields) -> EmbeddedAlongside[T]:
     """embed_query, with a local model computing while `work` runs on this thread.
 

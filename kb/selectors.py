@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TypeAlias
-
 from django.contrib.auth.models import AnonymousUser, User
 from django.db import connection
 from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet, Subquery
@@ -55,9 +53,9 @@ class SystemCaller:
 SYSTEM = SystemCaller()
 
 # A request's caller: request.user, a signed-in user or AnonymousUser when nobody is.
-AnyUser: TypeAlias = User | AnonymousUser
+type AnyUser = User | AnonymousUser
 # Whoever reads: a request's caller, or SYSTEM for the product itself.
-Caller: TypeAlias = AnyUser | SystemCaller
+type Caller = AnyUser | SystemCaller
 
 
 def signed_in_user(caller: Caller | None) -> User | None:

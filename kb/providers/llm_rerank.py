@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import aclosing
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from kb.providers import registry
 from kb.providers.base import (
@@ -32,7 +32,6 @@ from kb.providers.base import (
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 MAX_GRADE = 10.0
 
@@ -124,7 +123,7 @@ def _clamp(value: float) -> float:
     return min(MAX_GRADE, max(0.0, value))
 
 
-def run_coroutine(factory: Callable[[], Coroutine[object, object, T]]) -> T:
+def run_coroutine[T](factory: Callable[[], Coroutine[object, object, T]]) -> T:
     """Run `factory()`'s coroutine to completion from sync code, even under a running loop.
 
     asyncio.run refuses to nest, so from inside an event loop (an async view calling

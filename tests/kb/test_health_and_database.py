@@ -52,7 +52,8 @@ def test_options_from_the_url_are_kept_and_ef_search_is_added():
              "KB_HNSW_EF_SEARCH": "123"},
     )
     assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.split() == ["-c", "work_mem=8MB", "-c", "hnsw.ef_search=123"]
+    assert completed.stdout.split() == ["-c", "work_mem=8MB", "-c", "hnsw.ef_search=123",
+                                        "-c", "hnsw.iterative_scan=relaxed_order"]
 
 
 def test_a_non_postgres_url_is_refused():

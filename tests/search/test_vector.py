@@ -73,12 +73,14 @@ def test_ef_search_is_set_on_the_connection(db, settings):
         assert cursor.fetchone()[0] == 60_000
 
 
-def starve_hnsw() -> None:
+def starve_hnsw(*, iterative_scan: str = "off") -> None:
     """Make HNSW serve the query (see explain) and return a single neighbour before
-    filtering: the worst case for starvation."""
+    filtering: the worst case for starvation. Without pgvector 0.8's iterative scan by
+    default, as on a server of your own with an older pgvector, so the exact re-run runs."""
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL enable_sort = off")
         cursor.execute("SET LOCAL hnsw.ef_search = 1")
+        cursor.execute("SET LOCAL hnsw.iterative_scan = %s", [iterative_scan])
 
 
 def chunk_ids(**filters) -> set[int]:
@@ -150,6 +152,25 @@ def test_unfiltered_search_needs_no_exact_fallback(corpus, reader):
 
     assert len(result.hits) == 5
     assert "retrieve_exact" not in result.timings_ms
+
+
+def test_the_iterative_scan_fills_a_starved_filter_from_hnsw_without_the_exact_rerun(
+        corpus, reader, settings):
+    """pgvector 0.8 goes on scanning HNSW until the filter lets k rows through: k results,
+    from the index, with no exact re-run (KB_HNSW_ITERATIVE_SCAN's default)."""
+    assert settings.KB_HNSW_ITERATIVE_SCAN == "relaxed_order"
+    target = corpus["uploading-documents.md"]
+    expected = chunk_ids(document=target)
+    starve_hnsw(iterative_scan="relaxed_order")
+    params = services.SearchParams(query="which file types can an editor upload to a collection",
+                                   mode="vector", k=len(expected), document_ids=(target.pk,))
+
+    (statement,) = vector_sql(params, reader)
+    result = services.search(params=params, user=reader, record_usage=False)
+
+    assert "hnsw" in explain(statement)
+    assert "retrieve_exact" not in result.timings_ms
+    assert {hit.chunk_id for hit in result.hits} == expected
 
 
 def test_a_new_hybrid_query_falls_back_to_exact_vectors_too(corpus, reader):

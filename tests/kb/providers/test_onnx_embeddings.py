@@ -3,6 +3,7 @@ and the torch backend's stand-in on an install without torch."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -20,15 +21,14 @@ from kb.providers.onnx_embeddings import (
 )
 from tests.kb.providers.test_contract import EmbeddingBackendContract
 
-# Short and long, truncated at the limit, and scripts the tokenizer splits oddly.
-REFERENCE_TEXTS = [
-    "Does vitamin D lower the risk of fractures?",
-    "Backups run every night at 02:00 UTC; restores are tested monthly by the on-call team.",
-    "repeated words past the model's length limit " * 80,
-    "Ünïcödé, 漢字, кириллица, emoji 🙂, tabs\tand\nnewlines",
-    "The visitor wifi password rotates every Monday. Ask reception for the current one.",
-    "BRCA1 mutations increase the lifetime risk of breast and ovarian cancer.",
-]
+# The torch model's vectors and token counts for the texts beside them (short and long,
+# truncated at the limit, scripts the tokenizer splits oddly), made by the script in the
+# same folder: the reference holds without the torch extra installed.
+REFERENCE = json.loads(
+    (Path(__file__).resolve().parents[3] / "fixtures" / "reference" / "minilm_torch_vectors.json")
+    .read_text()
+)
+REFERENCE_TEXTS: list[str] = REFERENCE["texts"]
 
 
 class TestOnnxEmbeddings(EmbeddingBackendContract):
@@ -42,12 +42,14 @@ def bundled() -> OnnxEmbeddings:
     return OnnxEmbeddings()
 
 
+def test_the_reference_file_counts_tokens_of_its_texts():
+    assert REFERENCE["token_counts"]["texts"] == ["", *REFERENCE_TEXTS]
+
+
 def test_vectors_match_the_reference_torch_model(bundled):
     """Chunks (int8 arithmetic) stay within cosine 0.97 of the torch model's vectors, 0.99
     on average; queries (the file as it is) within 0.998."""
-    pytest.importorskip("sentence_transformers", reason="the reference needs the torch extra")
-    reference = local.SentenceTransformerEmbeddings(query_runtime="torch")
-    theirs = np.array(reference.embed_batch(REFERENCE_TEXTS).vectors)
+    theirs = np.array(REFERENCE["vectors"])
 
     chunks = np.array(bundled.embed_batch(REFERENCE_TEXTS).vectors)
     queries = np.array([bundled.embed_query(text).vectors[0] for text in REFERENCE_TEXTS])
@@ -56,6 +58,15 @@ def test_vectors_match_the_reference_torch_model(bundled):
     assert chunk_cosines.min() >= 0.97 and chunk_cosines.mean() >= 0.99, chunk_cosines
     query_cosines = (queries * theirs).sum(axis=1)
     assert query_cosines.min() >= 0.998, query_cosines
+
+
+def test_the_reference_file_is_what_the_torch_model_gives():
+    """Where the torch extra is installed, the kept vectors are still the model's."""
+    pytest.importorskip("sentence_transformers", reason="the reference needs the torch extra")
+    reference = local.SentenceTransformerEmbeddings(query_runtime="torch")
+    theirs = np.array(reference.embed_batch(REFERENCE_TEXTS).vectors)
+
+    assert np.abs(theirs - np.array(REFERENCE["vectors"])).max() < 1e-5
 
 
 def test_chunks_run_in_int8_arithmetic_derived_once_into_the_data_directory(bundled, settings):
@@ -94,11 +105,8 @@ def test_a_derivation_that_strays_is_refused_and_chunks_run_on_the_file_itself(
 
 def test_tokens_are_counted_as_the_reference_tokenizer_counts(bundled):
     """Chunk sizes come from these counts, so they must not move with the runtime."""
-    pytest.importorskip("sentence_transformers", reason="the reference needs the torch extra")
-    reference = local.SentenceTransformerEmbeddings(query_runtime="torch")
-
-    assert [bundled.count_tokens(t) for t in ["", *REFERENCE_TEXTS]] == [
-        reference.count_tokens(t) for t in ["", *REFERENCE_TEXTS]]
+    assert [bundled.count_tokens(t) for t in ["", *REFERENCE_TEXTS]] == (
+        REFERENCE["token_counts"]["counts"])
 
 
 def test_padding_beside_longer_texts_does_not_change_a_texts_vector():

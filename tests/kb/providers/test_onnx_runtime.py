@@ -9,6 +9,10 @@ import pytest
 
 from kb.providers.local import SentenceTransformerEmbeddings
 
+# The torch backend's ONNX twin for queries: without the torch extra there is no backend.
+pytest.importorskip("sentence_transformers",
+                    reason="the torch backend needs the torch extra: pip install -e '.[dev,torch]'")
+
 TEXTS = [
     "How are uploaded documents chunked?",
     "",
