@@ -2,9 +2,10 @@
 
 The statement's CTEs are built here (bm25_ctes) and run by search.retrieval, beside the
 vector half (search.vector). Who computes the top chunks is an engine (BM25Engine),
-chosen in one place (bm25_engine): SQL everywhere, or the kb_bm25 extension's C function
-(search/postgres/, search.postgres_extension) where it is installed. Both give the same
-scores, from the same weights.
+chosen in one place (bm25_engine): SQL everywhere, the kb_bm25 extension's C function
+(search/postgres/, search.postgres_extension) where it is installed, both with the same
+scores from the same weights, or, on request, pg_textsearch's index (search.textsearch),
+which weighs differently and whose results are checked for starvation (retrieval).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from django.db import connection
 
 from search.filters import SearchFilters, filter_sql
 from search.postgres_extension import extension_installed
+from search.textsearch import TEXT_CONFIG, textsearch_index_ready
 
 
 class BM25Engine(Protocol):
@@ -24,6 +26,8 @@ class BM25Engine(Protocol):
 
     # What Retrieved.bm25_engine and the retrieve span report.
     name: str
+    # Whether filters applied after its own ranking can leave fewer rows than asked for.
+    may_starve: bool
 
     def top_chunks_cte(self, *, filters: SearchFilters, params: dict) -> str:
         """The `bm25` CTE: the top %(limit)s (chunk_id, score) pairs, best first."""
@@ -34,6 +38,7 @@ class SqlBM25:
     """BM25 in SQL: MaxScore-pruned without filters, every posting scored with them."""
 
     name = "sql"
+    may_starve = False
 
     def top_chunks_cte(self, *, filters: SearchFilters, params: dict) -> str:
         full = _bm25_full(filters, params)
@@ -47,25 +52,75 @@ class KbBM25Function:
     (search/postgres/kb_bm25.c) with MaxScore pruning of its own. It knows no filters."""
 
     name = "kb_bm25"
+    may_starve = False
 
     def top_chunks_cte(self, *, filters: SearchFilters, params: dict) -> str:
         return _BM25_NATIVE
 
 
+class PgTextsearchBM25:
+    """BM25 from pg_textsearch's index (Block-Max WAND) over kb_chunk.text, with its own
+    corpus-wide statistics (search.textsearch says how they differ), through the one SQL
+    function that reads it (search.textsearch, kb_textsearch_top_chunks).
+
+    The index scan yields its top rows before the caller's collections filter them, so a
+    collection small among many can leave fewer than `limit`: retrieval then asks an exact
+    engine (`may_starve`). Like the C function it knows no filters that join chunks.
+    """
+
+    name = "pg_textsearch"
+    may_starve = True
+
+    def top_chunks_cte(self, *, filters: SearchFilters, params: dict) -> str:
+        return """
+    bm25 AS (
+        SELECT chunk_id, score
+        FROM kb_textsearch_top_chunks(%(query)s, %(collections)s::bigint[], %(limit)s)
+        WHERE score > 0
+    )"""
+
+
 SQL_ENGINE = SqlBM25()
 KB_BM25_FUNCTION = KbBM25Function()
+PG_TEXTSEARCH = PgTextsearchBM25()
 
 
 def bm25_engine(filters: SearchFilters) -> BM25Engine:
-    """The engine that computes BM25 for these filters (KB_BM25_ENGINE, and whether the
-    extension is installed; filters that join chunks need SQL)."""
+    """The engine that computes BM25 for these filters: KB_BM25_ENGINE, what the database
+    has, and what the engine can serve (neither the C function nor pg_textsearch knows
+    filters that join chunks; pg_textsearch serves collections of its one text-search
+    configuration)."""
     if (
-        settings.KB_BM25_ENGINE == "auto"
+        settings.KB_BM25_ENGINE == "pg_textsearch"
+        and not filters.needs_chunk_join
+        and textsearch_index_ready(connection)
+        and _collections_configured(filters.collection_ids, TEXT_CONFIG)
+    ):
+        return PG_TEXTSEARCH
+    return exact_bm25_engine(filters)
+
+
+def exact_bm25_engine(filters: SearchFilters) -> BM25Engine:
+    """The engine with Okapi scores over per-collection statistics: the C function where it
+    is installed and the filters allow, SQL otherwise."""
+    if (
+        settings.KB_BM25_ENGINE != "sql"
         and not filters.needs_chunk_join
         and extension_installed(connection)
     ):
         return KB_BM25_FUNCTION
     return SQL_ENGINE
+
+
+def _collections_configured(collection_ids: Sequence[int], config: str) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT coalesce(bool_and(text_search_config = %s), false) FROM kb_collection "
+            "WHERE id = ANY(%s)",
+            [config, list(collection_ids)],
+        )
+        (configured,) = cursor.fetchone()
+    return configured
 
 
 def bm25_ctes(filters: SearchFilters, params: dict, *, engine: BM25Engine) -> str:

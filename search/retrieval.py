@@ -12,7 +12,13 @@ from dataclasses import dataclass, replace
 from django.conf import settings
 from django.db import connection
 
-from search.bm25 import BM25Engine, bm25_ctes, bm25_engine, query_lexemes
+from search.bm25 import (
+    BM25Engine,
+    bm25_ctes,
+    bm25_engine,
+    exact_bm25_engine,
+    query_lexemes,
+)
 from search.filters import SearchFilters
 from search.vector import vector_ctes, vector_literal
 
@@ -83,8 +89,12 @@ def retrieve_candidates(
     dimensions: int | None = None,
     limit: int = 100,
     exact_vector: bool = False,
+    bm25: BM25Engine | None = None,
 ) -> Retrieved:
-    """Top-`limit` BM25 and/or vector candidates (ids and scores), in one statement."""
+    """Top-`limit` BM25 and/or vector candidates (ids and scores), in one statement.
+
+    BM25 comes from `bm25`, as it ranks; or from the engine search.bm25.bm25_engine chooses,
+    and then an engine that may starve a filtered query is backed by an exact one."""
     use_vector = query_vector is not None and model_id is not None and dimensions is not None
     if not filters.collection_ids or not (use_bm25 or use_vector):
         return Retrieved(candidates=[], query_lexemes=[])
@@ -96,7 +106,7 @@ def retrieve_candidates(
         "b": float(settings.KB_BM25_B),
     }
     ctes = []
-    engine = bm25_engine(filters) if use_bm25 else None
+    engine = (bm25 or bm25_engine(filters)) if use_bm25 else None
     if engine is not None:
         ctes.append(bm25_ctes(filters, params, engine=engine))
     if query_vector is not None and model_id is not None and dimensions is not None:  # use_vector
@@ -106,7 +116,17 @@ def retrieve_candidates(
     with connection.cursor() as cursor:
         cursor.execute(_statement(ctes, use_bm25=use_bm25, use_vector=use_vector), params)
         rows = cursor.fetchall()
-    return _retrieved(rows, query=query, filters=filters, engine=engine)
+    retrieved = _retrieved(rows, query=query, filters=filters, engine=engine)
+    if bm25 is None and engine is not None and engine.may_starve and retrieved.bm25_count < limit:
+        # Its filters ran after its own top rows were chosen, so fewer than `limit` may
+        # mean rows were filtered away, not that no more chunks match: an exact engine
+        # answers instead. (When fewer match, both give the same few.)
+        return retrieve_candidates(
+            query=query, query_vector=query_vector, filters=filters, use_bm25=use_bm25,
+            model_id=model_id, dimensions=dimensions, limit=limit, exact_vector=exact_vector,
+            bm25=exact_bm25_engine(filters),
+        )
+    return retrieved
 
 
 _CANDIDATES_BOTH = """
