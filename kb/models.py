@@ -226,7 +226,7 @@ class ChunkEmbedding(models.Model):
     """A chunk's vector in one embedding space.
 
     The column has no fixed dimension so models of different sizes coexist; each model
-    gets its own partial HNSW index over `embedding::vector(d)` (search.vector).
+    gets its own partial HNSW index over `embedding::halfvec(d)` (search.vector).
     """
 
     chunk = models.ForeignKey(Chunk, on_delete=models.CASCADE, related_name="embeddings")

@@ -1,6 +1,6 @@
 """Vector search in PostgreSQL: cosine similarity on each embedding model's own HNSW index.
 
-The index is a partial one over `embedding::vector(d)` per model, created and dropped with
+The index is a partial one over `embedding::halfvec(d)` per model, created and dropped with
 the model's lifecycle (kb.embeddings.embedding_model_index_create): kb owns the embedding
 models and does not import search. The query here repeats the index's expression and
 predicate, or the planner cannot use it.
@@ -20,13 +20,13 @@ def vector_literal(values: Sequence[float]) -> str:
 
 def vector_ctes(filters: SearchFilters, params: dict, *, model_id: int, dimensions: int,
                 exact: bool) -> str:
-    """Cosine similarity on the model's own HNSW index (partial, over embedding::vector(d)).
+    """Cosine similarity on the model's own HNSW index (partial, over embedding::halfvec(d)).
 
     The ORDER BY repeats the index expression and the WHERE its predicate, so the planner
     can use the index; `exact` adds 0 to the distance, which no index can serve, to get an
     exact scan over the filtered rows when HNSW's candidate list was starved by filters.
     """
-    distance = f"(e.embedding::vector({dimensions})) <=> %(qvec)s::vector({dimensions})"
+    distance = f"(e.embedding::halfvec({dimensions})) <=> %(qvec)s::halfvec({dimensions})"
     order = f"({distance}) + 0" if exact else distance
     document_join = (" JOIN kb_document d ON d.id = c.document_id"
                      if filters.metadata or filters.created_after or filters.created_before else "")
