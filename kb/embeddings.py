@@ -84,16 +84,47 @@ def backend_for(model: EmbeddingModel) -> EmbeddingBackend:
     return registry.embedding_backend(model.key)
 
 
+# The vector type each model's HNSW index holds, by (database, model id): asked once.
+_index_types: dict[tuple, str] = {}
+
+
+def server_has_halfvec() -> bool:
+    """Whether the server's pgvector has halfvec (0.7 and later)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT string_to_array(extversion, '.')::int[] >= '{0,7}' "
+                       "FROM pg_extension WHERE extname = 'vector'")
+        row = cursor.fetchone()
+    return bool(row and row[0])
+
+
+def hnsw_vector_type(*, model_id: int) -> str:
+    """"halfvec" or "vector": what the model's HNSW index holds, so that a query casts to
+    the same type and the planner can use it. An index made before halfvec (a directory
+    moved across before its migration ran, or an older pgvector) stays "vector"."""
+    key = (connection.settings_dict["NAME"], connection.settings_dict.get("HOST"), model_id)
+    if key not in _index_types:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s",
+                           [f"kb_chunkembedding_hnsw_{int(model_id)}"])
+            row = cursor.fetchone()
+        if row is None:  # not built yet: the type it will be built with
+            return "halfvec" if server_has_halfvec() else "vector"
+        _index_types[key] = "halfvec" if "halfvec_cosine_ops" in row[0] else "vector"
+    return _index_types[key]
+
+
 def embedding_model_index_create(*, model: EmbeddingModel) -> None:
     """Create the model's own HNSW index: a partial index over `embedding::halfvec(d)`.
 
     The column is dimensionless so models of any size share the table; the cast gives
     HNSW its fixed dimension and the WHERE clause keeps each model's graph separate.
-    Queries must repeat the same expression and predicate (search.vector does). The
-    graph holds half-precision vectors: 57% of the size, with recall@10 and nDCG@10 within
-    0.001 of full precision on scifact and nfcorpus (benchmarks/halfvec.py).
+    Queries must repeat the same expression and predicate (search.vector does, with
+    hnsw_vector_type). The graph holds half-precision vectors where pgvector has them
+    (0.7+): 57% of the size, with recall@10 and nDCG@10 within 0.001 of full precision on
+    scifact and nfcorpus (benchmarks/halfvec.py).
     """
     dimensions = int(model.dimensions)
+    vector_type = "halfvec" if server_has_halfvec() else "vector"
     concurrently = "" if connection.in_atomic_block else "CONCURRENTLY"
     with connection.cursor() as cursor:
         if connection.in_atomic_block:
@@ -103,16 +134,18 @@ def embedding_model_index_create(*, model: EmbeddingModel) -> None:
         cursor.execute(
             f"CREATE INDEX {concurrently} IF NOT EXISTS {model.hnsw_index_name} "
             "ON kb_chunkembedding USING hnsw "
-            f"((embedding::halfvec({dimensions})) halfvec_cosine_ops) "
+            f"((embedding::{vector_type}({dimensions})) {vector_type}_cosine_ops) "
             f"WITH (m = 16, ef_construction = 64) "
             f"WHERE embedding_model_id = {int(model.pk)}"
         )
+    _index_types.clear()
 
 
 def embedding_model_index_drop(*, model: EmbeddingModel) -> None:
     """Drop the model's HNSW index."""
     with connection.cursor() as cursor:
         cursor.execute(f"DROP INDEX IF EXISTS {model.hnsw_index_name}")
+    _index_types.clear()
 
 
 def cached_vectors(*, model: EmbeddingModel, input_hashes: Sequence[str]) -> dict[str, list[float]]:

@@ -1,15 +1,17 @@
 """Vector search in PostgreSQL: cosine similarity on each embedding model's own HNSW index.
 
-The index is a partial one over `embedding::halfvec(d)` per model, created and dropped with
-the model's lifecycle (kb.embeddings.embedding_model_index_create): kb owns the embedding
-models and does not import search. The query here repeats the index's expression and
-predicate, or the planner cannot use it.
+The index is a partial one per model over `embedding::halfvec(d)` (`vector(d)` where
+pgvector predates halfvec, or an index made before), created and dropped with the model's
+lifecycle (kb.embeddings.embedding_model_index_create): kb owns the embedding models and
+does not import search. The query here repeats the index's expression and predicate, or
+the planner cannot use it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kb.embeddings import hnsw_vector_type
 from search.filters import SearchFilters, filter_sql
 
 
@@ -26,7 +28,8 @@ def vector_ctes(filters: SearchFilters, params: dict, *, model_id: int, dimensio
     can use the index; `exact` adds 0 to the distance, which no index can serve, to get an
     exact scan over the filtered rows when HNSW's candidate list was starved by filters.
     """
-    distance = f"(e.embedding::halfvec({dimensions})) <=> %(qvec)s::halfvec({dimensions})"
+    cast = f"{hnsw_vector_type(model_id=model_id)}({int(dimensions)})"
+    distance = f"(e.embedding::{cast}) <=> %(qvec)s::{cast}"
     order = f"({distance}) + 0" if exact else distance
     document_join = (" JOIN kb_document d ON d.id = c.document_id"
                      if filters.metadata or filters.created_after or filters.created_before else "")

@@ -3,7 +3,8 @@
 The stored vectors are unchanged; only the index graph holds them as halfvec, at 57% of
 the size, with recall@10 and nDCG@10 within 0.001 (docs/RETRIEVAL.md, "Vector search").
 An index is built again only where the model has one (a model whose vectors were dropped
-has none). Inside the migration's transaction the build locks the table: at 100k chunks
+has none), and only where pgvector has halfvec (0.7+); queries follow whichever type an
+index holds (kb.embeddings.hnsw_vector_type). Inside the migration's transaction the build locks the table: at 100k chunks
 it takes about a minute.
 """
 
@@ -12,6 +13,11 @@ from django.db import migrations
 
 def _rebuild(schema_editor, kind: str) -> None:
     with schema_editor.connection.cursor() as cursor:
+        cursor.execute("SELECT string_to_array(extversion, '.')::int[] >= '{0,7}' "
+                       "FROM pg_extension WHERE extname = 'vector'")
+        row = cursor.fetchone()
+        if kind == "halfvec" and not (row and row[0]):
+            return  # pgvector before 0.7 has no halfvec: the indexes stay as they are
         cursor.execute("SELECT id, dimensions FROM kb_embeddingmodel ORDER BY id")
         for model_id, dimensions in cursor.fetchall():
             index = f"kb_chunkembedding_hnsw_{int(model_id)}"

@@ -203,7 +203,7 @@ def _check_server_version(pgdata: Path) -> None:
             f"The data directory {pgdata} was made by PostgreSQL {made_by} (pgserver, before "
             f"this version); the embedded server is now PostgreSQL {EMBEDDED_MAJOR_VERSION}. "
             "Move it across, keeping the old one: .venv/bin/pip install -e '.[upgrade]' && "
-            ".venv/bin/python manage.py kb_upgrade_embedded"
+            f"KB_PGDATA={pgdata} .venv/bin/python manage.py kb_upgrade_embedded"
         )
 
 

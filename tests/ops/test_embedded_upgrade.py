@@ -127,6 +127,9 @@ with connection.cursor() as cursor:
     server = cursor.fetchone()[0]
     cursor.execute("SELECT extname, extversion FROM pg_extension")
     extensions = dict(cursor.fetchall())
+    cursor.execute("SELECT indexdef FROM pg_indexes "
+                   "WHERE indexname LIKE 'kb_chunkembedding_hnsw_%'")
+    hnsw = [row[0] for row in cursor.fetchall()]
 print(json.dumps({{
     "search": [hit.chunk_id for hit in hits],
     "messages": [[m.role, m.content, m.citations, m.input_tokens]
@@ -134,6 +137,7 @@ print(json.dumps({{
     "key_user": conversation.api_key.user.username,
     "counts": counts, "server": server, "extensions": extensions,
     "bm25_function": extension_installed(connection),
+    "hnsw": sorted("halfvec" if "halfvec" in d else "vector" for d in hnsw),
 }}))
 """
 
@@ -182,6 +186,9 @@ def old_data_directory(base: Path) -> tuple[Path, dict[str, str]]:
         manage_ok(env, "kb_ingest", str(ROOT / "fixtures/samples/guide.md"),
                   str(ROOT / "fixtures/samples/article.html"), "--collection", "docs", "--sync")
         manage_ok(env, "shell", "-c", FILL)
+        # Today's main ended at kb 0005 (pgvector 0.6 has no halfvec: 0006 changed nothing
+        # here); 0006, HNSW over halfvec, runs after the upgrade.
+        manage_ok(env, "migrate", "kb", "0005", "--verbosity", "0")
         before = manage_json(env, SNAPSHOT)
     finally:
         _pg_ctl_stop(pgdata)
@@ -217,12 +224,18 @@ def test_upgrade_moves_everything_and_keeps_the_old_directory(upgrade_base):
     assert sorted(path.name for path in upgrade_base.iterdir()) == sorted(
         ["kb", "pgdata", backup.name])  # no new directory or dump left behind
 
-    after = manage_json(env, SNAPSHOT)
+    after = manage_json(env, SNAPSHOT)  # the vector index, as it came across
     assert after["server"].startswith("17.")
     assert after["extensions"]["vector"].startswith("0.8.")
     assert after["bm25_function"]
     for field in ("counts", "search", "messages", "key_user"):
         assert after[field] == before[field], field
+
+    manage_ok(env, "migrate", "--verbosity", "0")  # as `serve` does: kb 0006
+    migrated = manage_json(env, SNAPSHOT)
+    assert (before["hnsw"], migrated["hnsw"]) == (["vector"], ["halfvec"])
+    # Half-precision distances may order near-ties differently; the same chunks come back.
+    assert set(migrated["search"]) == set(before["search"])
 
     second = manage(env, "kb_upgrade_embedded")
     assert second.returncode != 0 and "already PostgreSQL 17" in second.stderr
