@@ -1,7 +1,7 @@
 """halfvec storage for the vector index, measured before anything is adopted.
 
     KB_PGDATA=... KB_DATA_DIR=... .venv/bin/python benchmarks/halfvec.py \\
-        --dataset ../shared/bench/scifact [--ef-search 200]
+        --dataset ../shared/bench/scifact [--ef-search 200] [--collection SLUG]
 
 On the collection `kb_eval --dataset` prepared, with the active embedding model, for each
 test query (embedded once):
@@ -15,8 +15,9 @@ that is rolled back at the end, so the model's own index comes back as it was (t
 is locked meanwhile: use a data directory of its own).
 Printed for vector and halfvec: recall@10 against exact, nDCG@10 on the dataset's qrels
 (a document at its best chunk, as kb_eval counts it), p50/p95 latency (interleaved), and
-the index size. The issue's bar: adopt halfvec only if recall@10 and nDCG@10 stay within
-0.002 of the vector index's.
+the index size. With --collection (e.g. bench-100k, benchmarks/retrieval.py's corpus) the
+dataset gives only the queries, and nDCG is not computed. The issue's bar: adopt halfvec
+only if recall@10 and nDCG@10 stay within 0.002 of the vector index's.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, required=True)
     parser.add_argument("--ef-search", type=int, default=200)
+    parser.add_argument("--collection", help="Another collection than the dataset's own.")
     args = parser.parse_args()
 
     import django
@@ -56,9 +58,11 @@ def main() -> None:
     from search.evaluation import beir_dataset_load, eval_collection_slug, eval_doc_ids_by_document
 
     dataset = beir_dataset_load(path=args.dataset)
-    collection = Collection.objects.get(slug=eval_collection_slug(dataset=dataset))
+    collection = Collection.objects.get(
+        slug=args.collection or eval_collection_slug(dataset=dataset))
     model = EmbeddingModel.objects.get(is_active=True)
-    doc_ids = eval_doc_ids_by_document(dataset=dataset, collection=collection)
+    doc_ids = ({} if args.collection
+               else eval_doc_ids_by_document(dataset=dataset, collection=collection))
     with transaction.atomic():
         measured = measure(args, model, collection, dataset, doc_ids)
         transaction.set_rollback(True)
@@ -134,8 +138,9 @@ def measure(args, model, collection, dataset, doc_ids):
             rankings[name][qid] = ranked_doc_ids(
                 document_ids=[document_id for _, document_id in rows[name]],
                 doc_ids_by_document=doc_ids)
-    ndcg = {name: metrics_compute(qrels=dataset.qrels, run=run_from_rankings(rankings[name]),
-                                  metrics=["ndcg@10"])["ndcg@10"] for name in statements}
+    ndcg = {name: (metrics_compute(qrels=dataset.qrels, run=run_from_rankings(rankings[name]),
+                                   metrics=["ndcg@10"])["ndcg@10"] if doc_ids else float("nan"))
+            for name in statements}
     return recall, ndcg, timings, sizes, build_s
 
 
