@@ -33,12 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kb.settings")
 
+from benchmarks.retrieval import percentile  # noqa: E402
+
 INDEXES = {"vector": "bench_vector_hnsw", "halfvec": "bench_halfvec_hnsw"}
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:

@@ -137,7 +137,8 @@ def bm25_ctes(filters: SearchFilters, params: dict, *, engine: BM25Engine) -> st
 
     Without filters, the top `limit` come from the kb_bm25 extension's C function or from
     SQL (`engine`); both prune with MaxScore, which never changes the result (see
-    _bm25_pruned). With filters, every posting is scored in SQL.
+    _bm25_pruned). With filters, every posting is scored in SQL. pg_textsearch (on
+    request) ranks with its own statistics instead and uses neither CTE above.
     """
     bm25 = engine.top_chunks_cte(filters=filters, params=params)
     return f"""

