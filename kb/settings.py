@@ -236,6 +236,29 @@ DATABASES["default"]["OPTIONS"]["options"] = (
     DATABASES["default"]["OPTIONS"].get("options")
     or f"-c statement_timeout={env_int('KB_DB_STATEMENT_TIMEOUT_MS', 60_000)}"
 ) + f" -c hnsw.ef_search={KB_HNSW_EF_SEARCH} -c hnsw.iterative_scan={KB_HNSW_ITERATIVE_SCAN}"
+# A streaming replica of DATABASE_URL's server for search's reads (search.routing): retrieval
+# scales out across replicas while writes, access control and the admin stay on the primary.
+KB_SEARCH_REPLICA_URL = env_str("KB_SEARCH_REPLICA_URL")
+# After the replica fails to answer, searches read from the primary this long before trying it.
+KB_SEARCH_REPLICA_RETRY_SECONDS = env_float("KB_SEARCH_REPLICA_RETRY_SECONDS", 30.0)
+DATABASE_ROUTERS: list[str] = []
+if KB_SEARCH_REPLICA_URL:
+    _replica = database_settings_from_url(KB_SEARCH_REPLICA_URL)
+    _replica_options = _replica["OPTIONS"]
+    _replica_options.setdefault("options", DATABASES["default"]["OPTIONS"]["options"])
+    # A replica that is down must not hold a search for the primary's long waits.
+    _replica_connect_timeout = env_int("KB_SEARCH_REPLICA_CONNECT_TIMEOUT_SECONDS", 2)
+    _replica_options.setdefault("connect_timeout", str(_replica_connect_timeout))
+    if "pool" in DATABASES["default"]["OPTIONS"]:
+        _replica_options["pool"] = {**KB_DB_POOL_OPTIONS, "timeout": _replica_connect_timeout}
+    DATABASES["search_replica"] = {
+        **_replica,
+        "CONN_HEALTH_CHECKS": True,
+        "CONN_MAX_AGE": DATABASES["default"]["CONN_MAX_AGE"],
+        # Under tests the alias reads the test database through the default connection.
+        "TEST": {"MIRROR": "default"},
+    }
+    DATABASE_ROUTERS = ["search.routing.SearchReplicaRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Caches -------------------------------------------------------------------------------

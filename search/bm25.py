@@ -18,6 +18,7 @@ from django.db import connection
 
 from search.filters import SearchFilters, filter_sql
 from search.postgres_extension import extension_installed
+from search.routing import search_rows
 from search.textsearch import TEXT_CONFIG, textsearch_index_ready
 
 
@@ -397,9 +398,8 @@ def query_term_coverage(*, chunk_ids: Sequence[int], lexemes: Sequence[str]) -> 
     FROM weighted w
     GROUP BY w.chunk_id
     """
-    with connection.cursor() as cursor:
-        cursor.execute(sql, {"lexemes": list(lexemes), "chunks": list(chunk_ids)})
-        return {chunk_id: float(share or 0.0) for chunk_id, share in cursor.fetchall()}
+    rows = search_rows(sql, {"lexemes": list(lexemes), "chunks": list(chunk_ids)})
+    return {chunk_id: float(share or 0.0) for chunk_id, share in rows}
 
 
 def ts_rank_top(*, query: str, collection_id: int, limit: int = 10) -> list[tuple[int, float]]:

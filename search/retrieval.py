@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from django.conf import settings
-from django.db import connection
 
 from search.bm25 import (
     BM25Engine,
@@ -20,6 +19,7 @@ from search.bm25 import (
     query_lexemes,
 )
 from search.filters import SearchFilters
+from search.routing import search_rows
 from search.vector import vector_ctes, vector_literal
 
 
@@ -113,9 +113,7 @@ def retrieve_candidates(
         params["qvec"] = vector_literal(query_vector)
         ctes.append(vector_ctes(filters, params, model_id=model_id, dimensions=dimensions,
                                 exact=exact_vector))
-    with connection.cursor() as cursor:
-        cursor.execute(_statement(ctes, use_bm25=use_bm25, use_vector=use_vector), params)
-        rows = cursor.fetchall()
+    rows = search_rows(_statement(ctes, use_bm25=use_bm25, use_vector=use_vector), params)
     retrieved = _retrieved(rows, query=query, filters=filters, engine=engine)
     if bm25 is None and engine is not None and engine.may_starve and retrieved.bm25_count < limit:
         # Its filters ran after its own top rows were chosen, so fewer than `limit` may
@@ -197,15 +195,13 @@ def chunk_details(chunk_ids: Sequence[int]) -> dict[int, ChunkDetails]:
     Read after retrieval, for the results shown or reranked; a chunk deleted or disabled
     since is missing from the answer.
     """
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT c.id, c.document_id, coalesce(nullif(d.title, ''), d.original_filename), "
-            "c.text, c.heading_path, c.page_start, c.page_end "
-            "FROM kb_chunk c JOIN kb_document d ON d.id = c.document_id "
-            "WHERE c.id = ANY(%s) AND c.searchable",
-            [list(chunk_ids)],
-        )
-        rows = cursor.fetchall()
+    rows = search_rows(
+        "SELECT c.id, c.document_id, coalesce(nullif(d.title, ''), d.original_filename), "
+        "c.text, c.heading_path, c.page_start, c.page_end "
+        "FROM kb_chunk c JOIN kb_document d ON d.id = c.document_id "
+        "WHERE c.id = ANY(%s) AND c.searchable",
+        [list(chunk_ids)],
+    )
     details = {}
     for chunk_id, document_id, title, text, heading_path, page_start, page_end in rows:
         if isinstance(heading_path, str):
