@@ -387,6 +387,8 @@ KB_RATELIMITS = {
     "search": env_str("KB_RATELIMIT_SEARCH", "120/m"),
     "chat": env_str("KB_RATELIMIT_CHAT", "30/m"),
     "upload": env_str("KB_RATELIMIT_UPLOAD", "60/m"),
+    # Management writes over the API: keys, document actions.
+    "manage": env_str("KB_RATELIMIT_MANAGE", "120/m"),
 }
 
 # --- Model providers ----------------------------------------------------------------------

@@ -1,13 +1,20 @@
-"""Core API routes: collections, documents (list, upload, detail), chunks."""
+"""Core API routes: collections, documents (list, upload, detail, actions), chunks, API keys."""
 
 from django.urls import path
 
-from kb.api import views
+from kb.api import keys, views
 
 urlpatterns = [
     path("collections/", views.CollectionList.as_view(), name="api-collection-list"),
     path("documents/", views.DocumentListCreate.as_view(), name="api-document-list"),
     path("documents/<int:pk>/", views.DocumentDetail.as_view(), name="api-document-detail"),
+    path("documents/<int:pk>/disable/", views.DocumentDisable.as_view(),
+         name="api-document-disable"),
+    path("documents/<int:pk>/enable/", views.DocumentEnable.as_view(), name="api-document-enable"),
+    path("documents/<int:pk>/reprocess/", views.DocumentReprocess.as_view(),
+         name="api-document-reprocess"),
     path("chunks/", views.ChunkList.as_view(), name="api-chunk-list"),
     path("chunks/<int:pk>/", views.ChunkDetail.as_view(), name="api-chunk-detail"),
+    path("keys/", keys.ApiKeyListCreate.as_view(), name="api-key-list"),
+    path("keys/<int:pk>/", keys.ApiKeyRevoke.as_view(), name="api-key-revoke"),
 ]

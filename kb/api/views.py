@@ -1,4 +1,5 @@
-"""Read endpoints for collections, documents and chunks, and multipart document upload."""
+"""Collections, documents and chunks: reading, multipart upload, and the admin's document
+actions (delete, disable, enable, reprocess)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Mapping
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, parsers, serializers, status
@@ -16,7 +18,7 @@ from rest_framework.response import Response
 from kb.api.ratelimits import rate_limit_enforce
 from kb.models import ApiKey, Chunk, Collection, Document
 from kb.selectors import collections_visible, collections_with_counts, documents_visible
-from kb.services import uploads
+from kb.services import documents, uploads
 
 
 class CollectionSerializer(serializers.ModelSerializer):
@@ -105,7 +107,9 @@ def _query_filters(request: Request, serializer_class: type[serializers.Serializ
 
 
 def _visible_documents(request: Request):
-    return documents_visible(user=request.user, api_key=_api_key(request))
+    # Editors see disabled documents too, as in the admin: they are the ones to enable them.
+    return documents_visible(user=request.user, api_key=_api_key(request),
+                             include_disabled=request.user.has_perm("kb.change_document"))
 
 
 class CollectionList(generics.ListAPIView):
@@ -185,10 +189,87 @@ class DocumentListCreate(generics.ListAPIView):
 
 
 class DocumentDetail(generics.RetrieveAPIView):
+    """A document: its status, stage and progress (the URL to follow after an upload or a
+    reprocess). DELETE removes it with its chunks, vectors, BM25 postings and file, as the
+    admin does; it needs the “Can delete document” permission."""
+
     serializer_class = DocumentSerializer
 
     def get_queryset(self):
         return _visible_documents(self.request)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, pk: int) -> Response:
+        document = _document_for(request, pk, permission="delete")
+        documents.document_delete(document=document)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class _DocumentAction(generics.GenericAPIView):
+    """POST: one of the admin's document actions; needs the “Can change document” permission."""
+
+    serializer_class = DocumentSerializer
+
+    def get_queryset(self):
+        return _visible_documents(self.request)
+
+    def act(self, document: Document) -> bool:
+        raise NotImplementedError
+
+    @extend_schema(request=None, responses={200: DocumentSerializer, 202: DocumentSerializer})
+    def post(self, request: Request, pk: int) -> Response:
+        document = _document_for(request, pk, permission="change")
+        queued = self.act(document)
+        document.refresh_from_db()
+        body = DocumentSerializer(document).data
+        if not queued:
+            return Response(body)
+        # Processing goes on in the background: the document's own URL shows its progress.
+        url = request.build_absolute_uri(reverse("api-document-detail", args=[document.pk]))
+        return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": url})
+
+
+class DocumentDisable(_DocumentAction):
+    """Take the document out of search, keeping it and its chunks (enable puts it back)."""
+
+    def act(self, document: Document) -> bool:
+        documents.document_disable(document=document)
+        return False
+
+
+class DocumentEnable(_DocumentAction):
+    """Put a disabled document back into search; one that never finished processing is
+    queued again (202, with its URL in Location)."""
+
+    def act(self, document: Document) -> bool:
+        if document.status != Document.Status.DISABLED:
+            raise ValidationError({"status": [
+                f"Only a disabled document can be enabled; this one is {document.status}."]})
+        documents.document_enable(document=document)
+        document.refresh_from_db(fields=["status"])
+        return document.status != Document.Status.READY
+
+
+class DocumentReprocess(_DocumentAction):
+    """Parse, chunk and embed the stored file again (202; follow Location). The old chunks
+    keep serving search until the new ones are ready."""
+
+    def act(self, document: Document) -> bool:
+        if not documents.document_retry(document=document):
+            raise ValidationError({"file": [
+                "This document has no stored file to process again; upload it anew."]})
+        return True
+
+
+def _document_for(request: Request, pk: int, *, permission: str) -> Document:
+    """The document, if the caller may read it (404 otherwise, as for one that does not
+    exist) and holds kb.<permission>_document (403 otherwise), as the admin requires."""
+    document = get_object_or_404(_visible_documents(request), pk=pk)
+    rate_limit_enforce(request, group="manage")
+    if not request.user.has_perm(f"kb.{permission}_document"):
+        raise PermissionDenied(
+            f"This needs the “Can {permission} document” permission; ask an administrator.")
+    return document
 
 
 class ChunkList(generics.ListAPIView):

@@ -91,6 +91,9 @@ ADMIN_ONLY = _expect(superuser=200, editor=200, others=302)
 # The APIs: a bearer key or a session; bad keys 401, nobody 401.
 API_READ = _expect(others=200, revoked_key=401, deactivated_key=401, anonymous=401)
 API_HIDDEN = _expect(others=404, revoked_key=401, deactivated_key=401, anonymous=401)
+API_EDITORS_ONLY = _expect(staff=200, others=404, revoked_key=401, deactivated_key=401,
+                           anonymous=401)
+API_POST = _expect(others=405, revoked_key=401, deactivated_key=401, anonymous=401)
 
 # Non-admin routes: route -> [(path template, expectations)]. Templates name world ids.
 ROUTES: dict[str, list[tuple[str, dict]]] = {
@@ -114,13 +117,22 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
                                                 revoked_key=401, deactivated_key=401,
                                                 anonymous=401)),
         ("/api/v1/documents/{doc_public}/", API_READ),
-        ("/api/v1/documents/{doc_disabled}/", API_HIDDEN),
+        # Editors see a disabled document, as in the admin: they are the ones to enable it.
+        ("/api/v1/documents/{doc_disabled}/", API_EDITORS_ONLY),
     ],
+    # The admin's document actions and the caller's keys: writes (test_write_access_matrix);
+    # a GET is refused by method once the caller is known.
+    "api/v1/documents/<int:pk>/disable/": [("/api/v1/documents/{doc_public}/disable/", API_POST)],
+    "api/v1/documents/<int:pk>/enable/": [("/api/v1/documents/{doc_disabled}/enable/", API_POST)],
+    "api/v1/documents/<int:pk>/reprocess/": [
+        ("/api/v1/documents/{doc_public}/reprocess/", API_POST)],
+    "api/v1/keys/": [("/api/v1/keys/", API_READ)],
+    "api/v1/keys/<int:pk>/": [("/api/v1/keys/{key_editor}/", API_POST)],
     "api/v1/chunks/": [("/api/v1/chunks/", API_READ)],
     "api/v1/chunks/<int:pk>/": [
         ("/api/v1/chunks/{chunk_a}/", _expect(superuser=200, others=404, revoked_key=401,
                                                deactivated_key=401, anonymous=401)),
-        ("/api/v1/chunks/{chunk_disabled}/", API_HIDDEN),
+        ("/api/v1/chunks/{chunk_disabled}/", API_EDITORS_ONLY),
     ],
     # Words of every document but none of the markers: the response echoes the query.
     "api/v1/search": [("/api/v1/search?query=board+approved+senior+engineers+retired+business"
@@ -441,4 +453,50 @@ def test_access_matrix(world):
             failures.append(f"{role:16} {path:70} {response.status_code} "
                             f"(expected {sorted(expected)}) leaks={leaks}")
     print(f"access matrix: {len(matrix)} cases")
+    assert failures == [], "\n".join(failures)
+
+
+# The writes, each in a transaction rolled back after it: (method, path, statuses by role).
+# The editor holds change_document but not delete_document; user-b (and the narrowed key,
+# which is user-b's) may read the public collection but holds neither.
+WRITES = [
+    ("post", "/api/v1/documents/{doc_public}/disable/",
+     _expect(staff=200, user=403, narrowed_key=403, revoked_key=401, deactivated_key=401,
+             anonymous=401)),
+    ("post", "/api/v1/documents/{doc_a}/disable/",
+     _expect(superuser=200, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("post", "/api/v1/documents/{doc_disabled}/enable/",
+     _expect(staff=200, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("post", "/api/v1/documents/{doc_public}/reprocess/",
+     _expect(staff=202, user=403, narrowed_key=403, revoked_key=401, deactivated_key=401,
+             anonymous=401)),
+    ("delete", "/api/v1/documents/{doc_public}/",
+     _expect(superuser=204, editor=403, user=403, narrowed_key=403, revoked_key=401,
+             deactivated_key=401, anonymous=401)),
+    ("delete", "/api/v1/documents/{doc_b}/",
+     _expect(superuser=204, editor=404, user=403, narrowed_key=404, revoked_key=401,
+             deactivated_key=401, anonymous=401)),
+    ("delete", "/api/v1/keys/{key_editor}/",
+     _expect(staff=204, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("delete", "/api/v1/keys/{key_root}/",
+     _expect(superuser=204, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
+]
+
+
+@pytest.mark.slow
+def test_write_access_matrix(world):
+    """Every role × the management writes: the admin's permissions plus collection access."""
+    from django.db import transaction
+
+    failures = []
+    for method, template, expected in WRITES:
+        for role in ROLES:
+            path = template.format(**world)
+            with transaction.atomic():
+                response = getattr(world["clients"][role], method)(path)
+                transaction.set_rollback(True)
+            leaks = _leaks(role, response.content.decode("utf-8", "replace"))
+            if response.status_code not in expected[role] or leaks:
+                failures.append(f"{role:16} {method.upper():6} {path:50} {response.status_code} "
+                                f"(expected {sorted(expected[role])}) leaks={leaks}")
     assert failures == [], "\n".join(failures)
