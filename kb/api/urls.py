@@ -6,6 +6,8 @@ from kb.api import keys, views
 
 urlpatterns = [
     path("collections/", views.CollectionList.as_view(), name="api-collection-list"),
+    path("collections/<slug:slug>/", views.CollectionDetail.as_view(),
+         name="api-collection-detail"),
     path("documents/", views.DocumentListCreate.as_view(), name="api-document-list"),
     path("documents/<int:pk>/", views.DocumentDetail.as_view(), name="api-document-detail"),
     path("documents/<int:pk>/disable/", views.DocumentDisable.as_view(),

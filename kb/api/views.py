@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group, User
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, parsers, serializers, status
 from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
@@ -17,8 +19,13 @@ from rest_framework.response import Response
 
 from kb.api.ratelimits import rate_limit_enforce
 from kb.models import ApiKey, Chunk, Collection, Document
-from kb.selectors import collections_visible, collections_with_counts, documents_visible
-from kb.services import documents, uploads
+from kb.selectors import (
+    collections_visible,
+    collections_with_counts,
+    documents_visible,
+    text_search_configs,
+)
+from kb.services import collections, documents, uploads
 
 
 class CollectionSerializer(serializers.ModelSerializer):
@@ -112,13 +119,152 @@ def _visible_documents(request: Request):
                              include_disabled=request.user.has_perm("kb.change_document"))
 
 
+class CollectionWriteSerializer(serializers.Serializer):
+    """A collection's editable fields; who may read it is given by usernames and group names."""
+
+    slug = serializers.SlugField(max_length=64)
+    name = serializers.CharField(max_length=200)
+    description = serializers.CharField(required=False, allow_blank=True, max_length=20_000)
+    text_search_config = serializers.CharField(
+        required=False, max_length=63,
+        help_text="A PostgreSQL text-search configuration (english, simple, german, …); a "
+                  "change re-indexes the collection's chunks in the background.")
+    is_public = serializers.BooleanField(
+        required=False, help_text="Readable by every signed-in user and API key; false: only "
+                                  "by allowed_users and allowed_groups (and superusers).")
+    allowed_users = serializers.ListField(child=serializers.CharField(max_length=150),
+                                          required=False, max_length=10_000)
+    allowed_groups = serializers.ListField(child=serializers.CharField(max_length=150),
+                                           required=False, max_length=10_000)
+
+    def validate_slug(self, value: str) -> str:
+        taken = Collection.objects.filter(slug=value)
+        if self.instance is not None:
+            taken = taken.exclude(pk=self.instance.pk)
+        if taken.exists():
+            raise serializers.ValidationError("A collection with this slug exists.")
+        return value
+
+    def validate_text_search_config(self, value: str) -> str:
+        available = text_search_configs()
+        if value not in available:
+            raise serializers.ValidationError(
+                f"Unknown text-search configuration. Available: {', '.join(sorted(available))}.")
+        return value
+
+    def validate_allowed_users(self, value: list[str]) -> list:
+        users = {u.username: u for u in
+                 get_user_model().objects.filter(username__in=value, is_active=True)}
+        unknown = sorted(set(value) - set(users))
+        if unknown:
+            raise serializers.ValidationError(f"No active user: {', '.join(unknown)}.")
+        return list(users.values())
+
+    def validate_allowed_groups(self, value: list[str]) -> list:
+        groups = {g.name: g for g in Group.objects.filter(name__in=value)}
+        unknown = sorted(set(value) - set(groups))
+        if unknown:
+            raise serializers.ValidationError(f"No group: {', '.join(unknown)}.")
+        return list(groups.values())
+
+
+class CollectionDetailSerializer(CollectionSerializer):
+    allowed_users: serializers.SlugRelatedField[User] = serializers.SlugRelatedField(
+        slug_field="username", many=True, read_only=True)
+    allowed_groups: serializers.SlugRelatedField[Group] = serializers.SlugRelatedField(
+        slug_field="name", many=True, read_only=True)
+
+    class Meta(CollectionSerializer.Meta):
+        fields = [*CollectionSerializer.Meta.fields, "allowed_users", "allowed_groups",
+                  "reindex_status"]
+
+
+def _collections(request: Request):
+    return collections_with_counts(
+        collections_visible(user=request.user, api_key=_api_key(request))
+    ).prefetch_related("allowed_users", "allowed_groups")
+
+
+def _permission_check(request: Request, codename: str, label: str) -> None:
+    rate_limit_enforce(request, group="manage")
+    if not request.user.has_perm(f"kb.{codename}"):
+        raise PermissionDenied(f"This needs the “{label}” permission; ask an administrator.")
+
+
 class CollectionList(generics.ListAPIView):
+    """The collections you may read; POST creates one (“Can add collection”). A restricted
+    collection made by someone who is not a superuser lists its maker among its readers, so
+    that they can go on managing it."""
+
     serializer_class = CollectionSerializer
 
     def get_queryset(self):
         return collections_with_counts(
             collections_visible(user=self.request.user, api_key=_api_key(self.request))
         ).order_by("name")
+
+    @extend_schema(request=CollectionWriteSerializer, responses={201: CollectionDetailSerializer})
+    def post(self, request: Request) -> Response:
+        _permission_check(request, "add_collection", "Can add collection")
+        serializer = CollectionWriteSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        users = list(data.get("allowed_users", []))
+        if not data.get("is_public", True) and not request.user.is_superuser \
+                and request.user not in users:
+            users.append(request.user)
+        collection = collections.collection_create(
+            slug=data["slug"], name=data["name"], description=data.get("description", ""),
+            text_search_config=data.get("text_search_config", "english"),
+            is_public=data.get("is_public", True), allowed_users=users,
+            allowed_groups=data.get("allowed_groups", []),
+        )
+        return Response(_collection_described(collection.pk), status=status.HTTP_201_CREATED)
+
+
+class CollectionDetail(generics.RetrieveAPIView):
+    """A collection you may read, with who may read it. PATCH changes it (“Can change
+    collection”); DELETE removes it (“Can delete collection”), and one that holds documents
+    only with ?force=true: its documents, chunks, vectors, BM25 statistics, files and cached
+    answers go with it."""
+
+    serializer_class = CollectionDetailSerializer
+    lookup_field = "slug"
+
+    def get_queryset(self):
+        return _collections(self.request)
+
+    @extend_schema(request=CollectionWriteSerializer, responses={200: CollectionDetailSerializer})
+    def patch(self, request: Request, slug: str) -> Response:
+        collection = get_object_or_404(self.get_queryset(), slug=slug)
+        _permission_check(request, "change_collection", "Can change collection")
+        serializer = CollectionWriteSerializer(collection, data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        collections.collection_update(collection=collection,
+                                      changes=dict(serializer.validated_data))
+        return Response(_collection_described(collection.pk))
+
+    @extend_schema(parameters=[OpenApiParameter(
+        "force", bool, description="Delete the collection's documents with it.")],
+        responses={204: None})
+    def delete(self, request: Request, slug: str) -> Response:
+        collection = get_object_or_404(self.get_queryset(), slug=slug)
+        _permission_check(request, "delete_collection", "Can delete collection")
+        force = request.query_params.get("force", "").lower() in {"true", "1", "yes"}
+        try:
+            collections.collection_delete(collection=collection, force=force)
+        except collections.CollectionNotEmpty as exc:
+            return Response({"error": {"code": "not_empty", "message": str(exc)}},
+                            status=status.HTTP_409_CONFLICT)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+def _collection_described(pk: int) -> dict:
+    """The collection as just written, for the caller who wrote it (a key narrowed to other
+    collections does not read the one it made, but is told what it made)."""
+    return CollectionDetailSerializer(
+        collections_with_counts(Collection.objects.filter(pk=pk))
+        .prefetch_related("allowed_users", "allowed_groups").get()).data
 
 
 class DocumentListCreate(generics.ListAPIView):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
+from django.contrib.auth.models import Group, User
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -78,3 +80,76 @@ def collection_reindex_run(*, collection_id: int) -> str:
         )
         raise
     return Collection.ReindexStatus.CURRENT
+
+
+class CollectionNotEmpty(Exception):
+    """A collection with documents is deleted only when the caller says so (force)."""
+
+
+@transaction.atomic
+def collection_create(
+    *,
+    slug: str,
+    name: str,
+    description: str = "",
+    text_search_config: str = "english",
+    is_public: bool = True,
+    allowed_users: Iterable[User] = (),
+    allowed_groups: Iterable[Group] = (),
+) -> Collection:
+    """A new collection; the caller has checked the permission and the fields."""
+    collection = Collection.objects.create(
+        slug=slug, name=name, description=description, text_search_config=text_search_config,
+        is_public=is_public,
+    )
+    collection.allowed_users.set(list(allowed_users))
+    collection.allowed_groups.set(list(allowed_groups))
+    return collection
+
+
+@transaction.atomic
+def collection_update(*, collection: Collection, changes: dict[str, Any]) -> bool:
+    """Apply `changes` (model fields, and allowed_users / allowed_groups as lists); True when
+    the text-search configuration changed, and a re-index of the chunks is queued for it.
+
+    A change of who may read the collection bumps its version, so answers cached for the
+    old readers stop matching (chat.answer_cache keys by it)."""
+    changes = dict(changes)
+    users = changes.pop("allowed_users", None)
+    groups = changes.pop("allowed_groups", None)
+    config_changed = ("text_search_config" in changes
+                      and changes["text_search_config"] != collection.text_search_config)
+    for field, value in changes.items():
+        setattr(collection, field, value)
+    collection.save()
+    if users is not None:
+        collection.allowed_users.set(users)
+    if groups is not None:
+        collection.allowed_groups.set(groups)
+    if users is not None or groups is not None or "is_public" in changes:
+        collection_touch(collection_ids=[collection.pk])
+    if config_changed:
+        collection_reindex_queue(collection=collection)
+    return config_changed
+
+
+def collection_delete(*, collection: Collection, force: bool = False) -> int:
+    """Delete a collection with its documents, their chunks, vectors and files, and its BM25
+    statistics and cached answers (they cascade from the rows); the number of documents
+    deleted. Raises CollectionNotEmpty for a collection with documents unless `force`."""
+    from kb.models import Document
+    from kb.services.documents import document_delete
+
+    count = Document.objects.filter(collection=collection).count()
+    if count and not force:
+        raise CollectionNotEmpty(
+            f"“{collection.slug}” holds {count} document{'s' if count != 1 else ''}; delete "
+            "them first, or delete the collection with them (force)."
+        )
+    with transaction.atomic():
+        # One by one, as the admin deletes documents, so each stored file goes too.
+        for document in Document.objects.filter(collection=collection).select_for_update():
+            document_delete(document=document)
+        collection.delete()
+    logger.info("Collection %s deleted with %d documents.", collection.slug, count)
+    return count

@@ -108,6 +108,11 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
     "api/schema/": [("/api/schema/", _expect(others=200, revoked_key=401, deactivated_key=401))],
     "api/docs/": [("/api/docs/", _expect(others=200, revoked_key=401, deactivated_key=401))],
     "api/v1/collections/": [("/api/v1/collections/", API_READ)],
+    "api/v1/collections/<slug:slug>/": [
+        ("/api/v1/collections/general/", API_READ),
+        ("/api/v1/collections/a-private/", _expect(superuser=200, others=404, revoked_key=401,
+                                                   deactivated_key=401, anonymous=401)),
+    ],
     "api/v1/documents/": [("/api/v1/documents/", API_READ),
                           ("/api/v1/documents/?status=disabled", API_READ)],
     "api/v1/documents/<int:pk>/": [
@@ -460,6 +465,15 @@ def test_access_matrix(world):
 # The editor holds change_document but not delete_document; user-b (and the narrowed key,
 # which is user-b's) may read the public collection but holds neither.
 WRITES = [
+    # No body: the permission is checked first, then the (missing) fields.
+    ("post", "/api/v1/collections/",
+     _expect(superuser=400, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("patch", "/api/v1/collections/general/",
+     _expect(superuser=200, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("delete", "/api/v1/collections/a-private/?force=true",
+     _expect(superuser=204, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("delete", "/api/v1/collections/general/",
+     _expect(superuser=409, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("post", "/api/v1/documents/{doc_public}/disable/",
      _expect(staff=200, user=403, narrowed_key=403, revoked_key=401, deactivated_key=401,
              anonymous=401)),

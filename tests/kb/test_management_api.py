@@ -1,16 +1,17 @@
-"""Managing the knowledge base over REST: the admin's document actions (delete, disable,
-enable, reprocess) and the caller's API keys, with the admin's permissions."""
+"""Managing the knowledge base over REST: collections (create, grant, change, delete), the
+admin's document actions (delete, disable, enable, reprocess) and the caller's API keys, with
+the admin's permissions and collection access."""
 
 from __future__ import annotations
 
 import pytest
-from django.contrib.auth.models import Permission
+from django.contrib.auth.models import Group, Permission
 from rest_framework.test import APIClient
 
-from kb.models import ApiKey, Chunk, ChunkEmbedding, Document
+from kb.models import ApiKey, Chunk, ChunkEmbedding, Collection, Document
 from kb.services.api_keys import api_key_create
 from kb.services.collections import collection_get_or_create
-from search.models import Posting
+from search.models import CollectionStatistic, Posting, TermStatistic
 
 pytestmark = pytest.mark.django_db
 
@@ -205,5 +206,110 @@ def test_a_narrowed_key_mints_only_keys_narrowed_within_it(django_user_model, co
 def test_malformed_key_requests_are_400s_with_field_messages(django_user_model, body):
     api, _ = client_for(user_with(django_user_model, "alice"))
     response = api.post("/api/v1/keys/", body, format="json")
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["fields"]
+
+
+# --- Collections ---
+
+
+def test_an_editor_creates_a_restricted_collection_and_grants_it(django_user_model):
+    editor = user_with(django_user_model, "editor", "add_collection", "change_collection")
+    reader = user_with(django_user_model, "reader")
+    Group.objects.create(name="harbour")
+    api, _ = client_for(editor)
+    reader_api, _ = client_for(reader)
+
+    created = api.post("/api/v1/collections/", {
+        "slug": "harbour-ops", "name": "Harbour operations", "is_public": False,
+        "text_search_config": "simple", "allowed_groups": ["harbour"],
+    }, format="json")
+    assert created.status_code == 201, created.content
+    body = created.json()
+    # Its maker stays among its readers, so they can go on managing it.
+    assert body["allowed_users"] == ["editor"] and body["allowed_groups"] == ["harbour"]
+    assert body["text_search_config"] == "simple" and body["document_count"] == 0
+    assert reader_api.get("/api/v1/collections/harbour-ops/").status_code == 404
+
+    granted = api.patch("/api/v1/collections/harbour-ops/",
+                        {"allowed_users": ["editor", "reader"]}, format="json")
+    assert granted.status_code == 200, granted.content
+    assert reader_api.get("/api/v1/collections/harbour-ops/").status_code == 200
+    assert "harbour-ops" in {c["slug"] for c in
+                             reader_api.get("/api/v1/collections/").json()["results"]}
+
+
+def test_changing_the_language_requeues_the_index(django_user_model, guide,
+                                                  django_capture_on_commit_callbacks):
+    api, _ = client_for(user_with(django_user_model, "editor", "change_collection"))
+    with django_capture_on_commit_callbacks(execute=True):
+        response = api.patch("/api/v1/collections/docs/", {"text_search_config": "simple"},
+                             format="json")
+    assert response.status_code == 200, response.content
+    guide.collection.refresh_from_db()
+    assert guide.collection.text_search_config == "simple"
+    assert guide.collection.reindex_status == "current"  # the queued re-index ran inline
+    found = api.post("/api/v1/search", {"query": "publishes", "mode": "bm25"}, format="json")
+    assert [hit["document_id"] for hit in found.json()["results"]] == [guide.pk]
+
+
+def test_deleting_a_collection_with_documents_needs_force_and_cleans_everything(
+    django_user_model, guide
+):
+    api, _ = client_for(user_with(django_user_model, "editor", "delete_collection"))
+    chunk_ids = list(Chunk.objects.filter(document=guide).values_list("pk", flat=True))
+
+    refused = api.delete("/api/v1/collections/docs/")
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "not_empty"
+    assert Document.objects.filter(pk=guide.pk).exists()
+
+    assert api.delete("/api/v1/collections/docs/?force=true").status_code == 204
+    assert not Collection.objects.filter(slug="docs").exists()
+    assert not Document.objects.filter(pk=guide.pk).exists()
+    assert not ChunkEmbedding.objects.filter(chunk_id__in=chunk_ids).exists()
+    assert not Posting.objects.filter(chunk_id__in=chunk_ids).exists()
+    assert not CollectionStatistic.objects.filter(collection_id=guide.collection_id).exists()
+    assert not TermStatistic.objects.filter(collection_id=guide.collection_id).exists()
+
+
+@pytest.mark.parametrize(("method", "body", "codename"), [
+    ("post", {"slug": "new", "name": "New"}, "add_collection"),
+    ("patch", {"name": "Renamed"}, "change_collection"),
+    ("delete", None, "delete_collection"),
+])
+def test_collection_writes_need_the_admins_permission(django_user_model, collection, method,
+                                                      body, codename):
+    api, _ = client_for(user_with(django_user_model, "reader"))
+    path = "/api/v1/collections/" + ("" if method == "post" else "docs/")
+    response = getattr(api, method)(path, body, format="json")
+    assert response.status_code == 403, response.content
+    collection.refresh_from_db()
+    assert collection.name == "Docs"
+    assert not Collection.objects.filter(slug="new").exists()
+
+
+def test_a_collection_the_caller_cannot_read_is_a_404(django_user_model):
+    private = collection_get_or_create(slug="private", name="Private")
+    private.is_public = False
+    private.save()
+    api, _ = client_for(user_with(django_user_model, "editor", "change_collection",
+                                  "delete_collection"))
+    assert api.patch("/api/v1/collections/private/", {"name": "Mine"},
+                     format="json").status_code == 404
+    assert api.delete("/api/v1/collections/private/?force=true").status_code == 404
+    assert Collection.objects.get(slug="private").name == "Private"
+
+
+@pytest.mark.parametrize("body", [
+    {"name": "No slug"}, {"slug": "docs", "name": "Taken"}, {"slug": "bad slug", "name": "x"},
+    {"slug": "x", "name": "x", "text_search_config": "klingon"},
+    {"slug": "x", "name": "x", "allowed_users": ["nobody"]},
+    {"slug": "x", "name": "x", "allowed_groups": ["nogroup"]},
+    {"slug": "x", "name": "x", "is_public": "perhaps"},
+])
+def test_malformed_collections_are_400s_with_field_messages(django_user_model, collection, body):
+    api, _ = client_for(user_with(django_user_model, "editor", "add_collection"))
+    response = api.post("/api/v1/collections/", body, format="json")
     assert response.status_code == 400, response.content
     assert response.json()["error"]["fields"]
