@@ -1,4 +1,5 @@
-"""The chat API: POST /api/v1/chat (SSE or JSON), and reading messages and conversations.
+"""The chat API: POST /api/v1/chat (SSE or JSON); reading messages; the caller's
+conversations (list, read, rename, delete, export).
 
 POST /api/v1/chat is a plain async Django view, not a DRF one: DRF's APIView is sync,
 and a stream must be an async generator served by the ASGI handler. It authenticates
@@ -13,12 +14,19 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
-from rest_framework import exceptions, generics, serializers
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+)
+from rest_framework import exceptions, generics, serializers, status
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -26,6 +34,7 @@ from rest_framework.views import APIView
 
 from chat import selectors, services
 from chat.budgets import BudgetExceeded
+from chat.export import conversation_markdown
 from chat.models import Conversation, Message
 from chat.sse import event_stream_response, sse_stream
 from kb.api.authentication import ApiKeyAuthentication
@@ -299,15 +308,75 @@ class ConversationList(generics.ListAPIView):
         return selectors.conversation_list(user=self.request.user, api_key=_api_key(self.request))
 
 
+class ConversationRenameSerializer(serializers.Serializer):
+    title = serializers.CharField(max_length=200, allow_blank=False, trim_whitespace=True)
+
+
+def _conversation(request: Request, pk: uuid.UUID) -> Conversation:
+    conversation = selectors.conversation_get(user=request.user, pk=pk, api_key=_api_key(request))
+    if conversation is None:
+        raise exceptions.NotFound("No such conversation.")
+    return conversation
+
+
 class ConversationDetail(APIView):
-    """GET /api/v1/conversations/<id>: a conversation with all its messages."""
+    """GET /api/v1/conversations/<id>: a conversation with all its messages (its JSON
+    export). PATCH renames it; DELETE deletes it with its messages."""
 
     @extend_schema(responses={200: ConversationSerializer,
                               404: OpenApiResponse(description="Not found")})
     def get(self, request: Request, pk: uuid.UUID) -> Response:
-        api_key = _api_key(request)
-        conversation = selectors.conversation_get(user=request.user, pk=pk, api_key=api_key)
-        if conversation is None:
-            raise exceptions.NotFound("No such conversation.")
-        context = {"user": request.user, "api_key": api_key}
+        conversation = _conversation(request, pk)
+        context = {"user": request.user, "api_key": _api_key(request)}
         return Response(ConversationSerializer(conversation, context=context).data)
+
+    @extend_schema(request=ConversationRenameSerializer,
+                   responses={200: ConversationListSerializer,
+                              404: OpenApiResponse(description="Not found")})
+    def patch(self, request: Request, pk: uuid.UUID) -> Response:
+        conversation = _conversation(request, pk)
+        serializer = ConversationRenameSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        services.conversation_rename(conversation=conversation,
+                                     title=serializer.validated_data["title"])
+        return Response(ConversationListSerializer(conversation).data)
+
+    @extend_schema(responses={204: None, 404: OpenApiResponse(description="Not found")})
+    def delete(self, request: Request, pk: uuid.UUID) -> Response:
+        services.conversation_delete(conversation=_conversation(request, pk))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ConversationExport(APIView):
+    """GET /api/v1/conversations/<id>/export?as=markdown|json: the conversation as a file to
+    download (Markdown by default, with each answer's cited sources linked)."""
+
+    @extend_schema(
+        parameters=[OpenApiParameter("as", str, enum=["markdown", "json"],
+                                     description="markdown (default) or json.")],
+        responses={(200, "text/markdown"): OpenApiTypes.STR,
+                   (200, "application/json"): ConversationSerializer,
+                   404: OpenApiResponse(description="Not found")},
+    )
+    def get(self, request: Request, pk: uuid.UUID) -> HttpResponseBase:
+        kind = request.query_params.get("as", "markdown")
+        if kind not in {"markdown", "json"}:
+            raise exceptions.ValidationError({"as": ["Choose markdown or json."]})
+        conversation = _conversation(request, pk)
+        api_key = _api_key(request)
+        messages = selectors.messages_scoped(
+            messages=selectors.message_list(conversation=conversation), user=request.user,
+            api_key=api_key)
+        name = f"conversation-{conversation.pk}"
+        if kind == "json":
+            body = json.dumps(ConversationSerializer(
+                conversation, context={"user": request.user, "api_key": api_key}).data,
+                cls=DjangoJSONEncoder, ensure_ascii=False, indent=2)
+            response = HttpResponse(body, content_type="application/json; charset=utf-8")
+            response["Content-Disposition"] = f'attachment; filename="{name}.json"'
+            return response
+        text = conversation_markdown(conversation=conversation, messages=messages,
+                                     base_url=request.build_absolute_uri("/").rstrip("/"))
+        response = HttpResponse(text, content_type="text/markdown; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="{name}.md"'
+        return response

@@ -738,3 +738,16 @@ def _done_event(turn: Turn) -> Done:
     return Done(message_id=str(turn.request.assistant.pk), status=answer.status, usage=usage,
                 cited=check.cited, invalid_citations=check.invalid, text=check.text,
                 answerable=answer.answerable is not False)
+
+
+def conversation_rename(*, conversation: Conversation, title: str) -> Conversation:
+    """Give the conversation a title of the caller's choosing (stripped; at most 200 chars)."""
+    conversation.title = title.strip()[:200]
+    conversation.save(update_fields=["title", "updated_at"])
+    return conversation
+
+
+def conversation_delete(*, conversation: Conversation) -> None:
+    """Delete the conversation and its messages (they cascade). Usage rows keep their counts:
+    the ledger records what was spent, not what was said."""
+    conversation.delete()

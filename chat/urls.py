@@ -11,6 +11,8 @@ urlpatterns = [
     path("api/v1/conversations", api.ConversationList.as_view(), name="conversation-list"),
     path("api/v1/conversations/<uuid:pk>", api.ConversationDetail.as_view(),
          name="conversation-detail"),
+    path("api/v1/conversations/<uuid:pk>/export", api.ConversationExport.as_view(),
+         name="conversation-export"),
     path("v1/chat/completions", openai_compat.chat_completions, name="openai-chat-completions"),
     path("v1/models", openai_compat.models, name="openai-models"),
 ]

@@ -163,6 +163,12 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
                  anonymous=401)),
         ("/api/v1/conversations/{conversation_a_private}", API_HIDDEN),
     ],
+    "api/v1/conversations/<uuid:pk>/export": [
+        ("/api/v1/conversations/{conversation_b_general}/export",
+         _expect(user=200, narrowed_key=200, others=404, revoked_key=401, deactivated_key=401,
+                 anonymous=401)),
+        ("/api/v1/conversations/{conversation_a_private}/export?as=json", API_HIDDEN),
+    ],
     # Key-only endpoints: a session is not enough.
     "v1/chat/completions": [("/v1/chat/completions", _expect(others=405))],
     "v1/models": [("/v1/models", _expect(narrowed_key=200, others=401))],
@@ -490,6 +496,12 @@ WRITES = [
     ("delete", "/api/v1/documents/{doc_b}/",
      _expect(superuser=204, editor=404, user=403, narrowed_key=404, revoked_key=401,
              deactivated_key=401, anonymous=401)),
+    # Only the owner; with no body a rename is a 400 (the conversation was found first).
+    ("patch", "/api/v1/conversations/{conversation_b_general}",
+     _expect(user=400, narrowed_key=400, others=404, revoked_key=401, deactivated_key=401,
+             anonymous=401)),
+    ("delete", "/api/v1/conversations/{conversation_b_private}",
+     _expect(user=204, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/keys/{key_editor}/",
      _expect(staff=204, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/keys/{key_root}/",
