@@ -9,8 +9,10 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, User
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
+from django.utils.text import slugify
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, parsers, serializers, status
 from rest_framework.exceptions import PermissionDenied, ValidationError
@@ -74,6 +76,20 @@ class ChunkListFiltersSerializer(serializers.Serializer):
 class UploadSerializer(serializers.Serializer):
     file = serializers.ListField(child=serializers.FileField(allow_empty_file=True), min_length=1,
                                  max_length=settings.DATA_UPLOAD_MAX_NUMBER_FILES)
+    collection = serializers.SlugField(default="default")
+
+
+class TextUploadSerializer(serializers.Serializer):
+    """Content that is not a file: text (Markdown or plain) with a title, sent as JSON."""
+
+    title = serializers.CharField(max_length=500)
+    text = serializers.CharField(trim_whitespace=False,
+                                 max_length=settings.KB_MAX_UPLOAD_BYTES)
+    format = serializers.ChoiceField(choices=["markdown", "text"], default="markdown")
+    filename = serializers.CharField(
+        required=False, max_length=255,
+        help_text="The document's name in its collection (default: from the title). Sending "
+                  "the same name again makes a new version of that document.")
     collection = serializers.SlugField(default="default")
 
 
@@ -286,7 +302,10 @@ class DocumentListCreate(generics.ListAPIView):
     def get(self, request: Request, *args, **kwargs) -> Response:
         return super().get(request, *args, **kwargs)
 
-    @extend_schema(request=UploadSerializer, responses={202: UploadResponseSerializer})
+    @extend_schema(
+        request={"multipart/form-data": UploadSerializer, "application/json": TextUploadSerializer},
+        responses={202: UploadResponseSerializer},
+    )
     def post(self, request: Request) -> Response:
         rate_limit_enforce(request, group="upload")
         try:
@@ -295,13 +314,21 @@ class DocumentListCreate(generics.ListAPIView):
             raise PermissionDenied(str(exc)) from None
         if not isinstance(request.data, Mapping):
             raise ValidationError(
-                {"file": ["Send multipart/form-data with one or more “file” parts."]}
+                {"file": ["Send multipart/form-data with one or more “file” parts, or JSON "
+                          "with “title” and “text”."]}
             )
-        serializer = UploadSerializer(data={
-            "file": request.FILES.getlist("file"),
-            "collection": request.data.get("collection", "default"),
-        })
-        serializer.is_valid(raise_exception=True)
+        if (request.content_type or "").startswith("application/json"):
+            serializer: serializers.Serializer = TextUploadSerializer(data=request.data)
+            serializer.is_valid(raise_exception=True)
+            files = [_text_as_file(serializer.validated_data)]
+            metadata = {"title": serializer.validated_data["title"]}
+        else:
+            serializer = UploadSerializer(data={
+                "file": request.FILES.getlist("file"),
+                "collection": request.data.get("collection", "default"),
+            })
+            serializer.is_valid(raise_exception=True)
+            files, metadata = serializer.validated_data["file"], None
         slug = serializer.validated_data["collection"]
         collection = collections_visible(user=request.user, api_key=_api_key(request)).filter(
             slug=slug
@@ -311,8 +338,7 @@ class DocumentListCreate(generics.ListAPIView):
                 {"collection": [f"No collection “{slug}” that you can write to."]}
             )
         outcomes = uploads.upload_outcomes_refresh(outcomes=uploads.documents_upload_files(
-            collection=collection, files=serializer.validated_data["file"],
-            uploaded_by=request.user,
+            collection=collection, files=files, uploaded_by=request.user, metadata=metadata,
         ))
         summary = uploads.upload_summary(outcomes=outcomes)
         body = {
@@ -332,6 +358,12 @@ class DocumentListCreate(generics.ListAPIView):
             ),
         }
         return Response(body, status=status.HTTP_202_ACCEPTED)
+
+
+def _text_as_file(data: dict) -> SimpleUploadedFile:
+    extension = ".md" if data["format"] == "markdown" else ".txt"
+    name = data.get("filename") or f"{slugify(data['title'])[:200] or 'untitled'}{extension}"
+    return SimpleUploadedFile(name, data["text"].encode(), content_type="text/plain")
 
 
 class DocumentDetail(generics.RetrieveAPIView):

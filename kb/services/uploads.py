@@ -180,7 +180,8 @@ def upload_size_refusal(*, size: int) -> str | None:
 
 
 def documents_upload_files(
-    *, collection: Collection, files: Iterable[UploadedFile], uploaded_by: Caller
+    *, collection: Collection, files: Iterable[UploadedFile], uploaded_by: Caller,
+    metadata: dict | None = None,
 ) -> list[UploadOutcome]:
     """Check the uploader may add documents, then store the files and queue them; the one
     entry point of the admin's upload page and the upload API (see documents_upload).
@@ -199,7 +200,7 @@ def documents_upload_files(
             ))
             continue
         outcomes += documents_upload(collection=collection, filename=upload.name or "",
-                                     data=upload.read(), uploaded_by=uploader)
+                                     data=upload.read(), uploaded_by=uploader, metadata=metadata)
     return outcomes
 
 

@@ -313,3 +313,37 @@ def test_malformed_collections_are_400s_with_field_messages(django_user_model, c
     response = api.post("/api/v1/collections/", body, format="json")
     assert response.status_code == 400, response.content
     assert response.json()["error"]["fields"]
+
+
+# --- Text uploads ---
+
+
+def test_text_with_a_title_is_uploaded_as_json(django_user_model, collection,
+                                               django_capture_on_commit_callbacks):
+    api, _ = client_for(user_with(django_user_model, "editor", "add_document"))
+    with django_capture_on_commit_callbacks(execute=True):
+        response = api.post("/api/v1/documents/", {
+            "collection": "docs", "title": "Ferry timetable",
+            "text": "The first ferry leaves the quay at 06:40 on weekdays.",
+        }, format="json")
+    assert response.status_code == 202, response.content
+    (result,) = response.json()["results"]
+    assert result["outcome"] == "created" and result["filename"] == "ferry-timetable.md"
+    document = Document.objects.get(pk=result["document"]["id"])
+    assert document.title == "Ferry timetable" and document.status == Document.Status.READY
+    found = api.post("/api/v1/search", {"query": "first ferry quay", "mode": "bm25"},
+                     format="json")
+    assert [hit["document_id"] for hit in found.json()["results"]] == [document.pk]
+
+
+@pytest.mark.parametrize("body", [
+    {"collection": "docs", "text": "no title"}, {"collection": "docs", "title": "no text"},
+    {"collection": "docs", "title": "t", "text": "x", "format": "pdf"},
+    {"collection": "nope", "title": "t", "text": "x"},
+])
+def test_malformed_text_uploads_are_400s(django_user_model, collection, body):
+    api, _ = client_for(user_with(django_user_model, "editor", "add_document"))
+    response = api.post("/api/v1/documents/", body, format="json")
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["fields"]
+    assert not Document.objects.exists()
