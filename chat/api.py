@@ -38,6 +38,7 @@ from chat.export import conversation_markdown
 from chat.models import Conversation, Message
 from chat.sse import event_stream_response, sse_stream
 from kb.api.authentication import ApiKeyAuthentication
+from kb.api.conventions import IF_MATCH, etag_of, if_match_check
 from kb.api.ratelimits import rate_limit_enforce
 from kb.models import ApiKey, Collection
 
@@ -312,6 +313,10 @@ class ConversationRenameSerializer(serializers.Serializer):
     title = serializers.CharField(max_length=200, allow_blank=False, trim_whitespace=True)
 
 
+def _conversation_etag(conversation: Conversation) -> str:
+    return etag_of({"title": conversation.title})
+
+
 def _conversation(request: Request, pk: uuid.UUID) -> Conversation:
     conversation = selectors.conversation_get(user=request.user, pk=pk, api_key=_api_key(request))
     if conversation is None:
@@ -328,18 +333,21 @@ class ConversationDetail(APIView):
     def get(self, request: Request, pk: uuid.UUID) -> Response:
         conversation = _conversation(request, pk)
         context = {"user": request.user, "api_key": _api_key(request)}
-        return Response(ConversationSerializer(conversation, context=context).data)
+        return Response(ConversationSerializer(conversation, context=context).data,
+                        headers={"ETag": _conversation_etag(conversation)})
 
-    @extend_schema(request=ConversationRenameSerializer,
+    @extend_schema(request=ConversationRenameSerializer, parameters=[IF_MATCH],
                    responses={200: ConversationListSerializer,
                               404: OpenApiResponse(description="Not found")})
     def patch(self, request: Request, pk: uuid.UUID) -> Response:
         conversation = _conversation(request, pk)
+        if_match_check(request, _conversation_etag(conversation))
         serializer = ConversationRenameSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         services.conversation_rename(conversation=conversation,
                                      title=serializer.validated_data["title"])
-        return Response(ConversationListSerializer(conversation).data)
+        return Response(ConversationListSerializer(conversation).data,
+                        headers={"ETag": _conversation_etag(conversation)})
 
     @extend_schema(responses={204: None, 404: OpenApiResponse(description="Not found")})
     def delete(self, request: Request, pk: uuid.UUID) -> Response:

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from kb.ingestion.chunking import embedding_input
 from kb.models import Chunk, ChunkEmbedding, Document, EmbeddingModel, UsageRecord
+from kb.ops.database import index_build_settings
 from kb.ops.tracing import span
 from kb.ops.worker_threads import WorkerThreads
 from kb.providers import registry
@@ -126,11 +127,21 @@ def embedding_model_index_create(*, model: EmbeddingModel) -> None:
     dimensions = int(model.dimensions)
     vector_type = "halfvec" if server_has_halfvec() else "vector"
     concurrently = "" if connection.in_atomic_block else "CONCURRENTLY"
-    with connection.cursor() as cursor:
+    with connection.cursor() as cursor, index_build_settings(cursor):
         if connection.in_atomic_block:
             # Inside a transaction (tests, or a caller's atomic block) the index is built
             # plainly, and deferred foreign-key checks must run first or Postgres refuses.
             cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        # A concurrent build that failed (cancelled, out of memory, the server stopped)
+        # leaves its index behind, invalid: never used by queries, and in the way of
+        # IF NOT EXISTS. Drop it and build again.
+        cursor.execute("SELECT NOT i.indisvalid FROM pg_index i "
+                       "WHERE i.indexrelid = to_regclass(%s)", [model.hnsw_index_name])
+        row = cursor.fetchone()
+        if row and row[0]:
+            logger.warning("Dropping the invalid index %s left by a failed build.",
+                           model.hnsw_index_name)
+            cursor.execute(f"DROP INDEX {concurrently} {model.hnsw_index_name}")
         cursor.execute(
             f"CREATE INDEX {concurrently} IF NOT EXISTS {model.hnsw_index_name} "
             "ON kb_chunkembedding USING hnsw "

@@ -236,6 +236,8 @@ DATABASES["default"]["OPTIONS"]["options"] = (
     DATABASES["default"]["OPTIONS"].get("options")
     or f"-c statement_timeout={env_int('KB_DB_STATEMENT_TIMEOUT_MS', 60_000)}"
 ) + f" -c hnsw.ef_search={KB_HNSW_EF_SEARCH} -c hnsw.iterative_scan={KB_HNSW_ITERATIVE_SCAN}"
+# maintenance_work_mem while an index builds (HNSW, pg_textsearch): kb.ops.database.
+KB_INDEX_BUILD_MEMORY = env_str("KB_INDEX_BUILD_MEMORY", "1GB").strip()
 # A streaming replica of DATABASE_URL's server for search's reads (search.routing): retrieval
 # scales out across replicas while writes, access control and the admin stay on the primary.
 KB_SEARCH_REPLICA_URL = env_str("KB_SEARCH_REPLICA_URL")
@@ -390,6 +392,8 @@ KB_RATELIMITS = {
     # Management writes over the API: keys, document actions.
     "manage": env_str("KB_RATELIMIT_MANAGE", "120/m"),
 }
+# How long a create or upload's answer is kept for a retry with the same Idempotency-Key.
+KB_IDEMPOTENCY_TTL_SECONDS = env_int("KB_IDEMPOTENCY_TTL_SECONDS", 24 * 60 * 60)
 
 # --- Model providers ----------------------------------------------------------------------
 # Each entry names its backend by dotted path; options are passed to the backend as

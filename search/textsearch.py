@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 from django.db import connection
 
+from kb.ops.database import index_build_settings
+
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -73,7 +75,7 @@ def textsearch_index_create(*, k1: float, b: float) -> None:
             "pg_textsearch must be loaded at server start: add it to shared_preload_libraries "
             "and restart the server (the embedded server does this itself)."
         )
-    with connection.cursor() as cursor:
+    with connection.cursor() as cursor, index_build_settings(cursor):
         cursor.execute(f"CREATE EXTENSION IF NOT EXISTS {EXTENSION}")
         cursor.execute(
             f"CREATE INDEX IF NOT EXISTS {INDEX_NAME} ON kb_chunk USING bm25 (text) "

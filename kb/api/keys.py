@@ -19,6 +19,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from kb.api import key_access
+from kb.api.conventions import IDEMPOTENCY_KEY, idempotent
 from kb.api.ratelimits import rate_limit_enforce, rate_limit_parse
 from kb.models import ApiKey, Collection
 from kb.services.api_keys import api_key_create
@@ -81,9 +82,15 @@ class ApiKeyListCreate(generics.ListAPIView):
                 .select_related("user").prefetch_related("collections")
                 .order_by("-created_at", "-pk"))
 
-    @extend_schema(request=ApiKeyCreateSerializer, responses={201: ApiKeyCreatedSerializer})
+    @extend_schema(request=ApiKeyCreateSerializer, responses={201: ApiKeyCreatedSerializer},
+                   parameters=[IDEMPOTENCY_KEY])
     def post(self, request: Request) -> Response:
         rate_limit_enforce(request, group="manage")
+        # A retry gets the same key back (shown twice, to the same caller) instead of a
+        # second live key it never saw.
+        return idempotent(request, lambda: self._create(request))
+
+    def _create(self, request: Request) -> Response:
         serializer = ApiKeyCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data

@@ -15,6 +15,8 @@ urlpatterns = [
     path("documents/<int:pk>/enable/", views.DocumentEnable.as_view(), name="api-document-enable"),
     path("documents/<int:pk>/reprocess/", views.DocumentReprocess.as_view(),
          name="api-document-reprocess"),
+    path("documents/<int:pk>/replace/", views.DocumentReplace.as_view(),
+         name="api-document-replace"),
     path("chunks/", views.ChunkList.as_view(), name="api-chunk-list"),
     path("chunks/<int:pk>/", views.ChunkDetail.as_view(), name="api-chunk-detail"),
     path("keys/", keys.ApiKeyListCreate.as_view(), name="api-key-list"),

@@ -19,6 +19,13 @@ from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from kb.api.conventions import (
+    IDEMPOTENCY_KEY,
+    IF_MATCH,
+    etag_of,
+    idempotent,
+    if_match_check,
+)
 from kb.api.ratelimits import rate_limit_enforce
 from kb.models import ApiKey, Chunk, Collection, Document
 from kb.selectors import (
@@ -219,8 +226,12 @@ class CollectionList(generics.ListAPIView):
             collections_visible(user=self.request.user, api_key=_api_key(self.request))
         ).order_by("name")
 
-    @extend_schema(request=CollectionWriteSerializer, responses={201: CollectionDetailSerializer})
+    @extend_schema(request=CollectionWriteSerializer, responses={201: CollectionDetailSerializer},
+                   parameters=[IDEMPOTENCY_KEY])
     def post(self, request: Request) -> Response:
+        return idempotent(request, lambda: self._create(request))
+
+    def _create(self, request: Request) -> Response:
         _permission_check(request, "add_collection", "Can add collection")
         serializer = CollectionWriteSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -250,15 +261,23 @@ class CollectionDetail(generics.RetrieveAPIView):
     def get_queryset(self):
         return _collections(self.request)
 
-    @extend_schema(request=CollectionWriteSerializer, responses={200: CollectionDetailSerializer})
+    def retrieve(self, request: Request, *args, **kwargs) -> Response:
+        response = super().retrieve(request, *args, **kwargs)
+        response["ETag"] = _collection_etag(response.data)
+        return response
+
+    @extend_schema(request=CollectionWriteSerializer, responses={200: CollectionDetailSerializer},
+                   parameters=[IF_MATCH])
     def patch(self, request: Request, slug: str) -> Response:
         collection = get_object_or_404(self.get_queryset(), slug=slug)
         _permission_check(request, "change_collection", "Can change collection")
+        if_match_check(request, _collection_etag(_collection_described(collection.pk)))
         serializer = CollectionWriteSerializer(collection, data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
         collections.collection_update(collection=collection,
                                       changes=dict(serializer.validated_data))
-        return Response(_collection_described(collection.pk))
+        body = _collection_described(collection.pk)
+        return Response(body, headers={"ETag": _collection_etag(body)})
 
     @extend_schema(parameters=[OpenApiParameter(
         "force", bool, description="Delete the collection's documents with it.")],
@@ -273,6 +292,15 @@ class CollectionDetail(generics.RetrieveAPIView):
             return Response({"error": {"code": "not_empty", "message": str(exc)}},
                             status=status.HTTP_409_CONFLICT)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# What a PATCH can change: the ETag two editors compare (counts move with every ingestion).
+_COLLECTION_EDITABLE = ("slug", "name", "description", "text_search_config", "is_public",
+                        "allowed_users", "allowed_groups")
+
+
+def _collection_etag(body: Mapping) -> str:
+    return etag_of({field: body.get(field) for field in _COLLECTION_EDITABLE})
 
 
 def _collection_described(pk: int) -> dict:
@@ -304,10 +332,13 @@ class DocumentListCreate(generics.ListAPIView):
 
     @extend_schema(
         request={"multipart/form-data": UploadSerializer, "application/json": TextUploadSerializer},
-        responses={202: UploadResponseSerializer},
+        responses={202: UploadResponseSerializer}, parameters=[IDEMPOTENCY_KEY],
     )
     def post(self, request: Request) -> Response:
         rate_limit_enforce(request, group="upload")
+        return idempotent(request, lambda: self._upload(request))
+
+    def _upload(self, request: Request) -> Response:
         try:
             uploads.upload_permission_check(user=request.user)
         except DjangoPermissionDenied as exc:
@@ -437,6 +468,46 @@ class DocumentReprocess(_DocumentAction):
             raise ValidationError({"file": [
                 "This document has no stored file to process again; upload it anew."]})
         return True
+
+
+class ReplaceSerializer(serializers.Serializer):
+    file = serializers.FileField(allow_empty_file=True)
+
+
+class DocumentReplace(generics.GenericAPIView):
+    """POST multipart `file`: a new version of the document, whatever the file's own name
+    (“Can change document”). 202 with the outcome and Location, the document's URL: search
+    keeps the old version until the new one is ready, then switches in one transaction."""
+
+    serializer_class = DocumentSerializer
+    parser_classes = [parsers.MultiPartParser, parsers.FormParser]
+
+    def get_queryset(self):
+        return _visible_documents(self.request)
+
+    @extend_schema(request={"multipart/form-data": ReplaceSerializer},
+                   responses={200: UploadOutcomeSerializer, 202: UploadOutcomeSerializer})
+    def post(self, request: Request, pk: int) -> Response:
+        document = _document_for(request, pk, permission="change")
+        serializer = ReplaceSerializer(data={"file": request.FILES.get("file")})
+        serializer.is_valid(raise_exception=True)
+        try:
+            (outcome,) = uploads.upload_outcomes_refresh(outcomes=[uploads.document_replace(
+                document=document, upload=serializer.validated_data["file"],
+                uploaded_by=request.user)])
+        except DjangoPermissionDenied as exc:
+            raise PermissionDenied(str(exc)) from None
+        body = {"filename": outcome.filename, "outcome": outcome.outcome,
+                "message": outcome.message,
+                "document": DocumentSerializer(outcome.document).data if outcome.document
+                else None}
+        if outcome.outcome == "rejected":
+            return Response({"error": {"code": "rejected", "message": outcome.message}},
+                            status=status.HTTP_400_BAD_REQUEST)
+        if outcome.outcome == "duplicate":  # the same bytes: nothing to do
+            return Response(body)
+        url = request.build_absolute_uri(reverse("api-document-detail", args=[document.pk]))
+        return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": url})
 
 
 def _document_for(request: Request, pk: int, *, permission: str) -> Document:

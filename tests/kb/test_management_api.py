@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth.models import Group, Permission
+from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
 from kb.models import ApiKey, Chunk, ChunkEmbedding, Collection, Document
@@ -347,3 +348,57 @@ def test_malformed_text_uploads_are_400s(django_user_model, collection, body):
     assert response.status_code == 400, response.content
     assert response.json()["error"]["fields"]
     assert not Document.objects.exists()
+
+
+# --- Replacing a document's file ---
+
+
+def test_replacing_the_file_makes_a_new_version_of_the_same_document(
+    django_user_model, guide, django_capture_on_commit_callbacks
+):
+    api, _ = client_for(user_with(django_user_model, "editor", "add_document",
+                                  "change_document"))
+    new = SimpleUploadedFile("tides-2027.md", b"# Tide tables\n\nTide tables now come at seven.\n")
+    with django_capture_on_commit_callbacks(execute=True):
+        response = api.post(f"/api/v1/documents/{guide.pk}/replace/", {"file": new},
+                            format="multipart")
+    assert response.status_code == 202, response.content
+    assert response.json()["outcome"] == "updated"
+    assert response["Location"].endswith(f"/api/v1/documents/{guide.pk}/")
+    guide.refresh_from_db()
+    assert guide.original_filename == "guide.md" and guide.chunk_generation == 2
+    found = api.post("/api/v1/search", {"query": "seven", "mode": "bm25"}, format="json")
+    assert [hit["document_id"] for hit in found.json()["results"]] == [guide.pk]
+    assert not Chunk.objects.filter(document=guide, searchable=True, generation=1).exists()
+
+    same = SimpleUploadedFile("again.md", b"# Tide tables\n\nTide tables now come at seven.\n")
+    again = api.post(f"/api/v1/documents/{guide.pk}/replace/", {"file": same},
+                     format="multipart")
+    assert again.status_code == 200 and again.json()["outcome"] == "duplicate"
+
+
+def test_replacing_needs_the_change_permission(django_user_model, guide):
+    api, _ = client_for(user_with(django_user_model, "adder", "add_document"))
+    new = SimpleUploadedFile("x.md", b"# Other\n\nOther text.\n")
+    response = api.post(f"/api/v1/documents/{guide.pk}/replace/", {"file": new},
+                        format="multipart")
+    assert response.status_code == 403
+    guide.refresh_from_db()
+    assert guide.chunk_generation == 1
+
+
+def test_replacing_with_a_zip_or_nothing_is_a_400(django_user_model, guide):
+    import io
+    import zipfile
+
+    api, _ = client_for(user_with(django_user_model, "editor", "add_document",
+                                  "change_document"))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("a.md", "# A\n\ntext\n")
+    zipped = SimpleUploadedFile("bundle.zip", buffer.getvalue())
+    refused = api.post(f"/api/v1/documents/{guide.pk}/replace/", {"file": zipped},
+                       format="multipart")
+    assert refused.status_code == 400 and "one file" in refused.json()["error"]["message"]
+    empty = api.post(f"/api/v1/documents/{guide.pk}/replace/", {}, format="multipart")
+    assert empty.status_code == 400 and "file" in empty.json()["error"]["fields"]
