@@ -23,6 +23,9 @@ from kb.queue import enqueue
 
 logger = logging.getLogger(__name__)
 
+# Chunks re-indexed per statement (collection_reindex).
+REINDEX_BATCH = 20_000
+
 
 def collection_get_or_create(*, slug: str, name: str | None = None) -> Collection:
     """The collection with this slug, created with default settings if missing."""
@@ -44,7 +47,18 @@ def collection_reindex(*, collection: Collection) -> int:
     trigger moves the BM25 statistics over in the same transaction.
     """
     with transaction.atomic():
-        count = Chunk.objects.filter(collection=collection).update(text=F("text"))
+        count = 0
+        # In batches: the statistics trigger gathers a statement's changed rows into arrays,
+        # and a million chunks in one statement pass PostgreSQL's 1 GB array limit.
+        ids = Chunk.objects.filter(collection=collection).order_by("pk").values_list(
+            "pk", flat=True)
+        last = 0
+        while True:
+            batch = list(ids.filter(pk__gt=last)[:REINDEX_BATCH])
+            if not batch:
+                break
+            count += Chunk.objects.filter(pk__in=batch).update(text=F("text"))
+            last = batch[-1]
         Collection.objects.filter(pk=collection.pk).update(
             reindex_status=Collection.ReindexStatus.CURRENT, reindex_error=""
         )

@@ -141,3 +141,23 @@ def test_the_collection_list_shows_a_queued_reindex(admin_client, world,
     assert "Re-index queued" in response.content.decode()
     assert "'run'" in lexemes(collection)
     assert Document.objects.get(pk=world["document"].pk).status == Document.Status.READY
+
+
+def test_reindex_in_batches_moves_every_chunk_to_the_new_language(collection, ingest_one,
+                                                                   monkeypatch):
+    """Batches of one chunk: each statement re-tokenises its chunks, and the collection's
+    statistics end up as one statement over all of them would leave them."""
+    import kb.services.collections as collections_service
+    from search.models import CollectionStatistic
+
+    monkeypatch.setattr(collections_service, "REINDEX_BATCH", 1)
+    for name in ("a.md", "b.md", "c.md"):
+        ingest_one(collection, name, TIDES.replace("Tides", name))
+    before = CollectionStatistic.objects.get(collection=collection).chunk_count
+    Collection.objects.filter(pk=collection.pk).update(text_search_config="simple")
+    assert collection_reindex(collection=collection) == before
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT bool_and(search_vector @@ to_tsquery('simple', 'running')) "
+                       "FROM kb_chunk WHERE collection_id = %s", [collection.pk])
+        assert cursor.fetchone()[0]  # "running" unstemmed: the simple configuration
+    assert CollectionStatistic.objects.get(collection=collection).chunk_count == before
