@@ -153,7 +153,7 @@ def measure(args, *, primary_socket: str, replica: Path, run: Path, owner: int) 
 
     started = time.perf_counter()
     as_owner(owner, bundled("pg_basebackup"), "-D", str(replica), "-R", "-X", "stream",
-             "-d", f"host={primary_socket} user=postgres")
+             "-c", "fast", "-d", f"host={primary_socket} user=postgres")
     as_owner(owner, bundled("pg_ctl"), "-D", str(replica), "-w", "-l", str(run / "log"),
              "-o", f"-h '' -k {run}", "start")
     print(f"{args.chunks:,} chunks; replica made and started in "

@@ -513,7 +513,7 @@ def bench_hnsw(collection, model, query_vectors, report: dict) -> None:
     filters = SearchFilters(collection_ids=(collection.pk,))
 
     def top(vector, exact):
-        return [(c.chunk_id, c.similarity) for c in retrieve_candidates(
+        return [(c.chunk_id, c.vector_similarity) for c in retrieve_candidates(
             query="", query_vector=vector, filters=filters, use_bm25=False, model_id=model.pk,
             dimensions=model.dimensions, limit=10, exact_vector=exact).candidates]
 

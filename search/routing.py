@@ -28,6 +28,8 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections, router
 from django.db.backends.base.base import BaseDatabaseWrapper
 
+from kb.models import Chunk
+
 logger = logging.getLogger(__name__)
 
 SEARCH_REPLICA = "search_replica"
@@ -70,8 +72,6 @@ def replica_reachable() -> bool:
 def search_database() -> BaseDatabaseWrapper:
     """The connection search reads through now: the replica where one is configured and
     reachable, the primary otherwise."""
-    from kb.models import Chunk
-
     return connections[router.db_for_read(Chunk, search=True)]
 
 

@@ -160,7 +160,8 @@ def test_search_reads_from_the_replica_and_from_the_primary_when_it_is_gone(clus
             "--sync")
     key = _manage(env, "shell", "-c", API_KEY).split("KEY ", 1)[1].strip()
 
-    nodes.run("pg_basebackup", "-D", str(nodes.replica), "-R", "-X", "stream",
+    # -c fast: a spread checkpoint first would take minutes once the primary has dirty pages.
+    nodes.run("pg_basebackup", "-D", str(nodes.replica), "-R", "-X", "stream", "-c", "fast",
               "-d", f"host={nodes.primary_socket} user=postgres")
     nodes.run("pg_ctl", "-D", str(nodes.replica), "-w", "-l",
               str(nodes.replica_socket / "replica.log"),
