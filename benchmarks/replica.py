@@ -187,6 +187,8 @@ def measure(args, *, primary_socket: str, replica: Path, run: Path, owner: int) 
     with psycopg.connect(primary_url, autocommit=True) as p, \
             psycopg.connect(replica_url, autocommit=True) as r:
         p.execute("CREATE TABLE IF NOT EXISTS bench_lag (n int)")
+        while r.execute("SELECT to_regclass('bench_lag') IS NULL").fetchone()[0]:
+            time.sleep(0.01)  # the table itself has to reach the replica first
 
         def lag_ms(n: int) -> float:
             p.execute("INSERT INTO bench_lag VALUES (%s)", [n])
