@@ -134,7 +134,6 @@ def corpus_build(*, target: int, corpus: list[dict], vectors, model, rebuild: bo
     """The bench collection with `target` searchable chunks and their vectors; and, where
     the server has pg_textsearch, its index, built after the load and timed."""
     import numpy
-    from django.conf import settings
     from django.db import connection, transaction
     from django.utils import timezone
     from pgvector.psycopg import register_vector
@@ -224,27 +223,17 @@ def corpus_build(*, target: int, corpus: list[dict], vectors, model, rebuild: bo
         for (chunk_id, _, _), vector in zip(ids, chunk_vectors, strict=True):
             copy.write_row((chunk_id, model.pk, vector))
     timings["vectors_copy_s"] = round(time.perf_counter() - started, 1)
-    # Both builds run as the product runs them (kb.ops.database.index_build_settings: no
-    # statement timeout, maintenance_work_mem = KB_INDEX_BUILD_MEMORY; at 1M chunks the
-    # half-precision graph needs about 1.1 GB, so the 1M runs set it to 2GB).
-    started = time.perf_counter()
-    embeddings.embedding_model_index_create(model=model)
-    with connection.cursor() as cursor:
-        cursor.execute("ANALYZE kb_chunk; ANALYZE kb_chunkembedding; ANALYZE search_posting; "
-                       "ANALYZE search_termstatistic")
-    timings["hnsw_build_s"] = round(time.perf_counter() - started, 1)
-    status = textsearch.textsearch_status()
-    if status["available"] and status["preloaded"]:
-        started = time.perf_counter()
-        textsearch.textsearch_index_create(k1=float(settings.KB_BM25_K1),
-                                           b=float(settings.KB_BM25_B))
-        timings["pg_textsearch_build_s"] = round(time.perf_counter() - started, 1)
+    # Both indexes were dropped before the load: built now, as the product builds them.
+    timings.update(indexes_build_missing(model))
     return collection, timings
 
 
 def indexes_build_missing(model) -> dict[str, float]:
-    """Build the HNSW and pg_textsearch indexes a reused corpus lacks (a load stopped after
-    its rows were in); their build times."""
+    """Build the HNSW and pg_textsearch indexes the corpus lacks (after a load, or a load
+    stopped after its rows were in), as the product builds them
+    (kb.ops.database.index_build_settings: no statement timeout, maintenance_work_mem =
+    KB_INDEX_BUILD_MEMORY; at 1M chunks the half-precision graph needs about 1.1 GB, so the
+    1M runs set it to 2GB); their build times."""
     from django.conf import settings
     from django.db import connection
 
