@@ -341,7 +341,7 @@ class ConversationDetail(APIView):
                               404: OpenApiResponse(description="Not found")})
     def patch(self, request: Request, pk: uuid.UUID) -> Response:
         conversation = _conversation(request, pk)
-        if_match_check(request, _conversation_etag(conversation))
+        if_match_check(request, lambda: _conversation_etag(conversation))
         serializer = ConversationRenameSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         services.conversation_rename(conversation=conversation,

@@ -131,11 +131,12 @@ def etag_of(fields: Mapping[str, Any]) -> str:
     return '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
 
 
-def if_match_check(request: Request, current_etag: str) -> None:
-    """412 when the request carries If-Match and none of its tags is the current one."""
+def if_match_check(request: Request, current_etag: Callable[[], str]) -> None:
+    """412 when the request carries If-Match and none of its tags is the current one (the
+    current ETag is only computed when there is an If-Match to compare it with)."""
     header = request.headers.get("If-Match")
     if header is None:
         return
     tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
-    if "*" not in tags and current_etag not in tags:
+    if "*" not in tags and current_etag() not in tags:
         raise PreconditionFailed()

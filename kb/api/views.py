@@ -271,7 +271,7 @@ class CollectionDetail(generics.RetrieveAPIView):
     def patch(self, request: Request, slug: str) -> Response:
         collection = get_object_or_404(self.get_queryset(), slug=slug)
         _permission_check(request, "change_collection", "Can change collection")
-        if_match_check(request, _collection_etag(_collection_described(collection.pk)))
+        if_match_check(request, lambda: _collection_etag(_collection_described(collection.pk)))
         serializer = CollectionWriteSerializer(collection, data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
         collections.collection_update(collection=collection,
