@@ -89,6 +89,15 @@ def collection_version(collection: Collection) -> str:
     return _collection_version(collection.pk, collection.updated_at)
 
 
+def collections_version(collections: Sequence[Collection]) -> str:
+    """kb_version of several collections chosen together, from their rows as just read."""
+    ids = ",".join(str(c.pk) for c in sorted(collections, key=lambda c: c.pk))
+    stamps = ";".join(f"{c.pk}:{c.updated_at.isoformat()}"
+                      for c in sorted(collections, key=lambda c: c.pk))
+    scope = hashlib.sha256(ids.encode()).hexdigest()[:16]
+    return f"s{scope}@{hashlib.sha256(stamps.encode()).hexdigest()[:24]}"
+
+
 def _collection_version(pk: int, stamp: datetime | None) -> str:
     return f"c{pk}@{stamp.isoformat() if stamp else 'gone'}"
 

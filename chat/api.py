@@ -18,6 +18,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
+from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -39,6 +40,7 @@ from chat.models import Conversation, Message
 from chat.sse import event_stream_response, sse_stream
 from kb.api.authentication import ApiKeyAuthentication
 from kb.api.conventions import IF_MATCH, etag_of, if_match_check
+from kb.api.pagination import RecentActivityCursorPagination
 from kb.api.ratelimits import rate_limit_enforce
 from kb.models import ApiKey, Collection
 
@@ -56,6 +58,12 @@ class ChatRequestSerializer(serializers.Serializer):
     conversation_id = serializers.UUIDField(required=False, allow_null=True, default=None)
     collection = serializers.SlugField(
         required=False, allow_null=True, allow_blank=True, default=None, max_length=64
+    )
+    collections = serializers.ListField(
+        child=serializers.SlugField(max_length=64), required=False, default=list,
+        max_length=services.MAX_CHAT_COLLECTIONS,
+        help_text="Ask several collections at once (with `collection`, if given). Neither: "
+                  "every collection the caller can read.",
     )
     stream = serializers.BooleanField(required=False, default=True)
 
@@ -99,21 +107,36 @@ class MessageSerializer(serializers.ModelSerializer):
 
 
 class ConversationListSerializer(serializers.ModelSerializer):
+    shared = serializers.SerializerMethodField()
+
     class Meta:
         model = Conversation
-        fields = ["id", "title", "updated_at"]
+        fields = ["id", "title", "updated_at", "shared"]
+
+    def get_shared(self, conversation: Conversation) -> bool:
+        return conversation.share_token is not None
 
 
 class ConversationSerializer(serializers.ModelSerializer):
-    # Null for a conversation over every collection the caller can read.
+    # Null for a conversation over several collections, or every one the caller can read.
     collection: serializers.SlugRelatedField[Collection] = serializers.SlugRelatedField(
         slug_field="slug", read_only=True, allow_null=True
     )
+    collections = serializers.SerializerMethodField()
+    share_url = serializers.SerializerMethodField()
     messages = serializers.SerializerMethodField()
 
     class Meta:
         model = Conversation
-        fields = ["id", "title", "collection", "created_at", "updated_at", "messages"]
+        fields = ["id", "title", "collection", "collections", "share_url", "created_at",
+                  "updated_at", "messages"]
+
+    def get_collections(self, conversation: Conversation) -> list[str]:
+        """The slugs asked of; empty for every collection the caller can read."""
+        return selectors.conversation_collection_slugs(conversation=conversation)
+
+    def get_share_url(self, conversation: Conversation) -> str | None:
+        return share_path(conversation)
 
     @extend_schema_field(MessageSerializer(many=True))
     def get_messages(self, conversation: Conversation) -> list[dict]:
@@ -240,6 +263,7 @@ async def chat(request: HttpRequest) -> HttpResponseBase:
         "question": data["message"],
         "conversation_id": data["conversation_id"],
         "collection_slug": data["collection"] or None,
+        "collection_slugs": data["collections"],
         "user": user,
         "api_key": api_key,
         "request_id": request_id_for(request),
@@ -304,6 +328,7 @@ class ConversationList(generics.ListAPIView):
     """GET /api/v1/conversations: the caller's conversations, most recent first."""
 
     serializer_class = ConversationListSerializer
+    pagination_class = RecentActivityCursorPagination
 
     def get_queryset(self) -> QuerySet[Conversation]:
         return selectors.conversation_list(user=self.request.user, api_key=_api_key(self.request))
@@ -311,6 +336,13 @@ class ConversationList(generics.ListAPIView):
 
 class ConversationRenameSerializer(serializers.Serializer):
     title = serializers.CharField(max_length=200, allow_blank=False, trim_whitespace=True)
+
+
+def share_path(conversation: Conversation) -> str | None:
+    """The read-only page of a shared conversation, or None while it is not shared."""
+    if conversation.share_token is None:
+        return None
+    return reverse("chat-shared", kwargs={"token": conversation.share_token})
 
 
 def _conversation_etag(conversation: Conversation) -> str:
@@ -388,3 +420,24 @@ class ConversationExport(APIView):
         response = HttpResponse(text, content_type="text/markdown; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="{name}.md"'
         return response
+
+
+class ShareSerializer(serializers.Serializer):
+    share_url = serializers.CharField(help_text="Path of the read-only page.")
+
+
+class ConversationShare(APIView):
+    """POST /api/v1/conversations/<id>/share: a link to a read-only copy of the conversation
+    (the same link again if it is already shared). Only people who may read every collection
+    it cites can open it. DELETE stops sharing: the link no longer opens."""
+
+    @extend_schema(request=None, responses={200: ShareSerializer,
+                                            404: OpenApiResponse(description="Not found")})
+    def post(self, request: Request, pk: uuid.UUID) -> Response:
+        conversation = services.conversation_share(conversation=_conversation(request, pk))
+        return Response({"share_url": request.build_absolute_uri(share_path(conversation))})
+
+    @extend_schema(responses={204: None, 404: OpenApiResponse(description="Not found")})
+    def delete(self, request: Request, pk: uuid.UUID) -> Response:
+        services.conversation_unshare(conversation=_conversation(request, pk))
+        return Response(status=status.HTTP_204_NO_CONTENT)

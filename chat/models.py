@@ -28,7 +28,15 @@ class Conversation(models.Model):
     collection = models.ForeignKey(
         Collection, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # A conversation over several chosen collections has them here and no `collection`;
+    # neither means every collection the caller can read.
+    collections = models.ManyToManyField(Collection, blank=True, related_name="+")
     title = models.CharField(max_length=200, blank=True)
+    # Set while the owner shares it: /chat/shared/<token>/ shows it, read-only, to people
+    # who may read every collection it cites (chat.selectors.shared_conversation_get).
+    share_token = models.CharField(max_length=64, unique=True, null=True, blank=True,
+                                   editable=False)
+    shared_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

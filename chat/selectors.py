@@ -65,9 +65,63 @@ def conversation_get(
     return (
         conversation_list(user=user, api_key=api_key)
         .select_related("collection")
+        .prefetch_related("collections")
         .filter(pk=pk)
         .first()
     )
+
+
+def conversation_collection_slugs(*, conversation: Conversation) -> list[str]:
+    """The slugs of the collections the conversation asks; empty for every readable one."""
+    if conversation.collection is not None:
+        return [conversation.collection.slug]
+    return sorted(collection.slug for collection in conversation.collections.all())
+
+
+def shared_conversation_get(*, token: str) -> Conversation | None:
+    """The conversation shared under `token`, or None (never shared, or no longer)."""
+    if not token:
+        return None
+    return (
+        Conversation.objects.select_related("collection")
+        .prefetch_related("collections")
+        .filter(share_token=token)
+        .first()
+    )
+
+
+def shared_conversation_readable(*, conversation: Conversation, viewer: AnyUser) -> bool:
+    """Whether `viewer` may open the shared conversation.
+
+    Its owner may. Anyone else must be signed in and able to read every collection the
+    conversation cites or was asked of: a shared answer quotes its passages, so a link
+    must not carry text out of a collection its reader cannot open. A deleted document's
+    collection is unknown, so a conversation citing one opens only for superusers.
+    """
+    owner = signed_in_user(viewer)
+    if owner is None:
+        return False
+    if conversation.user_id == owner.pk:
+        return True
+    cited = {
+        citation.get("document_id")
+        for citations in Message.objects.filter(conversation=conversation)
+        .values_list("citations", flat=True)
+        for citation in (citations or []) if isinstance(citation, dict)
+    }
+    cited_ids = {pk for pk in cited if isinstance(pk, int)}
+    documents = dict(
+        Document.objects.filter(pk__in=cited_ids).values_list("pk", "collection_id")
+    )
+    if len(documents) < len(cited) and not owner.is_superuser:
+        return False
+    needed = set(documents.values()) | {c.pk for c in conversation.collections.all()}
+    if conversation.collection_id is not None:
+        needed.add(conversation.collection_id)
+    readable = set(
+        collections_visible(user=owner).filter(pk__in=needed).values_list("pk", flat=True)
+    )
+    return needed <= readable
 
 
 def message_list(*, conversation: Conversation) -> QuerySet[Message]:

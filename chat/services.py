@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -149,6 +150,7 @@ async def answer_stream(
     api_key: ApiKey | None,
     request_id: str = "",
     history: Sequence[ChatMessage] | None = None,
+    collection_slugs: Sequence[str] = (),
 ) -> AsyncGenerator[ChatEvent, None]:
     """Answer a question with cited passages, as events: Started, Meta, Citations, Delta…, Done.
 
@@ -157,11 +159,14 @@ async def answer_stream(
     database that fails or does not answer in time. After it, failures are reported as
     an Error event. `history` replaces the stored conversation's history
     (the OpenAI-compatible API sends its own).
+
+    The question is asked of `collection_slug` and `collection_slugs` together; of every
+    collection the caller can read when both are empty.
     """
     turn = await _db(
         _turn_open, question=question, conversation_id=conversation_id,
-        collection_slug=collection_slug, user=user, api_key=api_key, request_id=request_id,
-        history=history,
+        collection_slug=collection_slug, collection_slugs=collection_slugs, user=user,
+        api_key=api_key, request_id=request_id, history=history,
     )
     answer = turn.answer
     try:
@@ -205,12 +210,14 @@ async def answer_complete(
     api_key: ApiKey | None,
     request_id: str = "",
     history: Sequence[ChatMessage] | None = None,
+    collection_slugs: Sequence[str] = (),
 ) -> AnswerResult:
     """The whole answer at once, built on answer_stream; raises as it does before starting."""
     result: AnswerResult | None = None
     events = answer_stream(
         question=question, conversation_id=conversation_id, collection_slug=collection_slug,
         user=user, api_key=api_key, request_id=request_id, history=history,
+        collection_slugs=collection_slugs,
     )
     async with aclosing(events):
         async for event in events:
@@ -285,7 +292,7 @@ def _turn_open(**arguments: Any) -> Turn:
 def _turn_check(
     *, question: str, conversation_id: uuid.UUID | str | None, collection_slug: str | None,
     user: AnyUser, api_key: ApiKey | None,
-    request_id: str, history: Sequence[ChatMessage] | None,
+    request_id: str, history: Sequence[ChatMessage] | None, collection_slugs: Sequence[str] = (),
 ) -> TurnRequest:
     """Validate and check budgets; the turn's rows are built (ids included) but not written.
 
@@ -295,17 +302,11 @@ def _turn_check(
     question = question.strip()
     if not question:
         raise ChatInputError("Ask a question.", field="message")
-    collection = None
-    if collection_slug:
-        collection = (
-            Collection.objects.filter(
-                search_selectors.collections_visible_to(user=user, api_key=api_key)
-            )
-            .filter(slug=collection_slug)
-            .first()
-        )
-        if collection is None:
-            raise ChatInputError(f"There is no collection “{collection_slug}”.", field="collection")
+    chosen = _collections_chosen(
+        slugs=[*([collection_slug] if collection_slug else []), *collection_slugs],
+        user=user, api_key=api_key,
+    )
+    collection = chosen[0] if len(chosen) == 1 else None
     conversation = None
     if conversation_id:
         conversation = selectors.conversation_get(user=user, pk=conversation_id, api_key=api_key)
@@ -329,13 +330,43 @@ def _turn_check(
     assistant = Message(
         conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING
     )
+    if collection is not None:
+        version = answer_cache.collection_version(collection)
+    elif chosen:
+        version = answer_cache.collections_version(chosen)
+    else:
+        version = answer_cache.kb_version(collection=None, user=user, api_key=api_key)
     return TurnRequest(
         question=question, user=user, api_key=api_key, request_id=request_id,
         conversation=conversation, assistant=assistant, collection=collection,
-        history=list(history),
-        kb_version=(answer_cache.collection_version(collection) if collection is not None
-                    else answer_cache.kb_version(collection=None, user=user, api_key=api_key)),
+        collections=tuple(chosen), history=list(history), kb_version=version,
     )
+
+
+MAX_CHAT_COLLECTIONS = 50
+
+
+def _collections_chosen(
+    *, slugs: Sequence[str], user: AnyUser, api_key: ApiKey | None
+) -> list[Collection]:
+    """The named collections (each once, in slug order), all of which the caller may read."""
+    wanted = sorted(set(slugs))
+    if not wanted:
+        return []
+    field = "collection" if len(wanted) == 1 else "collections"
+    if len(wanted) > MAX_CHAT_COLLECTIONS:
+        raise ChatInputError(f"Choose at most {MAX_CHAT_COLLECTIONS} collections.", field=field)
+    found = list(
+        Collection.objects.filter(
+            search_selectors.collections_visible_to(user=user, api_key=api_key)
+        ).filter(slug__in=wanted).order_by("slug")
+    )
+    missing = [slug for slug in wanted if slug not in {c.slug for c in found}]
+    if missing:
+        names = ", ".join(f"“{slug}”" for slug in missing)
+        noun = "collection" if len(missing) == 1 else "collections"
+        raise ChatInputError(f"There is no {noun} {names}.", field=field)
+    return found
 
 
 def _turn_record(turn: Turn) -> None:
@@ -344,6 +375,8 @@ def _turn_record(turn: Turn) -> None:
     with transaction.atomic():
         if request.conversation._state.adding:
             request.conversation.save(force_insert=True)
+            if len(request.collections) > 1:
+                request.conversation.collections.set(request.collections)
         Message.objects.create(conversation=request.conversation, role=Message.Role.USER,
                                content=request.question)
         request.assistant.save(force_insert=True)
@@ -535,13 +568,13 @@ def _retrieve(turn: Turn) -> tuple[answer_cache.CacheHit | None, SearchResult | 
             k=settings.KB_CHAT_TOP_K,
             mode="hybrid",
             rerank=None,
-            collections=(request.collection.slug,) if request.collection else (),
+            collections=tuple(c.slug for c in request.collections),
         ),
         user=request.user,
         api_key=request.api_key,
         embedded=retrieval.embedded,
-        # _turn_check found the collection among those the caller may read.
-        collection_ids=(request.collection.pk,) if request.collection else None,
+        # _turn_check found the collections among those the caller may read.
+        collection_ids=tuple(c.pk for c in request.collections) or None,
         usage=retrieval.usage,
     )
     if result.hits:
@@ -744,6 +777,23 @@ def conversation_rename(*, conversation: Conversation, title: str) -> Conversati
     """Give the conversation a title of the caller's choosing (stripped; at most 200 chars)."""
     conversation.title = title.strip()[:200]
     conversation.save(update_fields=["title", "updated_at"])
+    return conversation
+
+
+def conversation_share(*, conversation: Conversation) -> Conversation:
+    """Give the conversation a share token, unless it has one (the link stays the same)."""
+    if conversation.share_token is None:
+        conversation.share_token = secrets.token_urlsafe(32)
+        conversation.shared_at = timezone.now()
+        conversation.save(update_fields=["share_token", "shared_at"])
+    return conversation
+
+
+def conversation_unshare(*, conversation: Conversation) -> Conversation:
+    """Stop sharing: the old link opens nothing, and sharing again makes a new one."""
+    conversation.share_token = None
+    conversation.shared_at = None
+    conversation.save(update_fields=["share_token", "shared_at"])
     return conversation
 
 

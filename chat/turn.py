@@ -91,9 +91,12 @@ class TurnRequest:
     request_id: str
     conversation: Conversation
     assistant: Message
+    # The one collection asked, or None for several or all of them.
     collection: Collection | None
     history: list[ChatMessage]
     kb_version: str
+    # The collections the question is asked of; empty for every one the caller can read.
+    collections: tuple[Collection, ...] = ()
 
     @property
     def ids(self) -> tuple[str, str]:

@@ -6,6 +6,7 @@ from chat import api, openai_compat, views
 
 urlpatterns = [
     path("chat/", views.chat_page, name="chat"),
+    path("chat/shared/<str:token>/", views.shared_conversation_page, name="chat-shared"),
     path("api/v1/chat", api.chat, name="chat-api"),
     path("api/v1/chat/messages/<uuid:pk>", api.MessageDetail.as_view(), name="chat-message"),
     path("api/v1/conversations", api.ConversationList.as_view(), name="conversation-list"),
@@ -13,6 +14,8 @@ urlpatterns = [
          name="conversation-detail"),
     path("api/v1/conversations/<uuid:pk>/export", api.ConversationExport.as_view(),
          name="conversation-export"),
+    path("api/v1/conversations/<uuid:pk>/share", api.ConversationShare.as_view(),
+         name="conversation-share"),
     path("v1/chat/completions", openai_compat.chat_completions, name="openai-chat-completions"),
     path("v1/models", openai_compat.models, name="openai-models"),
 ]

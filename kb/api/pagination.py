@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.pagination import CursorPagination, LimitOffsetPagination
 from rest_framework.request import Request
 
 
@@ -18,3 +18,32 @@ class BoundedLimitOffsetPagination(LimitOffsetPagination):
 
     def get_offset(self, request: Request) -> int:
         return min(super().get_offset(request), self.max_offset)
+
+
+class BoundedCursorPagination(CursorPagination):
+    """Cursor pages for the lists that grow without bound (documents, chunks, conversations).
+
+    A cursor page is one range scan on an index however deep it is, where an OFFSET reads
+    and drops every row before the page; and rows written while a client pages through
+    are neither repeated nor skipped. ?limit= sets the page size, up to max_page_size. The
+    ordering must be unique: a cursor on a repeated value falls back to an offset, which
+    CursorPagination caps at offset_cutoff rows.
+    """
+
+    page_size_query_param = "limit"
+    max_page_size = 500
+    ordering = "-pk"
+
+
+class WrittenOrderCursorPagination(BoundedCursorPagination):
+    """Oldest first. Chunks are bulk-inserted in reading order, so within one version of a
+    document this is their reading order."""
+
+    ordering = "pk"
+
+
+class RecentActivityCursorPagination(BoundedCursorPagination):
+    """Most recently active first. updated_at can tie or move while a client pages; a tie
+    costs an offset within the cursor, and a row touched mid-way moves to the front."""
+
+    ordering = ("-updated_at", "-pk")

@@ -26,6 +26,7 @@ from kb.api.conventions import (
     idempotent,
     if_match_check,
 )
+from kb.api.pagination import BoundedCursorPagination, WrittenOrderCursorPagination
 from kb.api.ratelimits import rate_limit_enforce
 from kb.models import ApiKey, Chunk, Collection, Document
 from kb.selectors import (
@@ -316,6 +317,7 @@ class DocumentListCreate(generics.ListAPIView):
 
     serializer_class = DocumentSerializer
     parser_classes = [parsers.MultiPartParser, parsers.FormParser, parsers.JSONParser]
+    pagination_class = BoundedCursorPagination  # newest first: ordered by "-pk"
 
     def get_queryset(self):
         filters = _query_filters(self.request, DocumentListFiltersSerializer)
@@ -324,7 +326,7 @@ class DocumentListCreate(generics.ListAPIView):
             queryset = queryset.filter(collection__slug=filters["collection"])
         if "status" in filters:
             queryset = queryset.filter(status=filters["status"])
-        return queryset.order_by("-created_at", "-pk")
+        return queryset
 
     @extend_schema(parameters=[DocumentListFiltersSerializer])
     def get(self, request: Request, *args, **kwargs) -> Response:
@@ -522,15 +524,17 @@ def _document_for(request: Request, pk: int, *, permission: str) -> Document:
 
 
 class ChunkList(generics.ListAPIView):
-    """Searchable chunks, optionally of one document (`?document=ID`)."""
+    """Searchable chunks, optionally of one document (`?document=ID`), in the order they
+    were written: a document's chunks are written in reading order, once per version."""
 
     serializer_class = ChunkSerializer
+    pagination_class = WrittenOrderCursorPagination
 
     def get_queryset(self):
         queryset = Chunk.objects.filter(
             searchable=True,
             document__in=_visible_documents(self.request),
-        ).order_by("document_id", "ordinal")
+        )
         filters = _query_filters(self.request, ChunkListFiltersSerializer)
         if "document" in filters:
             queryset = queryset.filter(document_id=filters["document"])

@@ -297,11 +297,15 @@ def test_conversations_list_only_the_callers_own_paginated(client, corpus, gener
 
     listed = client.get("/api/v1/conversations", {"limit": 1}).json()
 
-    assert listed["count"] == 2 and listed["previous"] is None and listed["next"]
+    assert listed["previous"] is None and listed["next"]
     (first,) = listed["results"]
-    assert set(first) == {"id", "title", "updated_at"}
+    assert set(first) == {"id", "title", "updated_at", "shared"}
     assert first["id"] == of_type(mine[1], Started)[0].conversation_id
     assert first["title"] == "When do vacation days expire?"
+    following = client.get(listed["next"]).json()
+    assert [row["id"] for row in following["results"]] == [
+        of_type(mine[0], Started)[0].conversation_id]
+    assert following["next"] is None
 
 
 def test_conversation_detail_has_its_messages_in_order(client, corpus, generative, user):
