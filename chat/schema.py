@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from chat.api import MAX_MESSAGE_CHARS
+from chat.services import MAX_CHAT_COLLECTIONS
 
 if TYPE_CHECKING:
     from drf_spectacular.generators import SchemaGenerator
@@ -36,6 +37,11 @@ CHAT_REQUEST_SCHEMA = {
         "collection": {"type": "string", "nullable": True, "maxLength": 64,
                        "pattern": "^[-a-zA-Z0-9_]*$",
                        "description": "Answer from this collection; every readable one when null."},
+        "collections": {"type": "array", "maxItems": MAX_CHAT_COLLECTIONS,
+                        "items": {"type": "string", "maxLength": 64, "minLength": 1,
+                                  "pattern": "^[-a-zA-Z0-9_]+$"},
+                        "description": "Answer from these collections (with `collection`, if "
+                                       "given); every readable one when both are empty."},
         "stream": {"type": "boolean", "default": True,
                    "description": "Server-sent events (true) or one JSON answer (false)."},
     },

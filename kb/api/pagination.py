@@ -32,7 +32,7 @@ class BoundedCursorPagination(CursorPagination):
 
     page_size_query_param = "limit"
     max_page_size = 500
-    ordering = "-pk"
+    ordering: str | tuple[str, ...] = "-pk"
 
 
 class WrittenOrderCursorPagination(BoundedCursorPagination):

@@ -1,8 +1,9 @@
-"""Core API routes: collections, documents (list, upload, detail, actions), chunks, API keys."""
+"""Core API routes: collections, documents (list, upload, detail, actions), chunks, API keys,
+embedding models."""
 
 from django.urls import path
 
-from kb.api import keys, views
+from kb.api import embedding_models, keys, views
 
 urlpatterns = [
     path("collections/", views.CollectionList.as_view(), name="api-collection-list"),
@@ -21,4 +22,15 @@ urlpatterns = [
     path("chunks/<int:pk>/", views.ChunkDetail.as_view(), name="api-chunk-detail"),
     path("keys/", keys.ApiKeyListCreate.as_view(), name="api-key-list"),
     path("keys/<int:pk>/", keys.ApiKeyRevoke.as_view(), name="api-key-revoke"),
+    path("embedding-models/", embedding_models.EmbeddingModelList.as_view(),
+         name="api-embedding-model-list"),
+    path("embedding-models/<slug:key>/", embedding_models.EmbeddingModelDetail.as_view(),
+         name="api-embedding-model-detail"),
+    path("embedding-models/<slug:key>/activate/", embedding_models.EmbeddingModelActivate.as_view(),
+         name="api-embedding-model-activate"),
+    path("embedding-models/<slug:key>/cancel/", embedding_models.EmbeddingModelCancel.as_view(),
+         name="api-embedding-model-cancel"),
+    path("embedding-models/<slug:key>/drop-vectors/",
+         embedding_models.EmbeddingModelDropVectors.as_view(),
+         name="api-embedding-model-drop-vectors"),
 ]

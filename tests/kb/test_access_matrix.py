@@ -20,6 +20,7 @@ from django.urls import URLResolver, get_resolver
 from django.utils import timezone
 
 from chat.models import AnswerCacheEntry, Budget, Conversation, Message
+from chat.services import conversation_share
 from kb.models import ApiKey, Chunk, EmbeddingModel, UsageRecord
 from kb.services.api_keys import api_key_generate, api_key_hash
 from kb.services.collections import collection_get_or_create
@@ -94,6 +95,9 @@ API_HIDDEN = _expect(others=404, revoked_key=401, deactivated_key=401, anonymous
 API_EDITORS_ONLY = _expect(staff=200, others=404, revoked_key=401, deactivated_key=401,
                            anonymous=401)
 API_POST = _expect(others=405, revoked_key=401, deactivated_key=401, anonymous=401)
+# "Can view embedding model", which only the superuser holds here.
+API_MODEL_READERS = _expect(superuser=200, others=403, revoked_key=401, deactivated_key=401,
+                            anonymous=401)
 
 # Non-admin routes: route -> [(path template, expectations)]. Templates name world ids.
 ROUTES: dict[str, list[tuple[str, dict]]] = {
@@ -170,6 +174,25 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
                  anonymous=401)),
         ("/api/v1/conversations/{conversation_a_private}/export?as=json", API_HIDDEN),
     ],
+    "api/v1/conversations/<uuid:pk>/share": [
+        ("/api/v1/conversations/{conversation_b_general}/share", API_POST)],
+    # A shared conversation opens for people who may read every collection it cites.
+    "chat/shared/<str:token>/": [
+        ("/chat/shared/{share_b_private}/", _expect(superuser=200, user=200, editor=403,
+                                                    others=302)),
+        ("/chat/shared/{share_a_private}/", _expect(superuser=200, staff=403, user=403,
+                                                    others=302)),
+        ("/chat/shared/not-a-share-token/", _expect(staff=404, user=404, others=302)),
+    ],
+    "api/v1/embedding-models/": [("/api/v1/embedding-models/", API_MODEL_READERS)],
+    "api/v1/embedding-models/<slug:key>/": [
+        ("/api/v1/embedding-models/{embedding_model_key}/", API_MODEL_READERS)],
+    "api/v1/embedding-models/<slug:key>/activate/": [
+        ("/api/v1/embedding-models/{embedding_model_key}/activate/", API_POST)],
+    "api/v1/embedding-models/<slug:key>/cancel/": [
+        ("/api/v1/embedding-models/{embedding_model_key}/cancel/", API_POST)],
+    "api/v1/embedding-models/<slug:key>/drop-vectors/": [
+        ("/api/v1/embedding-models/{embedding_model_key}/drop-vectors/", API_POST)],
     # Key-only endpoints: a session is not enough.
     "v1/chat/completions": [("/v1/chat/completions", _expect(others=405))],
     "v1/models": [("/v1/models", _expect(narrowed_key=200, others=401))],
@@ -425,6 +448,11 @@ def _build_world(django_user_model, ingest_one) -> dict:
         "collection_a": collection_a.pk, "collection_general": general.pk,
         "user_a": user_a.pk, "group": Group.objects.create(name="readers").pk,
         "embedding_model": EmbeddingModel.objects.get(is_active=True).pk,
+        "embedding_model_key": EmbeddingModel.objects.get(is_active=True).key,
+        "share_a_private": conversation_share(
+            conversation=Conversation.objects.get(pk=ids["conversation_a_private"])).share_token,
+        "share_b_private": conversation_share(
+            conversation=Conversation.objects.get(pk=ids["conversation_b_private"])).share_token,
         "usage_a": usage_a.pk, "usage_plain": usage_plain.pk,
         "key_root": key_root.pk, "key_editor": key_editor.pk,
         "budget": Budget.objects.create(scope=Budget.Scope.USER, user=user_a,
@@ -507,6 +535,18 @@ WRITES = [
              anonymous=401)),
     ("delete", "/api/v1/conversations/{conversation_b_private}",
      _expect(user=204, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("post", "/api/v1/conversations/{conversation_b_general}/share",
+     _expect(user=200, narrowed_key=200, others=404, revoked_key=401, deactivated_key=401,
+             anonymous=401)),
+    ("delete", "/api/v1/conversations/{conversation_a_private}/share",
+     _expect(others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("post", "/api/v1/embedding-models/{embedding_model_key}/cancel/",
+     _expect(superuser=200, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
+    # The active model's vectors serve search: refused (400) even to the superuser.
+    ("post", "/api/v1/embedding-models/{embedding_model_key}/drop-vectors/",
+     _expect(superuser=400, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("post", "/api/v1/embedding-models/",
+     _expect(superuser=400, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/keys/{key_editor}/",
      _expect(staff=204, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/keys/{key_root}/",
