@@ -35,10 +35,12 @@ def use_it_blocks() -> list[tuple[str, str]]:
 
 
 def test_snippets_are_where_the_test_expects_them():
-    """Six steps: the account, the key, search, SSE chat, the openai client."""
+    """The account, the key, search, SSE chat, the openai client, and the management script
+    (run through `serve` by tests/acceptance/test_api_consumer.py)."""
     blocks = use_it_blocks()
-    assert [lang for lang, _ in blocks] == ["bash", "bash", "bash", "bash", "python"]
+    assert [lang for lang, _ in blocks] == ["bash", "bash", "bash", "bash", "python", "python"]
     assert "kb_apikey create --user alice --collections demo" in blocks[1][1]
+    assert "EDITOR_KEY" in blocks[5][1]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -49,7 +51,7 @@ def test_use_it_from_an_account_to_answers(django_user_model, settings):
         **settings.KB_PROVIDERS,
         "chat": [{"BACKEND": "kb.providers.extractive.ExtractiveChat", "MODEL": "extractive"}],
     }
-    account, key_line, search, chat, client = (code for _, code in use_it_blocks())
+    account, key_line, search, chat, client = (code for _, code in use_it_blocks()[:5])
     assert "create_user('alice')" in account
     assert "--user alice --collections demo" in key_line  # run below through call_command
     django_user_model.objects.create_user("alice")
