@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from chat import api, openai_compat, views
+from chat import api, management_api, openai_compat, views
 
 urlpatterns = [
     path("chat/", views.chat_page, name="chat"),
@@ -16,6 +16,13 @@ urlpatterns = [
          name="conversation-export"),
     path("api/v1/conversations/<uuid:pk>/share", api.ConversationShare.as_view(),
          name="conversation-share"),
+    path("api/v1/budgets/", management_api.BudgetList.as_view(), name="api-budget-list"),
+    path("api/v1/budgets/<int:pk>/", management_api.BudgetDetail.as_view(),
+         name="api-budget-detail"),
+    path("api/v1/answer-cache/", management_api.AnswerCacheList.as_view(),
+         name="api-answer-cache-list"),
+    path("api/v1/answer-cache/<int:pk>/", management_api.AnswerCacheDetail.as_view(),
+         name="api-answer-cache-detail"),
     path("v1/chat/completions", openai_compat.chat_completions, name="openai-chat-completions"),
     path("v1/models", openai_compat.models, name="openai-models"),
 ]

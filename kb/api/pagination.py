@@ -47,3 +47,9 @@ class RecentActivityCursorPagination(BoundedCursorPagination):
     costs an offset within the cursor, and a row touched mid-way moves to the front."""
 
     ordering = ("-updated_at", "-pk")
+
+
+class NewestCreatedFirstCursorPagination(BoundedCursorPagination):
+    """Newest first by created_at, for rows whose key is not in creation order (UUIDs)."""
+
+    ordering = "-created_at"

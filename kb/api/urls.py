@@ -1,9 +1,10 @@
 """Core API routes: collections, documents (list, upload, detail, actions), chunks, API keys,
-embedding models."""
+embedding models, the usage ledger."""
 
 from django.urls import path
 
 from kb.api import embedding_models, keys, views
+from kb.usage import api as usage_api
 
 urlpatterns = [
     path("collections/", views.CollectionList.as_view(), name="api-collection-list"),
@@ -22,6 +23,8 @@ urlpatterns = [
     path("chunks/<int:pk>/", views.ChunkDetail.as_view(), name="api-chunk-detail"),
     path("keys/", keys.ApiKeyListCreate.as_view(), name="api-key-list"),
     path("keys/<int:pk>/", keys.ApiKeyRevoke.as_view(), name="api-key-revoke"),
+    path("usage/", usage_api.UsageRecordList.as_view(), name="api-usage-list"),
+    path("usage/report/", usage_api.UsageReport.as_view(), name="api-usage-report"),
     path("embedding-models/", embedding_models.EmbeddingModelList.as_view(),
          name="api-embedding-model-list"),
     path("embedding-models/<slug:key>/", embedding_models.EmbeddingModelDetail.as_view(),

@@ -95,6 +95,11 @@ API_HIDDEN = _expect(others=404, revoked_key=401, deactivated_key=401, anonymous
 API_EDITORS_ONLY = _expect(staff=200, others=404, revoked_key=401, deactivated_key=401,
                            anonymous=401)
 API_POST = _expect(others=405, revoked_key=401, deactivated_key=401, anonymous=401)
+# The editor holds "Can view" of the usage ledger and the cache, not of budgets.
+API_OPERATORS = _expect(staff=200, others=403, revoked_key=401, deactivated_key=401,
+                        anonymous=401)
+API_SUPERUSER_ONLY = _expect(superuser=200, others=403, revoked_key=401, deactivated_key=401,
+                             anonymous=401)
 # "Can view embedding model", which only the superuser holds here.
 API_MODEL_READERS = _expect(superuser=200, others=403, revoked_key=401, deactivated_key=401,
                             anonymous=401)
@@ -193,6 +198,16 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
         ("/api/v1/embedding-models/{embedding_model_key}/cancel/", API_POST)],
     "api/v1/embedding-models/<slug:key>/drop-vectors/": [
         ("/api/v1/embedding-models/{embedding_model_key}/drop-vectors/", API_POST)],
+    # The admin's ledger, budgets and cache: model permissions, and no narrowed key.
+    "api/v1/usage/": [("/api/v1/usage/", API_OPERATORS)],
+    "api/v1/usage/report/": [("/api/v1/usage/report/", API_OPERATORS)],
+    "api/v1/budgets/": [("/api/v1/budgets/", API_SUPERUSER_ONLY)],
+    "api/v1/budgets/<int:pk>/": [("/api/v1/budgets/{budget}/", API_SUPERUSER_ONLY)],
+    "api/v1/answer-cache/": [("/api/v1/answer-cache/", API_OPERATORS)],
+    "api/v1/answer-cache/<int:pk>/": [
+        ("/api/v1/answer-cache/{cache_a}/", _expect(superuser=200, editor=404, others=403,
+                                                     revoked_key=401, deactivated_key=401,
+                                                     anonymous=401))],
     # Key-only endpoints: a session is not enough.
     "v1/chat/completions": [("/v1/chat/completions", _expect(others=405))],
     "v1/models": [("/v1/models", _expect(narrowed_key=200, others=401))],
@@ -547,6 +562,12 @@ WRITES = [
      _expect(superuser=400, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("post", "/api/v1/embedding-models/",
      _expect(superuser=400, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("post", "/api/v1/budgets/",
+     _expect(superuser=400, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("delete", "/api/v1/budgets/{budget}/",
+     _expect(superuser=204, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("delete", "/api/v1/answer-cache/",
+     _expect(superuser=204, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/keys/{key_editor}/",
      _expect(staff=204, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/keys/{key_root}/",

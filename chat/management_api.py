@@ -1,0 +1,114 @@
+"""What the chat admin does, over REST: budgets, and the answer cache (read and clear).
+
+The admin's permissions apply (kb.api.permissions.ADMIN_MODEL): “Can view budget” to list
+budgets, “Can add / change / delete budget” to write them; the cache's entries are read
+with “Can view cached answer” and cleared with “Can delete cached answer”, and an editor
+sees only the entries the cache admin shows them (chat.selectors). Both span every
+collection, so a key narrowed to some collections is refused.
+"""
+
+from __future__ import annotations
+
+from copy import copy
+
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import QuerySet
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics, serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from chat import answer_cache, selectors
+from chat.models import AnswerCacheEntry, Budget
+from kb.api.pagination import BoundedCursorPagination
+from kb.api.permissions import ADMIN_MODEL
+from kb.models import ApiKey, Collection
+
+
+class BudgetSerializer(serializers.ModelSerializer):
+    user = serializers.SlugRelatedField(
+        slug_field="username", queryset=get_user_model().objects.all(), required=False,
+        allow_null=True, help_text="For scope user: the user's username.")
+    api_key = serializers.PrimaryKeyRelatedField(
+        queryset=ApiKey.objects.all(), required=False, allow_null=True,
+        help_text="For scope api_key: the key's id (GET /api/v1/keys/).")
+
+    class Meta:
+        model = Budget
+        fields = ["id", "scope", "user", "api_key", "daily_token_limit", "daily_cost_limit_usd",
+                  "created_at", "updated_at"]
+        # DRF would turn the conditional unique constraints into "required" fields; the
+        # model's full_clean in validate() applies them with their conditions.
+        validators: list = []
+
+    def validate(self, attrs: dict) -> dict:
+        """The model's own rules (one global budget, one per user or key, a target that
+        matches the scope), as the admin's form checks them."""
+        budget = copy(self.instance) if self.instance is not None else Budget()
+        for name, value in attrs.items():
+            setattr(budget, name, value)
+        try:
+            budget.full_clean()
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.message_dict) from None
+        return attrs
+
+
+class AnswerCacheEntrySerializer(serializers.ModelSerializer):
+    collection: serializers.SlugRelatedField[Collection] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True)
+
+    class Meta:
+        model = AnswerCacheEntry
+        fields = ["id", "question", "answer", "collection", "mode", "citations", "cited",
+                  "source_document_ids", "provider", "model", "embedding_model", "input_tokens",
+                  "output_tokens", "cost_usd", "hits", "created_at", "last_hit_at"]
+
+
+class BudgetList(generics.ListCreateAPIView):
+    """Daily token and cost ceilings: one global, per user, per API key. An empty limit is
+    unlimited; a row replaces the KB_BUDGET_* default for its target."""
+
+    serializer_class = BudgetSerializer
+    permission_classes = ADMIN_MODEL
+    queryset = Budget.objects.select_related("user").order_by("pk")
+
+
+class BudgetDetail(generics.RetrieveUpdateDestroyAPIView):
+    serializer_class = BudgetSerializer
+    permission_classes = ADMIN_MODEL
+    queryset = Budget.objects.select_related("user")
+    http_method_names = ["get", "patch", "delete", "head", "options"]
+
+
+class AnswerCacheList(generics.ListAPIView):
+    """The cached answers you may read, newest first. DELETE clears all of them."""
+
+    serializer_class = AnswerCacheEntrySerializer
+    permission_classes = ADMIN_MODEL
+    pagination_class = BoundedCursorPagination
+
+    def get_queryset(self) -> QuerySet[AnswerCacheEntry]:
+        return selectors.answer_cache_entries_for_admin(
+            user=self.request.user).select_related("collection")
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request) -> Response:
+        ids = list(self.get_queryset().values_list("pk", flat=True))
+        answer_cache.cache_clear(entry_ids=ids)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class AnswerCacheDetail(generics.RetrieveDestroyAPIView):
+    """One cached answer; DELETE clears it (the next such question asks the model)."""
+
+    serializer_class = AnswerCacheEntrySerializer
+    permission_classes = ADMIN_MODEL
+
+    def get_queryset(self) -> QuerySet[AnswerCacheEntry]:
+        return selectors.answer_cache_entries_for_admin(
+            user=self.request.user).select_related("collection")
+
+    def perform_destroy(self, instance: AnswerCacheEntry) -> None:
+        answer_cache.cache_clear(entry_ids=[instance.pk])
