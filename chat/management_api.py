@@ -26,8 +26,18 @@ from kb.api.permissions import ADMIN_MODEL
 from kb.models import ApiKey, Collection
 
 
+class UsernameField(serializers.SlugRelatedField):
+    """A user named by username; a NUL, which PostgreSQL text cannot hold, is an unknown
+    user (400) rather than a database error (500)."""
+
+    def to_internal_value(self, data: object) -> object:
+        if isinstance(data, str) and "\x00" in data:
+            self.fail("does_not_exist", slug_name=self.slug_field, value=data)
+        return super().to_internal_value(data)
+
+
 class BudgetSerializer(serializers.ModelSerializer):
-    user = serializers.SlugRelatedField(
+    user = UsernameField(
         slug_field="username", queryset=get_user_model().objects.all(), required=False,
         allow_null=True, help_text="For scope user: the user's username.")
     api_key = serializers.PrimaryKeyRelatedField(

@@ -29,9 +29,9 @@ from kb.usage.views import DEFAULT_DAYS, MAX_DAYS
 
 class UsageRecordSerializer(serializers.ModelSerializer):
     user: serializers.SlugRelatedField[User] = serializers.SlugRelatedField(
-        slug_field="username", read_only=True)
+        slug_field="username", read_only=True, allow_null=True)
     api_key: serializers.SlugRelatedField[ApiKey] = serializers.SlugRelatedField(
-        slug_field="prefix", read_only=True)
+        slug_field="prefix", read_only=True, allow_null=True)
 
     class Meta:
         model = UsageRecord

@@ -90,3 +90,9 @@ def test_clearing_the_cache_needs_the_delete_permission(corpus, generative, user
     assert len(api.get("/api/v1/answer-cache/").json()["results"]) == 1
     assert api.delete("/api/v1/answer-cache/").status_code == 403
     assert AnswerCacheEntry.objects.count() == 1
+
+
+def test_a_username_with_a_nul_is_an_unknown_user_not_a_server_error(budgets_api):
+    response = budgets_api.post("/api/v1/budgets/", {"scope": "user", "user": "ali\x00ce"},
+                                format="json")
+    assert response.status_code == 400 and "user" in response.json()["error"]["fields"]

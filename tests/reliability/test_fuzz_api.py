@@ -162,6 +162,21 @@ def fuzz_operation(operation, mode: GenerationMode, *, url: str, headers: dict[s
     run()
 
 
+def fuzz_operations(operations: list, *, url: str, failures: dict[str, list[str]],
+                    statuses: dict[str, Counter[int]],
+                    headers_for: Callable[[str], dict[str, str]]) -> None:
+    """Both generation modes on each operation; failures collected per operation label."""
+    for operation in operations:
+        statuses[operation.label] = Counter()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            try:
+                fuzz_operation(operation, mode, url=url, headers=headers_for(operation.label),
+                               statuses=statuses[operation.label])
+            except (Exception, BaseExceptionGroup) as exc:
+                # A FailureGroup (with a curl repro), or a crash.
+                failures.setdefault(operation.label, []).append(f"[{mode.value}] {exc}")
+
+
 def known_good_cases(schema, ids: dict) -> list:
     """Requests the fuzzer cannot guess (real ids), so 200 answers are checked too."""
     from kb.models import Chunk, Document
@@ -202,17 +217,9 @@ def test_every_operation_survives_fuzzing_without_5xx_and_matches_the_schema(api
                           user=spare_user)
     own_key = {"Authorization": f"Bearer {spare_raw}"}
 
-    for operation in operations:
-        statuses[operation.label] = Counter()
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            try:
-                fuzz_operation(operation, mode, url=url,
-                               headers=own_key if operation.label == "DELETE /api/v1/keys/{id}/"
-                               else headers,
-                               statuses=statuses[operation.label])
-            except (Exception, BaseExceptionGroup) as exc:
-                # A FailureGroup (with a curl repro), or a crash.
-                failures.setdefault(operation.label, []).append(f"[{mode.value}] {exc}")
+    fuzz_operations(operations, url=url, failures=failures, statuses=statuses,
+                    headers_for=lambda label: own_key if label == "DELETE /api/v1/keys/{id}/"
+                    else headers)
     for case in known_good_cases(schema, ids):
         response = case.call(base_url=url, headers=headers, timeout=60)
         assert response.status_code == 200, (case.operation.label, response.text)
@@ -228,6 +235,30 @@ def test_every_operation_survives_fuzzing_without_5xx_and_matches_the_schema(api
         "statuses": {label: dict(counter) for label, counter in statuses.items()},
         "failures": {label: len(items) for label, items in failures.items()},
     })
+    assert not failures, "\n\n".join(
+        f"== {label}\n" + "\n".join(items) for label, items in failures.items())
+
+
+# The management operations behind model permissions: fuzzed again as a superuser, so the
+# cases reach validation and the database instead of stopping at a 403.
+OPERATOR_PATHS = ("/api/v1/collections/", "/api/v1/budgets/", "/api/v1/usage/",
+                  "/api/v1/answer-cache/", "/api/v1/embedding-models/")
+
+
+@pytest.mark.slow
+def test_management_operations_survive_fuzzing_as_a_superuser(api):
+    url, _, _ = api
+    schema = from_dict(load_schema(url))
+    root = get_user_model().objects.create_superuser("fuzz-root", password="pw-fuzz-root-1")
+    raw, prefix = api_key_generate()
+    ApiKey.objects.create(name="root", prefix=prefix, hashed_key=api_key_hash(raw), user=root)
+    operations = [operation for result in schema.get_all_operations()
+                  if (operation := result.ok()).path.startswith(OPERATOR_PATHS)]
+    assert len(operations) >= 15
+    failures: dict[str, list[str]] = {}
+    statuses: dict[str, Counter[int]] = {}
+    fuzz_operations(operations, url=url, failures=failures, statuses=statuses,
+                    headers_for=lambda label: {"Authorization": f"Bearer {raw}"})
     assert not failures, "\n\n".join(
         f"== {label}\n" + "\n".join(items) for label, items in failures.items())
 
