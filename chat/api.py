@@ -14,6 +14,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
+from django.contrib.auth.models import User
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -108,10 +109,12 @@ class MessageSerializer(serializers.ModelSerializer):
 
 class ConversationListSerializer(serializers.ModelSerializer):
     shared = serializers.SerializerMethodField()
+    owner: serializers.SlugRelatedField[User] = serializers.SlugRelatedField(
+        source="user", slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = Conversation
-        fields = ["id", "title", "updated_at", "shared"]
+        fields = ["id", "title", "updated_at", "shared", "owner"]
 
     def get_shared(self, conversation: Conversation) -> bool:
         return conversation.share_token is not None
@@ -324,14 +327,41 @@ class MessageDetail(APIView):
         return Response(MessageSerializer(message).data)
 
 
+OWNER_ANY = OpenApiParameter(
+    "owner", str, enum=["me", "any"],
+    description="any: everyone's conversations that the admin would show you (needs “Can "
+                "view conversation”, and a key not narrowed to collections). Default: yours.")
+
+
+def _reads_everyones_conversations(request: Request) -> bool:
+    """Whether the caller may read others' conversations as the conversation admin does."""
+    key = _api_key(request)
+    return (request.user.has_perm("chat.view_conversation")
+            and (key is None or not key.collections.exists()))
+
+
 class ConversationList(generics.ListAPIView):
-    """GET /api/v1/conversations: the caller's conversations, most recent first."""
+    """GET /api/v1/conversations: the caller's conversations, most recent first; with
+    ?owner=any, everyone's that the conversation admin shows the caller."""
 
     serializer_class = ConversationListSerializer
     pagination_class = RecentActivityCursorPagination
 
     def get_queryset(self) -> QuerySet[Conversation]:
+        owner = self.request.query_params.get("owner", "me")
+        if owner not in {"me", "any"}:
+            raise exceptions.ValidationError({"owner": ["Choose me or any."]})
+        if owner == "any":
+            if not _reads_everyones_conversations(self.request):
+                raise exceptions.PermissionDenied(
+                    "Reading others' conversations needs “Can view conversation” and a key "
+                    "that is not narrowed to collections.")
+            return selectors.conversations_for_admin(user=self.request.user).select_related("user")
         return selectors.conversation_list(user=self.request.user, api_key=_api_key(self.request))
+
+    @extend_schema(parameters=[OWNER_ANY])
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
 
 
 class ConversationRenameSerializer(serializers.Serializer):
@@ -358,12 +388,20 @@ def _conversation(request: Request, pk: uuid.UUID) -> Conversation:
 
 class ConversationDetail(APIView):
     """GET /api/v1/conversations/<id>: a conversation with all its messages (its JSON
-    export). PATCH renames it; DELETE deletes it with its messages."""
+    export); also someone else's for a holder of “Can view conversation”, as in the admin.
+    PATCH renames it and DELETE deletes it with its messages: the owner's only."""
 
     @extend_schema(responses={200: ConversationSerializer,
                               404: OpenApiResponse(description="Not found")})
     def get(self, request: Request, pk: uuid.UUID) -> Response:
-        conversation = _conversation(request, pk)
+        conversation = selectors.conversation_get(user=request.user, pk=pk,
+                                                  api_key=_api_key(request))
+        if conversation is None and _reads_everyones_conversations(request):
+            # Someone else's, read as the conversation admin would show it (read-only).
+            conversation = selectors.conversations_for_admin(user=request.user).filter(
+                pk=pk).select_related("collection").prefetch_related("collections").first()
+        if conversation is None:
+            raise exceptions.NotFound("No such conversation.")
         context = {"user": request.user, "api_key": _api_key(request)}
         return Response(ConversationSerializer(conversation, context=context).data,
                         headers={"ETag": _conversation_etag(conversation)})

@@ -299,7 +299,7 @@ def test_conversations_list_only_the_callers_own_paginated(client, corpus, gener
 
     assert listed["previous"] is None and listed["next"]
     (first,) = listed["results"]
-    assert set(first) == {"id", "title", "updated_at", "shared"}
+    assert set(first) == {"id", "title", "updated_at", "shared", "owner"}
     assert first["id"] == of_type(mine[1], Started)[0].conversation_id
     assert first["title"] == "When do vacation days expire?"
     following = client.get(listed["next"]).json()

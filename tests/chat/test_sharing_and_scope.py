@@ -166,3 +166,38 @@ def test_someone_elses_conversation_cannot_be_shared(shared, django_user_model):
 
 def test_an_unknown_token_is_a_404(world):
     assert world["session"].get("/chat/shared/not-a-token/").status_code == 404
+
+
+# --- Reading others' conversations, as the conversation admin does -------------------------
+
+
+def test_a_holder_of_view_conversation_reads_what_the_admin_would_show(world, django_user_model):
+    from django.contrib.auth.models import Permission
+
+    public = chat(world["session"], message="When does the cafeteria open?", collection="general")
+    private = chat(world["session"], message="What does the B4 salary band start at?",
+                   collection="salaries")
+    auditor = django_user_model.objects.create_user("auditor", password="pw-auditor")
+    auditor.user_permissions.add(Permission.objects.get(codename="view_conversation"))
+    client = Client()
+    client.force_login(auditor)
+
+    assert client.get("/api/v1/conversations").json()["results"] == []  # none of their own
+    listed = client.get("/api/v1/conversations", {"owner": "any"}).json()["results"]
+    assert {row["id"] for row in listed} == {public["conversation_id"]}
+    assert listed[0]["owner"] == "owner"
+    detail = client.get(f"/api/v1/conversations/{public['conversation_id']}")
+    assert detail.status_code == 200 and "11:30" in json.dumps(detail.json())
+    assert client.get(f"/api/v1/conversations/{private['conversation_id']}").status_code == 404
+    renamed = client.patch(f"/api/v1/conversations/{public['conversation_id']}",
+                           data=json.dumps({"title": "Mine now"}),
+                           content_type="application/json")
+    assert renamed.status_code == 404  # reading is not owning
+
+
+def test_owner_any_needs_the_permission(world, django_user_model):
+    response = signed_in(django_user_model, "curious").get("/api/v1/conversations",
+                                                           {"owner": "any"})
+    assert response.status_code == 403
+    response = world["session"].get("/api/v1/conversations", {"owner": "everyone"})
+    assert response.status_code == 400 and "owner" in response.json()["error"]["fields"]
