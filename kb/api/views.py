@@ -399,15 +399,59 @@ def _text_as_file(data: dict) -> SimpleUploadedFile:
     return SimpleUploadedFile(name, data["text"].encode(), content_type="text/plain")
 
 
+class DocumentUpdateSerializer(serializers.Serializer):
+    title = serializers.CharField(max_length=500, required=False, allow_blank=True)
+    collection = serializers.SlugField(
+        max_length=64, required=False,
+        help_text="Move the document, with its chunks, to this collection (one you can read).")
+
+
+def _document_etag(document: Document) -> str:
+    return etag_of({"title": document.title, "collection": document.collection_id})
+
+
 class DocumentDetail(generics.RetrieveAPIView):
     """A document: its status, stage and progress (the URL to follow after an upload or a
-    reprocess). DELETE removes it with its chunks, vectors, BM25 postings and file, as the
+    reprocess). PATCH changes its title or moves it to another collection (“Can change
+    document”, and read access to both collections), as the admin's form and its Move
+    action do. DELETE removes it with its chunks, vectors, BM25 postings and file, as the
     admin does; it needs the “Can delete document” permission."""
 
     serializer_class = DocumentSerializer
 
     def get_queryset(self):
         return _visible_documents(self.request)
+
+    def retrieve(self, request: Request, *args, **kwargs) -> Response:
+        document = self.get_object()
+        return Response(DocumentSerializer(document).data,
+                        headers={"ETag": _document_etag(document)})
+
+    @extend_schema(request=DocumentUpdateSerializer, parameters=[IF_MATCH],
+                   responses={200: DocumentSerializer})
+    def patch(self, request: Request, pk: int) -> Response:
+        document = _document_for(request, pk, permission="change")
+        if_match_check(request, lambda: _document_etag(document))
+        serializer = DocumentUpdateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        changes = serializer.validated_data
+        if "collection" in changes:
+            target = collections_visible(user=request.user, api_key=_api_key(request)).filter(
+                slug=changes["collection"]).first()
+            if target is None:
+                raise ValidationError({"collection": [
+                    f"No collection “{changes['collection']}” that you can write to."]})
+            try:
+                document = documents.document_move(document=document, collection=target,
+                                                   actor=request.user)
+            except documents.DocumentMoveRefused as exc:
+                raise ValidationError({"collection": [str(exc)]}) from None
+            except DjangoPermissionDenied as exc:
+                raise PermissionDenied(str(exc)) from None
+        if "title" in changes:
+            document = documents.document_retitle(document=document, title=changes["title"])
+        return Response(DocumentSerializer(document).data,
+                        headers={"ETag": _document_etag(document)})
 
     @extend_schema(responses={204: None})
     def delete(self, request: Request, pk: int) -> Response:

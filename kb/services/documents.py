@@ -116,6 +116,15 @@ def document_move(*, document: Document, collection: Collection, actor: Caller) 
     return current
 
 
+def document_retitle(*, document: Document, title: str) -> Document:
+    """Give the document the title shown in search hits and citations (blank: its file
+    name). Cached answers name the old title, so the collection's version moves on."""
+    document.title = title.strip()[:500]
+    document.save(update_fields=["title", "updated_at"])
+    collection_touch(collection_ids=[document.collection_id])
+    return document
+
+
 def document_delete(*, document: Document) -> None:
     """Delete a document, its chunks, vectors and stored file."""
     file_name = document.file.name if document.file else None

@@ -545,6 +545,12 @@ WRITES = [
     ("post", "/api/v1/documents/{doc_public}/replace/",
      _expect(staff=400, user=403, narrowed_key=403, revoked_key=401, deactivated_key=401,
              anonymous=401)),
+    # No body: nothing to change, once the permission is checked.
+    ("patch", "/api/v1/documents/{doc_public}/",
+     _expect(staff=200, user=403, narrowed_key=403, revoked_key=401, deactivated_key=401,
+             anonymous=401)),
+    ("patch", "/api/v1/documents/{doc_a}/",
+     _expect(superuser=200, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/documents/{doc_public}/",
      _expect(superuser=204, editor=403, user=403, narrowed_key=403, revoked_key=401,
              deactivated_key=401, anonymous=401)),

@@ -402,3 +402,35 @@ def test_replacing_with_a_zip_or_nothing_is_a_400(django_user_model, guide):
     assert refused.status_code == 400 and "one file" in refused.json()["error"]["message"]
     empty = api.post(f"/api/v1/documents/{guide.pk}/replace/", {}, format="multipart")
     assert empty.status_code == 400 and "file" in empty.json()["error"]["fields"]
+
+
+def test_a_document_is_retitled_and_moved_with_its_chunks(django_user_model, guide):
+    archive = collection_get_or_create(slug="archive")
+    api, _ = client_for(user_with(django_user_model, "editor", "change_document"))
+    path = f"/api/v1/documents/{guide.pk}/"
+    etag = api.get(path)["ETag"]
+    moved = api.patch(path, {"title": "Tides", "collection": "archive"}, format="json",
+                      HTTP_IF_MATCH=etag)
+    assert moved.status_code == 200, moved.content
+    assert moved.json()["title"] == "Tides" and moved.json()["collection"] == "archive"
+    hits = api.post("/api/v1/search", {"query": "tide tables", "mode": "bm25",
+                                       "collections": ["archive"]}, format="json").json()
+    assert [hit["document_title"] for hit in hits["results"]] == ["Tides"]
+    assert Posting.objects.filter(collection_id=archive.pk).exists()
+    assert not Posting.objects.filter(collection_id=guide.collection_id).exists()
+    stale = api.patch(path, {"title": "Again"}, format="json", HTTP_IF_MATCH=etag)
+    assert stale.status_code == 412
+
+
+def test_a_move_needs_a_readable_target_and_the_change_permission(django_user_model, guide):
+    hidden = collection_get_or_create(slug="hidden")
+    hidden.is_public = False
+    hidden.save()
+    api, _ = client_for(user_with(django_user_model, "editor", "change_document"))
+    refused = api.patch(f"/api/v1/documents/{guide.pk}/", {"collection": "hidden"},
+                        format="json")
+    assert refused.status_code == 400 and "collection" in refused.json()["error"]["fields"]
+    reader, _ = client_for(user_with(django_user_model, "reader"))
+    assert reader.patch(f"/api/v1/documents/{guide.pk}/", {"title": "X"},
+                        format="json").status_code == 403
+    assert Document.objects.get(pk=guide.pk).collection.slug == "docs"
