@@ -1,4 +1,4 @@
-"""The caller's API keys over REST: list, create (the key is shown once), revoke.
+"""The caller's API keys over REST: list, create (the key is shown once), change, revoke.
 
 Who may do what is kb.api.key_access's, as in the admin: a user manages their own keys, and
 only a holder of kb.manage_all_api_keys (a superuser holds it) sees, creates and revokes
@@ -22,7 +22,7 @@ from kb.api import key_access
 from kb.api.conventions import IDEMPOTENCY_KEY, idempotent
 from kb.api.ratelimits import rate_limit_enforce, rate_limit_parse
 from kb.models import ApiKey, Collection
-from kb.services.api_keys import api_key_create
+from kb.services.api_keys import api_key_create, api_key_update
 
 
 class ApiKeySerializer(serializers.ModelSerializer):
@@ -47,7 +47,27 @@ class ApiKeyCreatedSerializer(ApiKeySerializer):
         fields = [*ApiKeySerializer.Meta.fields, "key"]
 
 
-class ApiKeyCreateSerializer(serializers.Serializer):
+class ApiKeyChangeSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100, required=False)
+    collections = serializers.ListField(
+        child=serializers.SlugField(), required=False, max_length=200,
+        help_text="Slugs of the collections the key may read (empty: all its user may).")
+    rate_limit = serializers.CharField(
+        max_length=32, required=False, allow_blank=True,
+        help_text="This key's own limit, e.g. 600/m (empty: the server's).")
+
+    def validate_rate_limit(self, value: str) -> str:
+        value = value.strip()
+        if value:
+            try:
+                rate_limit_parse(value)
+            except ValueError:
+                raise serializers.ValidationError(
+                    "Use the form N/s, N/m, N/h or N/d, e.g. 600/m.") from None
+        return value
+
+
+class ApiKeyCreateSerializer(ApiKeyChangeSerializer):
     name = serializers.CharField(max_length=100)
     collections = serializers.ListField(
         child=serializers.SlugField(), required=False, default=list, max_length=200,
@@ -59,16 +79,6 @@ class ApiKeyCreateSerializer(serializers.Serializer):
         max_length=150, required=False,
         help_text="Whose key (a username; default: yours). Another user's key needs the "
                   "“Can manage every user's API keys” permission.")
-
-    def validate_rate_limit(self, value: str) -> str:
-        value = value.strip()
-        if value:
-            try:
-                rate_limit_parse(value)
-            except ValueError:
-                raise serializers.ValidationError(
-                    "Use the form N/s, N/m, N/h or N/d, e.g. 600/m.") from None
-        return value
 
 
 class ApiKeyListCreate(generics.ListAPIView):
@@ -107,14 +117,37 @@ class ApiKeyListCreate(generics.ListAPIView):
                         status=status.HTTP_201_CREATED)
 
 
-class ApiKeyRevoke(generics.GenericAPIView):
-    """DELETE revokes the key (it stops working at once; the record stays, for the audit of
-    its usage). Revoking a revoked key is a no-op."""
+class ApiKeyDetail(generics.RetrieveAPIView):
+    """One key you may manage. PATCH renames it, changes its rate limit or the collections
+    it is narrowed to (never past what you may grant, as on creation). DELETE revokes it
+    (it stops working at once; the record stays, for the audit of its usage); revoking a
+    revoked key is a no-op."""
 
     serializer_class = ApiKeySerializer
 
     def get_queryset(self):
-        return key_access.api_keys_manageable(user=self.request.user)
+        return (key_access.api_keys_manageable(user=self.request.user)
+                .select_related("user").prefetch_related("collections"))
+
+    @extend_schema(request=ApiKeyChangeSerializer, responses={200: ApiKeySerializer})
+    def patch(self, request: Request, pk: int) -> Response:
+        rate_limit_enforce(request, group="manage")
+        api_key = get_object_or_404(self.get_queryset(), pk=pk)
+        serializer = ApiKeyChangeSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        collections = None
+        if "collections" in data:
+            collections = _collections(request, data["collections"])
+            try:
+                # Narrowing to new collections grants them: checked as a new key would be.
+                key_access.api_key_grant_check(granter=request.user, owner=api_key.user,
+                                               collections=collections)
+            except key_access.ApiKeyGrantError as exc:
+                raise ValidationError({exc.field: [str(exc)]}) from None
+        api_key = api_key_update(api_key=api_key, name=data.get("name"),
+                                 rate_limit=data.get("rate_limit"), collections=collections)
+        return Response(ApiKeySerializer(api_key).data)
 
     @extend_schema(request=None, responses={204: None})
     def delete(self, request: Request, pk: int) -> Response:

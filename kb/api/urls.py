@@ -22,7 +22,7 @@ urlpatterns = [
     path("chunks/", views.ChunkList.as_view(), name="api-chunk-list"),
     path("chunks/<int:pk>/", views.ChunkDetail.as_view(), name="api-chunk-detail"),
     path("keys/", keys.ApiKeyListCreate.as_view(), name="api-key-list"),
-    path("keys/<int:pk>/", keys.ApiKeyRevoke.as_view(), name="api-key-revoke"),
+    path("keys/<int:pk>/", keys.ApiKeyDetail.as_view(), name="api-key-detail"),
     path("usage/", usage_api.UsageRecordList.as_view(), name="api-usage-list"),
     path("usage/report/", usage_api.UsageReport.as_view(), name="api-usage-report"),
     path("embedding-models/", embedding_models.EmbeddingModelList.as_view(),

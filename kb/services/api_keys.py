@@ -58,3 +58,21 @@ def api_key_create(
     if collections:
         api_key.collections.set(collections)
     return api_key, raw_key
+
+
+@transaction.atomic
+def api_key_update(
+    *, api_key: ApiKey, name: str | None = None, rate_limit: str | None = None,
+    collections: Sequence[Collection] | None = None,
+) -> ApiKey:
+    """Rename a key, change its own rate limit, or narrow it to other collections (None
+    leaves a field as it is; an empty list of collections widens it to all its user may
+    read). The caller checks the grant (kb.api.key_access.api_key_grant_check)."""
+    if name is not None:
+        api_key.name = name
+    if rate_limit is not None:
+        api_key.rate_limit = rate_limit
+    api_key.save(update_fields=["name", "rate_limit"])
+    if collections is not None:
+        api_key.collections.set(collections)
+    return api_key

@@ -142,7 +142,9 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
         ("/api/v1/documents/{doc_public}/reprocess/", API_POST)],
     "api/v1/documents/<int:pk>/replace/": [("/api/v1/documents/{doc_public}/replace/", API_POST)],
     "api/v1/keys/": [("/api/v1/keys/", API_READ)],
-    "api/v1/keys/<int:pk>/": [("/api/v1/keys/{key_editor}/", API_POST)],
+    "api/v1/keys/<int:pk>/": [
+        ("/api/v1/keys/{key_editor}/", _expect(staff=200, others=404, revoked_key=401,
+                                               deactivated_key=401, anonymous=401))],
     "api/v1/chunks/": [("/api/v1/chunks/", API_READ)],
     "api/v1/chunks/<int:pk>/": [
         ("/api/v1/chunks/{chunk_a}/", _expect(superuser=200, others=404, revoked_key=401,
@@ -581,6 +583,9 @@ WRITES = [
      _expect(superuser=204, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/answer-cache/",
      _expect(superuser=204, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
+    # No body: nothing to change, once the key is found among the caller's.
+    ("patch", "/api/v1/keys/{key_editor}/",
+     _expect(staff=200, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/keys/{key_editor}/",
      _expect(staff=204, others=404, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/keys/{key_root}/",

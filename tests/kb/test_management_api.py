@@ -200,6 +200,30 @@ def test_a_narrowed_key_mints_only_keys_narrowed_within_it(django_user_model, co
     assert other.pk  # a collection the new key does not get
 
 
+def test_a_key_is_renamed_limited_and_narrowed(django_user_model, collection):
+    api, calling_key = client_for(user_with(django_user_model, "alice"))
+    key, _ = api_key_create(user=calling_key.user, name="laptop")
+    path = f"/api/v1/keys/{key.pk}/"
+    changed = api.patch(path, {"name": "old laptop", "rate_limit": "30/m",
+                               "collections": ["docs"]}, format="json")
+    assert changed.status_code == 200, changed.content
+    assert (changed.json()["name"], changed.json()["rate_limit"],
+            changed.json()["collections"]) == ("old laptop", "30/m", ["docs"])
+    assert api.get(path).json()["collections"] == ["docs"]
+    assert api.patch(path, {"rate_limit": "fast"}, format="json").status_code == 400
+
+
+def test_a_narrowed_key_cannot_widen_a_key(django_user_model, collection):
+    collection_get_or_create(slug="other", name="Other")
+    api, calling_key = client_for(user_with(django_user_model, "alice"),
+                                  collections=[collection])
+    for asked in ([], ["other"]):
+        response = api.patch(f"/api/v1/keys/{calling_key.pk}/", {"collections": asked},
+                             format="json")
+        assert response.status_code == 400, (asked, response.content)
+    assert list(calling_key.collections.values_list("slug", flat=True)) == ["docs"]
+
+
 @pytest.mark.parametrize("body", [
     {}, {"name": ""}, {"name": "x" * 101}, {"name": "x", "rate_limit": "fast"},
     {"name": "x", "collections": "docs"}, {"name": "x", "collections": ["no such"]},
