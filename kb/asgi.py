@@ -67,7 +67,7 @@ if serving:
     os.environ["KB_PROCESS_ROLE"] = "web"
 
 django.setup(set_prefix=False)
-application: asgi.ASGIHandler = ASGIHandler()
+django_application: asgi.ASGIHandler = ASGIHandler()
 
 if serving:
     from kb.ops.web_process import query_embedding_warm_up_start, web_process_prepare
@@ -80,4 +80,9 @@ if settings.KB_SERVE_STATIC:
     # KB_SERVE_STATIC=false and let nginx serve collectstatic's output (docs/DEPLOY.md).
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
-    application = ASGIStaticFilesHandler(application)
+    django_application = ASGIStaticFilesHandler(django_application)
+
+from chat.mcp import mcp_mount  # noqa: E402  (needs the apps that django.setup() loads)
+
+# /mcp is the MCP server (chat.mcp), beside Django; everything else is Django's.
+application = mcp_mount(django_application)
