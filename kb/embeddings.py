@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from django.db import connection, transaction
+from django.db.backends.utils import CursorWrapper
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
@@ -127,7 +129,8 @@ def embedding_model_index_create(*, model: EmbeddingModel) -> None:
     dimensions = int(model.dimensions)
     vector_type = "halfvec" if server_has_halfvec() else "vector"
     concurrently = "" if connection.in_atomic_block else "CONCURRENTLY"
-    with connection.cursor() as cursor, index_build_settings(cursor):
+    with (connection.cursor() as cursor, index_build_settings(cursor),
+          _index_build_lock(cursor, model.hnsw_index_name)):
         if connection.in_atomic_block:
             # Inside a transaction (tests, or a caller's atomic block) the index is built
             # plainly, and deferred foreign-key checks must run first or Postgres refuses.
@@ -150,6 +153,32 @@ def embedding_model_index_create(*, model: EmbeddingModel) -> None:
             f"WHERE embedding_model_id = {int(model.pk)}"
         )
     _index_types.clear()
+
+
+# How often a second builder of the same index asks whether the first one is done.
+INDEX_BUILD_LOCK_POLL_SECONDS = 0.25
+
+
+@contextmanager
+def _index_build_lock(cursor: CursorWrapper, index_name: str) -> Iterator[None]:
+    """One builder of an index at a time, across processes.
+
+    Two workers ingesting the first documents of a new install both bootstrap the model
+    and build its index: two CREATE INDEX CONCURRENTLY of one name deadlock, and the
+    second would take the first's index, invalid while it is being built, for a failed
+    build and drop it. A session advisory lock orders them, and the second then finds the
+    index built. It is polled with pg_try_advisory_lock, never waited on in a statement:
+    a concurrent build waits for every open snapshot, a waiting statement's included.
+    """
+    while True:
+        cursor.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [index_name])
+        if cursor.fetchone()[0]:
+            break
+        time.sleep(INDEX_BUILD_LOCK_POLL_SECONDS)
+    try:
+        yield
+    finally:
+        cursor.execute("SELECT pg_advisory_unlock(hashtext(%s))", [index_name])
 
 
 def embedding_model_index_drop(*, model: EmbeddingModel) -> None:

@@ -90,7 +90,16 @@ def documents_ingest_batch(
     3. embed the rest in batches, committing vectors as they come;
     4. swap the new generations in for the old ones, in one transaction for the batch.
     """
-    models = embeddings.embedding_models_written_on_ingest()
+    try:
+        models = embeddings.embedding_models_written_on_ingest()
+    except Exception as exc:
+        # Before any document's own steps: without this they would stay pending for good.
+        logger.exception("Ingestion of documents %s could not start", list(document_ids))
+        Document.objects.filter(pk__in=list(document_ids)).update(
+            status=Document.Status.FAILED, processing_finished_at=timezone.now(),
+            error_message=f"Ingestion could not start: {exc.__class__.__name__}: {exc}. "
+                          "Retry it.")
+        raise
     parsed = _ingest_parse(document_ids=document_ids, models=models)
     prepared = _ingest_write_generations(parsed, models=models)
     for model in models:

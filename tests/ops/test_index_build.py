@@ -52,3 +52,41 @@ def test_an_invalid_hnsw_index_left_by_a_failed_build_is_built_again(collection,
         cursor.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
                        [model.hnsw_index_name])
         assert cursor.fetchone() == (True,)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_workers_bootstrapping_a_new_install_at_once_build_one_valid_index():
+    """The first two documents of a new install, ingested by two workers at once: both
+    bootstrap the default model and build its index. Unordered, the two concurrent builds
+    deadlocked and one document's ingestion failed before it began."""
+    import threading
+
+    from kb.embeddings import embedding_model_active_or_bootstrap
+    from kb.models import EmbeddingModel
+
+    for model in EmbeddingModel.objects.all():
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP INDEX IF EXISTS {model.hnsw_index_name}")
+    EmbeddingModel.objects.all().delete()
+    start, errors = threading.Barrier(2), []
+
+    def worker() -> None:
+        try:
+            start.wait()
+            embedding_model_active_or_bootstrap()
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    (active,) = EmbeddingModel.objects.filter(is_active=True)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)",
+                       [active.hnsw_index_name])
+        assert cursor.fetchone() == (True,)
