@@ -31,17 +31,25 @@ def conversation_list(
     """The caller's conversations that its scope still covers, most recently active first.
 
     A conversation about one collection is listed while the caller (user and key) may read
-    that collection. One over "every collection I can read" may have drawn on any of the
-    user's collections, so a key narrowed to some collections sees it only if that key
-    asked it and no answer in it (say, one added later through the web page) cites a
-    document outside the key's collections.
+    that collection, one about several while it may read all of them. One over "every
+    collection I can read" may have drawn on any of the user's collections, so a key
+    narrowed to some collections sees it only if that key asked it and no answer in it
+    (say, one added later through the web page) cites a document outside the key's
+    collections.
     """
     owner = signed_in_user(user)
     if owner is None:
         return Conversation.objects.none()
-    in_scope = Q(collection__in=collections_visible(user=user, api_key=api_key))
+    visible = collections_visible(user=user, api_key=api_key)
+    in_scope = Q(collection__in=visible)
+    # Over several chosen collections: listed while the caller may read every one of them,
+    # as a one-collection conversation is while its collection is readable.
+    chose_unreadable = Exists(
+        Conversation.collections.through.objects.filter(conversation_id=OuterRef("pk"))
+        .exclude(collection__in=visible)
+    )
     if api_key is None:
-        unscoped = Q(collection__isnull=True)
+        unscoped = Q(~chose_unreadable, collection__isnull=True)
     else:
         narrowed = Exists(ApiKey.collections.through.objects.filter(apikey_id=api_key.pk))
         in_key_scope = ArraySubquery(
@@ -52,7 +60,7 @@ def conversation_list(
             .alias(cited_ids=CitedDocumentIds("citations"))
             .exclude(cited_ids__contained_by=in_key_scope)
         )
-        unscoped = Q(collection__isnull=True) & (
+        unscoped = Q(~chose_unreadable, collection__isnull=True) & (
             ~narrowed | (Q(api_key_id=api_key.pk) & ~cites_outside)
         )
     return Conversation.objects.filter(in_scope | unscoped, user=owner).order_by("-updated_at")

@@ -9,7 +9,8 @@ from django.test import Client
 
 from chat.api import MAX_MESSAGE_CHARS
 from chat.models import Conversation
-from kb.services.collections import collection_get_or_create
+from kb.models import Collection
+from kb.services.collections import collection_delete, collection_get_or_create
 
 pytestmark = pytest.mark.django_db
 
@@ -81,3 +82,45 @@ def test_history_status_sits_under_the_heading(page):
     heading = html.index('id="history-title"')
     assert heading < html.index('class="sidebar-status') < html.index(
         'data-testid="conversation-list"')
+
+
+def options(html: str) -> list[tuple[str, str]]:
+    select = html.split('id="collection-select"', 1)[1].split("</select>")[0]
+    return re.findall(r'<option value="([^"]*)"[^>]*>([^<]*)</option>', select)
+
+
+def test_scope_options_follow_the_collections(page):
+    """After the collections come "All my collections" and, with two or more, "Several…" and
+    its checkboxes (one per collection); with none there is nothing to choose."""
+    for collection in Collection.objects.all():  # the migrations' default collection
+        collection_delete(collection=collection)
+    assert options(page()) == [("", "No collections")]
+    assert 'data-testid="collection-checkboxes"' not in page()
+
+    collection_get_or_create(slug="demo", name="Demo")
+    assert options(page()) == [("demo", "Demo"), (":all", "All my collections")]
+    assert 'data-testid="collection-checkboxes"' not in page()
+
+    collection_get_or_create(slug="team", name="Team")
+    html = page()
+    assert options(html) == [("demo", "Demo"), ("team", "Team"), (":all", "All my collections"),
+                             (":several", "Several…")]
+    boxes = html.split('data-testid="collection-checkboxes"', 1)[1].split("</fieldset>")[0]
+    assert re.findall(r'type="checkbox" name="collections" value="([^"]+)"', boxes) == [
+        "demo", "team"]
+
+
+def test_conversation_actions_are_labelled_buttons_and_dialogs(page):
+    """Rename, share and delete are buttons of a labelled menu; sharing and deleting happen in
+    real <dialog>s, labelled by their headings; "Show more" waits, hidden, for a next page."""
+    html = page()
+    menu = html.split('id="conversation-menu"', 1)[1].split("</div>")[0]
+    assert 'role="menu"' in menu and 'aria-label="Conversation actions"' in menu
+    assert re.findall(r'<button type="button" role="menuitem"[^>]*>([^<]+)</button>', menu) == [
+        "Rename", "Share…", "Delete…"]
+    for dialog in ("share-dialog", "delete-dialog"):
+        assert re.search(rf'<dialog id="{dialog}" [^>]*aria-labelledby="{dialog}-title"', html)
+        assert f'id="{dialog}-title"' in html
+    assert "Only people who may read every collection it cites can open it." in html
+    assert re.search(r'<button type="button" class="show-more"[^>]*hidden>Show more</button>',
+                     html)

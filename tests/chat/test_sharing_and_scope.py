@@ -201,3 +201,13 @@ def test_owner_any_needs_the_permission(world, django_user_model):
     assert response.status_code == 403
     response = world["session"].get("/api/v1/conversations", {"owner": "everyone"})
     assert response.status_code == 400 and "owner" in response.json()["error"]["fields"]
+
+
+def test_losing_access_to_one_of_several_collections_hides_the_conversation(world):
+    answer = chat(world["session"], message="What does the B4 salary band start at?",
+                  collections=["general", "salaries"])
+    world["private"].allowed_users.remove(world["owner"])
+    listed = world["session"].get("/api/v1/conversations").json()["results"]
+    assert answer["conversation_id"] not in {row["id"] for row in listed}
+    assert world["session"].get(
+        f"/api/v1/conversations/{answer['conversation_id']}").status_code == 404

@@ -1,12 +1,17 @@
-/* The chat page: streams answers over SSE, links [n] citations to a source panel, keeps history.
+/* The chat page: streams answers over SSE, links [n] citations to a source panel, keeps history
+ * (rename, share, delete, paged in with "Show more"), asks one, several or all collections.
  * Answers are Markdown (paragraphs, lists, code). They are rendered by a small renderer below
  * that builds elements with the DOM API and fills them with text nodes only: no HTML string
- * from an answer (or a document quoted in it) is ever parsed, so none can run script. */
+ * from an answer (or a document quoted in it) is ever parsed, so none can run script.
+ *
+ * With #chat[data-readonly] (templates/chat/shared.html) it only renders the conversation
+ * embedded in the page, with the same bubbles, citations, source panel and copy buttons. */
 (function () {
   "use strict";
 
   const root = document.getElementById("chat");
   if (!root) return;
+  const readonly = root.hasAttribute("data-readonly");
 
   const $ = (sel) => root.querySelector(sel);
   const els = {
@@ -31,6 +36,25 @@
     panelText: $('[data-testid="source-panel-text"]'),
     panelOpen: $(".source-open"),
     panelClose: $(".source-close"),
+    announcer: $(".chat-announcer"),
+    scopeBoxes: $('[data-testid="collection-checkboxes"]'),
+    scopeError: $('[data-testid="collection-checkboxes-error"]'),
+    more: $('[data-testid="conversations-more"]'),
+    menu: $('[data-testid="conversation-menu"]'),
+    shareDialog: $('[data-testid="share-dialog"]'),
+    shareSubject: $('[data-testid="share-dialog-subject"]'),
+    shareLink: $('[data-testid="share-link"]'),
+    shareLinkRow: $('[data-testid="share-link-row"]'),
+    shareCreate: $('[data-testid="create-share-link"]'),
+    shareCopy: $('[data-testid="copy-share-link"]'),
+    shareStop: $('[data-testid="stop-sharing"]'),
+    shareDone: $('[data-testid="share-dialog-done"]'),
+    shareError: $('[data-testid="share-dialog-error"]'),
+    deleteDialog: $('[data-testid="delete-dialog"]'),
+    deleteSubject: $('[data-testid="delete-dialog-subject"]'),
+    deleteCancel: $('[data-testid="cancel-delete"]'),
+    deleteConfirm: $('[data-testid="confirm-delete"]'),
+    deleteError: $('[data-testid="delete-dialog-error"]'),
   };
   const urls = {
     chat: root.dataset.chatUrl || "/api/v1/chat",
@@ -38,7 +62,17 @@
     messages: root.dataset.messagesUrl || "/api/v1/chat/messages",
   };
   const emptyState = els.list.querySelector(".empty-state");
-  const state = { conversationId: null, controller: null, panelOpener: null };
+  const state = {
+    conversationId: null, controller: null, panelOpener: null,
+    // The sidebar: the next page of history, the item whose menu is open (and its button),
+    // the item being renamed, the conversation a dialog acts on, and whether the list changed
+    // while it could not be redrawn.
+    historyNext: null, menuItem: null, menuOpener: null, editing: null, dialogFor: null,
+    historyStale: false,
+  };
+  // Values of the scope options: a slug cannot contain ":", so neither can be a collection.
+  const SCOPE_ALL = ":all";
+  const SCOPE_SEVERAL = ":several";
 
   // --- Small helpers ------------------------------------------------------------------------
 
@@ -65,15 +99,15 @@
   }
 
   // A non-2xx response is JSON {"error": {"code", "message", "fields"?}}; a validation error's
-  // reasons are in its fields, so those are shown. Else the status line.
-  async function errorText(response) {
+  // reasons are in its fields, so those are shown (`field`, the one the user typed, unnamed).
+  async function errorText(response, field) {
     try {
       const body = await response.json();
       const fields = body && body.error && body.error.fields;
       if (fields && typeof fields === "object" && Object.keys(fields).length) {
         return Object.entries(fields).map(([name, reasons]) => {
           const text = [].concat(reasons).join(" ");
-          return name === "message" || name === "non_field_errors" ? text : `${name}: ${text}`;
+          return name === "message" || name === "non_field_errors" || name === field ? text : `${name}: ${text}`;
         }).join(" ");
       }
       if (body && body.error && body.error.message) return body.error.message;
@@ -81,6 +115,53 @@
     } catch (e) { /* not JSON */ }
     if (response.status === 429) return "Too many requests. Please wait a moment and try again.";
     return `The server answered ${response.status} ${response.statusText}.`.replace(" .", ".");
+  }
+
+  // A JSON request with the session's CSRF token; the response, whatever its status.
+  function sendJSON(method, url, body) {
+    const init = {
+      method, credentials: "same-origin",
+      headers: { Accept: "application/json", "X-CSRFToken": csrfToken() },
+    };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    return fetch(url, init);
+  }
+
+  // The API's absolute links (a page's `next`, a share link) name the host the server saw;
+  // behind a proxy that may not be the one the browser used, so only their path is kept.
+  function localPath(url) {
+    const parsed = new URL(url, window.location.href);
+    return parsed.pathname + parsed.search + parsed.hash;
+  }
+
+  // Small inline icons (no icon font, nothing fetched). Always decorative: the button that
+  // holds one has a text label.
+  const ICONS = {
+    copy: "M5.5 5.5h7v8h-7z M3.5 10.5v-8h7",
+    more: "M3 8h.01 M8 8h.01 M13 8h.01",
+  };
+
+  function icon(name) {
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    for (const [k, v] of Object.entries({ viewBox: "0 0 16 16", width: "16", height: "16", class: `icon icon-${name}`, "aria-hidden": "true", focusable: "false" })) {
+      svg.setAttribute(k, v);
+    }
+    const path = document.createElementNS(ns, "path");
+    path.setAttribute("d", ICONS[name]);
+    svg.append(path);
+    return svg;
+  }
+
+  // Polite announcements for screen readers ("Copied", "Deleted …"). Emptied first, so the
+  // same words twice are read twice.
+  function announce(text) {
+    if (!els.announcer) return;
+    els.announcer.textContent = "";
+    window.setTimeout(() => { els.announcer.textContent = text; }, 50);
   }
 
   function nearBottom() {
@@ -98,12 +179,12 @@
   // --- Rendering messages --------------------------------------------------------------------
 
   function clearMessages() {
-    els.list.replaceChildren(emptyState);
-    emptyState.hidden = false;
+    els.list.replaceChildren(...(emptyState ? [emptyState] : []));
+    if (emptyState) emptyState.hidden = false;
   }
 
   function addUserMessage(text) {
-    emptyState.hidden = true;
+    if (emptyState) emptyState.hidden = true;
     const node = el("div", { class: "message message-user", "data-testid": "user-message" });
     node.append(el("div", { class: "message-body" }, text));
     els.list.append(node);
@@ -112,15 +193,18 @@
 
   // One assistant bubble: its raw text, citations and status live on this object.
   function addAssistantMessage() {
-    emptyState.hidden = true;
+    if (emptyState) emptyState.hidden = true;
     const node = el("article", { class: "message message-assistant", "data-testid": "assistant-message", "aria-label": "Answer" });
     const bubble = {
       node, text: "", citations: new Map(), related: [], answerable: true, messageId: null,
       header: el("div", { class: "message-header" }),
       body: el("div", { class: "message-body" }),
       footer: el("div", { class: "message-footer" }),
+      actions: el("div", { class: "message-actions" }),
     };
-    node.append(bubble.header, bubble.body, bubble.footer);
+    // The answer as written (Markdown, with its [n] markers), not as the page shows it.
+    bubble.actions.append(copyButton("Copy", "Copy answer", () => bubble.text, "copy-answer"));
+    node.append(bubble.header, bubble.body, bubble.footer, bubble.actions);
     els.list.append(node);
     setStatus(bubble, "streaming");
     return bubble;
@@ -129,6 +213,7 @@
   function setStatus(bubble, status) {
     bubble.node.dataset.status = status;
     bubble.node.setAttribute("aria-busy", status === "streaming" ? "true" : "false");
+    bubble.actions.hidden = status === "streaming" || !bubble.text.trim();
   }
 
   function setMode(bubble, mode, notice, answerable) {
@@ -191,16 +276,14 @@
     const flushList = () => { list = null; };
     for (let i = 0; i < lines.length; i++) {
       const line = lines[i];
-      const fence = line.match(/^\s*(`{3,}|~{3,})/);
+      const fence = line.match(/^\s*(`{3,}|~{3,})\s*([\w+#.-]*)/);
       if (fence) {
         flushParagraph(); flushList();
         const marker = fence[1];
         const closing = new RegExp(`^\\s*\\${marker[0]}{${marker.length},}\\s*$`);
         const code = [];
         for (i += 1; i < lines.length && !closing.test(lines[i]); i++) code.push(lines[i]);
-        const pre = el("pre", { class: "md-code" });
-        pre.append(el("code", {}, code.join("\n")));
-        frag.append(pre);
+        frag.append(codeBlock(code.join("\n"), fence[2]));
         continue;
       }
       const item = line.match(/^\s*([-*+]|\d{1,9}[.)])\s+(.*)$/);
@@ -236,6 +319,19 @@
     }
     flushParagraph();
     return frag;
+  }
+
+  // A fenced code block: a bar with its language (the fence's info string, as text) and a copy
+  // button, then the code.
+  function codeBlock(code, language) {
+    const block = el("div", { class: "md-code-block" });
+    const head = el("div", { class: "md-code-head" });
+    head.append(el("span", { class: "md-code-lang" }, language || "Code"),
+      copyButton("Copy", "Copy code", () => code, "copy-code"));
+    const pre = el("pre", { class: "md-code" });
+    pre.append(el("code", {}, code));
+    block.append(head, pre);
+    return block;
   }
 
   function renderBody(bubble) {
@@ -339,6 +435,54 @@
     bubble.footer.append(line);
   }
 
+  // --- Copying --------------------------------------------------------------------------------
+
+  // A copy button: `text()` gives what to copy when it is pressed. Its label says "Copied" for
+  // a moment, and the page announces it.
+  function copyButton(label, name, text, testid) {
+    const button = el("button", { type: "button", class: "copy-button", "aria-label": name, "data-testid": testid });
+    button.append(icon("copy"), el("span", { class: "copy-label" }, label));
+    button._copy = text;
+    return button;
+  }
+
+  async function copyPressed(button) {
+    const ok = await copyText(button._copy(), button);
+    const label = button.querySelector(".copy-label") || button;
+    if (!button._label) button._label = label.textContent;
+    label.textContent = ok ? "Copied" : "Copy failed";
+    button.classList.toggle("is-copied", ok);
+    announce(ok ? "Copied to the clipboard." : "Could not copy. Select the text and copy it by hand.");
+    window.clearTimeout(button._reset);
+    button._reset = window.setTimeout(() => {
+      label.textContent = button._label;
+      button.classList.remove("is-copied");
+    }, 2000);
+  }
+
+  // navigator.clipboard exists only in a secure context (https, or localhost): on a LAN over
+  // plain http it is undefined, and there the selection of a hidden textarea is copied instead.
+  async function copyText(text, near) {
+    if (navigator.clipboard && window.isSecureContext) {
+      try {
+        await navigator.clipboard.writeText(text);
+        return true;
+      } catch (e) { /* refused (permissions, an unfocused page): try the selection */ }
+    }
+    const focused = document.activeElement;
+    const buffer = el("textarea", { class: "copy-buffer", readonly: "", tabindex: "-1", "aria-hidden": "true" });
+    buffer.value = text;
+    // Outside an open modal dialog everything is inert, and inert text cannot be selected.
+    ((near && near.closest("dialog")) || document.body).append(buffer);
+    buffer.select();
+    buffer.setSelectionRange(0, text.length);
+    let ok = false;
+    try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
+    buffer.remove();
+    if (focused && typeof focused.focus === "function") focused.focus({ preventScroll: true });
+    return ok;
+  }
+
   // A stored "streaming" answer is still being written by another request; it is not live here.
   const STATUS_FROM_SERVER = { complete: "complete", interrupted: "stopped", streaming: "stopped", error: "error" };
 
@@ -354,7 +498,7 @@
     setStatus(bubble, STATUS_FROM_SERVER[message.status] || "complete");
     bubble.footer.replaceChildren();
     if (message.status === "interrupted") showNotice(bubble, "stopped", "Stopped");
-    if (message.status === "streaming") {
+    if (message.status === "streaming" && !readonly) {
       showNotice(bubble, "info", "This answer is still being written.", [["Load final answer", () => loadFinal(bubble)]]);
     }
   }
@@ -456,7 +600,7 @@
         method: "POST",
         credentials: "same-origin",
         headers: { "Content-Type": "application/json", Accept: "text/event-stream", "X-CSRFToken": csrfToken() },
-        body: JSON.stringify({ message, conversation_id: state.conversationId, collection: els.collection.value || null, stream: true }),
+        body: JSON.stringify({ message, conversation_id: state.conversationId, ...scopeRequest(), stream: true }),
         signal: controller.signal,
       });
       if (!response.ok) {
@@ -528,29 +672,399 @@
 
   // --- History --------------------------------------------------------------------------------
 
+  const conversationUrl = (id) => `${urls.conversations}/${encodeURIComponent(id)}`;
+  const titleOf = (c) => c.title || "Untitled conversation";
+  const itemFor = (id) => [...els.conversations.children].find((li) => li.dataset.id === id) || null;
+  const actionsButtonFor = (id) => itemFor(id)?.querySelector(".conversation-more") || null;
+
+  // The first page of history (most recent first). Called again after every answer; while a
+  // title is being edited the list is left alone and redrawn when the edit ends.
   async function loadConversations() {
+    if (state.editing) { state.historyStale = true; return; }
     try {
       const data = await getJSON(urls.conversations);
+      if (state.editing) { state.historyStale = true; return; }
       const items = Array.isArray(data) ? data : data.results || [];
+      // Redrawn under the keyboard (or an open menu, which closes): focus stays on the same
+      // conversation.
+      const menuId = state.menuItem?.dataset.id;
+      const focusedId = menuId || document.activeElement?.closest?.(".conversation-item")?.dataset.id;
+      const focusedMore = Boolean(menuId) || document.activeElement?.classList.contains("conversation-more");
+      closeMenu(false);
       els.conversations.replaceChildren(...items.map(conversationItem));
+      setHistoryNext(Array.isArray(data) ? null : data.next);
       els.sidebarStatus.textContent = items.length ? "" : "No conversations yet.";
+      const again = focusedId && itemFor(focusedId);
+      if (again) again.querySelector(focusedMore ? ".conversation-more" : ".conversation").focus();
     } catch (err) {
       els.sidebarStatus.textContent = `Could not load history: ${err.message}`;
     }
   }
 
+  function setHistoryNext(next) {
+    state.historyNext = next ? localPath(next) : null;
+    els.more.hidden = !state.historyNext;
+  }
+
+  // "Show more": the next cursor page, appended; focus moves to the first conversation added.
+  async function loadMoreConversations() {
+    if (!state.historyNext || els.more.disabled) return;
+    els.more.disabled = true;
+    els.more.textContent = "Loading…";
+    try {
+      const data = await getJSON(state.historyNext);
+      const known = new Set([...els.conversations.children].map((li) => li.dataset.id));
+      const added = (data.results || []).filter((c) => !known.has(c.id)).map(conversationItem);
+      els.conversations.append(...added);
+      setHistoryNext(data.next);
+      if (added.length) added[0].querySelector(".conversation").focus();
+      else if (els.more.hidden) els.newChat.focus();
+    } catch (err) {
+      els.sidebarStatus.textContent = `Could not load more history: ${err.message}`;
+    } finally {
+      els.more.disabled = false;
+      els.more.textContent = "Show more";
+    }
+  }
+
+  // Short enough to leave room for the "Shared" marker: "Dec 8, 12:59 PM" this year,
+  // "Dec 8, 2024" before.
+  function formatWhen(when) {
+    const thisYear = when.getFullYear() === new Date().getFullYear();
+    return when.toLocaleString(undefined, thisYear
+      ? { month: "short", day: "numeric", hour: "numeric", minute: "2-digit" }
+      : { year: "numeric", month: "short", day: "numeric" });
+  }
+
   function conversationItem(c) {
+    const li = el("li", { class: "conversation-item", "data-id": c.id, "data-testid": "conversation-item" });
+    li._conversation = c;
     const button = el("button", { type: "button", class: "conversation", "data-id": c.id });
     if (c.id === state.conversationId) button.setAttribute("aria-current", "true");
-    button.append(el("span", { class: "conversation-title" }, c.title || "Untitled conversation"));
+    button.append(el("span", { class: "conversation-title", "data-testid": "conversation-title" }, titleOf(c)));
+    const meta = el("span", { class: "conversation-meta" });
     if (c.updated_at) {
       const when = new Date(c.updated_at);
-      if (!isNaN(when)) button.append(el("time", { class: "conversation-time", datetime: c.updated_at }, when.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" })));
+      if (!isNaN(when)) meta.append(el("time", { class: "conversation-time", datetime: c.updated_at }, formatWhen(when)));
     }
+    if (c.shared) meta.append(el("span", { class: "shared-marker", "data-testid": "shared-marker" }, "Shared"));
+    if (meta.childNodes.length) button.append(meta);
     button.addEventListener("click", () => openConversation(c.id));
-    const li = el("li");
-    li.append(button);
+    const more = el("button", {
+      type: "button", class: "conversation-more", "aria-haspopup": "menu", "aria-expanded": "false",
+      "aria-controls": "conversation-menu", "aria-label": `Actions for “${titleOf(c)}”`,
+      title: "Rename, share or delete", "data-testid": "conversation-actions",
+    });
+    more.append(icon("more"));
+    more.addEventListener("click", () => (menuOpenFor(more) ? closeMenu() : openMenu(li, more, 0)));
+    more.addEventListener("keydown", (e) => {
+      if (e.key !== "ArrowDown" && e.key !== "ArrowUp") return;
+      e.preventDefault();
+      openMenu(li, more, e.key === "ArrowUp" ? -1 : 0);
+    });
+    li.append(button, more);
     return li;
+  }
+
+  // Redraws one item, with `changes` (a new title, shared or not) made to its conversation.
+  function redrawItem(id, changes) {
+    const li = itemFor(id);
+    if (!li) return null;
+    Object.assign(li._conversation, changes);
+    const fresh = conversationItem(li._conversation);
+    li.replaceWith(fresh);
+    return fresh;
+  }
+
+  // --- The actions menu of a conversation (WAI-ARIA menu button) ---------------------------------
+
+  const menuItems = () => [...els.menu.querySelectorAll('[role="menuitem"]')];
+  const menuOpenFor = (opener) => !els.menu.hidden && state.menuOpener === opener;
+
+  function openMenu(li, opener, index) {
+    closeMenu(false);
+    state.menuItem = li;
+    state.menuOpener = opener;
+    opener.setAttribute("aria-expanded", "true");
+    els.menu.hidden = false;
+    // Fixed, next to its button: inside the scrolling list it would be clipped at the bottom.
+    const at = opener.getBoundingClientRect();
+    const width = els.menu.offsetWidth;
+    const height = els.menu.offsetHeight;
+    let top = at.bottom + 4;
+    if (top + height > window.innerHeight - 8) top = Math.max(8, at.top - height - 4);
+    els.menu.style.top = `${top}px`;
+    els.menu.style.left = `${Math.max(8, Math.min(at.right - width, window.innerWidth - width - 8))}px`;
+    const items = menuItems();
+    items[(index + items.length) % items.length].focus();
+  }
+
+  function closeMenu(restoreFocus = true) {
+    if (els.menu.hidden) return;
+    els.menu.hidden = true;
+    const opener = state.menuOpener;
+    state.menuOpener = null;
+    state.menuItem = null;
+    if (!opener) return;
+    opener.setAttribute("aria-expanded", "false");
+    if (restoreFocus && document.contains(opener)) opener.focus();
+  }
+
+  function menuKeydown(e) {
+    const items = menuItems();
+    const at = items.indexOf(document.activeElement);
+    const move = { ArrowDown: at + 1, ArrowUp: at - 1, Home: 0, End: items.length - 1 }[e.key];
+    if (move !== undefined) {
+      items[(move + items.length) % items.length].focus();
+    } else if (e.key === "Escape" || e.key === "Tab") {
+      closeMenu();
+    } else {
+      return;
+    }
+    e.preventDefault();
+    e.stopPropagation();
+  }
+
+  function menuChosen(action) {
+    const li = state.menuItem;
+    closeMenu(false);
+    if (!li || !document.contains(li)) return;
+    if (action === "rename") startRename(li);
+    else if (action === "share") openShare(li._conversation);
+    else if (action === "delete") confirmDelete(li._conversation);
+  }
+
+  // --- Rename: the item becomes a small form in place -------------------------------------------
+
+  function startRename(li) {
+    if (state.editing) endRename(state.editing, false);
+    const c = li._conversation;
+    const id = `rename-${c.id}`;
+    const form = el("form", { class: "rename-form", "data-testid": "rename-form", novalidate: "" });
+    const input = el("input", {
+      id, type: "text", class: "rename-input", maxlength: "200", autocomplete: "off",
+      "data-testid": "rename-input", "aria-describedby": `${id}-error`,
+    });
+    input.value = c.title || "";
+    const save = el("button", { type: "submit", class: "button-primary", "data-testid": "rename-save" }, "Save");
+    const cancel = el("button", { type: "button", "data-testid": "rename-cancel" }, "Cancel");
+    const error = el("p", { id: `${id}-error`, class: "rename-error", role: "alert", "data-testid": "rename-error" });
+    error.hidden = true;
+    const buttons = el("div", { class: "rename-actions" });
+    buttons.append(save, cancel);
+    form.append(el("label", { for: id, class: "visually-hidden" }, "New title"), input, buttons, error);
+    for (const child of li.children) child.hidden = true;
+    li.classList.add("is-editing");
+    li.append(form);
+    state.editing = li;
+    input.focus();
+    input.select();
+
+    input.addEventListener("keydown", (e) => {
+      if (e.key !== "Escape") return;
+      e.preventDefault();
+      e.stopPropagation();
+      endRename(li);
+    });
+    cancel.addEventListener("click", () => endRename(li));
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      if (save.disabled) return;
+      const title = input.value.trim();
+      if (title && title === c.title) { endRename(li); return; }
+      save.disabled = true;
+      try {
+        const response = await sendJSON("PATCH", conversationUrl(c.id), { title });
+        if (!response.ok) {
+          error.textContent = await errorText(response, "title");
+          error.hidden = false;
+          input.setAttribute("aria-invalid", "true");
+          input.focus();
+          return;
+        }
+        const renamed = await response.json();
+        Object.assign(c, renamed);
+        endRename(li);
+        announce(`Renamed to “${titleOf(c)}”.`);
+      } catch (err) {
+        error.textContent = `Could not rename: ${err.message}`;
+        error.hidden = false;
+        input.focus();
+      } finally {
+        save.disabled = false;
+      }
+    });
+  }
+
+  // Back to the plain item (with the title as it now is); focus returns to its actions button.
+  function endRename(li, restoreFocus = true) {
+    state.editing = null;
+    const fresh = document.contains(li) ? redrawItem(li.dataset.id) : null;
+    if (state.historyStale) {
+      state.historyStale = false;
+      loadConversations().then(() => {
+        if (restoreFocus) actionsButtonFor(li.dataset.id)?.focus();
+      });
+    }
+    if (restoreFocus && fresh) fresh.querySelector(".conversation-more").focus();
+  }
+
+  // --- Share and delete dialogs ---------------------------------------------------------------
+
+  function showDialogError(node, text) {
+    node.textContent = text;
+    node.hidden = !text;
+  }
+
+  // The dialog of a conversation not shared yet asks first: opening it shares nothing. An
+  // already shared one shows its link at once (sharing again gives the same link).
+  function openShare(c) {
+    state.dialogFor = c.id;
+    els.shareSubject.textContent = titleOf(c);
+    els.shareLink.value = "";
+    els.shareCopy.disabled = true;
+    els.shareStop.disabled = true;
+    showDialogError(els.shareError, "");
+    els.shareCreate.hidden = Boolean(c.shared);
+    els.shareCreate.disabled = false;
+    els.shareLinkRow.hidden = !c.shared;
+    els.shareDialog.showModal();
+    if (c.shared) {
+      els.shareDone.focus();
+      createShare();
+    } else {
+      els.shareCreate.focus();
+    }
+  }
+
+  async function createShare() {
+    const id = state.dialogFor;
+    els.shareCreate.disabled = true;
+    try {
+      const response = await sendJSON("POST", `${conversationUrl(id)}/share`);
+      if (!response.ok) throw new Error(await errorText(response));
+      const data = await response.json();
+      redrawItem(id, { shared: true });
+      if (state.dialogFor !== id || !els.shareDialog.open) return;  // closed meanwhile
+      els.shareCreate.hidden = true;
+      els.shareLinkRow.hidden = false;
+      els.shareLink.value = new URL(localPath(data.share_url), window.location.origin).href;
+      els.shareCopy.disabled = false;
+      els.shareStop.disabled = false;
+      els.shareCopy.focus();
+    } catch (err) {
+      els.shareCreate.disabled = false;
+      showDialogError(els.shareError, `Could not share it: ${err.message}`);
+    }
+  }
+
+  async function stopSharing() {
+    const id = state.dialogFor;
+    els.shareStop.disabled = true;
+    try {
+      const response = await sendJSON("DELETE", `${conversationUrl(id)}/share`);
+      if (!response.ok) throw new Error(await errorText(response));
+      redrawItem(id, { shared: false });
+      els.shareDialog.close();
+      announce("Stopped sharing: the link no longer opens.");
+    } catch (err) {
+      els.shareStop.disabled = false;
+      showDialogError(els.shareError, `Could not stop sharing: ${err.message}`);
+    }
+  }
+
+  function confirmDelete(c) {
+    state.dialogFor = c.id;
+    els.deleteSubject.textContent = titleOf(c);
+    els.deleteConfirm.disabled = false;
+    showDialogError(els.deleteError, "");
+    els.deleteDialog.showModal();
+    // The safe choice has focus: Enter right away keeps the conversation.
+    els.deleteCancel.focus();
+  }
+
+  async function deleteConfirmed() {
+    const id = state.dialogFor;
+    els.deleteConfirm.disabled = true;
+    try {
+      const response = await sendJSON("DELETE", conversationUrl(id));
+      // 404: already deleted (in another tab); the outcome the user asked for.
+      if (!response.ok && response.status !== 404) throw new Error(await errorText(response));
+    } catch (err) {
+      els.deleteConfirm.disabled = false;
+      showDialogError(els.deleteError, `Could not delete it: ${err.message}`);
+      return;
+    }
+    const li = itemFor(id);
+    const title = li ? titleOf(li._conversation) : "the conversation";
+    const neighbour = li && (li.nextElementSibling || li.previousElementSibling);
+    state.dialogFor = null;
+    els.deleteDialog.close();
+    li?.remove();
+    if (!els.conversations.children.length && els.more.hidden) els.sidebarStatus.textContent = "No conversations yet.";
+    announce(`Deleted “${title}”.`);
+    if (id === state.conversationId) newChat();
+    else (neighbour ? neighbour.querySelector(".conversation") : els.newChat).focus();
+  }
+
+  // A dialog closed by Cancel, Done or Escape gives focus back to the actions button it came from.
+  function dialogClosed() {
+    if (state.dialogFor) actionsButtonFor(state.dialogFor)?.focus();
+    state.dialogFor = null;
+  }
+
+  // A click on the backdrop (outside the dialog's box) closes it, as Escape does.
+  function backdropClick(e) {
+    const dialog = e.currentTarget;
+    if (e.target !== dialog) return;
+    const box = dialog.getBoundingClientRect();
+    const inside = e.clientX >= box.left && e.clientX <= box.right && e.clientY >= box.top && e.clientY <= box.bottom;
+    if (!inside) dialog.close();
+  }
+
+  // --- Scope: one collection, several, or all the user may read --------------------------------
+
+  const offered = (value) => Boolean(value) && [...els.collection.options].some((o) => o.value === value);
+  const scopeBoxes = () => (els.scopeBoxes ? [...els.scopeBoxes.querySelectorAll('input[type="checkbox"]')] : []);
+  const checkedSlugs = () => scopeBoxes().filter((b) => b.checked).map((b) => b.value);
+
+  function setCheckedSlugs(slugs) {
+    for (const box of scopeBoxes()) box.checked = slugs.includes(box.value);
+  }
+
+  function syncScope() {
+    if (!els.scopeBoxes) return;
+    els.scopeBoxes.hidden = els.collection.value !== SCOPE_SEVERAL;
+    if (els.scopeBoxes.hidden || checkedSlugs().length) showScopeError("");
+  }
+
+  function showScopeError(text) {
+    if (!els.scopeError) return;
+    els.scopeError.textContent = text;
+    els.scopeError.hidden = !text;
+  }
+
+  // What POST /api/v1/chat is told: `collection`, `collections`, or neither (every collection
+  // the user may read).
+  function scopeRequest() {
+    const value = els.collection.value;
+    if (value === SCOPE_ALL) return {};
+    if (value === SCOPE_SEVERAL) return { collections: checkedSlugs() };
+    return { collection: value || null };
+  }
+
+  // A reopened conversation shows the scope it was asked in.
+  function showScope(conv) {
+    const slugs = conv.collection ? [conv.collection] : conv.collections || [];
+    if (slugs.length === 1 && offered(slugs[0])) {
+      els.collection.value = slugs[0];
+    } else if (slugs.length > 1 && offered(SCOPE_SEVERAL)) {
+      els.collection.value = SCOPE_SEVERAL;
+      setCheckedSlugs(slugs);
+    } else if (!slugs.length && offered(SCOPE_ALL)) {
+      els.collection.value = SCOPE_ALL;
+    }
+    syncScope();
   }
 
   async function openConversation(id) {
@@ -558,14 +1072,14 @@
     closeSidebar();
     closePanel(false);
     try {
-      const conv = await getJSON(`${urls.conversations}/${encodeURIComponent(id)}`);
+      const conv = await getJSON(conversationUrl(id));
       state.conversationId = conv.id;
       clearMessages();
       for (const m of conv.messages || []) {
         if (m.role === "user") addUserMessage(m.content || "");
         else if (m.role === "assistant") renderStoredAssistant(addAssistantMessage(), m);
       }
-      if (conv.collection && [...els.collection.options].some((o) => o.value === conv.collection)) els.collection.value = conv.collection;
+      showScope(conv);
       markCurrent();
       scrollToBottom();
       els.input.focus();
@@ -650,6 +1164,57 @@
 
   // --- Wiring ---------------------------------------------------------------------------------
 
+  // Shared by both modes: citations open the source panel, copy buttons copy.
+  // Citation links are real links (middle-click opens the document); a plain click opens the panel.
+  els.list.addEventListener("click", (e) => {
+    const copy = e.target.closest(".copy-button");
+    if (copy && copy._copy) { copyPressed(copy); return; }
+    const target = e.target.closest(".cite, .source-chip");
+    if (!target || !target._citation) return;
+    if (e.button !== 0 || e.metaKey || e.ctrlKey || e.shiftKey || e.altKey) return;
+    e.preventDefault();
+    openPanel(target._citation, target);
+  });
+  els.panelClose.addEventListener("click", () => closePanel());
+  els.backdrop.addEventListener("click", () => { closePanel(); closeSidebar(); });
+  window.addEventListener("resize", syncBackdrop);
+
+  document.addEventListener("keydown", (e) => {
+    // An open dialog handles its own Escape (it closes); the page must not act on it too.
+    if (e.key !== "Escape" || e.defaultPrevented || root.querySelector("dialog[open]")) return;
+    if (!els.panel.hidden) closePanel();
+    else if (state.controller) stop();
+    else if (root.classList.contains("sidebar-open")) { closeSidebar(); els.sidebarToggle.focus(); }
+    else return;
+    e.preventDefault();
+  });
+
+  if (readonly) {
+    showSharedConversation();
+    return;
+  }
+
+  // The shared page: the conversation embedded as JSON (the shape of GET
+  // /api/v1/conversations/<id>) replaces the server's plain rendering of the same text.
+  function showSharedConversation() {
+    const source = document.getElementById("shared-conversation-data");
+    let conv;
+    try { conv = JSON.parse(source.textContent); } catch (e) { return; }
+    if (!conv || !Array.isArray(conv.messages)) return;
+    clearMessages();
+    for (const m of conv.messages) {
+      let node;
+      if (m.role === "user") {
+        node = addUserMessage(m.content || "");
+      } else if (m.role === "assistant") {
+        const bubble = addAssistantMessage();
+        renderStoredAssistant(bubble, m);
+        node = bubble.node;
+      }
+      if (node) node.dataset.testid = "shared-message";
+    }
+  }
+
   const maxChars = Number(els.counter && els.counter.dataset.max) || 0;
   const formatNumber = (n) => n.toLocaleString("en-US");
   // The server limits the trimmed question, so surrounding blank lines do not count.
@@ -677,6 +1242,12 @@
   function submit() {
     const message = els.input.value.trim();
     if (!message || state.controller || tooLong()) return;
+    // "Several…" with nothing ticked: say so, and keep the question where it is.
+    if (els.collection.value === SCOPE_SEVERAL && !checkedSlugs().length) {
+      showScopeError("Tick at least one collection to ask, or choose another option above.");
+      scopeBoxes()[0]?.focus();
+      return;
+    }
     els.input.value = "";
     autosize();
     send(message);
@@ -689,39 +1260,52 @@
   });
   els.stop.addEventListener("click", stop);
   els.newChat.addEventListener("click", newChat);
-  els.panelClose.addEventListener("click", () => closePanel());
   els.sidebarToggle.addEventListener("click", () => (root.classList.contains("sidebar-open") ? closeSidebar() : openSidebar()));
   els.sidebarClose.addEventListener("click", () => { closeSidebar(); els.sidebarToggle.focus(); });
-  els.backdrop.addEventListener("click", () => { closePanel(); closeSidebar(); });
-  window.addEventListener("resize", syncBackdrop);
 
-  // Citation links are real links (middle-click opens the document); a plain click opens the panel.
-  els.list.addEventListener("click", (e) => {
-    const target = e.target.closest(".cite, .source-chip");
-    if (!target || !target._citation) return;
-    if (e.button !== 0 || e.metaKey || e.ctrlKey || e.shiftKey || e.altKey) return;
-    e.preventDefault();
-    openPanel(target._citation, target);
+  els.more.addEventListener("click", loadMoreConversations);
+  els.menu.addEventListener("keydown", menuKeydown);
+  els.menu.addEventListener("click", (e) => {
+    const item = e.target.closest("[data-action]");
+    if (item) menuChosen(item.dataset.action);
   });
-
-  document.addEventListener("keydown", (e) => {
-    if (e.key !== "Escape" || e.defaultPrevented) return;
-    if (!els.panel.hidden) closePanel();
-    else if (state.controller) stop();
-    else if (root.classList.contains("sidebar-open")) { closeSidebar(); els.sidebarToggle.focus(); }
-    else return;
-    e.preventDefault();
+  // A click anywhere else, a scroll of the list or a resize closes the menu where it stands.
+  document.addEventListener("pointerdown", (e) => {
+    if (!els.menu.hidden && !els.menu.contains(e.target) && !state.menuOpener?.contains(e.target)) closeMenu(false);
   });
+  els.conversations.parentElement.addEventListener("scroll", () => closeMenu(false));
+  window.addEventListener("resize", () => closeMenu(false));
 
-  // ?collection=<slug> (links from the home page) wins; then the one last chosen in this
-  // browser; then the server's default (the collection of the user's last conversation).
+  els.shareCopy._copy = () => els.shareLink.value;
+  els.shareCopy.addEventListener("click", () => copyPressed(els.shareCopy));
+  els.shareStop.addEventListener("click", stopSharing);
+  els.shareCreate.addEventListener("click", createShare);
+  els.shareDone.addEventListener("click", () => els.shareDialog.close());
+  els.deleteCancel.addEventListener("click", () => els.deleteDialog.close());
+  els.deleteConfirm.addEventListener("click", deleteConfirmed);
+  for (const dialog of [els.shareDialog, els.deleteDialog]) {
+    dialog.addEventListener("close", dialogClosed);
+    dialog.addEventListener("click", backdropClick);
+  }
+
+  // ?collection=<slug> (links from the home page) wins; then the choice last made in this
+  // browser (a collection, "All my collections" or "Several…" with its ticks); then the
+  // server's default (the collection of the user's last conversation).
   const STORED_COLLECTION = "kb.chat.collection";
-  const stored = () => { try { return window.localStorage.getItem(STORED_COLLECTION); } catch (e) { return null; } };
-  const offered = (slug) => slug && [...els.collection.options].some((o) => o.value === slug);
-  const wanted = [new URLSearchParams(window.location.search).get("collection"), stored(), root.dataset.defaultCollection].find(offered);
+  const STORED_COLLECTIONS = "kb.chat.collections";
+  const stored = (key) => { try { return window.localStorage.getItem(key); } catch (e) { return null; } };
+  const store = (key, value) => { try { window.localStorage.setItem(key, value); } catch (e) { /* private mode */ } };
+  const wanted = [new URLSearchParams(window.location.search).get("collection"), stored(STORED_COLLECTION), root.dataset.defaultCollection].find(offered);
   if (wanted) els.collection.value = wanted;
+  try { setCheckedSlugs(JSON.parse(stored(STORED_COLLECTIONS) || "[]")); } catch (e) { /* not JSON */ }
+  syncScope();
   els.collection.addEventListener("change", () => {
-    try { window.localStorage.setItem(STORED_COLLECTION, els.collection.value); } catch (e) { /* private mode */ }
+    store(STORED_COLLECTION, els.collection.value);
+    syncScope();
+  });
+  els.scopeBoxes?.addEventListener("change", () => {
+    store(STORED_COLLECTIONS, JSON.stringify(checkedSlugs()));
+    syncScope();
   });
 
   setStreaming(false);
