@@ -37,7 +37,8 @@ from rest_framework.views import APIView
 from chat import selectors, services
 from chat.budgets import BudgetExceeded
 from chat.export import conversation_markdown
-from chat.models import Conversation, Message
+from chat.feedback import FeedbackRefused, feedback_record, feedback_withdraw
+from chat.models import AnswerFeedback, Conversation, Message
 from chat.sse import event_stream_response, sse_stream
 from kb.api.authentication import ApiKeyAuthentication
 from kb.api.conventions import IF_MATCH, etag_of, if_match_check
@@ -80,6 +81,12 @@ class CitationSerializer(serializers.Serializer):
     url = serializers.CharField()
 
 
+class FeedbackVoteSerializer(serializers.Serializer):
+    rating = serializers.CharField()
+    reason = serializers.CharField()
+    comment = serializers.CharField()
+
+
 class MessageSerializer(serializers.ModelSerializer):
     citations = CitationSerializer(many=True, read_only=True)
     cited = serializers.ListField(child=serializers.IntegerField(), read_only=True)
@@ -88,9 +95,18 @@ class MessageSerializer(serializers.ModelSerializer):
     class Meta:
         model = Message
         fields = ["id", "conversation_id", "role", "content", "status", "mode", "notice",
-                  "citations", "cited", "invalid_citations", "answerable", "related", "created_at"]
+                  "citations", "cited", "invalid_citations", "answerable", "related",
+                  "feedback", "created_at"]
 
     related = serializers.SerializerMethodField()
+    feedback = serializers.SerializerMethodField(
+        help_text="The caller's vote on this answer (PUT …/feedback), or null.")
+
+    @extend_schema_field(FeedbackVoteSerializer(allow_null=True))
+    def get_feedback(self, message: Message) -> dict | None:
+        votes = self.context.get("feedback") or {}
+        vote = votes.get(message.pk)
+        return FeedbackVoteSerializer(vote).data if vote is not None else None
 
     @extend_schema_field(CitationSerializer(many=True))
     def get_related(self, message: Message) -> list[dict]:
@@ -147,8 +163,11 @@ class ConversationSerializer(serializers.ModelSerializer):
             messages=selectors.message_list(conversation=conversation),
             user=self.context["user"], api_key=self.context["api_key"],
         )
+        votes = selectors.conversation_feedback_by_message(conversation=conversation,
+                                                           user=self.context["user"])
         # many=True builds a ListSerializer, whose data is a list; the stubs type the child's.
-        return MessageSerializer(messages, many=True).data  # type: ignore[return-value]
+        return MessageSerializer(  # type: ignore[return-value]
+            messages, many=True, context={"feedback": votes}).data
 
 
 # --- POST /api/v1/chat -----------------------------------------------------------------------
@@ -324,7 +343,9 @@ class MessageDetail(APIView):
         (message,) = selectors.messages_scoped(
             messages=[message], user=request.user, api_key=api_key
         )
-        return Response(MessageSerializer(message).data)
+        vote = selectors.message_feedback_get(message=message, user=request.user)
+        return Response(MessageSerializer(
+            message, context={"feedback": {message.pk: vote} if vote else {}}).data)
 
 
 OWNER_ANY = OpenApiParameter(
@@ -478,4 +499,51 @@ class ConversationShare(APIView):
     @extend_schema(responses={204: None, 404: OpenApiResponse(description="Not found")})
     def delete(self, request: Request, pk: uuid.UUID) -> Response:
         services.conversation_unshare(conversation=_conversation(request, pk))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class FeedbackSerializer(serializers.Serializer):
+    rating = serializers.ChoiceField(choices=AnswerFeedback.Rating.choices)
+    reason = serializers.ChoiceField(choices=AnswerFeedback.Reason.choices, required=False,
+                                     allow_blank=True, default="")
+    comment = serializers.CharField(required=False, allow_blank=True, max_length=4000,
+                                    default="")
+    updated_at = serializers.DateTimeField(read_only=True)
+
+
+class MessageFeedback(APIView):
+    """/api/v1/chat/messages/<id>/feedback: your vote on one of your answers. PUT sets it
+    (up or down, with an optional reason and comment; a second PUT replaces the first),
+    GET reads it (404 when you have not voted), DELETE withdraws it."""
+
+    def _answer(self, request: Request, pk: uuid.UUID) -> Message:
+        message = selectors.message_get(user=request.user, pk=pk, api_key=_api_key(request))
+        if message is None or message.role != Message.Role.ASSISTANT:
+            raise exceptions.NotFound("No such answer.")
+        return message
+
+    @extend_schema(responses={200: FeedbackSerializer,
+                              404: OpenApiResponse(description="No vote, or no such answer")})
+    def get(self, request: Request, pk: uuid.UUID) -> Response:
+        feedback = selectors.message_feedback_get(message=self._answer(request, pk),
+                                                  user=request.user)
+        if feedback is None:
+            raise exceptions.NotFound("You have not rated this answer.")
+        return Response(FeedbackSerializer(feedback).data)
+
+    @extend_schema(request=FeedbackSerializer, responses={200: FeedbackSerializer})
+    def put(self, request: Request, pk: uuid.UUID) -> Response:
+        message = self._answer(request, pk)
+        serializer = FeedbackSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            feedback = feedback_record(message=message, user=request.user,
+                                       api_key=_api_key(request), **serializer.validated_data)
+        except FeedbackRefused as exc:
+            raise exceptions.PermissionDenied(str(exc)) from None
+        return Response(FeedbackSerializer(feedback).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, pk: uuid.UUID) -> Response:
+        feedback_withdraw(message=self._answer(request, pk), user=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)

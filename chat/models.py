@@ -90,6 +90,10 @@ class Message(models.Model):
     # None for user messages and answers from before the decision existed.
     answerable = models.BooleanField(null=True, blank=True)
     error = models.TextField(blank=True)
+    # What retrieval gave the answer, for feedback and quality review: the query searched,
+    # the top hits' chunk and document ids with their fused scores, whether the answer
+    # came from the cache, and the answerability decision with its evidence.
+    retrieval = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -99,6 +103,49 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:60]}"
+
+
+class AnswerFeedback(models.Model):
+    """One person's verdict on one answer: up or down, why, and what they would add.
+
+    One per user and answer (a second vote changes the first). The answer's citations and
+    retrieval evidence stay on the message; the vote points at it.
+    """
+
+    class Rating(models.TextChoices):
+        UP = "up", "Helpful"
+        DOWN = "down", "Not helpful"
+
+    class Reason(models.TextChoices):
+        WRONG = "wrong", "Wrong"
+        INCOMPLETE = "incomplete", "Incomplete"
+        OUTDATED = "outdated", "Outdated"
+        NOT_FOUND = "not_found", "Not found in the documents"
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="feedback")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="answer_feedback"
+    )
+    # The key it came through, if any (a user's keys share the user's one vote).
+    api_key = models.ForeignKey(
+        ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    rating = models.CharField(max_length=8, choices=Rating.choices)
+    reason = models.CharField(max_length=16, choices=Reason.choices, blank=True)
+    comment = models.TextField(blank=True, max_length=4000)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
+
+    class Meta:
+        verbose_name = "answer feedback"
+        verbose_name_plural = "answer feedback"
+        ordering = ["-updated_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["message", "user"], name="feedback_one_per_user"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_rating_display()} on {self.message_id}"
 
 
 class AnswerCacheEntry(models.Model):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
+from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import serializers
 
@@ -205,7 +206,7 @@ def _completion(result: services.AnswerResult, *, model: str, created: int) -> J
         "kb": {"conversation_id": result.conversation_id, "message_id": result.message_id,
                "mode": result.mode, "notice": result.notice, "cited": result.cited,
                "invalid_citations": result.invalid_citations, "answerable": result.answerable,
-               "related": result.related},
+               "related": result.related, "feedback_url": _feedback_url(result.message_id)},
     })
 
 
@@ -244,7 +245,8 @@ async def _chunks(
                 kb = {"conversation_id": started.conversation_id, "message_id": event.message_id,
                       "mode": meta.mode if meta else "", "notice": meta.notice if meta else None,
                       "cited": event.cited, "invalid_citations": event.invalid_citations,
-                      "answerable": event.answerable, "related": related}
+                      "answerable": event.answerable, "related": related,
+                      "feedback_url": _feedback_url(event.message_id)}
                 yield chunk({}, "stop", citations=citations, kb=kb)
                 if include_usage:
                     payload = {"id": completion_id, "object": "chat.completion.chunk",
@@ -257,6 +259,11 @@ async def _chunks(
                 error = {"message": event.message, "type": "server_error", "param": None,
                          "code": event.code}
                 yield f"data: {json.dumps({'error': error}, ensure_ascii=False)}\n\n"
+
+
+def _feedback_url(message_id: str) -> str:
+    """Where a client may PUT the user's vote on the answer (an extension clients ignore)."""
+    return reverse("chat-message-feedback", args=[message_id])
 
 
 def _completion_id(message_id: str) -> str:

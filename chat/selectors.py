@@ -10,7 +10,7 @@ from django.contrib.postgres.fields import ArrayField
 from django.db import connection
 from django.db.models import BigIntegerField, Exists, Func, OuterRef, Q, QuerySet
 
-from chat.models import AnswerCacheEntry, Conversation, Message
+from chat.models import AnswerCacheEntry, AnswerFeedback, Conversation, Message
 from kb.models import ApiKey, Collection, Document
 from kb.providers.base import ChatMessage
 from kb.selectors import (
@@ -130,6 +130,25 @@ def shared_conversation_readable(*, conversation: Conversation, viewer: AnyUser)
         collections_visible(user=owner).filter(pk__in=needed).values_list("pk", flat=True)
     )
     return needed <= readable
+
+
+def message_feedback_get(*, message: Message, user: AnyUser) -> AnswerFeedback | None:
+    """The caller's vote on an answer, if any."""
+    voter = signed_in_user(user)
+    if voter is None:
+        return None
+    return AnswerFeedback.objects.filter(message=message, user=voter).first()
+
+
+def conversation_feedback_by_message(
+    *, conversation: Conversation, user: AnyUser
+) -> dict[uuid.UUID, AnswerFeedback]:
+    """The caller's votes on the conversation's answers, by message id."""
+    voter = signed_in_user(user)
+    if voter is None:
+        return {}
+    return {vote.message_id: vote for vote in AnswerFeedback.objects.filter(
+        message__conversation=conversation, user=voter)}
 
 
 def message_list(*, conversation: Conversation) -> QuerySet[Message]:

@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -451,7 +451,8 @@ async def _retrieved(
             retrieval.cacheable = False
     # One trip to the request's sync thread for the caches and retrieval: each trip
     # costs time before the first token.
-    return await _db(_retrieve, turn)
+    retrieval.found = await _db(_retrieve, turn)
+    return retrieval.found
 
 
 async def _recording_after_first_delta(
@@ -737,9 +738,26 @@ def _message_update(turn: Turn, check: prompts.CitationCheck) -> None:
         output_tokens=call.output_tokens if call else 0,
         cache_hit=bool(call and call.cache_hit),
         error=answer.error if answer.status != Message.Status.COMPLETE else "",
+        retrieval=_retrieval_kept(turn),
         updated_at=timezone.now(),
     )
     Conversation.objects.filter(pk=turn.request.conversation.pk).update(updated_at=timezone.now())
+
+
+def _retrieval_kept(turn: Turn) -> dict:
+    """What retrieval gave this answer, kept on the message (Message.retrieval)."""
+    retrieval = turn.retrieval
+    hit, result = retrieval.found or (None, None)
+    kept: dict[str, Any] = {"query": retrieval.query}
+    if hit is not None:
+        kept["cache"] = {"kind": hit.kind, "similarity": round(hit.similarity, 4)}
+    if result is not None:
+        kept["mode"] = result.mode
+        kept["hits"] = [{"chunk_id": h.chunk_id, "document_id": h.document_id,
+                         "score": round(h.score, 6)} for h in result.hits]
+    if retrieval.answerability is not None:
+        kept["answerability"] = asdict(retrieval.answerability)
+    return kept
 
 
 def _answer_cache_store(turn: Turn, call: ModelCall, check: prompts.CitationCheck) -> None:

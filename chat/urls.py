@@ -9,6 +9,8 @@ urlpatterns = [
     path("chat/shared/<str:token>/", views.shared_conversation_page, name="chat-shared"),
     path("api/v1/chat", api.chat, name="chat-api"),
     path("api/v1/chat/messages/<uuid:pk>", api.MessageDetail.as_view(), name="chat-message"),
+    path("api/v1/chat/messages/<uuid:pk>/feedback", api.MessageFeedback.as_view(),
+         name="chat-message-feedback"),
     path("api/v1/conversations", api.ConversationList.as_view(), name="conversation-list"),
     path("api/v1/conversations/<uuid:pk>", api.ConversationDetail.as_view(),
          name="conversation-detail"),

@@ -173,3 +173,15 @@ def test_stopping_the_chat_page_stream_stops_the_upstream(settings, corpus, asgi
         time.sleep(0.05)
     assert message.status == Message.Status.INTERRUPTED
     assert message.content.startswith("word0 word1")
+
+
+def test_the_completion_names_where_to_send_feedback(corpus, client, asgi_server, api_key_pair):
+    import requests
+
+    completion = client.chat.completions.create(
+        model="kb-docs", messages=[{"role": "user", "content": "How often are backups made?"}])
+    url = completion.model_extra["kb"]["feedback_url"]
+    assert url == f"/api/v1/chat/messages/{completion.model_extra['kb']['message_id']}/feedback"
+    vote = requests.put(asgi_server + url, json={"rating": "down", "reason": "incomplete"},
+                        headers={"Authorization": f"Bearer {api_key_pair[0]}"}, timeout=30)
+    assert vote.status_code == 200, vote.text
