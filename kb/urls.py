@@ -7,6 +7,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from chat import quality_views
 from kb import views
 from kb.ops import health
 
@@ -21,6 +22,8 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("favicon.ico", RedirectView.as_view(url=static("kb/favicon.svg"), permanent=True)),
     path("admin/usage/", include("kb.usage.urls")),
+    path("admin/quality/", admin.site.admin_view(quality_views.quality_screen),
+         name="quality-screen"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

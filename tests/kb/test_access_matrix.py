@@ -164,6 +164,10 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
                  anonymous=401)),
         ("/api/v1/chat/messages/{answer_a_private}", API_HIDDEN),
     ],
+    # Nobody has voted on it: 404 for the ones who may vote, as for those who may not.
+    "api/v1/chat/messages/<uuid:pk>/feedback": [
+        ("/api/v1/chat/messages/{answer_b_general}/feedback", API_HIDDEN)],
+    "admin/quality/": [("/admin/quality/", ADMIN_ONLY)],
     "api/v1/conversations": [("/api/v1/conversations", API_READ),
                              ("/api/v1/conversations?owner=any", API_OPERATORS)],
     # The owner, and (read-only) whoever the conversation admin shows it to.
@@ -577,6 +581,10 @@ WRITES = [
      _expect(superuser=400, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("post", "/api/v1/embedding-models/",
      _expect(superuser=400, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
+    # Only the asker votes; with no body the vote is a 400 once the answer is found.
+    ("put", "/api/v1/chat/messages/{answer_b_general}/feedback",
+     _expect(user=400, narrowed_key=400, others=404, revoked_key=401, deactivated_key=401,
+             anonymous=401)),
     ("post", "/api/v1/budgets/",
      _expect(superuser=400, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/budgets/{budget}/",
