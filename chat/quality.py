@@ -35,6 +35,7 @@ TOPIC_SIMILARITY = 0.7
 @dataclass(frozen=True)
 class RetrievedPassage:
     document_id: int
+    collection_id: int | None
     title: str
     score: float
     url: str
@@ -52,6 +53,8 @@ class ReviewedAnswer:
     created_at: datetime
     asked_by: str
     collections: list[str]
+    # The one collection asked, if the conversation asked one.
+    collection_id: int | None = None
     rating: str = ""
     reason: str = ""
     comment: str = ""
@@ -130,7 +133,8 @@ def _reviewed(message: Message) -> ReviewedAnswer:
         question=getattr(message, "question", "") or "", answer=message.content,
         created_at=message.created_at,
         asked_by=conversation.user.get_username() if conversation.user else "",
-        collections=scope, answerability=answerability.get("probability"),
+        collections=scope, collection_id=conversation.collection_id,
+        answerability=answerability.get("probability"),
     )
 
 
@@ -147,7 +151,8 @@ def _with_documents(rows: list[tuple[ReviewedAnswer, dict]]) -> list[ReviewedAns
         for hit in found:
             document = documents.get(hit.get("document_id"))
             item.retrieved.append(RetrievedPassage(
-                document_id=hit.get("document_id"),
+                document_id=hit["document_id"],
+                collection_id=document.collection_id if document else None,
                 title=str(document) if document else f"Document {hit.get('document_id')}",
                 score=float(hit.get("score") or 0.0),
                 url=chunk_source_url(document_id=hit["document_id"], chunk_id=hit["chunk_id"]),
@@ -197,3 +202,16 @@ def documents_never_cited(*, user: AnyUser, period: Window,
         documents = documents.filter(collection=collection)
     return list(documents.exclude(pk__in=cited).select_related("collection")
                 .order_by("collection__name", "title", "original_filename")[:limit])
+
+
+def golden_candidate(answer: ReviewedAnswer) -> tuple[int, list[int]] | None:
+    """(collection id, document ids) an editor would start a golden query from: the
+    collection asked, else the best retrieved document's; the retrieved documents of that
+    collection. None when nothing points to a collection."""
+    collection_id = answer.collection_id or next(
+        (p.collection_id for p in answer.retrieved if p.collection_id), None)
+    if collection_id is None:
+        return None
+    documents = [p.document_id for p in answer.retrieved
+                 if p.exists and p.collection_id == collection_id]
+    return collection_id, list(dict.fromkeys(documents))

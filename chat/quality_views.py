@@ -14,6 +14,8 @@ from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.http import urlencode
 
 from chat import quality, selectors
 from kb.models import Collection
@@ -52,6 +54,9 @@ def quality_screen(request: HttpRequest) -> HttpResponse:
                                               collection=collection)
     if request.GET.get("format") == "csv":
         return _csv_response(period, rated_down, not_covered)
+    if request.user.has_perm("search.add_goldenquery"):
+        for answer in [*rated_down, *not_covered]:
+            answer.golden_add_url = _golden_add_url(answer)  # type: ignore[attr-defined]
     context = {
         **admin.site.each_context(request),
         "title": "Quality",
@@ -67,6 +72,16 @@ def quality_screen(request: HttpRequest) -> HttpResponse:
         "csv_query": _csv_query(request),
     }
     return TemplateResponse(request, "admin/chat/quality.html", context)
+
+
+def _golden_add_url(answer: quality.ReviewedAnswer) -> str:
+    """The golden set admin's add form, filled in from the answer."""
+    initial = {"question": answer.question, "source_message": answer.message_id}
+    candidate = quality.golden_candidate(answer)
+    if candidate is not None:
+        initial["collection"] = str(candidate[0])
+        initial["documents"] = ",".join(str(pk) for pk in candidate[1])
+    return f"{reverse('admin:search_goldenquery_add')}?{urlencode(initial)}"
 
 
 def _csv_query(request: HttpRequest) -> str:

@@ -3,6 +3,7 @@
 The triggers live in migration 0002_bm25_index; search.bm25 states the formula.
 """
 
+from django.conf import settings
 from django.db import models
 
 from kb.models import Collection
@@ -57,3 +58,44 @@ class Posting(models.Model):
 
     def __str__(self) -> str:
         return f"{self.lexeme}@{self.chunk_id}×{self.term_frequency}"
+
+
+class GoldenQuery(models.Model):
+    """A real question and the documents that should answer it: one entry of its
+    collection's golden set, which kb_eval --golden runs and the quality gate compares."""
+
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE,
+                                   related_name="golden_queries")
+    question = models.TextField()
+    documents = models.ManyToManyField(
+        "kb.Document", related_name="+",
+        help_text="The documents a good search returns for the question.")
+    # The answer the question came from, when an editor marked it on the Quality screen.
+    source_message_id = models.UUIDField(null=True, blank=True, editable=False)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                   on_delete=models.SET_NULL, related_name="+", editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "golden query"
+        verbose_name_plural = "golden set"
+        ordering = ["collection", "created_at"]
+        constraints = [models.UniqueConstraint(fields=["collection", "question"],
+                                               name="golden_query_unique_question")]
+
+    def __str__(self) -> str:
+        return self.question[:80]
+
+
+class GoldenSet(models.Model):
+    """A collection's golden set as a whole: its version moves with every change, so a
+    result can say which set it was measured on."""
+
+    collection = models.OneToOneField(Collection, on_delete=models.CASCADE, primary_key=True,
+                                      related_name="golden_set")
+    version = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.collection_id} v{self.version}"

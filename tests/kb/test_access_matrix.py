@@ -25,6 +25,7 @@ from kb.models import ApiKey, Chunk, EmbeddingModel, UsageRecord
 from kb.services.api_keys import api_key_generate, api_key_hash
 from kb.services.collections import collection_get_or_create
 from kb.services.documents import document_disable
+from search.golden import golden_query_save
 from tests.fakes.openai_server import FakeOpenAIServer
 
 pytestmark = pytest.mark.django_db
@@ -241,8 +242,9 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
          "&term=private", ADMIN_ONLY),
     ],
     "admin/jsi18n/": [("/admin/jsi18n/", ADMIN_ONLY)],
-    "admin/^(?P<app_label>auth|django_q|axes|kb|chat)/$": [
+    "admin/^(?P<app_label>auth|django_q|axes|kb|search|chat)/$": [
         ("/admin/kb/", ADMIN_ONLY), ("/admin/chat/", ADMIN_ONLY),
+        ("/admin/search/", _expect(superuser=200, editor=404, others=302)),
         ("/admin/auth/", _expect(superuser=200, editor=404, others=302)),
         ("/admin/django_q/", _expect(superuser=200, editor=404, others=302)),
         ("/admin/axes/", _expect(superuser=200, editor=404, others=302)),
@@ -281,6 +283,8 @@ _READ_ONLY = {**_FULL, "add": 403, "delete": 200}
 _HIDDEN = {"changelist": 200, "add": 403, "change": 302, "history": 302, "delete": 403,
            "redirect": 302}
 ADMIN_MODELS: dict[str, list[tuple[str, dict, dict]]] = {
+    # Outside the editor's collections: its history redirects as if it did not exist.
+    "search.goldenquery": [("{golden_a}", _FULL, {**_NO_PERM, "history": 302})],
     "auth.group": [("{group}", _FULL, _NO_PERM)],
     "auth.user": [("{user_a}", _FULL, _NO_PERM)],
     # No task rows exist: history finds no object and redirects before checking permissions.
@@ -477,6 +481,8 @@ def _build_world(django_user_model, ingest_one) -> dict:
         "user_a": user_a.pk, "group": Group.objects.create(name="readers").pk,
         "embedding_model": EmbeddingModel.objects.get(is_active=True).pk,
         "embedding_model_key": EmbeddingModel.objects.get(is_active=True).key,
+        "golden_a": golden_query_save(collection=collection_a, question="What does Nightjar buy?",
+                                      documents=[doc_a]).pk,
         "share_a_private": conversation_share(
             conversation=Conversation.objects.get(pk=ids["conversation_a_private"])).share_token,
         "share_b_private": conversation_share(

@@ -1,7 +1,9 @@
-"""`manage.py kb_eval --dataset DIR [--modes ...] [--json FILE]`: retrieval quality on BEIR data."""
+"""`manage.py kb_eval --dataset DIR [--modes ...] [--json FILE]`: retrieval quality on BEIR data;
+`manage.py kb_eval --golden SLUG`: on a collection's golden set, as the collection is now."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from argparse import ArgumentParser
 from pathlib import Path
@@ -11,9 +13,10 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
+from kb.models import Collection
 from kb.ops import bootstrap
 from kb.ops.database import DatabaseSetupError
-from search import evaluation
+from search import evaluation, golden, services
 
 
 class Command(BaseCommand):
@@ -24,8 +27,12 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_argument("--dataset", required=True,
+        source = parser.add_mutually_exclusive_group(required=True)
+        source.add_argument("--dataset",
                             help="Directory with corpus.jsonl, queries.jsonl, qrels/test.tsv.")
+        source.add_argument("--golden", metavar="SLUG",
+                            help="Run the collection's golden set (search.golden) instead: "
+                                 "Recall@10, MRR@10 and nDCG@10 per mode.")
         parser.add_argument("--modes", default="bm25,vector,hybrid",
                             help=f"Comma-separated, from {', '.join(evaluation.MODES)}.")
         parser.add_argument("--json", dest="json_file", help="Also write the results to this file.")
@@ -45,11 +52,16 @@ class Command(BaseCommand):
                             help="qrels file to evaluate (default: test).")
         parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
-    def handle(self, *args: object, dataset: str, modes: str, json_file: str | None,
+    def handle(self, *args: object, dataset: str | None, golden: str | None, modes: str,
+               json_file: str | None,
                k1: float | None, b: float | None, rrf_k: int | None, candidates: int | None,
                fusion: str,
                ef_search: int | None, reranker: str | None, limit_queries: int | None, split: str,
                no_progress: bool, **options: object) -> None:
+        if golden:
+            self._golden(golden, modes=modes, json_file=json_file)
+            return
+        assert dataset is not None
         path = Path(dataset)
         if not (path / "corpus.jsonl").is_file() or not (path / "qrels" / f"{split}.tsv").is_file():
             raise CommandError(f"{path} is not a BEIR dataset (corpus.jsonl, qrels/{split}.tsv).")
@@ -84,6 +96,32 @@ class Command(BaseCommand):
                                                    fusion=fusion, limit_queries=limit_queries,
                                                    no_progress=no_progress))
         self._report(data, prepared, results, used=used, json_file=json_file)
+
+    def _golden(self, slug: str, *, modes: str, json_file: str | None) -> None:
+        try:
+            bootstrap.database_prepare()
+        except DatabaseSetupError as exc:
+            raise CommandError(str(exc)) from None
+        collection = Collection.objects.filter(slug=slug).first()
+        if collection is None:
+            raise CommandError(f"No collection {slug!r}.")
+        wanted = [mode.strip() for mode in modes.split(",") if mode.strip()]
+        if not wanted or any(mode not in services.MODES for mode in wanted):
+            raise CommandError(f"With --golden, modes are {', '.join(services.MODES)}.")
+        try:
+            results = golden.golden_set_evaluate(collection=collection, modes=wanted)
+        except golden.GoldenSetError as exc:
+            raise CommandError(str(exc)) from None
+        first = results[0]
+        self.stdout.write(f"{slug}: golden set v{first.version}, {first.queries} questions")
+        names = golden.GOLDEN_METRICS
+        self.stdout.write("mode      " + "".join(f"{name:>11}" for name in names))
+        for result in results:
+            self.stdout.write(f"{result.mode:<10}"
+                              + "".join(f"{result.metrics[name]:>11.4f}" for name in names))
+        if json_file:
+            Path(json_file).write_text(json.dumps(
+                [dataclasses.asdict(result) for result in results], indent=2))
 
     def _reranker_entry(self, wanted: list[str], reranker: str | None) -> dict | None:
         """The --reranker entry, once the modes are known and hybrid+rerank has a reranker."""
