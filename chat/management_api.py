@@ -68,6 +68,8 @@ class BudgetSerializer(serializers.ModelSerializer):
 class AnswerCacheEntrySerializer(serializers.ModelSerializer):
     collection: serializers.SlugRelatedField[Collection] = serializers.SlugRelatedField(
         slug_field="slug", read_only=True)
+    # A plain string: as a choice field its enum would collide with search's `mode`.
+    mode = serializers.CharField(read_only=True, help_text="generated or extracted")
 
     class Meta:
         model = AnswerCacheEntry
@@ -103,7 +105,7 @@ class AnswerCacheList(generics.ListAPIView):
         return selectors.answer_cache_entries_for_admin(
             user=self.request.user).select_related("collection")
 
-    @extend_schema(responses={204: None})
+    @extend_schema(operation_id="v1_answer_cache_clear", responses={204: None})
     def delete(self, request: Request) -> Response:
         ids = list(self.get_queryset().values_list("pk", flat=True))
         answer_cache.cache_clear(entry_ids=ids)

@@ -15,7 +15,7 @@ from django.core.exceptions import PermissionDenied
 from django.core.files.uploadedfile import UploadedFile
 from django.db.models import F, Model, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import redirect
+from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.urls.resolvers import URLPattern
@@ -32,6 +32,8 @@ from kb.models import ApiKey, Chunk, Collection, Document, EmbeddingModel, Usage
 from kb.providers import registry
 from kb.selectors import AnyUser
 from kb.services import api_keys, collections, documents, embedding_models, uploads
+from search.models import QualityGateRun
+from search.quality_gate import quality_gate_latest
 
 if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations
@@ -515,13 +517,20 @@ class ReembedForm(forms.Form):
         return key
 
 
+class ActivateOverrideForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}), max_length=2000,
+        help_text="Why search should switch to this model although it measured worse; kept "
+                  "with the verdict and logged.")
+
+
 @admin.register(EmbeddingModel)
 class EmbeddingModelAdmin(admin.ModelAdmin):
     list_display = ["key", "model_name", "dimensions", "status", "is_active", "progress",
-                    "created_at", "activated_at"]
+                    "gate", "created_at", "activated_at"]
     readonly_fields = ["key", "backend", "model_name", "dimensions", "status", "is_active",
-                       "chunks_total", "chunks_embedded", "error_message", "created_at",
-                       "activated_at"]
+                       "chunks_total", "chunks_embedded", "error_message", "gate_verdict",
+                       "created_at", "activated_at"]
     actions = ["activate", "cancel", "drop_vectors"]
     change_list_template = "admin/kb/embeddingmodel/change_list.html"
 
@@ -535,8 +544,48 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
         return [
             path("reembed/", self.admin_site.admin_view(self.reembed_view),
                  name="kb_embeddingmodel_reembed"),
+            path("<int:pk>/activate-override/",
+                 self.admin_site.admin_view(self.activate_override_view),
+                 name="kb_embeddingmodel_activate_override"),
             *super().get_urls(),
         ]
+
+    @admin.display(description="Quality gate")
+    def gate(self, obj: EmbeddingModel) -> str:
+        run = quality_gate_latest(model=obj)
+        return run.outcome if run else "–"
+
+    @admin.display(description="Quality gate verdict")
+    def gate_verdict(self, obj: EmbeddingModel) -> str:
+        run = quality_gate_latest(model=obj)
+        if run is None:
+            return "Not run (the gate runs when the model is activated)."
+        if run.override_reason:
+            return f"{run.summary} Overridden: {run.override_reason}"
+        return run.summary
+
+    def activate_override_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """Activate a model the quality gate refused, with the editor's reason."""
+        if not self.has_change_permission(request):
+            raise PermissionDenied("Activating needs the “Can change embedding model” permission.")
+        model = get_object_or_404(EmbeddingModel, pk=pk)
+        form = ActivateOverrideForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                embeddings.embedding_model_activate(
+                    model=model, override_reason=form.cleaned_data["reason"])
+            except embeddings.EmbeddingModelError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                self.message_user(request, f"Search now uses {model.key} (quality gate "
+                                           "overridden).", messages.WARNING)
+            return redirect("admin:kb_embeddingmodel_changelist")
+        run = quality_gate_latest(model=model)
+        context = {**self.admin_site.each_context(request), "opts": self.model._meta,
+                   "form": form, "model": model, "run": run,
+                   "title": f"Activate {model.key} despite the quality gate"}
+        return TemplateResponse(request, "admin/kb/embeddingmodel/activate_override.html",
+                                context)
 
     @admin.display(description="Progress")
     def progress(self, obj: EmbeddingModel) -> str:
@@ -565,8 +614,9 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
                     "using the active model until it is complete.",
                 )
             return redirect("admin:kb_embeddingmodel_changelist")
+        verdicts = QualityGateRun.objects.select_related("candidate")[:5]
         context = {**self.admin_site.each_context(request), "opts": self.model._meta,
-                   "form": form, "title": "Re-embed the knowledge base"}
+                   "form": form, "title": "Re-embed the knowledge base", "verdicts": verdicts}
         return TemplateResponse(request, "admin/kb/embeddingmodel/reembed.html", context)
 
     @admin.action(description="Activate (switch search to this model)")
@@ -574,7 +624,14 @@ class EmbeddingModelAdmin(admin.ModelAdmin):
         for model in queryset:
             try:
                 embeddings.embedding_model_activate(model=model)
-                self.message_user(request, f"Search now uses {model.key}.")
+                run = quality_gate_latest(model=model)
+                self.message_user(request, f"Search now uses {model.key}. "
+                                           f"{run.summary if run else ''}")
+            except embeddings.QualityGateRefused as exc:
+                url = reverse("admin:kb_embeddingmodel_activate_override", args=[model.pk])
+                self.message_user(request, format_html(
+                    "{} <a href=\"{}\">Activate anyway, with a reason…</a>", str(exc), url),
+                    messages.ERROR)
             except embeddings.EmbeddingModelError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
 

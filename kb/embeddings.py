@@ -376,7 +376,14 @@ def reembed_run(*, model_id: int, activate: bool = False) -> EmbeddingModel:
         raise
     model.refresh_from_db()
     if activate and model.status == EmbeddingModel.Status.READY:
-        model = embedding_model_activate(model=model)
+        try:
+            model = embedding_model_activate(model=model)
+        except QualityGateRefused as exc:
+            # Complete but not switched to: the verdict is on the model, for an editor to
+            # read and, with a reason, override.
+            logger.warning("Re-embedding with %s done, not activated: %s", model.key, exc)
+            EmbeddingModel.objects.filter(pk=model.pk).update(error_message=str(exc)[:2000])
+            model.refresh_from_db()
     return model
 
 
@@ -403,12 +410,41 @@ def _embed_chunks(*, model: EmbeddingModel, chunks: Sequence[Chunk]) -> None:
         )
 
 
-def embedding_model_activate(*, model: EmbeddingModel) -> EmbeddingModel:
+class QualityGateRefused(EmbeddingModelError):
+    """The candidate model searches worse than the active one (search.quality_gate)."""
+
+
+# The gate an activation must pass: search registers it at startup (search.quality_gate),
+# since kb imports nothing from search. (candidate, current, override_reason) -> verdict
+# dict with "passed" and "summary"; it keeps the verdict itself.
+ActivationGate = Callable[..., dict]
+_activation_gate: ActivationGate | None = None
+
+
+def activation_gate_set(gate: ActivationGate | None) -> None:
+    """Register the quality gate embedding_model_activate runs (search does, at startup)."""
+    global _activation_gate
+    _activation_gate = gate
+
+
+def embedding_model_activate(*, model: EmbeddingModel, override_reason: str = "",
+                             gate: bool = True) -> EmbeddingModel:
     """Make a complete model the one search uses, in one transaction.
 
-    Refused unless every chunk has a vector in it. The previous model keeps its vectors
-    and index (status ready) until they are dropped explicitly.
+    Refused unless every chunk has a vector in it, and, when another model is active,
+    unless the quality gate finds the new one searches as well (QualityGateRefused); an
+    override reason switches anyway, and is kept with the verdict and logged. The previous
+    model keeps its vectors and index (status ready) until they are dropped explicitly.
     """
+    current = EmbeddingModel.objects.filter(is_active=True).exclude(pk=model.pk).first()
+    if gate and _activation_gate is not None and current is not None:
+        reason = override_reason.strip()
+        verdict = _activation_gate(candidate=model, current=current, override_reason=reason)
+        if not verdict["passed"]:
+            if not reason:
+                raise QualityGateRefused(
+                    f"{verdict['summary']} Not activated; give a reason to override the gate.")
+            logger.warning("Quality gate overridden for %s: %s", model.key, reason)
     with transaction.atomic():
         locked = EmbeddingModel.objects.select_for_update().get(pk=model.pk)
         if locked.status not in {EmbeddingModel.Status.READY, EmbeddingModel.Status.ACTIVE}:

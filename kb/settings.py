@@ -652,6 +652,9 @@ KB_CHAT_HISTORY_TURNS = env_int("KB_CHAT_HISTORY_TURNS", 3)
 # Cosine similarity above which a cached answer to another question is reused. Chosen for
 # precision >= 0.98 on fixtures/paraphrases.jsonl by benchmarks/semantic_cache_threshold.py.
 KB_SEMANTIC_CACHE_THRESHOLD = env_float("KB_SEMANTIC_CACHE_THRESHOLD", 0.90)
+# How far below the active embedding model a candidate may score (Recall@10, MRR@10, in
+# the vector and hybrid modes) before the quality gate refuses to activate it.
+KB_QUALITY_GATE_TOLERANCE = env_float("KB_QUALITY_GATE_TOLERANCE", 0.02)
 # Cached answers older than this are ignored (0 keeps them until the documents change).
 KB_CACHE_TTL_SECONDS = env_int("KB_CACHE_TTL_SECONDS", 7 * 24 * 3600)
 # An SSE comment is sent this often while the model is silent, so proxies keep the stream.

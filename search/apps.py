@@ -15,6 +15,10 @@ class SearchConfig(AppConfig):
 
     def ready(self) -> None:
         post_migrate.connect(_bm25_extension_create, sender=self)
+        # Registers the quality gate that activating an embedding model runs (kb.embeddings).
+        # It imports models, which the app registry allows only once ready: at the top, a
+        # cycle with Django's app registry, which imports this module.
+        import search.quality_gate  # noqa: F401
 
 
 def _bm25_extension_create(sender: AppConfig, using: str, **kwargs: object) -> None:

@@ -99,3 +99,31 @@ class GoldenSet(models.Model):
 
     def __str__(self) -> str:
         return f"{self.collection_id} v{self.version}"
+
+
+class QualityGateRun(models.Model):
+    """One run of the quality gate on activating an embedding model, kept with its verdict
+    (search.quality_gate): per collection, the questions used and both models' figures."""
+
+    candidate = models.ForeignKey("kb.EmbeddingModel", on_delete=models.CASCADE,
+                                  related_name="quality_gate_runs")
+    current = models.ForeignKey("kb.EmbeddingModel", null=True, on_delete=models.SET_NULL,
+                                related_name="+")
+    passed = models.BooleanField()
+    summary = models.TextField()
+    verdict = models.JSONField(default=dict)
+    # Why an editor activated the candidate although it did not pass.
+    override_reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.candidate_id}: {'passed' if self.passed else 'refused'}"
+
+    @property
+    def outcome(self) -> str:
+        if self.passed:
+            return "passed"
+        return "overridden" if self.override_reason else "refused"

@@ -7,7 +7,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('chat', '0002_message_answerable_semantic_notice'),
-        ('kb', '0006_hnsw_halfvec'),
+        ('kb', '0005_reindex_status_dropping'),
     ]
 
     operations = [

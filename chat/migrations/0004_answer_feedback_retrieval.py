@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('chat', '0003_conversation_collections_share'),
-        ('kb', '0006_hnsw_halfvec'),
+        ('kb', '0005_reindex_status_dropping'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -22,22 +22,33 @@ from kb.api.ratelimits import rate_limit_enforce
 from kb.models import ApiKey, EmbeddingModel
 from kb.providers import registry
 from kb.services import embedding_models
+from search.quality_gate import quality_gate_latest
 
 
 class EmbeddingModelSerializer(serializers.ModelSerializer):
     progress = serializers.SerializerMethodField(help_text="Percent of chunks embedded.")
+    quality_gate = serializers.SerializerMethodField(
+        help_text="The quality gate's last verdict on activating the model, or null.")
     url = serializers.SerializerMethodField(help_text="This model's URL: the job's state.")
 
     class Meta:
         model = EmbeddingModel
         fields = ["key", "model_name", "dimensions", "status", "is_active", "chunks_total",
-                  "chunks_embedded", "progress", "error_message", "created_at", "activated_at",
-                  "url"]
+                  "chunks_embedded", "progress", "error_message", "quality_gate", "created_at",
+                  "activated_at", "url"]
 
     def get_progress(self, model: EmbeddingModel) -> float | None:
         if not model.chunks_total:
             return None
         return round(100 * model.chunks_embedded / model.chunks_total, 1)
+
+    def get_quality_gate(self, model: EmbeddingModel) -> dict | None:
+        run = quality_gate_latest(model=model)
+        if run is None:
+            return None
+        return {"outcome": run.outcome, "summary": run.summary,
+                "override_reason": run.override_reason, "at": run.created_at.isoformat(),
+                "collections": run.verdict.get("collections", [])}
 
     def get_url(self, model: EmbeddingModel) -> str:
         path = reverse("api-embedding-model-detail", args=[model.key])
@@ -143,11 +154,30 @@ class _EmbeddingModelAction(generics.GenericAPIView):
             raise ValidationError({"status": [str(exc)]}) from None
 
 
+class ActivateSerializer(serializers.Serializer):
+    override_reason = serializers.CharField(
+        required=False, allow_blank=True, default="", max_length=2000,
+        help_text="Activate even though the quality gate finds the model worse; kept with "
+                  "the verdict and logged.")
+
+
 class EmbeddingModelActivate(_EmbeddingModelAction):
-    """Switch search to this model; only a complete one (status ready) can be activated."""
+    """Switch search to this model; only a complete one (status ready) can be activated,
+    and only if the quality gate finds it searches as well as the active one (400 with the
+    verdict otherwise) or `override_reason` says why to switch anyway."""
+
+    @extend_schema(request=ActivateSerializer, responses={200: EmbeddingModelSerializer})
+    def post(self, request: Request, key: str) -> Response:
+        return super().post(request, key)
 
     def act(self, request: Request, model: EmbeddingModel) -> Response:
-        model = embeddings.embedding_model_activate(model=model)
+        serializer = ActivateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            model = embeddings.embedding_model_activate(
+                model=model, override_reason=serializer.validated_data["override_reason"])
+        except embeddings.QualityGateRefused as exc:
+            raise ValidationError({"quality_gate": [str(exc)]}) from None
         return Response(EmbeddingModelSerializer(model, context={"request": request}).data)
 
 

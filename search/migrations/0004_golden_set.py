@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('kb', '0006_hnsw_halfvec'),
+        ('kb', '0005_reindex_status_dropping'),
         ('search', '0003_chunk_collection_follows_document'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]

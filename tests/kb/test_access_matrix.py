@@ -263,6 +263,10 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
     "admin/kb/document/progress/": [
         ("/admin/kb/document/progress/?ids={doc_a},{doc_public}", ADMIN_ONLY),
     ],
+    "admin/kb/embeddingmodel/<int:pk>/activate-override/": [
+        ("/admin/kb/embeddingmodel/{embedding_model}/activate-override/",
+         _expect(superuser=200, editor=403, others=302)),
+    ],
     "admin/kb/embeddingmodel/reembed/": [
         ("/admin/kb/embeddingmodel/reembed/", _expect(superuser=200, editor=403, others=302)),
     ],

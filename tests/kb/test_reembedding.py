@@ -21,7 +21,13 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def fake_embedder(settings):
-    """A second embedding model (8 dimensions) served by a real local OpenAI-style server."""
+    """A second embedding model (8 dimensions) served by a real local OpenAI-style server.
+
+    Its vectors are no real model's, so the quality gate would rightly refuse to switch
+    search to it; these tests are about the mechanics of re-embedding and cut-over, so the
+    gate's tolerance lets everything through (the gate has its own tests,
+    tests/search/test_quality_gate.py)."""
+    settings.KB_QUALITY_GATE_TOLERANCE = 1.0
     with FakeOpenAIServer(dimensions=8) as server:
         settings.KB_PROVIDERS = {
             **settings.KB_PROVIDERS,

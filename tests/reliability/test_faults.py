@@ -545,9 +545,12 @@ def reembed_outcome(private_postgres) -> Iterator[ReembedOutcome]:
     corpus = postgres.base / "corpus-reembed"
     write_corpus(corpus, documents=12, sections=8, tag="b")
     with FakeOpenAIServer(dimensions=16) as fast, FakeOpenAIServer(dimensions=24) as slow:
+        # The fake models' vectors are no real model's: the quality gate would rightly
+        # refuse fake-b; what is tested here is the cut-over, so the gate lets it through.
         env = site_env(postgres, url,
                        KB_FAULT_EMBEDDING_A_URL=fast.base_url, KB_FAULT_EMBEDDING_A_DIMENSIONS="16",
-                       KB_FAULT_EMBEDDING_B_URL=slow.base_url, KB_FAULT_EMBEDDING_B_DIMENSIONS="24")
+                       KB_FAULT_EMBEDDING_B_URL=slow.base_url, KB_FAULT_EMBEDDING_B_DIMENSIONS="24",
+                       KB_QUALITY_GATE_TOLERANCE="1.0")
         for args in (("migrate", "--no-input"),
                      ("kb_ingest", str(corpus), "--sync", "--collection", "reembed")):
             result = manage(env, *args)
