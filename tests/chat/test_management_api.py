@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from django.contrib.auth.models import Permission
 
 from chat.models import AnswerCacheEntry, Budget
 from tests.chat.conftest import ask
-from tests.kb.test_management_api import client_for
+from tests.kb.test_management_api import client_for, user_with
 
 pytestmark = pytest.mark.django_db
 
 
-def operator(django_user_model, username: str, *codenames: str):
-    user = django_user_model.objects.create_user(username, password=f"pw-{username}-123")
-    user.user_permissions.add(*Permission.objects.filter(content_type__app_label="chat",
-                                                         codename__in=codenames))
-    return user
-
-
 @pytest.fixture
 def budgets_api(django_user_model):
-    api, _ = client_for(operator(django_user_model, "finance", "view_budget", "add_budget",
+    api, _ = client_for(user_with(django_user_model, "finance", "view_budget", "add_budget",
                                  "change_budget", "delete_budget"))
     return api
 
@@ -62,10 +54,10 @@ def test_there_is_one_global_budget(budgets_api):
 
 
 def test_reading_budgets_is_not_writing_them(django_user_model):
-    api, _ = client_for(operator(django_user_model, "viewer", "view_budget"))
+    api, _ = client_for(user_with(django_user_model, "viewer", "view_budget"))
     assert api.get("/api/v1/budgets/").status_code == 200
     assert api.post("/api/v1/budgets/", {"scope": "global"}, format="json").status_code == 403
-    nobody, _ = client_for(operator(django_user_model, "nobody"))
+    nobody, _ = client_for(user_with(django_user_model, "nobody"))
     assert nobody.get("/api/v1/budgets/").status_code == 403
 
 
@@ -73,7 +65,7 @@ def test_cached_answers_are_listed_and_cleared(corpus, generative, user, django_
     ask("How often is the database backed up?", user=user)
     ask("When do vacation days expire?", user=user)
     assert AnswerCacheEntry.objects.count() == 2
-    api, _ = client_for(operator(django_user_model, "cache-keeper", "view_answercacheentry",
+    api, _ = client_for(user_with(django_user_model, "cache-keeper", "view_answercacheentry",
                                  "delete_answercacheentry"))
     listed = api.get("/api/v1/answer-cache/").json()["results"]
     assert len(listed) == 2 and listed[0]["question"]
@@ -86,7 +78,7 @@ def test_cached_answers_are_listed_and_cleared(corpus, generative, user, django_
 def test_clearing_the_cache_needs_the_delete_permission(corpus, generative, user,
                                                         django_user_model):
     ask("How often is the database backed up?", user=user)
-    api, _ = client_for(operator(django_user_model, "viewer", "view_answercacheentry"))
+    api, _ = client_for(user_with(django_user_model, "viewer", "view_answercacheentry"))
     assert len(api.get("/api/v1/answer-cache/").json()["results"]) == 1
     assert api.delete("/api/v1/answer-cache/").status_code == 403
     assert AnswerCacheEntry.objects.count() == 1

@@ -28,8 +28,9 @@ def client_for(user, *, collections=()) -> tuple[APIClient, ApiKey]:
 
 def user_with(django_user_model, username: str, *codenames: str):
     user = django_user_model.objects.create_user(username, password=f"pw-{username}-123")
-    user.user_permissions.add(*Permission.objects.filter(content_type__app_label="kb",
-                                                         codename__in=codenames))
+    # Codenames are unique across the project's apps (view_budget is chat's, and so on).
+    user.user_permissions.add(*Permission.objects.filter(
+        content_type__app_label__in=["kb", "chat", "search"], codename__in=codenames))
     return user
 
 
