@@ -4,8 +4,12 @@
  * that builds elements with the DOM API and fills them with text nodes only: no HTML string
  * from an answer (or a document quoted in it) is ever parsed, so none can run script.
  *
+ * Each complete answer can be rated Helpful or Not helpful (PUT …/chat/messages/<id>/feedback);
+ * Not helpful asks what was wrong in a small form under the answer.
+ *
  * With #chat[data-readonly] (templates/chat/shared.html) it only renders the conversation
- * embedded in the page, with the same bubbles, citations, source panel and copy buttons. */
+ * embedded in the page, with the same bubbles, citations, source panel and copy buttons, and
+ * no rating. */
 (function () {
   "use strict";
 
@@ -142,6 +146,8 @@
   const ICONS = {
     copy: "M5.5 5.5h7v8h-7z M3.5 10.5v-8h7",
     more: "M3 8h.01 M8 8h.01 M13 8h.01",
+    // A hand, thumb up; the thumb down is the same hand turned (chat.css .icon-thumb-down).
+    "thumb-up": "M1.5 7h3v7h-3z M4.5 7 7 2.2c1.1 0 1.9 1 1.6 2.1L8.2 6h4.4c.9 0 1.6.8 1.4 1.7l-1 5.1c-.1.7-.7 1.2-1.4 1.2H4.5",
   };
 
   function icon(name) {
@@ -151,7 +157,7 @@
       svg.setAttribute(k, v);
     }
     const path = document.createElementNS(ns, "path");
-    path.setAttribute("d", ICONS[name]);
+    path.setAttribute("d", ICONS[name === "thumb-down" ? "thumb-up" : name]);
     svg.append(path);
     return svg;
   }
@@ -205,6 +211,11 @@
     // The answer as written (Markdown, with its [n] markers), not as the page shows it.
     bubble.actions.append(copyButton("Copy", "Copy answer", () => bubble.text, "copy-answer"));
     node.append(bubble.header, bubble.body, bubble.footer, bubble.actions);
+    if (!readonly) {
+      bubble.feedback = feedbackControls(bubble);
+      bubble.actions.append(bubble.feedback.group);
+      node.append(bubble.feedback.error, bubble.feedback.note);
+    }
     els.list.append(node);
     setStatus(bubble, "streaming");
     return bubble;
@@ -214,6 +225,12 @@
     bubble.node.dataset.status = status;
     bubble.node.setAttribute("aria-busy", status === "streaming" ? "true" : "false");
     bubble.actions.hidden = status === "streaming" || !bubble.text.trim();
+    if (bubble.feedback) {
+      // Only a complete answer is rated: not one that failed, was stopped or is still written.
+      const rateable = status === "complete" && Boolean(bubble.messageId);
+      bubble.feedback.group.hidden = !rateable;
+      if (!rateable) closeFeedbackForm(bubble, false);
+    }
   }
 
   function setMode(bubble, mode, notice, answerable) {
@@ -495,12 +512,176 @@
     renderBody(bubble);
     renderSources(bubble, message.cited);
     renderRelated(bubble);
+    if (bubble.feedback) {
+      bubble.feedback.vote = message.feedback || null;
+      showVote(bubble, bubble.feedback.vote?.rating);
+    }
     setStatus(bubble, STATUS_FROM_SERVER[message.status] || "complete");
     bubble.footer.replaceChildren();
     if (message.status === "interrupted") showNotice(bubble, "stopped", "Stopped");
     if (message.status === "streaming" && !readonly) {
       showNotice(bubble, "info", "This answer is still being written.", [["Load final answer", () => loadFinal(bubble)]]);
     }
+  }
+
+  // --- Feedback: Helpful / Not helpful on each complete answer ---------------------------------
+
+  // The reasons an answer is not helpful, as chat.models.AnswerFeedback.Reason has them.
+  const FEEDBACK_REASONS = [
+    ["wrong", "Wrong"], ["incomplete", "Incomplete"], ["outdated", "Outdated"],
+    ["not_found", "Not found in the documents"],
+  ];
+  const FEEDBACK_THANKS = "Thanks — your feedback goes to the editors.";
+  let feedbackForms = 0;
+
+  const feedbackUrl = (bubble) => `${urls.messages}/${encodeURIComponent(bubble.messageId)}/feedback`;
+
+  // Two toggle buttons (their text is their name; the icon is decorative), a line that thanks
+  // (a status) and one that says what failed (an alert). `vote` is what the server holds; the
+  // buttons show a newer vote while it is being saved.
+  function feedbackControls(bubble) {
+    const button = (rating, label) => {
+      const b = el("button", { type: "button", class: "feedback-button", "aria-pressed": "false", "data-testid": `feedback-${rating}` });
+      b.append(icon(`thumb-${rating}`), el("span", { class: "feedback-label" }, label));
+      b.addEventListener("click", () => votePressed(bubble, rating));
+      return b;
+    };
+    const feedback = {
+      vote: null, form: null, saves: 0, queue: Promise.resolve(),
+      group: el("div", { class: "feedback", role: "group", "aria-label": "Rate this answer", "data-testid": "feedback" }),
+      up: button("up", "Helpful"),
+      down: button("down", "Not helpful"),
+      note: el("p", { class: "feedback-note", role: "status", "data-testid": "feedback-note" }),
+      error: el("p", { class: "feedback-error", role: "alert", "data-testid": "feedback-error" }),
+    };
+    feedback.group.append(feedback.up, feedback.down);
+    feedback.group.addEventListener("keydown", (e) => feedbackEscape(e, bubble));
+    return feedback;
+  }
+
+  function showVote(bubble, rating) {
+    const fb = bubble.feedback;
+    fb.up.setAttribute("aria-pressed", String(rating === "up"));
+    fb.down.setAttribute("aria-pressed", String(rating === "down"));
+  }
+
+  const shownRating = (fb) => ["up", "down"].find((r) => fb[r].getAttribute("aria-pressed") === "true") || null;
+
+  function feedbackMessage(bubble, note, error) {
+    bubble.feedback.note.textContent = note;
+    bubble.feedback.error.textContent = error;
+  }
+
+  // Helpful sets "up" at once; Not helpful sets "down" at once and asks what was wrong; the
+  // pressed button pressed again withdraws the vote.
+  function votePressed(bubble, rating) {
+    const fb = bubble.feedback;
+    if (shownRating(fb) === rating) {
+      closeFeedbackForm(bubble, false);
+      saveVote(bubble, null, "Your vote was not withdrawn");
+    } else if (rating === "up") {
+      closeFeedbackForm(bubble, false);
+      saveVote(bubble, { rating }, "Your vote was not saved");
+    } else {
+      saveVote(bubble, { rating }, "Your vote was not saved");
+      openFeedbackForm(bubble);
+    }
+  }
+
+  // Shows `vote` (null: none) at once and saves it once this answer's earlier saves are done,
+  // so they reach the server in the order they were made. A failure says why and shows the vote
+  // the server still has. Resolves to whether it was saved.
+  function saveVote(bubble, vote, failed) {
+    const fb = bubble.feedback;
+    const save = ++fb.saves;
+    showVote(bubble, vote && vote.rating);
+    feedbackMessage(bubble, "", "");
+    fb.queue = fb.queue.then(async () => {
+      try {
+        const response = await sendJSON(vote ? "PUT" : "DELETE", feedbackUrl(bubble), vote || undefined);
+        if (!response.ok) throw new Error(await errorText(response, "comment"));
+        fb.vote = vote ? await response.json() : null;
+        if (save === fb.saves) showVote(bubble, fb.vote?.rating);
+        return true;
+      } catch (err) {
+        // fetch() rejects with a TypeError when the server cannot be reached.
+        const why = err instanceof TypeError ? "Could not reach the server. Check your connection." : err.message;
+        feedbackMessage(bubble, "", `${failed}: ${why}`);
+        showVote(bubble, fb.vote?.rating);
+        if (fb.vote?.rating !== "down") closeFeedbackForm(bubble, false);
+        return false;
+      }
+    });
+    return fb.queue;
+  }
+
+  // Under an answer just marked not helpful: what was wrong (optional), a comment (optional),
+  // Send and Cancel. Cancel or Escape keeps the plain "down" vote.
+  function openFeedbackForm(bubble) {
+    const fb = bubble.feedback;
+    if (fb.form) return;
+    const id = `feedback-${++feedbackForms}`;
+    const form = el("form", { class: "feedback-form", "aria-label": "Why it was not helpful", "data-testid": "feedback-form", novalidate: "" });
+    const reasons = el("fieldset", { class: "feedback-reasons" });
+    reasons.append(el("legend", { class: "feedback-legend" }, "What was wrong with this answer?"));
+    const choices = el("div", { class: "feedback-choices" });
+    for (const [value, label] of FEEDBACK_REASONS) {
+      const choice = el("label", { class: "feedback-choice" });
+      choice.append(el("input", { type: "radio", name: `${id}-reason`, value, "data-testid": `feedback-reason-${value}` }),
+        el("span", {}, label));
+      choices.append(choice);
+    }
+    reasons.append(choices);
+    const comment = el("textarea", {
+      id: `${id}-comment`, class: "feedback-comment", rows: "2", maxlength: "4000",
+      "data-testid": "feedback-comment",
+    });
+    const send = el("button", { type: "submit", class: "button-primary", "data-testid": "feedback-send" }, "Send");
+    const cancel = el("button", { type: "button", "data-testid": "feedback-cancel" }, "Cancel");
+    const buttons = el("div", { class: "feedback-form-actions" });
+    buttons.append(send, cancel);
+    form.append(reasons, el("label", { for: comment.id, class: "feedback-comment-label" }, "Comment (optional)"),
+      comment, buttons);
+
+    form.addEventListener("keydown", (e) => feedbackEscape(e, bubble));
+    cancel.addEventListener("click", () => closeFeedbackForm(bubble, true));
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      // Not disabled while sending: a disabled button would drop the keyboard focus.
+      if (form._sending) return;
+      form._sending = true;
+      send.textContent = "Sending…";
+      const reason = form.querySelector("input[type=radio]:checked")?.value || "";
+      const ok = await saveVote(bubble, { rating: "down", reason, comment: comment.value }, "Your feedback was not sent");
+      form._sending = false;
+      send.textContent = "Send";
+      // Not thanked when the vote changed meanwhile (the form closed with it).
+      if (!ok || fb.form !== form) return;
+      closeFeedbackForm(bubble, true);
+      feedbackMessage(bubble, FEEDBACK_THANKS, "");
+    });
+    fb.form = form;
+    fb.note.after(form);
+    // The whole form in view (under the last answer it would start below the fold), then
+    // focus on the first reason without a second jump.
+    form.scrollIntoView({ block: "nearest" });
+    choices.querySelector("input").focus({ preventScroll: true });
+  }
+
+  function closeFeedbackForm(bubble, restoreFocus) {
+    const fb = bubble.feedback;
+    if (!fb || !fb.form) return;
+    // Focus inside the form would fall to the page's body when the form goes.
+    const hadFocus = fb.form.contains(document.activeElement);
+    fb.form.remove();
+    fb.form = null;
+    if (restoreFocus || hadFocus) fb.down.focus();
+  }
+
+  function feedbackEscape(e, bubble) {
+    if (e.key !== "Escape" || !bubble.feedback.form) return;
+    e.preventDefault();
+    closeFeedbackForm(bubble, true);
   }
 
   // --- Sending and streaming ------------------------------------------------------------------
