@@ -165,7 +165,7 @@ def documents_wait_ready(server: KbServer, *, collection: str, count: int,
     with server.api() as api:
         while True:
             response = api.get("/api/v1/documents/", params={"collection": collection,
-                                                             "page_size": 100})
+                                                             "limit": 500})
             assert response.status_code == 200, response.text
             body = response.json()
             documents = body["results"] if isinstance(body, dict) else body
