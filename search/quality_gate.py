@@ -1,5 +1,8 @@
-"""The quality gate on activating an embedding model: the candidate must search as well as
-the active model before it replaces it.
+"""The quality gate: a change to how search works must search as well as what it replaces.
+
+Activating an embedding model runs it (activation_gate); a change of the BM25 engine or the
+fusion and BM25 parameters, which are deployment settings, is checked before it is made
+with `manage.py kb_quality_gate` (settings_gate).
 
 For each collection (the largest GATE_COLLECTIONS), its golden set runs against both
 models: the vector and hybrid modes, Recall@10 and MRR@10. A collection without a golden
@@ -13,10 +16,12 @@ kb.embeddings calls it through activation_gate_set (kb imports nothing from sear
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from django.conf import settings
 from django.db.models import Count, Q
+from django.test import override_settings
 
 from kb.embeddings import activation_gate_set
 from kb.models import Chunk, Collection, Document, EmbeddingModel
@@ -52,47 +57,88 @@ def activation_gate(*, candidate: EmbeddingModel, current: EmbeddingModel,
     """The gate's verdict, kept as a QualityGateRun: {"passed", "summary", "tolerance",
     "collections": [...]}."""
     tolerance = settings.KB_QUALITY_GATE_TOLERANCE
-    verdicts = []
-    for collection in _collections():
-        queries, qrels, source = _questions(collection)
-        if not queries:
-            continue
-        scores = {model.key: _scores(collection, queries, qrels, model)
-                  for model in (current, candidate)}
-        worse = [f"{mode} {metric} {scores[candidate.key][mode][metric]:.3f} < "
-                 f"{scores[current.key][mode][metric]:.3f}"
-                 for mode in GATE_MODES for metric in GATE_METRICS
-                 if scores[candidate.key][mode][metric]
-                 < scores[current.key][mode][metric] - tolerance]
-        verdicts.append(CollectionVerdict(
-            collection=collection.slug, source=source, queries=len(queries),
-            current=scores[current.key], candidate=scores[candidate.key], worse=worse))
-    failed = [v for v in verdicts if v.worse]
-    if not verdicts:
-        summary = "No collection has documents to measure; nothing to compare."
-    elif failed:
-        summary = (f"{candidate.key} searches worse than {current.key} (beyond {tolerance:.2f}) "
-                   "in " + "; ".join(f"{v.collection}: {', '.join(v.worse)}" for v in failed)
-                   + ".")
-    else:
-        summary = (f"{candidate.key} searches at least as well as {current.key} (within "
-                   f"{tolerance:.2f}) in {len(verdicts)} collection(s).")
-    generated = [v.collection for v in verdicts if v.source.startswith("generated")]
-    if generated:
-        summary += (" Measured on generated queries, not a golden set, for: "
-                    + ", ".join(generated) + ".")
-    logger.info("Quality gate for %s: %s", candidate.key, summary)
-    verdict = {"passed": not failed, "summary": summary, "tolerance": tolerance,
-               "collections": [asdict(v) for v in verdicts]}
-    QualityGateRun.objects.create(candidate=candidate, current=current, passed=not failed,
-                                  summary=summary, verdict=verdict,
-                                  override_reason=override_reason if failed else "")
+    verdicts = _compare(
+        lambda collection, queries, qrels: _scores(collection, queries, qrels, current),
+        lambda collection, queries, qrels: _scores(collection, queries, qrels, candidate),
+        modes=GATE_MODES, tolerance=tolerance)
+    verdict = _verdict(verdicts, candidate=candidate.key, current=current.key,
+                       tolerance=tolerance)
+    logger.info("Quality gate for %s: %s", candidate.key, verdict["summary"])
+    QualityGateRun.objects.create(
+        candidate=candidate, current=current, passed=verdict["passed"],
+        summary=verdict["summary"], verdict=verdict,
+        override_reason="" if verdict["passed"] else override_reason)
     return verdict
 
 
 def quality_gate_latest(*, model: EmbeddingModel) -> QualityGateRun | None:
     """The gate's most recent verdict on activating the model, if it ran."""
     return QualityGateRun.objects.filter(candidate=model).order_by("-created_at").first()
+
+
+def settings_gate(*, changes: dict[str, object]) -> dict:
+    """The verdict on changing search settings (KB_BM25_ENGINE, KB_RRF_K, KB_BM25_K1,
+    KB_BM25_B) to `changes`: each collection searched in the bm25 and hybrid modes with the
+    settings as they are and as they would be, with the active embedding model."""
+    tolerance = settings.KB_QUALITY_GATE_TOLERANCE
+    model = EmbeddingModel.objects.filter(is_active=True).first()
+
+    def with_changes(collection: Collection, queries: dict[str, str],
+                     qrels: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+        with override_settings(**changes):
+            return _scores(collection, queries, qrels, model, modes=SETTINGS_MODES)
+
+    verdicts = _compare(
+        lambda collection, queries, qrels: _scores(collection, queries, qrels, model,
+                                                   modes=SETTINGS_MODES),
+        with_changes, modes=SETTINGS_MODES, tolerance=tolerance)
+    described = ", ".join(f"{name}={value}" for name, value in changes.items())
+    verdict = _verdict(verdicts, candidate=described, current="the current settings",
+                       tolerance=tolerance)
+    logger.info("Quality gate for %s: %s", described, verdict["summary"])
+    return verdict
+
+
+SETTINGS_MODES = ("bm25", "hybrid")
+Scorer = Callable[[Collection, dict[str, str], dict[str, dict[str, int]]],
+                  dict[str, dict[str, float]]]
+
+
+def _compare(current: Scorer, candidate: Scorer, *, modes: Sequence[str],
+             tolerance: float) -> list[CollectionVerdict]:
+    """Each measured collection's figures both ways, and what the candidate does worse."""
+    verdicts = []
+    for collection in _collections():
+        queries, qrels, source = _questions(collection)
+        if not queries:
+            continue
+        before, after = current(collection, queries, qrels), candidate(collection, queries, qrels)
+        worse = [f"{mode} {metric} {after[mode][metric]:.3f} < {before[mode][metric]:.3f}"
+                 for mode in modes for metric in GATE_METRICS
+                 if after[mode][metric] < before[mode][metric] - tolerance]
+        verdicts.append(CollectionVerdict(
+            collection=collection.slug, source=source, queries=len(queries),
+            current=before, candidate=after, worse=worse))
+    return verdicts
+
+
+def _verdict(verdicts: list[CollectionVerdict], *, candidate: str, current: str,
+             tolerance: float) -> dict:
+    failed = [v for v in verdicts if v.worse]
+    if not verdicts:
+        summary = "No collection has documents to measure; nothing to compare."
+    elif failed:
+        summary = (f"{candidate} searches worse than {current} (beyond {tolerance:.2f}) in "
+                   + "; ".join(f"{v.collection}: {', '.join(v.worse)}" for v in failed) + ".")
+    else:
+        summary = (f"{candidate} searches at least as well as {current} (within "
+                   f"{tolerance:.2f}) in {len(verdicts)} collection(s).")
+    generated = [v.collection for v in verdicts if v.source.startswith("generated")]
+    if generated:
+        summary += (" Measured on generated queries, not a golden set, for: "
+                    + ", ".join(generated) + ".")
+    return {"passed": not failed, "summary": summary, "tolerance": tolerance,
+            "collections": [asdict(v) for v in verdicts]}
 
 
 def _collections() -> list[Collection]:
@@ -125,14 +171,16 @@ def _questions(collection: Collection) -> tuple[dict[str, str], dict[str, dict[s
 
 
 def _scores(collection: Collection, queries: dict[str, str], qrels: dict[str, dict[str, int]],
-            model: EmbeddingModel) -> dict[str, dict[str, float]]:
+            model: EmbeddingModel | None, *,
+            modes: Sequence[str] = GATE_MODES) -> dict[str, dict[str, float]]:
     """Recall@10 and MRR@10 per mode, searching with `model`'s vectors."""
     scores = {}
-    for mode in GATE_MODES:
+    for mode in modes:
         rankings = {}
         for qid, text in queries.items():
-            embedded = services.QueryEmbedding(model=model,
-                                               vector=query_vector(model=model, text=text))
+            embedded = (services.QueryEmbedding(model=model,
+                                                vector=query_vector(model=model, text=text))
+                        if model is not None and mode != "bm25" else None)
             hits = services.search(
                 params=services.SearchParams(query=text, k=GOLDEN_K, mode=mode, rerank=False),
                 user=SYSTEM, collection_ids=(collection.pk,), record_usage=False,

@@ -96,3 +96,28 @@ def test_the_api_says_why_and_takes_an_override(harbour, candidates, django_user
                       {"override_reason": "Benchmarking"}, format="json")
     assert forced.status_code == 200 and forced.json()["is_active"] is True
     assert forced.json()["quality_gate"]["override_reason"] == "Benchmarking"
+
+
+def test_a_settings_change_is_checked_before_it_is_made(harbour, collection, settings):
+    import io
+    import json
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    for name, (_, question) in TOPICS.items():
+        golden.golden_query_save(collection=collection, question=question,
+                                 documents=[harbour[name]])
+    out = io.StringIO()
+    call_command("kb_quality_gate", "--rrf-k", "30", "--bm25-engine", "sql", "--json",
+                 stdout=out)
+    verdict = json.loads(out.getvalue())
+    assert verdict["passed"] and "at least as well" in verdict["summary"]
+    (measured,) = verdict["collections"]
+    assert measured["source"] == "golden set v5" and set(measured["candidate"]) == {
+        "bm25", "hybrid"}
+    # Five distinct documents score the same under any sane setting; a tolerance below
+    # zero makes an equal figure a loss, to show what a refusal does.
+    settings.KB_QUALITY_GATE_TOLERANCE = -0.01
+    with pytest.raises(CommandError, match="refuses"):
+        call_command("kb_quality_gate", "--rrf-k", "30", stdout=io.StringIO())
