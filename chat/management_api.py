@@ -10,6 +10,7 @@ collection, so a key narrowed to some collections is refused.
 from __future__ import annotations
 
 from copy import copy
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -21,6 +22,7 @@ from rest_framework.response import Response
 
 from chat import answer_cache, selectors
 from chat.models import AnswerCacheEntry, Budget
+from kb.api.conventions import IDEMPOTENCY_KEY, idempotent
 from kb.api.pagination import BoundedCursorPagination
 from kb.api.permissions import ADMIN_MODEL
 from kb.models import ApiKey, Collection
@@ -85,6 +87,10 @@ class BudgetList(generics.ListCreateAPIView):
     serializer_class = BudgetSerializer
     permission_classes = ADMIN_MODEL
     queryset = Budget.objects.select_related("user").order_by("pk")
+
+    @extend_schema(parameters=[IDEMPOTENCY_KEY])
+    def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return idempotent(request, lambda: super(BudgetList, self).post(request, *args, **kwargs))
 
 
 class BudgetDetail(generics.RetrieveUpdateDestroyAPIView):

@@ -67,6 +67,35 @@ def golden_query_save(
     return query
 
 
+@transaction.atomic
+def golden_query_update(*, query: GoldenQuery, question: str | None = None,
+                        documents: Sequence[Document] | None = None) -> GoldenQuery:
+    """Change a golden query's wording or the documents it expects (None: unchanged)."""
+    if question is not None:
+        question = " ".join(question.split())
+        if not question:
+            raise GoldenSetError("The question is empty.")
+        query.question = question
+        query.save(update_fields=["question", "updated_at"])
+    if documents is not None:
+        if not documents:
+            raise GoldenSetError("Name at least one document that answers the question.")
+        strays = [str(d) for d in documents if d.collection_id != query.collection_id]
+        if strays:
+            raise GoldenSetError(f"Not in {query.collection}: {', '.join(strays)}.")
+        query.documents.set(documents)
+    golden_set_touch(collection=query.collection)
+    return query
+
+
+@transaction.atomic
+def golden_query_delete(*, query: GoldenQuery) -> None:
+    """Remove a question from its collection's golden set."""
+    collection = query.collection
+    query.delete()
+    golden_set_touch(collection=collection)
+
+
 def golden_set_touch(*, collection: Collection) -> int:
     """Move the collection's golden set to its next version; returns it."""
     golden, _ = GoldenSet.objects.get_or_create(collection=collection)

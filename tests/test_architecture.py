@@ -46,6 +46,7 @@ def test_no_function_on_the_search_and_chat_paths_is_over_60_lines(figures):
 # The HTTP edges and the wiring (app configs, URL confs, the ASGI entry point).
 EDGES = ("kb.api", "kb.admin", "kb.urls", "kb.views", "kb.asgi", "kb.apps", "kb.usage.views",
          "kb.usage.urls", "kb.usage.api", "kb.ops.metrics_urls", "search.api", "search.urls",
+         "search.golden_api", "search.admin",
          "search.apps", "chat.api", "chat.management_api", "chat.mcp", "chat.quality_views",
          "chat.views", "chat.openai_compat", "chat.urls", "chat.admin", "chat.schema",
          "chat.apps")

@@ -52,13 +52,19 @@ class DocumentSerializer(serializers.ModelSerializer):
     collection: serializers.SlugRelatedField[Collection] = serializers.SlugRelatedField(
         slug_field="slug", read_only=True
     )
+    url = serializers.SerializerMethodField(
+        help_text="The document's API URL: its processing state (status, stage, progress, "
+                  "error) after an upload, a reprocess or a replacement.")
 
     class Meta:
         model = Document
-        fields = ["id", "collection", "title", "original_filename", "mime_type", "size_bytes",
-                  "content_hash", "status", "stage", "error_message", "metadata", "chunks_total",
-                  "chunks_embedded", "processing_started_at", "processing_finished_at",
-                  "created_at", "updated_at"]
+        fields = ["id", "url", "collection", "title", "original_filename", "mime_type",
+                  "size_bytes", "content_hash", "status", "stage", "error_message", "metadata",
+                  "chunks_total", "chunks_embedded", "processing_started_at",
+                  "processing_finished_at", "created_at", "updated_at"]
+
+    def get_url(self, document: Document) -> str:
+        return reverse("api-document-detail", args=[document.pk])
 
 
 class ChunkSerializer(serializers.ModelSerializer):

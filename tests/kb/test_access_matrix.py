@@ -212,6 +212,9 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
         ("/api/v1/embedding-models/{embedding_model_key}/cancel/", API_POST)],
     "api/v1/embedding-models/<slug:key>/drop-vectors/": [
         ("/api/v1/embedding-models/{embedding_model_key}/drop-vectors/", API_POST)],
+    "api/v1/golden-queries/": [("/api/v1/golden-queries/", API_SUPERUSER_ONLY)],
+    "api/v1/golden-queries/<int:pk>/": [("/api/v1/golden-queries/{golden_a}/",
+                                         API_SUPERUSER_ONLY)],
     # The admin's ledger, budgets and cache: model permissions, and no narrowed key.
     "api/v1/usage/": [("/api/v1/usage/", API_OPERATORS)],
     "api/v1/usage/report/": [("/api/v1/usage/report/", API_OPERATORS)],
@@ -598,6 +601,8 @@ WRITES = [
     ("post", "/api/v1/budgets/",
      _expect(superuser=400, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/budgets/{budget}/",
+     _expect(superuser=204, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
+    ("delete", "/api/v1/golden-queries/{golden_a}/",
      _expect(superuser=204, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),
     ("delete", "/api/v1/answer-cache/",
      _expect(superuser=204, others=403, revoked_key=401, deactivated_key=401, anonymous=401)),

@@ -242,7 +242,8 @@ def test_every_operation_survives_fuzzing_without_5xx_and_matches_the_schema(api
 # The management operations behind model permissions: fuzzed again as a superuser, so the
 # cases reach validation and the database instead of stopping at a 403.
 OPERATOR_PATHS = ("/api/v1/collections/", "/api/v1/budgets/", "/api/v1/usage/",
-                  "/api/v1/answer-cache/", "/api/v1/embedding-models/")
+                  "/api/v1/answer-cache/", "/api/v1/embedding-models/",
+                  "/api/v1/golden-queries/")
 
 
 @pytest.mark.slow
