@@ -1,4 +1,5 @@
-"""What the chat admin does, over REST: budgets, and the answer cache (read and clear).
+"""What the chat admin does, over REST: budgets, the answer cache (read and clear), and the
+Quality screen's report.
 
 The admin's permissions apply (kb.api.permissions.ADMIN_MODEL): “Can view budget” to list
 budgets, “Can add / change / delete budget” to write them; the cache's entries are read
@@ -10,21 +11,27 @@ collection, so a key narrowed to some collections is refused.
 from __future__ import annotations
 
 from copy import copy
+from dataclasses import asdict
 from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, serializers, status
+from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
-from chat import answer_cache, selectors
+from chat import answer_cache, quality, selectors
 from chat.models import AnswerCacheEntry, Budget
+from chat.quality_views import QualityFilterForm
 from kb.api.conventions import IDEMPOTENCY_KEY, idempotent
 from kb.api.pagination import BoundedCursorPagination
-from kb.api.permissions import ADMIN_MODEL
+from kb.api.permissions import ADMIN_MODEL, WholeKnowledgeBaseKey
 from kb.models import ApiKey, Collection
 
 
@@ -130,3 +137,39 @@ class AnswerCacheDetail(generics.RetrieveDestroyAPIView):
 
     def perform_destroy(self, instance: AnswerCacheEntry) -> None:
         answer_cache.cache_clear(entry_ids=[instance.pk])
+
+
+class QualityReport(APIView):
+    """The Quality screen as data: answers rated down and not covered (with what retrieval
+    found), unanswered topics, the most and never cited documents, for a period of local
+    days (default the last 30) and optionally one collection. “Can view message”, and a
+    key not narrowed to collections."""
+
+    permission_classes = [IsAuthenticated, WholeKnowledgeBaseKey]
+
+    @extend_schema(parameters=[OpenApiParameter("start", OpenApiTypes.DATE),
+                               OpenApiParameter("end", OpenApiTypes.DATE),
+                               OpenApiParameter("collection", OpenApiTypes.STR)],
+                   responses={200: OpenApiTypes.OBJECT})
+    def get(self, request: Request) -> Response:
+        if not request.user.has_perm("chat.view_message"):
+            raise PermissionDenied("This needs the “Can view message” permission.")
+        form = QualityFilterForm(request.query_params, user=request.user)
+        if not form.is_valid():
+            raise ValidationError({name: [str(e) for e in errors]
+                                   for name, errors in form.errors.items()})
+        period, collection = form.cleaned_data["period"], form.cleaned_data["collection"]
+        arguments = {"user": request.user, "period": period, "collection": collection}
+        not_covered = quality.answers_not_covered(**arguments)
+        return Response({
+            "start": period.start, "end": period.end,
+            "collection": collection.slug if collection else None,
+            "rated_down": [asdict(a) for a in quality.answers_rated_down(**arguments)],
+            "not_covered": [asdict(a) for a in not_covered],
+            "topics": [{"size": t.size, "questions": t.questions} for t in
+                       quality.unanswered_topics(questions=[a.question for a in not_covered])],
+            "most_cited": [asdict(row) for row in selectors.documents_most_cited(
+                period=period, user=request.user)],
+            "never_cited": [{"id": d.pk, "title": str(d), "collection": d.collection.slug}
+                            for d in quality.documents_never_cited(**arguments)],
+        })

@@ -130,7 +130,8 @@ def _readable_slugs(caller: Caller, slugs: list[str] | None) -> tuple[str, ...]:
 # --- Tools -------------------------------------------------------------------------------
 
 
-@server.tool()
+@server.tool(description="The collections you may read, with how many documents and "
+                         "passages each holds.")
 async def list_collections(ctx: Context) -> list[dict]:
     """The collections you may read, with how many documents and passages each holds."""
 
@@ -146,11 +147,14 @@ async def list_collections(ctx: Context) -> list[dict]:
     return await _call(ctx, "search", sync_to_async(work))
 
 
-@server.tool()
+@server.tool(description=(
+    "Hybrid search (BM25 and vectors, fused) over the collections named (`collections`, or "
+    "one `collection`), or all you may read. mode: hybrid, bm25 or vector. Each passage has "
+    "its text and a url to cite."))
 async def search(ctx: Context, query: str, collections: list[str] | None = None,
-                 mode: str = "hybrid", k: int = 10) -> dict:
-    """Hybrid search (BM25 and vectors, fused) over the collections named, or all you may
-    read. mode: hybrid, bm25 or vector. Each passage has its text and a url to cite."""
+                 collection: str | None = None, mode: str = "hybrid", k: int = 10) -> dict:
+    """Hybrid search over the named collections, or all the caller may read."""
+    collections = [*(collections or []), *([collection] if collection else [])]
     if not query.strip():
         raise ToolError("Give a query.")
     if mode not in search_services.MODES:
@@ -177,9 +181,9 @@ def _passage(hit: search_services.SearchHit) -> dict:
                                               chunk_id=hit.chunk_id)}
 
 
-@server.tool()
+@server.tool(description="One passage by id (from search), with its document.")
 async def get_chunk(ctx: Context, chunk_id: int) -> dict:
-    """One passage by id (from search), with its document and neighbours' ids."""
+    """One passage by id, with its document."""
 
     def work(caller: Caller) -> dict:
         chunk = (Chunk.objects.select_related("document")
@@ -199,10 +203,11 @@ async def get_chunk(ctx: Context, chunk_id: int) -> dict:
     return await _call(ctx, "search", sync_to_async(work))
 
 
-@server.tool()
+@server.tool(description=(
+    "A document's metadata and text: its passages in reading order, up to 100,000 "
+    "characters (`truncated` says when there is more)."))
 async def get_document(ctx: Context, document_id: int) -> dict:
-    """A document's metadata and text (its passages in reading order, up to 100,000
-    characters; `truncated` says when there is more)."""
+    """A document's metadata and text."""
 
     def work(caller: Caller) -> dict:
         document = (documents_visible(user=caller.user, api_key=caller.api_key)
@@ -226,10 +231,14 @@ async def get_document(ctx: Context, document_id: int) -> dict:
     return await _call(ctx, "search", sync_to_async(work))
 
 
-@server.tool()
-async def ask(ctx: Context, question: str, collections: list[str] | None = None) -> dict:
-    """A cited answer from the collections named, or all you may read; it says so when the
-    documents do not cover the question. Each citation has the passage and its url."""
+@server.tool(description=(
+    "A cited answer from the collections named (`collections`, or one `collection`), or all "
+    "you may read; it says so when the documents do not cover the question. Each citation "
+    "has the passage and its url."))
+async def ask(ctx: Context, question: str, collections: list[str] | None = None,
+              collection: str | None = None) -> dict:
+    """A cited answer from the named collections, or all the caller may read."""
+    collections = [*(collections or []), *([collection] if collection else [])]
 
     async def work(caller: Caller) -> dict:
         slugs = await sync_to_async(_readable_slugs)(caller, collections)

@@ -55,8 +55,12 @@ def quality_screen(request: HttpRequest) -> HttpResponse:
     if request.GET.get("format") == "csv":
         return _csv_response(period, rated_down, not_covered)
     if request.user.has_perm("search.add_goldenquery"):
-        for answer in [*rated_down, *not_covered]:
+        for answer in rated_down:
             answer.golden_add_url = _golden_add_url(answer)  # type: ignore[attr-defined]
+        for answer in not_covered:
+            # What retrieval found did not answer it: the editor picks the documents.
+            answer.golden_add_url = _golden_add_url(  # type: ignore[attr-defined]
+                answer, with_documents=False)
     context = {
         **admin.site.each_context(request),
         "title": "Quality",
@@ -74,13 +78,15 @@ def quality_screen(request: HttpRequest) -> HttpResponse:
     return TemplateResponse(request, "admin/chat/quality.html", context)
 
 
-def _golden_add_url(answer: quality.ReviewedAnswer) -> str:
-    """The golden set admin's add form, filled in from the answer."""
+def _golden_add_url(answer: quality.ReviewedAnswer, *, with_documents: bool = True) -> str:
+    """The golden set admin's add form, filled in from the answer: the question, its
+    collection and (for a rated answer) the documents retrieval found, to keep or drop."""
     initial = {"question": answer.question, "source_message": answer.message_id}
     candidate = quality.golden_candidate(answer)
     if candidate is not None:
         initial["collection"] = str(candidate[0])
-        initial["documents"] = ",".join(str(pk) for pk in candidate[1])
+        if with_documents:
+            initial["documents"] = ",".join(str(pk) for pk in candidate[1])
     return f"{reverse('admin:search_goldenquery_add')}?{urlencode(initial)}"
 
 

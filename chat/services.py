@@ -794,7 +794,8 @@ def _done_event(turn: Turn) -> Done:
 def conversation_rename(*, conversation: Conversation, title: str) -> Conversation:
     """Give the conversation a title of the caller's choosing (stripped; at most 200 chars)."""
     conversation.title = title.strip()[:200]
-    conversation.save(update_fields=["title", "updated_at"])
+    # Not save(): updated_at orders the history by activity, and a rename is not activity.
+    Conversation.objects.filter(pk=conversation.pk).update(title=conversation.title)
     return conversation
 
 

@@ -21,6 +21,7 @@ urlpatterns = [
     path("api/v1/budgets/", management_api.BudgetList.as_view(), name="api-budget-list"),
     path("api/v1/budgets/<int:pk>/", management_api.BudgetDetail.as_view(),
          name="api-budget-detail"),
+    path("api/v1/quality/", management_api.QualityReport.as_view(), name="api-quality"),
     path("api/v1/answer-cache/", management_api.AnswerCacheList.as_view(),
          name="api-answer-cache-list"),
     path("api/v1/answer-cache/<int:pk>/", management_api.AnswerCacheDetail.as_view(),

@@ -54,9 +54,14 @@ class GoldenQueryAdmin(admin.ModelAdmin):
 
     def formfield_for_manytomany(self, db_field, request: HttpRequest, **kwargs):
         if db_field.name == "documents":
-            kwargs["queryset"] = Document.objects.filter(
+            documents = Document.objects.filter(
                 collection__in=collections_visible(user=request.user),
                 status=Document.Status.READY).select_related("collection")
+            # Opened for one collection (the Quality screen's link): only its documents.
+            collection = request.GET.get("collection", "")
+            if collection.isdigit():
+                documents = documents.filter(collection_id=int(collection))
+            kwargs["queryset"] = documents
         return super().formfield_for_manytomany(db_field, request, **kwargs)
 
     @admin.display(description="Documents")

@@ -39,6 +39,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\bkb_[0-9a-f]{8}_[A-Za-z0-9_-]{16,}"), REDACTED),
     # OpenAI-style provider keys (sk-..., sk-proj-...).
     (re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"), REDACTED),
+    # A shared conversation's link opens it for its readers: the token is a credential.
+    (re.compile(r"(/chat/shared/)[^/\s?#]+"), r"\1" + REDACTED),
     # scheme://user:password@host -> scheme://user:[REDACTED]@host
     (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@"), r"\1" + REDACTED + "@"),
 )

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 
 from kb.ops import tracing
+from kb.ops.log_privacy import redact
 from kb.ops.middleware import MiddlewareResult, SyncAndAsyncMiddleware
 
 logger = logging.getLogger("kb.request")
@@ -141,8 +142,10 @@ class RequestIdMiddleware(SyncAndAsyncMiddleware):
 
 
 def _request_span(request: HttpRequest, request_id: str):
+    # Logs are redacted by their handler's filter; a span's attributes never pass one.
     return tracing.span(
-        "http.request", http_method=request.method, http_target=request.path, request_id=request_id
+        "http.request", http_method=request.method, http_target=redact(request.path, []),
+        request_id=request_id,
     )
 
 

@@ -149,3 +149,13 @@ def test_the_rest_apis_rate_limits_apply(world, settings):
     assert outcomes == [False, False, True]
     error, text = call(world["base"], world["reader"], "search", {"query": "cafeteria"})
     assert error and "Rate limit for search reached (2/m)" in text
+
+
+def test_one_collection_by_its_singular_name_narrows_like_the_list(world):
+    """`collection`, as the REST API spells it, is not silently ignored."""
+    error, found = call(world["base"], world["reader"], "search",
+                        {"query": "salary band senior engineers", "collection": "general"})
+    assert not error and "71,500" not in json.dumps(found)
+    error, text = call(world["base"], world["outsider"], "ask",
+                       {"question": "B4 band?", "collection": "salaries"})
+    assert error and "No collection you can read: salaries" in text

@@ -95,3 +95,21 @@ def test_the_screen_needs_the_message_view_permission(world, django_user_model):
     client.force_login(staff)
     assert client.get("/admin/quality/").status_code == 403
     assert Client().get("/admin/quality/").status_code == 302
+
+
+def test_the_report_over_the_api(world, django_user_model):
+    from kb.models import Collection
+    from tests.kb.test_management_api import client_for, user_with
+
+    api, _ = client_for(user_with(django_user_model, "auditor", "view_message"))
+    report = api.get("/api/v1/quality/").json()
+    (down,) = report["rated_down"]
+    assert down["question"] == "How often is the database backed up?"
+    assert down["reason"] == "outdated" and down["retrieved"]
+    assert {a["question"] for a in report["not_covered"]} == set(NOT_COVERED)
+    assert api.get("/api/v1/quality/", {"start": "someday"}).status_code == 400
+    narrowed, _ = client_for(user_with(django_user_model, "scoped", "view_message"),
+                             collections=[Collection.objects.get(slug="docs")])
+    assert narrowed.get("/api/v1/quality/").status_code == 403
+    nobody, _ = client_for(user_with(django_user_model, "nobody"))
+    assert nobody.get("/api/v1/quality/").status_code == 403

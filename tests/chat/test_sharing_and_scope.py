@@ -164,8 +164,19 @@ def test_someone_elses_conversation_cannot_be_shared(shared, django_user_model):
     assert stranger.delete(f"/api/v1/conversations/{shared['pk']}/share").status_code == 404
 
 
-def test_an_unknown_token_is_a_404(world):
-    assert world["session"].get("/chat/shared/not-a-token/").status_code == 404
+def test_an_unknown_token_is_a_404_that_says_what_happened(world, settings):
+    settings.DEBUG = False
+    page = world["session"].get("/chat/shared/not-a-token/")
+    assert page.status_code == 404
+    assert "not shared any more" in page.content.decode()
+
+
+def test_share_tokens_are_redacted_from_log_lines():
+    """A share token opens the conversation for its readers: no log line keeps it."""
+    from kb.ops.log_privacy import redact
+
+    assert redact("GET /chat/shared/Zx9-token_1/ 200", []) == "GET /chat/shared/[REDACTED]/ 200"
+    assert redact("Not Found: /chat/shared/abc?x=1", []) == "Not Found: /chat/shared/[REDACTED]?x=1"
 
 
 # --- Reading others' conversations, as the conversation admin does -------------------------

@@ -212,6 +212,7 @@ ROUTES: dict[str, list[tuple[str, dict]]] = {
         ("/api/v1/embedding-models/{embedding_model_key}/cancel/", API_POST)],
     "api/v1/embedding-models/<slug:key>/drop-vectors/": [
         ("/api/v1/embedding-models/{embedding_model_key}/drop-vectors/", API_POST)],
+    "api/v1/quality/": [("/api/v1/quality/", API_OPERATORS)],
     "api/v1/golden-queries/": [("/api/v1/golden-queries/", API_SUPERUSER_ONLY)],
     "api/v1/golden-queries/<int:pk>/": [("/api/v1/golden-queries/{golden_a}/",
                                          API_SUPERUSER_ONLY)],
