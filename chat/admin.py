@@ -7,9 +7,12 @@ from typing import TYPE_CHECKING, TypedDict
 from django.contrib import admin, messages
 from django.db.models import Count, Model, QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.http import urlencode
 from django.utils.text import Truncator
 
-from chat import answer_cache, selectors
+from chat import answer_cache, quality, selectors
 from chat.models import AnswerCacheEntry, Budget, Conversation, Message
 
 if TYPE_CHECKING:
@@ -95,6 +98,19 @@ class MessageAdmin(_ReadOnly, admin.ModelAdmin):
     @admin.display(description="Content")
     def short_content(self, obj: Message) -> str:
         return Truncator(obj.content).chars(100)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Model | None = None) -> list[str]:
+        fields = list(super().get_readonly_fields(request, obj))
+        if (isinstance(obj, Message) and obj.role == Message.Role.ASSISTANT
+                and request.user.has_perm("search.add_goldenquery")):
+            fields.append("golden_set")
+        return fields
+
+    @admin.display(description="Golden set")
+    def golden_set(self, obj: Message) -> str:
+        initial = quality.golden_initial_for_message(obj)
+        url = f"{reverse('admin:search_goldenquery_add')}?{urlencode(initial)}"
+        return format_html('<a href="{}">Add its question to the golden set</a>', url)
 
 
 @admin.register(AnswerCacheEntry)

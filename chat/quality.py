@@ -215,3 +215,30 @@ def golden_candidate(answer: ReviewedAnswer) -> tuple[int, list[int]] | None:
     documents = [p.document_id for p in answer.retrieved
                  if p.exists and p.collection_id == collection_id]
     return collection_id, list(dict.fromkeys(documents))
+
+
+def golden_initial_for_message(message: Message) -> dict[str, str]:
+    """The golden set admin's add form, filled in from one answer as the Quality screen
+    does it (the chat admin's answers link there too)."""
+    question = (Message.objects.filter(conversation_id=message.conversation_id,
+                                       role=Message.Role.USER,
+                                       created_at__lte=message.created_at)
+                .order_by("-created_at").values_list("content", flat=True).first() or "")
+    item = ReviewedAnswer(
+        message_id=str(message.pk), conversation_id=str(message.conversation_id),
+        question=question, answer=message.content, created_at=message.created_at,
+        asked_by="", collections=[], collection_id=message.conversation.collection_id)
+    (item,) = _with_documents([(item, message.retrieval)])
+    return golden_initial(item, with_documents=message.answerable is not False)
+
+
+def golden_initial(answer: ReviewedAnswer, *, with_documents: bool = True) -> dict[str, str]:
+    """The question, its collection and (for an answer that was not "not covered") the
+    documents retrieval found, to keep or drop."""
+    initial = {"question": answer.question, "source_message": answer.message_id}
+    candidate = golden_candidate(answer)
+    if candidate is not None:
+        initial["collection"] = str(candidate[0])
+        if with_documents:
+            initial["documents"] = ",".join(str(pk) for pk in candidate[1])
+    return initial

@@ -79,14 +79,8 @@ def quality_screen(request: HttpRequest) -> HttpResponse:
 
 
 def _golden_add_url(answer: quality.ReviewedAnswer, *, with_documents: bool = True) -> str:
-    """The golden set admin's add form, filled in from the answer: the question, its
-    collection and (for a rated answer) the documents retrieval found, to keep or drop."""
-    initial = {"question": answer.question, "source_message": answer.message_id}
-    candidate = quality.golden_candidate(answer)
-    if candidate is not None:
-        initial["collection"] = str(candidate[0])
-        if with_documents:
-            initial["documents"] = ",".join(str(pk) for pk in candidate[1])
+    """The golden set admin's add form, filled in from the answer."""
+    initial = quality.golden_initial(answer, with_documents=with_documents)
     return f"{reverse('admin:search_goldenquery_add')}?{urlencode(initial)}"
 
 

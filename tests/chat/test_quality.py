@@ -113,3 +113,18 @@ def test_the_report_over_the_api(world, django_user_model):
     assert narrowed.get("/api/v1/quality/").status_code == 403
     nobody, _ = client_for(user_with(django_user_model, "nobody"))
     assert nobody.get("/api/v1/quality/").status_code == 403
+
+
+def test_the_chat_admin_links_an_answer_to_the_golden_set(world, editor, django_user_model):
+    from django.contrib.auth.models import Permission
+
+    from chat.models import Message
+
+    page = editor.get(f"/admin/chat/message/{world}/change/")
+    assert page.status_code == 200 and "golden set" not in page.content.decode()
+    curator = django_user_model.objects.get(username="editor")
+    curator.user_permissions.add(Permission.objects.get(codename="add_goldenquery"))
+    html = editor.get(f"/admin/chat/message/{world}/change/").content.decode()
+    assert "Add its question to the golden set" in html
+    assert "question=How+often+is+the+database+backed+up%3F" in html
+    assert Message.objects.get(pk=world).role == "assistant"
