@@ -126,7 +126,8 @@ def _verdict(verdicts: list[CollectionVerdict], *, candidate: str, current: str,
              tolerance: float) -> dict:
     failed = [v for v in verdicts if v.worse]
     if not verdicts:
-        summary = "No collection has documents to measure; nothing to compare."
+        summary = ("No collection has two ready documents or more to rank; nothing to "
+                   "compare.")
     elif failed:
         summary = (f"{candidate} searches worse than {current} (beyond {tolerance:.2f}) in "
                    + "; ".join(f"{v.collection}: {', '.join(v.worse)}" for v in failed) + ".")
@@ -142,9 +143,11 @@ def _verdict(verdicts: list[CollectionVerdict], *, candidate: str, current: str,
 
 
 def _collections() -> list[Collection]:
+    """The largest collections with something to rank: with one document, every model
+    finds it first, and the comparison says nothing."""
     return list(Collection.objects.annotate(
         ready=Count("documents", filter=Q(documents__status=Document.Status.READY)))
-        .filter(ready__gt=0).order_by("-ready", "pk")[:GATE_COLLECTIONS])
+        .filter(ready__gt=1).order_by("-ready", "pk")[:GATE_COLLECTIONS])
 
 
 def _questions(collection: Collection) -> tuple[dict[str, str], dict[str, dict[str, int]], str]:

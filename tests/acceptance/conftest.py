@@ -102,7 +102,11 @@ def kb_server() -> Iterator[KbServer]:
     data_dir = workdir / "data"
     log_path = workdir / "serve.log"
     port = free_port()
-    extra = {"KB_ADMIN_PASSWORD": ADMIN_PASSWORD, "KB_WORKERS": "2"}
+    extra = {"KB_ADMIN_PASSWORD": ADMIN_PASSWORD, "KB_WORKERS": "2",
+             # A second embedding model, offered for re-embedding: random vectors, which the
+             # quality gate must refuse to activate (test_agents_and_quality.py).
+             "KB_EMBEDDING_BACKEND": "tests.fakes.random_embeddings.RandomEmbeddings",
+             "KB_EMBEDDING_BACKEND_MODEL": "random-32"}
     process = serve_start(data_dir=data_dir, port=port, log_path=log_path, extra_env=extra)
     server = KbServer(base=f"http://127.0.0.1:{port}", process=process, data_dir=data_dir,
                       log_path=log_path, env=serve_env(data_dir=data_dir, extra_env=extra))

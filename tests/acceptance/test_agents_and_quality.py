@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import httpx2
@@ -32,12 +33,11 @@ def runbook(kb_server) -> dict:
             "collection": RESTRICTED, "filename": "pilot-boarding.md"})
     assert response.status_code == 202, response.text
     documents = documents_wait_ready(kb_server, collection=RESTRICTED, count=1)
-    keys = {}
-    for username in ("reader", "outsider"):
-        if username == "outsider":
-            kb_server.manage("shell", "-c", "from django.contrib.auth import get_user_model; "
-                                            "get_user_model().objects.create_user('outsider')")
-        keys[username] = kb_server.manage("kb_apikey", "create", "--user", username).strip()
+    # Its own outsider: the session's server is shared with the other acceptance tests.
+    kb_server.manage("shell", "-c", "from django.contrib.auth import get_user_model; "
+                                    "get_user_model().objects.create_user('mcp-outsider')")
+    keys = {name: kb_server.manage("kb_apikey", "create", "--user", username).strip()
+            for name, username in (("reader", "reader"), ("outsider", "mcp-outsider"))}
     document = next(d for d in documents if d["original_filename"] == "pilot-boarding.md")
     return {"keys": keys, "document": document}
 
@@ -107,3 +107,46 @@ def test_a_thumbs_down_becomes_a_golden_set_that_kb_eval_runs(kb_server, runbook
     assert "golden set v1, 1 questions" in report
     hybrid = next(line for line in report.splitlines() if line.startswith("hybrid"))
     assert float(hybrid.split()[1]) == 1.0  # recall@10: the runbook is found
+
+
+HARBOUR_NOTES = {
+    "tug-roster": "The harbour tug roster pairs two tugs with every tanker over 80,000 tonnes.",
+    "dredging": "Maintenance dredging of the north channel happens every second August.",
+    "berth-lights": "Berth lights are green for a free berth and flashing amber for a closing one.",
+    "fog-signals": "In fog the pier horn sounds two long blasts every ninety seconds.",
+    "waste-oil": "Waste oil from visiting ships goes to the barge moored at quay four.",
+    "customs": "Customs officers board foreign vessels within two hours of arrival.",
+    "fenders": "Quay fenders are inspected after every storm with winds above force nine.",
+    "cranes": "The container cranes stop working when gusts exceed 55 knots.",
+}
+
+
+def test_the_quality_gate_refuses_to_switch_search_to_random_vectors(kb_server, runbook):
+    """A re-embedding with a model of random vectors, asked to activate when complete, runs
+    in the workers and ends ready but not active, with the gate's verdict; search keeps
+    serving the bundled model."""
+    admin_key = kb_server.manage("kb_apikey", "create", "--user", "admin").strip()
+    with httpx.Client(base_url=kb_server.base, timeout=60,
+                      headers={"Authorization": f"Bearer {admin_key}"}) as api:
+        # A collection with enough distinct documents for the comparison to mean something.
+        assert api.post("/api/v1/collections/", json={
+            "slug": "harbour-notes", "name": "Harbour notes"}).status_code == 201
+        for name, text in HARBOUR_NOTES.items():
+            assert api.post("/api/v1/documents/", json={
+                "title": name.replace("-", " ").title(), "text": f"# {name}\n\n{text}\n",
+                "collection": "harbour-notes", "filename": f"{name}.md"}).status_code == 202
+        documents_wait_ready(kb_server, collection="harbour-notes", count=len(HARBOUR_NOTES))
+        started = api.post("/api/v1/embedding-models/", json={"key": "custom",
+                                                               "activate": True})
+        assert started.status_code == 202, started.text
+        deadline = time.monotonic() + 300
+        # Ready comes first, then the activation the job was asked for runs the gate.
+        while not ((job := api.get(started.headers["Location"]).json())["quality_gate"]
+                   or job["is_active"] or job["status"] not in {"building", "ready"}):
+            assert time.monotonic() < deadline, (job, kb_server.log()[-3000:])
+            time.sleep(1)
+        assert job["status"] == "ready" and job["is_active"] is False, job
+        assert job["quality_gate"]["outcome"] == "refused", job["quality_gate"]
+        assert "searches worse" in job["error_message"]
+        listed = api.get("/api/v1/embedding-models/").json()
+        assert [m["key"] for m in listed if m["is_active"]] == ["minilm-int8"]
