@@ -162,3 +162,37 @@ def test_refused_title_escape_scope_and_several_with_none_ticked(
         assert scope() == ":several" and boxes.is_displayed()
         assert [b.get_attribute("value") for b in boxes.find_elements(
             By.CSS_SELECTOR, "input:checked")] == ["team"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_open_conversation_is_in_the_address_and_a_reload_reopens_it(
+    browser, django_user_model, client  # noqa: F811
+):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from chat.models import Conversation, Message
+    from kb.services.collections import collection_get_or_create
+
+    collection = collection_get_or_create(slug="demo", name="Demo")
+    user = django_user_model.objects.create_user("reader", password="pw-reader-123")
+    conversation = Conversation.objects.create(user=user, collection=collection,
+                                               title="Tide tables")
+    Message.objects.create(conversation=conversation, role="user",
+                           content="When are the tide tables published?")
+    Message.objects.create(conversation=conversation, role="assistant", status="complete",
+                           content="Every morning at six.", answerable=True)
+
+    with running_asgi_server() as base:
+        _open_chat(browser, base, client, user)
+        wait = WebDriverWait(browser, 30)
+        browser.find_element(By.CSS_SELECTOR, "[data-testid=conversation-item] .conversation"
+                             ).click()
+        wait.until(lambda b: b.current_url.endswith(f"/chat/?c={conversation.pk}"))
+        browser.refresh()
+        wait.until(lambda b: "Every morning at six." in b.find_element(
+            By.CSS_SELECTOR, "[data-testid=message-list]").text)
+        browser.find_element(By.CSS_SELECTOR, "[data-testid=new-chat-button]").click()
+        wait.until(lambda b: b.current_url.endswith("/chat/"))
+        browser.get(f"{base}/chat/?c=not-a-conversation")
+        wait.until(lambda b: b.current_url.endswith("/chat/"))

@@ -744,7 +744,10 @@
       try { data = JSON.parse(raw); } catch (e) { return; }
       const stick = nearBottom();
       if (name === "meta") {
-        if (data.conversation_id) state.conversationId = data.conversation_id;
+        if (data.conversation_id) {
+          state.conversationId = data.conversation_id;
+          rememberConversation(data.conversation_id);
+        }
         bubble.messageId = data.message_id || bubble.messageId;
         setMode(bubble, data.mode, data.notice, data.answerable);
       } else if (name === "citations") {
@@ -1255,6 +1258,7 @@
     try {
       const conv = await getJSON(conversationUrl(id));
       state.conversationId = conv.id;
+      rememberConversation(conv.id);
       clearMessages();
       for (const m of conv.messages || []) {
         if (m.role === "user") addUserMessage(m.content || "");
@@ -1266,6 +1270,7 @@
       els.input.focus();
     } catch (err) {
       els.sidebarStatus.textContent = `Could not open the conversation: ${err.message}`;
+      rememberConversation(state.conversationId);
     }
   }
 
@@ -1276,9 +1281,16 @@
     }
   }
 
+  // The open conversation is in the address (?c=<id>), so a reload or a bookmark reopens it.
+  function rememberConversation(id) {
+    const url = id ? `${window.location.pathname}?c=${encodeURIComponent(id)}` : window.location.pathname;
+    if (url !== `${window.location.pathname}${window.location.search}`) window.history.replaceState(null, "", url);
+  }
+
   function newChat() {
     stop();
     state.conversationId = null;
+    rememberConversation(null);
     clearMessages();
     closePanel(false);
     closeSidebar();
@@ -1492,4 +1504,7 @@
   setStreaming(false);
   autosize();
   loadConversations();
+  const linked = new URLSearchParams(window.location.search).get("c");
+  if (linked && /^[0-9a-f-]{36}$/i.test(linked)) openConversation(linked);
+  else if (linked) rememberConversation(null);
 })();
