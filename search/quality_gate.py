@@ -16,6 +16,7 @@ kb.embeddings calls it through activation_gate_set (kb imports nothing from sear
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -26,6 +27,9 @@ from django.test import override_settings
 from kb.embeddings import activation_gate_set
 from kb.models import Chunk, Collection, Document, EmbeddingModel
 from kb.selectors import SYSTEM
+from kb.services.collections import collection_create, collection_delete
+from kb.services.ingest import documents_ingest_batch
+from kb.services.uploads import documents_upload
 from search import services
 from search.evaluation import metrics_compute, run_from_rankings
 from search.golden import GOLDEN_K, golden_set_version
@@ -99,16 +103,87 @@ def settings_gate(*, changes: dict[str, object]) -> dict:
     return verdict
 
 
+# A chunking change is measured on a copy of each collection chunked the new way: only
+# collections up to this many documents are copied (the copy is ingested and embedded).
+CHUNKING_MAX_DOCUMENTS = 500
+
+
+def chunking_gate(*, max_tokens: int, overlap_tokens: int) -> dict:
+    """The verdict on re-chunking with `max_tokens`/`overlap_tokens`: each measured
+    collection's documents are ingested into a temporary copy chunked that way, the same
+    questions (their expected documents mapped by file name) are searched in both, and the
+    copy is deleted. Collections over CHUNKING_MAX_DOCUMENTS are not measured."""
+    tolerance = settings.KB_QUALITY_GATE_TOLERANCE
+    model = EmbeddingModel.objects.filter(is_active=True).first()
+    copies: dict[int, tuple[Collection, dict[str, str]]] = {}
+
+    def chunked_anew(collection: Collection, queries: dict[str, str],
+                     qrels: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+        copy, renamed = copies[collection.pk]
+        mapped = {qid: {renamed[doc]: grade for doc, grade in expected.items() if doc in renamed}
+                  for qid, expected in qrels.items()}
+        return _scores(copy, queries, mapped, model, modes=SETTINGS_MODES)
+
+    candidates = _collections()
+    measured = [c for c in candidates if c.documents.filter(
+        status=Document.Status.READY).count() <= CHUNKING_MAX_DOCUMENTS]
+    too_large = [c.slug for c in candidates if c not in measured]
+    try:
+        for collection in measured:
+            copies[collection.pk] = _chunked_copy(collection, max_tokens=max_tokens,
+                                                  overlap_tokens=overlap_tokens)
+        verdicts = _compare(
+            lambda collection, queries, qrels: _scores(collection, queries, qrels, model,
+                                                       modes=SETTINGS_MODES),
+            chunked_anew, modes=SETTINGS_MODES, tolerance=tolerance,
+            collections=measured)
+    finally:
+        for copy, _ in copies.values():
+            collection_delete(collection=copy, force=True)
+    described = f"chunks of {max_tokens} tokens with {overlap_tokens} of overlap"
+    verdict = _verdict(verdicts, candidate=described, current="the current chunking",
+                       tolerance=tolerance)
+    if too_large:
+        verdict["summary"] += (f" Not measured (over {CHUNKING_MAX_DOCUMENTS} documents): "
+                               + ", ".join(too_large) + ".")
+    logger.info("Quality gate for %s: %s", described, verdict["summary"])
+    return verdict
+
+
+def _chunked_copy(collection: Collection, *, max_tokens: int,
+                  overlap_tokens: int) -> tuple[Collection, dict[str, str]]:
+    """A temporary restricted copy of the collection's ready documents, chunked anew; and
+    each original document id's copy id."""
+    copy = collection_create(
+        slug=f"quality-gate-{collection.pk}-{secrets.token_hex(4)}",
+        name=f"Quality gate: {collection.name} re-chunked (temporary)",
+        text_search_config=collection.text_search_config, is_public=False)
+    originals = {}
+    with override_settings(KB_CHUNK_MAX_TOKENS=max_tokens,
+                           KB_CHUNK_OVERLAP_TOKENS=overlap_tokens):
+        for document in Document.objects.filter(collection=collection,
+                                                status=Document.Status.READY):
+            with document.file.open("rb") as stored:
+                data = stored.read()
+            for outcome in documents_upload(collection=copy, filename=document.original_filename,
+                                            data=data, queue=False):
+                if outcome.document is not None:
+                    originals[outcome.document.pk] = str(document.pk)
+        documents_ingest_batch(document_ids=list(originals))
+    return copy, {original: str(pk) for pk, original in originals.items()}
+
+
 SETTINGS_MODES = ("bm25", "hybrid")
 Scorer = Callable[[Collection, dict[str, str], dict[str, dict[str, int]]],
                   dict[str, dict[str, float]]]
 
 
 def _compare(current: Scorer, candidate: Scorer, *, modes: Sequence[str],
-             tolerance: float) -> list[CollectionVerdict]:
+             tolerance: float,
+             collections: Sequence[Collection] | None = None) -> list[CollectionVerdict]:
     """Each measured collection's figures both ways, and what the candidate does worse."""
     verdicts = []
-    for collection in _collections():
+    for collection in _collections() if collections is None else collections:
         queries, qrels, source = _questions(collection)
         if not queries:
             continue

@@ -121,3 +121,28 @@ def test_a_settings_change_is_checked_before_it_is_made(harbour, collection, set
     settings.KB_QUALITY_GATE_TOLERANCE = -0.01
     with pytest.raises(CommandError, match="refuses"):
         call_command("kb_quality_gate", "--rrf-k", "30", stdout=io.StringIO())
+
+
+def test_a_chunking_change_is_measured_on_a_temporary_copy(harbour, collection):
+    import io
+    import json
+
+    from django.core.management import call_command
+
+    from kb.models import Collection, Document
+
+    for name, (_, question) in TOPICS.items():
+        golden.golden_query_save(collection=collection, question=question,
+                                 documents=[harbour[name]])
+    before = set(Collection.objects.values_list("slug", flat=True))
+    out = io.StringIO()
+    call_command("kb_quality_gate", "--chunk-max-tokens", "64", "--chunk-overlap-tokens", "8",
+                 "--json", stdout=out)
+    verdict = json.loads(out.getvalue())
+    (measured,) = verdict["collections"]
+    assert measured["source"] == "golden set v5"
+    assert measured["candidate"]["hybrid"]["recall@10"] == 1.0 and verdict["passed"]
+    assert "chunks of 64 tokens with 8 of overlap" in verdict["summary"]
+    # The copy is gone, documents and all.
+    assert set(Collection.objects.values_list("slug", flat=True)) == before
+    assert Document.objects.count() == len(TOPICS)
