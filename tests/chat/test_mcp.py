@@ -159,3 +159,47 @@ def test_one_collection_by_its_singular_name_narrows_like_the_list(world):
     error, text = call(world["base"], world["outsider"], "ask",
                        {"question": "B4 band?", "collection": "salaries"})
     assert error and "No collection you can read: salaries" in text
+
+
+def test_access_matrix_of_the_mcp_tools(world, django_user_model):
+    """Every role × every tool, over the restricted collection: what each may read, and
+    that no refused answer carries its text. (tests/kb/test_access_matrix.py drives Django's
+    test client, which cannot reach the ASGI mount; this is the same matrix for /mcp.)"""
+    from django.utils import timezone
+
+    from kb.models import Chunk
+
+    root = django_user_model.objects.create_superuser("root", password="pw-root-1111")
+    revoked = key_for(root)
+    ApiKey.objects.filter(prefix=revoked.split("_")[1]).update(revoked_at=timezone.now())
+    keys = {"superuser": key_for(root), "reader": world["reader"],
+            "narrowed": world["narrowed"], "outsider": world["outsider"]}
+    private = world["private_doc"]
+    chunk = Chunk.objects.filter(document=private, searchable=True).first()
+    calls = {
+        "search": {"query": "salary band senior engineers", "collections": ["salaries"]},
+        "ask": {"question": "Where does the B4 band start?", "collections": ["salaries"]},
+        "get_document": {"document_id": private.pk},
+        "get_chunk": {"chunk_id": chunk.pk},
+    }
+    allowed = {"superuser", "reader"}
+    failures = []
+    for role, key in keys.items():
+        for tool, arguments in calls.items():
+            error, body = call(world["base"], key, tool, arguments)
+            text = json.dumps(body) if not isinstance(body, str) else body
+            readable = not error and "71,500" in text
+            if readable != (role in allowed) or (error and "71,500" in text):
+                failures.append(f"{role} {tool}: error={error} {text[:120]}")
+        error, body = call(world["base"], key, "list_collections", {})
+        listed = {row["slug"] for row in body["result"]} if not error else set()
+        if ("salaries" in listed) != (role in allowed):
+            failures.append(f"{role} list_collections: {sorted(listed)}")
+    for key in (revoked, None):
+        headers = {"Accept": "application/json, text/event-stream",
+                   **({"Authorization": f"Bearer {key}"} if key else {})}
+        response = httpx.post(f"{world['base']}/mcp", headers=headers, json={
+            "jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}})
+        if response.status_code != 401:
+            failures.append(f"{'revoked' if key else 'anonymous'}: {response.status_code}")
+    assert failures == [], "\n".join(failures)
