@@ -164,14 +164,14 @@ def test_not_helpful_with_a_reason_survives_a_reload_then_helpful_then_withdrawn
     _shot(browser, tmp_path, "feedback-thanks")
 
     # --- A reload: the reopened conversation shows the vote ------------------------------------
+    # The open conversation is in the address, so the reload reopens it by itself.
+    assert browser.current_url.endswith(f"?c={conversation_id}")
     browser.refresh()
-    wait.until(ec.element_to_be_clickable((
-        By.CSS_SELECTOR,
-        f"[data-testid=conversation-item][data-id='{conversation_id}'] .conversation"))).click()
+    wait.until(lambda b: "07:40" in b.find_element(
+        By.CSS_SELECTOR, "[data-testid=message-list]").text)
     answer = wait.until(ec.visibility_of_element_located(
         (By.CSS_SELECTOR, "[data-testid=assistant-message]")))
-    wait.until(lambda _: "07:40" in answer.text)
-    assert _pressed(answer) == {"up": "false", "down": "true"}
+    wait.until(lambda _: _pressed(answer) == {"up": "false", "down": "true"})
 
     # --- Helpful replaces the vote (its reason and comment go with it) --------------------------
     up = answer.find_element(By.CSS_SELECTOR, "[data-testid=feedback-up]")
