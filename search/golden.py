@@ -16,11 +16,12 @@ from pathlib import Path
 from django.db import transaction
 from django.db.models import F
 
-from kb.models import Chunk, Collection, Document
+from kb.models import Chunk, Collection, Document, EmbeddingModel
 from kb.selectors import SYSTEM, AnyUser, signed_in_user
 from search import services
 from search.evaluation import metrics_compute, run_from_rankings
 from search.models import GoldenQuery, GoldenSet
+from search.query_embedding import query_vector
 
 GOLDEN_METRICS = ("recall@10", "mrr@10", "ndcg@10")
 # Hits asked of search per question: enough for recall@10 on whole documents, whose
@@ -120,23 +121,35 @@ def golden_set_evaluate(*, collection: Collection,
         raise GoldenSetError(f"{collection.slug} has no golden set yet: mark questions on the "
                              "Quality screen, or import one.")
     qrels = {str(q.pk): {str(d.pk): 1 for d in q.documents.all()} for q in queries}
-    results = []
-    for mode in modes:
-        rankings = {}
-        for query in queries:
-            hits = services.search(
-                params=services.SearchParams(query=query.question, k=GOLDEN_K, mode=mode,
-                                             rerank=False),
-                user=SYSTEM, collection_ids=(collection.pk,), record_usage=False,
-            ).hits
-            rankings[str(query.pk)] = list(dict.fromkeys(str(hit.document_id) for hit in hits))
-        results.append(GoldenResult(
-            collection=collection.slug, version=golden_set_version(collection=collection),
-            mode=mode, queries=len(queries),
-            metrics=metrics_compute(qrels=qrels, run=run_from_rankings(rankings),
-                                    metrics=GOLDEN_METRICS),
-        ))
-    return results
+    texts = {str(q.pk): q.question for q in queries}
+    version = golden_set_version(collection=collection)
+    return [GoldenResult(collection=collection.slug, version=version, mode=mode,
+                         queries=len(queries),
+                         metrics=document_metrics(collection=collection, queries=texts,
+                                                  qrels=qrels, mode=mode,
+                                                  metrics=GOLDEN_METRICS))
+            for mode in modes]
+
+
+def document_metrics(
+    *, collection: Collection, queries: dict[str, str], qrels: dict[str, dict[str, int]],
+    mode: str, metrics: Sequence[str], model: EmbeddingModel | None = None,
+) -> dict[str, float]:
+    """The queries searched in the collection in one mode, scored on whole documents (a
+    document counts at its best chunk). With `model`, the vector leg uses that model's
+    vectors instead of the active model's (the quality gate's candidate)."""
+    rankings = {}
+    for qid, text in queries.items():
+        embedded = (services.QueryEmbedding(model=model,
+                                            vector=query_vector(model=model, text=text))
+                    if model is not None and mode != "bm25" else None)
+        hits = services.search(
+            params=services.SearchParams(query=text, k=GOLDEN_K, mode=mode, rerank=False),
+            user=SYSTEM, collection_ids=(collection.pk,), record_usage=False,
+            embedded=embedded,
+        ).hits
+        rankings[qid] = list(dict.fromkeys(str(hit.document_id) for hit in hits))
+    return metrics_compute(qrels=qrels, run=run_from_rankings(rankings), metrics=metrics)
 
 
 def golden_set_export(*, collection: Collection, path: Path) -> int:

@@ -26,15 +26,11 @@ from django.test import override_settings
 
 from kb.embeddings import activation_gate_set
 from kb.models import Chunk, Collection, Document, EmbeddingModel
-from kb.selectors import SYSTEM
 from kb.services.collections import collection_create, collection_delete
 from kb.services.ingest import documents_ingest_batch
 from kb.services.uploads import documents_upload
-from search import services
-from search.evaluation import metrics_compute, run_from_rankings
-from search.golden import GOLDEN_K, golden_set_version
+from search.golden import document_metrics, golden_set_version
 from search.models import GoldenQuery, QualityGateRun
-from search.query_embedding import query_vector
 
 logger = logging.getLogger(__name__)
 
@@ -235,10 +231,13 @@ def _questions(collection: Collection) -> tuple[dict[str, str], dict[str, dict[s
                 f"golden set v{golden_set_version(collection=collection)}")
     chunks = Chunk.objects.filter(document__collection=collection, searchable=True,
                                   document__status=Document.Status.READY)
-    count = chunks.count()
-    step = max(1, count // SAMPLE_QUERIES)
+    # Evenly spaced by id; only the ids of a large collection are read, then the sample.
+    ids = list(chunks.order_by("pk").values_list("pk", flat=True))
+    count = len(ids)
+    sample = ids[::max(1, count // SAMPLE_QUERIES)][:SAMPLE_QUERIES]
     queries, qrels = {}, {}
-    for chunk in chunks.order_by("pk").only("pk", "document_id", "text")[::step][:SAMPLE_QUERIES]:
+    for chunk in Chunk.objects.filter(pk__in=sample).order_by("pk").only("pk", "document_id",
+                                                                         "text"):
         words = chunk.text.split()
         middle = max(0, len(words) // 2 - SAMPLE_QUERY_WORDS // 2)
         text = " ".join(words[middle:middle + SAMPLE_QUERY_WORDS])
@@ -252,22 +251,9 @@ def _scores(collection: Collection, queries: dict[str, str], qrels: dict[str, di
             model: EmbeddingModel | None, *,
             modes: Sequence[str] = GATE_MODES) -> dict[str, dict[str, float]]:
     """Recall@10 and MRR@10 per mode, searching with `model`'s vectors."""
-    scores = {}
-    for mode in modes:
-        rankings = {}
-        for qid, text in queries.items():
-            embedded = (services.QueryEmbedding(model=model,
-                                                vector=query_vector(model=model, text=text))
-                        if model is not None and mode != "bm25" else None)
-            hits = services.search(
-                params=services.SearchParams(query=text, k=GOLDEN_K, mode=mode, rerank=False),
-                user=SYSTEM, collection_ids=(collection.pk,), record_usage=False,
-                embedded=embedded,
-            ).hits
-            rankings[qid] = list(dict.fromkeys(str(hit.document_id) for hit in hits))
-        scores[mode] = metrics_compute(qrels=qrels, run=run_from_rankings(rankings),
-                                       metrics=GATE_METRICS)
-    return scores
+    return {mode: document_metrics(collection=collection, queries=queries, qrels=qrels,
+                                   mode=mode, metrics=GATE_METRICS, model=model)
+            for mode in modes}
 
 
 activation_gate_set(activation_gate)
