@@ -159,17 +159,15 @@ class QualityReport(APIView):
             raise ValidationError({name: [str(e) for e in errors]
                                    for name, errors in form.errors.items()})
         period, collection = form.cleaned_data["period"], form.cleaned_data["collection"]
-        arguments = {"user": request.user, "period": period, "collection": collection}
-        not_covered = quality.answers_not_covered(**arguments)
+        report = quality.quality_report(user=request.user, period=period,
+                                        collection=collection)
         return Response({
             "start": period.start, "end": period.end,
             "collection": collection.slug if collection else None,
-            "rated_down": [asdict(a) for a in quality.answers_rated_down(**arguments)],
-            "not_covered": [asdict(a) for a in not_covered],
-            "topics": [{"size": t.size, "questions": t.questions} for t in
-                       quality.unanswered_topics(questions=[a.question for a in not_covered])],
-            "most_cited": [asdict(row) for row in selectors.documents_most_cited(
-                period=period, user=request.user)],
+            "rated_down": [asdict(a) for a in report.rated_down],
+            "not_covered": [asdict(a) for a in report.not_covered],
+            "topics": [{"size": t.size, "questions": t.questions} for t in report.topics],
+            "most_cited": [asdict(row) for row in report.most_cited],
             "never_cited": [{"id": d.pk, "title": str(d), "collection": d.collection.slug}
-                            for d in quality.documents_never_cited(**arguments)],
+                            for d in report.never_cited],
         })

@@ -242,3 +242,27 @@ def golden_initial(answer: ReviewedAnswer, *, with_documents: bool = True) -> di
         if with_documents:
             initial["documents"] = ",".join(str(pk) for pk in candidate[1])
     return initial
+
+
+@dataclass
+class QualityReport:
+    """Everything the Quality screen shows for one period and collection."""
+
+    rated_down: list[ReviewedAnswer]
+    not_covered: list[ReviewedAnswer]
+    topics: list[Topic]
+    most_cited: list
+    never_cited: list[Document]
+
+
+def quality_report(*, user: AnyUser, period: Window,
+                   collection: Collection | None = None) -> QualityReport:
+    """The Quality screen's lists (the admin page and /api/v1/quality/ show the same)."""
+    not_covered = answers_not_covered(user=user, period=period, collection=collection)
+    return QualityReport(
+        rated_down=answers_rated_down(user=user, period=period, collection=collection),
+        not_covered=not_covered,
+        topics=unanswered_topics(questions=[a.question for a in not_covered]),
+        most_cited=selectors.documents_most_cited(period=period, user=user),
+        never_cited=documents_never_cited(user=user, period=period, collection=collection),
+    )

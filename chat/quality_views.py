@@ -17,7 +17,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.http import urlencode
 
-from chat import quality, selectors
+from chat import quality
 from kb.models import Collection
 from kb.selectors import AnyUser, collections_visible
 from kb.usage import reports
@@ -48,10 +48,8 @@ def quality_screen(request: HttpRequest) -> HttpResponse:
         period, collection = form.cleaned_data["period"], form.cleaned_data["collection"]
     else:
         period, collection = reports.Period.last_days(DEFAULT_DAYS), None
-    rated_down = quality.answers_rated_down(user=request.user, period=period,
-                                            collection=collection)
-    not_covered = quality.answers_not_covered(user=request.user, period=period,
-                                              collection=collection)
+    report = quality.quality_report(user=request.user, period=period, collection=collection)
+    rated_down, not_covered = report.rated_down, report.not_covered
     if request.GET.get("format") == "csv":
         return _csv_response(period, rated_down, not_covered)
     if request.user.has_perm("search.add_goldenquery"):
@@ -69,10 +67,9 @@ def quality_screen(request: HttpRequest) -> HttpResponse:
         "collection": collection,
         "rated_down": rated_down,
         "not_covered": not_covered,
-        "topics": quality.unanswered_topics(questions=[a.question for a in not_covered]),
-        "most_cited": selectors.documents_most_cited(period=period, user=request.user),
-        "never_cited": quality.documents_never_cited(user=request.user, period=period,
-                                                     collection=collection),
+        "topics": report.topics,
+        "most_cited": report.most_cited,
+        "never_cited": report.never_cited,
         "csv_query": _csv_query(request),
     }
     return TemplateResponse(request, "admin/chat/quality.html", context)
