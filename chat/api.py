@@ -43,6 +43,7 @@ from chat.sse import event_stream_response, sse_stream
 from kb.api.authentication import ApiKeyAuthentication
 from kb.api.conventions import IF_MATCH, etag_of, if_match_check
 from kb.api.pagination import RecentActivityCursorPagination
+from kb.api.permissions import key_is_narrowed
 from kb.api.ratelimits import rate_limit_enforce
 from kb.models import ApiKey, Collection
 
@@ -356,9 +357,7 @@ OWNER_ANY = OpenApiParameter(
 
 def _reads_everyones_conversations(request: Request) -> bool:
     """Whether the caller may read others' conversations as the conversation admin does."""
-    key = _api_key(request)
-    return (request.user.has_perm("chat.view_conversation")
-            and (key is None or not key.collections.exists()))
+    return request.user.has_perm("chat.view_conversation") and not key_is_narrowed(request)
 
 
 class ConversationList(generics.ListAPIView):

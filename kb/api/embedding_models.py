@@ -18,8 +18,9 @@ from rest_framework.response import Response
 
 from kb import embeddings
 from kb.api.conventions import IDEMPOTENCY_KEY, idempotent
+from kb.api.permissions import key_is_narrowed
 from kb.api.ratelimits import rate_limit_enforce
-from kb.models import ApiKey, EmbeddingModel
+from kb.models import EmbeddingModel
 from kb.providers import registry
 from kb.services import embedding_models
 from search.quality_gate import quality_gate_latest
@@ -76,8 +77,7 @@ def _change_check(request: Request) -> None:
     if not request.user.has_perm("kb.change_embeddingmodel"):
         raise PermissionDenied(
             "This needs the “Can change embedding model” permission; ask an administrator.")
-    key = request.auth if isinstance(request.auth, ApiKey) else None
-    if key is not None and key.collections.exists():
+    if key_is_narrowed(request):
         raise PermissionDenied(
             "A key narrowed to some collections cannot change the whole knowledge base.")
 

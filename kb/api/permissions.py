@@ -22,6 +22,12 @@ class AdminModelPermissions(DjangoModelPermissions):
     message = "You do not have the permission this needs; ask an administrator."
 
 
+def key_is_narrowed(request: Request) -> bool:
+    """Whether the request came with an API key narrowed to some collections."""
+    key = request.auth if isinstance(request.auth, ApiKey) else None
+    return key is not None and key.collections.exists()
+
+
 class WholeKnowledgeBaseKey(BasePermission):
     """Refuses a key narrowed to some collections: what these views read or change (the
     usage ledger, budgets, the answer cache) spans every collection."""
@@ -29,8 +35,7 @@ class WholeKnowledgeBaseKey(BasePermission):
     message = "A key narrowed to some collections cannot read or change this."
 
     def has_permission(self, request: Request, view: Any) -> bool:
-        key = request.auth if isinstance(request.auth, ApiKey) else None
-        return key is None or not key.collections.exists()
+        return not key_is_narrowed(request)
 
 
 ADMIN_MODEL = [AdminModelPermissions, WholeKnowledgeBaseKey]
